@@ -1,0 +1,39 @@
+# Two commands do everything (see README Quickstart):
+#   make run    set up .venv, then run the main job (pretrain ViT, fine-tune VQA, evaluate)
+#   make test   set up .venv, then run the whole test suite
+# TORCH pins the fast CPU wheel; a GPU user overrides it: make run TORCH=2.9.1 (or any torch spec).
+PYTHON ?= python3
+TORCH ?= 2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+OUT ?= runs/main
+
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev,notebooks]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(VENV)/bin/mmfusion main --output-dir $(OUT)
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,54 @@
+"""ViTAdapter: ViT hidden states (B, 1+N, Dv) -> image tokens in GPT width (B, M, Dg).
+
+Steps: pick the configured ViT layer, keep or drop CLS, optionally pixel-shuffle the patch
+grid by s (M = N / s^2 patch tokens, each s^2 * Dv wide), then project (linear or MLP).
+
+Notation: B batch, N patches, G grid side (N = G * G), s shuffle factor, Dv ViT width,
+Dg GPT width, M image tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+
+
+def pixel_shuffle(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Merge each s x s block of patch tokens into one token: (B, N, D) -> (B, N / s^2, s^2 * D)."""
+    if s == 1:
+        return x
+    B, N, D = x.shape
+    g = int(round(N**0.5))
+    if g * g != N or g % s:
+        raise ValueError(f"pixel shuffle by {s} needs a square patch grid divisible by {s}, got {N} patches")
+    x = x.view(B, g // s, s, g // s, s, D)  # (B, G/s, s, G/s, s, D): rows, row-in-block, cols, col-in-block
+    x = x.permute(0, 1, 3, 2, 4, 5)  # (B, G/s, G/s, s, s, D)
+    return x.reshape(B, (g // s) ** 2, s * s * D)  # (B, M, s^2 D)
+
+
+class ViTAdapter(nn.Module):
+    def __init__(self, config: AdapterConfig, vit_dim: int, gpt_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        d_in = vit_dim * config.pixel_shuffle**2
+        if config.projection == "linear":
+            self.proj = nn.Sequential(nn.Linear(d_in, gpt_dim))
+        else:
+            self.proj = nn.Sequential(nn.Linear(d_in, gpt_dim), nn.GELU(), nn.Linear(gpt_dim, gpt_dim))
+        self.dropout = nn.Dropout(config.dropout)
+        for m in self.proj:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=d_in**-0.5 if m.in_features == d_in else gpt_dim**-0.5)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, 1+N, Dv) from the chosen ViT layer -> image embeddings (B, M, Dg)."""
+        s = self.config.pixel_shuffle
+        cls, patches = hidden[:, :1], hidden[:, 1:]  # (B, 1, Dv), (B, N, Dv)
+        x = pixel_shuffle(patches, s)  # (B, N/s^2, s^2 Dv)
+        if self.config.keep_cls:
+            # The CLS token is tiled to the shuffled width so one projection serves every token.
+            x = torch.cat([cls.repeat(1, 1, s * s), x], dim=1)  # (B, M, s^2 Dv)
+        return self.proj(self.dropout(x))  # (B, M, Dg)

@@ -1,0 +1,273 @@
+"""Frozen, validated configuration dataclasses for every part of mmfusion.
+
+Each model gets only its own config. Configs round-trip through JSON
+(`to_dict` / `from_dict`), validate themselves in `__post_init__`, and expose
+derived values as properties, never as stored fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+class ConfigError(ValueError):
+    """A configuration value is impossible or inconsistent."""
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{type(cfg).__name__}.{name} must be a positive integer, got {value!r}")
+
+
+def _probability(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{type(cfg).__name__}.{name} must be in [0, 1), got {value!r}")
+
+
+class _JSONMixin:
+    """JSON round trip shared by every config; nested configs become nested dicts."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} fields: {unknown}")
+        kwargs = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            if isinstance(value, list):  # JSON has no tuples
+                value = tuple(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+
+@dataclass(frozen=True)
+class ViTConfig(_JSONMixin):
+    """Vision Transformer: patchify, prepend CLS, add learned positions, bidirectional blocks.
+
+    `final_norm` says where the last LayerNorm applies: "all" tokens (HF ViT's
+    `last_hidden_state` is normalized) or only the pooled "cls" token (CLIP's
+    `post_layernorm`). `pre_norm` adds CLIP's LayerNorm right after the embeddings.
+    """
+
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    intermediate_size: int | None = None  # None: 4 * n_embd
+    num_classes: int = 1000  # 0: no classifier head
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-12
+    activation: str = "gelu"
+    qkv_bias: bool = True
+    patch_bias: bool = True
+    pre_norm: bool = False
+    final_norm: str = "all"
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        _positive(self, "image_size", "patch_size", "num_channels", "n_layer", "n_head", "n_embd")
+        if self.intermediate_size is not None:
+            _positive(self, "intermediate_size")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ConfigError(f"ViTConfig.num_classes must be >= 0, got {self.num_classes!r}")
+        _probability(self, "dropout")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"ViTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                "pick a width that is a multiple of the head count"
+            )
+        if self.patch_size > self.image_size:
+            raise ConfigError(f"ViTConfig.patch_size={self.patch_size} is larger than image_size={self.image_size}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"ViTConfig.image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"ViTConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.final_norm not in ("all", "cls"):
+            raise ConfigError(f"ViTConfig.final_norm must be 'all' or 'cls', got {self.final_norm!r}")
+        if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
+            raise ConfigError("ViTConfig.image_mean and image_std need one value per channel")
+        if any(s <= 0 for s in self.image_std):
+            raise ConfigError(f"ViTConfig.image_std must be positive, got {self.image_std}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.intermediate_size or 4 * self.n_embd
+
+
+@dataclass(frozen=True)
+class GPTConfig(_JSONMixin):
+    """GPT-2: learned positions, pre-LN causal blocks, LM head tied to the token embedding."""
+
+    vocab_size: int = 50257
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    intermediate_size: int | None = None  # None: 4 * n_embd
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+        if self.intermediate_size is not None:
+            _positive(self, "intermediate_size")
+        _probability(self, "dropout")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                "pick a width that is a multiple of the head count"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"GPTConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.intermediate_size or 4 * self.n_embd
+
+
+@dataclass(frozen=True)
+class AdapterConfig(_JSONMixin):
+    """ViT hidden states -> GPT-width image tokens.
+
+    `layer` picks the ViT layer whose output feeds the adapter (-1: the final,
+    normalized output of `forward_features`; k >= 0: block k's raw output).
+    `pixel_shuffle` s > 1 merges each s x s group of patches into one token
+    (s^2 fewer tokens, s^2 times wider) before the projection.
+    """
+
+    projection: str = "mlp"
+    layer: int = -1
+    keep_cls: bool = False
+    pixel_shuffle: int = 1
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.projection not in ("linear", "mlp"):
+            raise ConfigError(f"AdapterConfig.projection must be 'linear' or 'mlp', got {self.projection!r}")
+        _positive(self, "pixel_shuffle")
+        _probability(self, "dropout")
+        if not isinstance(self.layer, int) or self.layer < -1:
+            raise ConfigError(f"AdapterConfig.layer must be -1 (last) or a block index >= 0, got {self.layer!r}")
+
+    def num_tokens(self, vit: ViTConfig) -> int:
+        """Image tokens this adapter yields for a ViT of config `vit`."""
+        if vit.grid_size % self.pixel_shuffle:
+            raise ConfigError(
+                f"AdapterConfig.pixel_shuffle={self.pixel_shuffle} does not divide the ViT patch grid "
+                f"({vit.grid_size}x{vit.grid_size})"
+            )
+        return vit.num_patches // self.pixel_shuffle**2 + int(self.keep_cls)
+
+
+@dataclass(frozen=True)
+class VLMConfig(_JSONMixin):
+    """Early-fusion vision-language model: ViT -> adapter -> image tokens spliced into GPT.
+
+    `attention` is "causal" (image tokens see only earlier image tokens) or
+    "prefix" (image tokens see each other bidirectionally; text stays causal).
+    """
+
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    gpt: GPTConfig = field(default_factory=GPTConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    attention: str = "causal"
+    image_token_id: int = 50257
+
+    def __post_init__(self) -> None:
+        for name, kind in (("vit", ViTConfig), ("gpt", GPTConfig), ("adapter", AdapterConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"VLMConfig.{name} must be a {kind.__name__}")
+        if self.attention not in ("causal", "prefix"):
+            raise ConfigError(f"VLMConfig.attention must be 'causal' or 'prefix', got {self.attention!r}")
+        if self.adapter.layer >= self.vit.n_layer:
+            raise ConfigError(
+                f"AdapterConfig.layer={self.adapter.layer} but the ViT has only {self.vit.n_layer} layers"
+            )
+        n = self.adapter.num_tokens(self.vit)  # validates pixel_shuffle against the grid
+        if n >= self.gpt.block_size:
+            raise ConfigError(
+                f"{n} image tokens do not fit the GPT context of {self.gpt.block_size} positions; "
+                "use pixel_shuffle or a larger block_size"
+            )
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.adapter.num_tokens(self.vit)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VLMConfig:
+        data = dict(data)
+        parts = {"vit": ViTConfig, "gpt": GPTConfig, "adapter": AdapterConfig}
+        for name, kind in parts.items():
+            if isinstance(data.get(name), dict):
+                data[name] = kind.from_dict(data[name])
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown VLMConfig fields: {unknown}")
+        return cls(**data)
+
+
+# Presets: a small dict, nothing more. "tiny" presets train in minutes on a laptop CPU.
+VIT_PRESETS: dict[str, ViTConfig] = {
+    "vit-tiny": ViTConfig(image_size=64, patch_size=8, n_layer=4, n_head=4, n_embd=128, num_classes=24,
+                          layer_norm_eps=1e-6),
+    "vit-small-patch16-224": ViTConfig(n_layer=12, n_head=6, n_embd=384),
+    "vit-base-patch16-224": ViTConfig(),
+}
+GPT_PRESETS: dict[str, GPTConfig] = {
+    "gpt-tiny": GPTConfig(block_size=256, n_layer=4, n_head=4, n_embd=128),
+    "gpt2": GPTConfig(),
+}
+
+
+def vit_preset(name: str, **overrides: Any) -> ViTConfig:
+    if name not in VIT_PRESETS:
+        raise ConfigError(f"unknown ViT preset {name!r}; choose from {sorted(VIT_PRESETS)}")
+    return VIT_PRESETS[name].replace(**overrides)
+
+
+def gpt_preset(name: str, **overrides: Any) -> GPTConfig:
+    if name not in GPT_PRESETS:
+        raise ConfigError(f"unknown GPT preset {name!r}; choose from {sorted(GPT_PRESETS)}")
+    return GPT_PRESETS[name].replace(**overrides)

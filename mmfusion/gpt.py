@@ -1,0 +1,96 @@
+"""GPT-2 from scratch: token + learned position embeddings, causal pre-LN blocks, tied LM head.
+
+Notation: B batch, T tokens this call, S keys (cached + current), C width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import GPTConfig
+from .layers import Block, KVCache, build_attention_mask, init_linear_and_norm, scale_residual_projections
+from .weights import PretrainedMixin
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, S) that count only real tokens, so a left-padded row starts at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class GPT(PretrainedMixin, nn.Module):
+    config_class = GPTConfig
+    model_type = "gpt"
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = nn.Embedding(c.block_size, c.n_embd)
+        self.dropout = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            Block(c.n_embd, c.n_head, c.mlp_dim, c.activation, c.layer_norm_eps, c.dropout, c.bias)
+            for _ in range(c.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2's scheme: Normal(0, 0.02) everywhere, zero biases, unit LayerNorms, and the
+        residual projections scaled by 1/sqrt(2L) so the residual stream's variance stays flat."""
+        self.apply(init_linear_and_norm)
+        scale_residual_projections(self.blocks, self.config.n_layer)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+        c = self.config
+        max_len = max_len or c.block_size
+        if max_len > c.block_size:
+            raise ValueError(f"cache of {max_len} positions exceeds the context of {c.block_size}")
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head,
+                       device or self.wte.weight.device, dtype or self.wte.weight.dtype)
+
+    def hidden_states(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                      inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                      cache: KVCache | None = None, bidirectional: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, C).
+
+        input_ids (B, T) or inputs_embeds (B, T, C): this call's tokens.
+        attention_mask (B, S): 1 for real tokens, 0 for padding, over cached + current tokens.
+        position_ids (B, T): default counts real tokens (from `attention_mask`) after the cache.
+        bidirectional (B, S): tokens (image slots) that attend to each other in both directions.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds the GPT context of {self.config.block_size}; "
+                "shorten the input or use a model with a larger block_size"
+            )
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(
+                f"attention_mask must have shape (B, cached + new) = {(B, past + T)}, got {tuple(attention_mask.shape)}"
+            )
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask)[:, past:]  # (B, T)
+            else:
+                position_ids = torch.arange(past, past + T, device=x.device)[None]  # (1, T)
+        padding = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+        mask = build_attention_mask(padding, T, past, True, bidirectional, x.device)
+        x = self.dropout(x + self.wpe(position_ids))
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, True, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.ln_f(x)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        """Logits (B, T, V). Keyword arguments as in `hidden_states`."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, **kwargs))

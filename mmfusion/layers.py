@@ -1,0 +1,164 @@
+"""The one transformer block shared by the ViT (bidirectional) and the GPT (causal).
+
+Notation: B batch, T query length, S key length (past + current), C width,
+H heads, D head width (C = H * D), L layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def activation(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":  # GPT-2's "gelu_new"
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":  # CLIP
+        return QuickGELU()
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding.
+
+    Holds (L, B, H, S_max, D) tensors and the number of positions filled so far.
+    Writes go in place with index assignment; nothing grows with `torch.cat`.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # positions filled, the same for every layer once a forward finishes
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, D) after the filled positions; return all keys/values (B, H, S, D)."""
+        start, t = self.length, k.shape[2]
+        if start + t > self.max_len:
+            raise ValueError(f"KV cache is full: {start} + {t} positions > max_len {self.max_len}")
+        self.k[layer, :, :, start:start + t] = k
+        self.v[layer, :, :, start:start + t] = v
+        return self.k[layer, :, :, :start + t], self.v[layer, :, :, :start + t]
+
+    def advance(self, t: int) -> None:
+        self.length += t
+
+
+def build_attention_mask(key_padding: torch.Tensor | None, q_len: int, past_len: int, causal: bool,
+                   bidirectional: torch.Tensor | None = None,
+                   device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Boolean mask (B or 1, 1, T, S), True where a query may attend to a key, or None when
+    SDPA's own paths suffice (no padding, no bidirectional block, and either no past keys or
+    a single query, which may see every key).
+
+    key_padding: (B, S) with 1/True for real tokens, 0/False for padding.
+    bidirectional: (B, S) True for tokens (image slots) that see each other in both directions.
+    A query always sees itself, so fully padded rows stay finite instead of turning into NaN.
+    """
+    needs_offset = causal and past_len > 0 and q_len > 1
+    if key_padding is None and bidirectional is None and not needs_offset:
+        return None
+    for ref in (key_padding, bidirectional):
+        if ref is not None:
+            device = ref.device
+    s = past_len + q_len
+    q_pos = torch.arange(past_len, s, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(s, device=device)[None, :]  # (1, S)
+    allowed = (k_pos <= q_pos) if causal else torch.ones(q_len, s, dtype=torch.bool, device=device)
+    allowed = allowed[None]  # (1, T, S)
+    if bidirectional is not None:
+        bidi = bidirectional.bool()
+        allowed = allowed | (bidi[:, past_len:, None] & bidi[:, None, :])  # (B, T, S)
+    if key_padding is not None:
+        allowed = allowed & key_padding.bool()[:, None, :]
+    allowed = allowed | (k_pos == q_pos)[None]
+    return allowed[:, None]  # (B, 1, T, S)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_head: int, dropout: float = 0.0, bias: bool = True,
+                 qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = n_head, dim // n_head
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias and qkv_bias)  # fused q, k, v
+        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)  # (B, H, S, D)
+        # With an explicit mask SDPA must not add its own causal mask. Without one, a causal
+        # prefill over an empty cache is SDPA's fast path and a single decoded token sees all
+        # keys; `build_attention_mask` builds a mask for every other case.
+        is_causal = causal and mask is None and past == 0 and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden, bias=bias)
+        self.act = activation(act)
+        self.proj = nn.Linear(hidden, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, dim: int, n_head: int, mlp_dim: int, act: str, eps: float,
+                 dropout: float = 0.0, bias: bool = True, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, n_head, dropout, bias, qkv_bias)
+        self.ln2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, mlp_dim, act, dropout, bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), mask, causal, cache, layer)
+        return x + self.mlp(self.ln2(x))
+
+
+def init_linear_and_norm(module: nn.Module, std: float = 0.02) -> None:
+    """Normal(0, std) for Linear/Embedding/Conv weights, zeros for biases, unit LayerNorms."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def scale_residual_projections(blocks: nn.ModuleList, n_layer: int, std: float = 0.02) -> None:
+    """GPT-2's scaled init: residual-stream projections get std / sqrt(2 * n_layer)."""
+    for block in blocks:
+        for proj in (block.attn.proj, block.mlp.proj):
+            nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * n_layer))

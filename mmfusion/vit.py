@@ -1,0 +1,92 @@
+"""Vision Transformer: the GPT block made bidirectional.
+
+pixel_values (B, 3, H, W) -> conv patch embedding -> (B, N, C) -> prepend CLS -> (B, N+1, C)
+-> + learned positions -> L bidirectional blocks -> LayerNorm -> head(CLS) -> (B, num_classes).
+
+Notation: B batch, N patches, C width, P patch size, G grid side (N = G * G).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ViTConfig
+from .layers import Block, init_linear_and_norm, scale_residual_projections
+from .weights import PretrainedMixin
+
+
+class ViT(PretrainedMixin, nn.Module):
+    config_class = ViTConfig
+    model_type = "vit"
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.patch_embed = nn.Conv2d(c.num_channels, c.n_embd, kernel_size=c.patch_size, stride=c.patch_size,
+                                     bias=c.patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.n_embd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.n_embd))
+        self.pre_norm = nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps) if c.pre_norm else nn.Identity()
+        self.dropout = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            Block(c.n_embd, c.n_head, c.mlp_dim, c.activation, c.layer_norm_eps, c.dropout, qkv_bias=c.qkv_bias)
+            for _ in range(c.n_layer)
+        )
+        self.norm = nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps)
+        self.head = nn.Linear(c.n_embd, c.num_classes) if c.num_classes else None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Normal(0, 0.02) for linear and conv weights, zero biases, unit LayerNorms;
+        truncated normal 0.02 for the CLS token and position embedding; residual projections
+        scaled by 1/sqrt(2L); a zero classifier so training starts from uniform logits."""
+        self.apply(init_linear_and_norm)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        scale_residual_projections(self.blocks, self.config.n_layer)
+        if self.head is not None:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N+1, C): patches, CLS first, positions added."""
+        c = self.config
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (c.num_channels, c.image_size, c.image_size):
+            raise ValueError(
+                f"pixel_values must have shape (B, {c.num_channels}, {c.image_size}, {c.image_size}), "
+                f"got {tuple(pixel_values.shape)}; resize images with mmfusion.processing.ImageProcessor"
+            )
+        x = self.patch_embed(pixel_values)  # (B, C, G, G)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, C)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N+1, C)
+        return self.pre_norm(self.dropout(x))
+
+    def forward_features(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        """Hidden states (B, N+1, C) after the final norm (CLIP-style configs: before it).
+
+        With `output_hidden_states`, also returns a tuple of L+1 tensors (B, N+1, C): the
+        embeddings, then each block's raw output, as transformers does.
+        """
+        x = self.embed(pixel_values)
+        states = [x]
+        for block in self.blocks:
+            x = block(x)
+            if output_hidden_states:
+                states.append(x)
+        if self.config.final_norm == "all":
+            x = self.norm(x)
+        return (x, tuple(states)) if output_hidden_states else x
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The CLS token's final representation (B, C)."""
+        cls = hidden[:, 0]
+        return self.norm(cls) if self.config.final_norm == "cls" else cls
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, num_classes)."""
+        if self.head is None:
+            raise RuntimeError("this ViT has no classifier (num_classes=0); use forward_features")
+        return self.head(self.pool(self.forward_features(pixel_values)))

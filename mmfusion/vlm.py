@@ -1,0 +1,121 @@
+"""Early-fusion VLM: image tokens spliced into the GPT's token embeddings.
+
+pixel_values (B, 3, H, W) -> ViT -> adapter -> image_embeds (B, M, C)
+input_ids (B, T) with exactly M `<|image|>` slots per row -> token embeddings (B, T, C)
+-> image_embeds scattered into the slots -> GPT blocks -> logits / loss.
+
+Notation: B batch, T tokens, M image tokens per image, C GPT width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import ViTAdapter
+from .config import AdapterConfig, VLMConfig
+from .gpt import GPT
+from .vit import ViT
+from .weights import PretrainedMixin
+
+IGNORE_INDEX = -100
+
+
+class SlotCountError(ValueError):
+    """The number of `<|image|>` slots in a row differs from the image tokens the adapter yields."""
+
+
+@dataclass
+class VLMOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None  # (B, T, V) without labels; (K, V) for the K supervised tokens with labels
+    num_tokens: int = 0  # supervised tokens behind `loss`
+
+
+def fuse_image_embeddings(token_embeds: torch.Tensor, image_mask: torch.Tensor,
+                          image_embeds: torch.Tensor) -> torch.Tensor:
+    """Scatter image_embeds (B, M, C) into the True positions of image_mask (B, T) of
+    token_embeds (B, T, C), row by row, in order. Every row must have exactly M slots."""
+    B, M, C = image_embeds.shape
+    counts = image_mask.sum(dim=1)  # (B,)
+    if bool((counts != M).any()):
+        row = int((counts != M).nonzero()[0])
+        raise SlotCountError(
+            f"row {row} has {int(counts[row])} <|image|> slots but the adapter yields {M} image tokens; "
+            "build prompts with mmfusion.processing.PromptBuilder so the counts match"
+        )
+    out = token_embeds.clone()
+    out[image_mask] = image_embeds.reshape(B * M, C).to(out.dtype)  # row-major order = slot order
+    return out
+
+
+class VLM(PretrainedMixin, nn.Module):
+    config_class = VLMConfig
+    model_type = "vlm"
+
+    def __init__(self, config: VLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vit = ViT(config.vit)
+        self.adapter = ViTAdapter(config.adapter, config.vit.n_embd, config.gpt.n_embd)
+        self.gpt = GPT(config.gpt)
+
+    @classmethod
+    def from_parts(cls, vit: ViT, gpt: GPT, adapter: AdapterConfig | None = None,
+                   attention: str = "causal") -> VLM:
+        """A VLM whose ViT and GPT start from the given (e.g. pretrained or imported) models."""
+        config = VLMConfig(vit=vit.config, gpt=gpt.config, adapter=adapter or AdapterConfig(), attention=attention)
+        model = cls(config)
+        model.vit.load_state_dict(vit.state_dict())
+        model.gpt.load_state_dict(gpt.state_dict())
+        return model
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, H, W) -> image embeddings (B, M, C) in GPT width."""
+        layer = self.config.adapter.layer
+        if layer == -1:
+            hidden = self.vit.forward_features(pixel_values)  # (B, 1+N, Dv)
+        else:
+            hidden = self.vit.forward_features(pixel_values, output_hidden_states=True)[1][layer + 1]
+        return self.adapter(hidden)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with the images fused in (B, T, C), and the image-slot mask (B, T)."""
+        image_mask = input_ids == self.config.image_token_id  # (B, T)
+        # The slot id may lie outside the GPT vocabulary; its embedding is overwritten anyway.
+        token_embeds = self.gpt.wte(input_ids.masked_fill(image_mask, 0))  # (B, T, C)
+        return fuse_image_embeddings(token_embeds, image_mask, self.encode_images(pixel_values)), image_mask
+
+    def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        embeds, image_mask = self.embed(input_ids, pixel_values)
+        bidirectional = image_mask if self.config.attention == "prefix" else None
+        return self.gpt.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache,
+                                      bidirectional=bidirectional)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLMOutput:
+        """input_ids (B, T), pixel_values (B, 3, H, W), attention_mask (B, T), labels (B, T).
+
+        labels hold token ids where the model is supervised and -100 elsewhere, aligned with
+        input_ids; the shift (position t predicts token t+1) happens here and nowhere else.
+        Only supervised positions go through the LM head, which saves the (T x V) logits.
+        """
+        hidden = self.hidden_states(input_ids, pixel_values, attention_mask)  # (B, T, C)
+        if labels is None:
+            return VLMOutput(loss=None, logits=self.gpt.lm_head(hidden))
+        targets = labels[:, 1:]  # (B, T-1)
+        keep = targets != IGNORE_INDEX  # (B, T-1)
+        logits = self.gpt.lm_head(hidden[:, :-1][keep])  # (K, V)
+        n = int(keep.sum())
+        if n == 0:
+            raise ValueError("no supervised tokens in this batch: every label is -100")
+        loss = F.cross_entropy(logits.float(), targets[keep])
+        return VLMOutput(loss=loss, logits=logits, num_tokens=n)

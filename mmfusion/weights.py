@@ -1,0 +1,131 @@
+"""A saved model is a folder: `config.json` + `model.safetensors`.
+
+Writes are atomic (temporary name, fsync, rename), so a crash mid-save leaves the previous
+save loadable. Loading checks the model kind, the format version, and every key and shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A saved model folder is missing, corrupt, or does not match the model asked for."""
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call `write(tmp_path)`, fsync the file, then rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors stored once (the first name wins), contiguous, on CPU."""
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder; a saved model is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    path = folder / CONFIG_NAME
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing; was this folder written by save_pretrained?")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict) or "model_type" not in data or "config" not in data:
+        raise CheckpointError(f"{path} is not an mmfusion config (no model_type/config keys)")
+    version = data.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder} was written by a newer mmfusion (format {version} > {FORMAT_VERSION}); upgrade mmfusion"
+        )
+    return data
+
+
+class PretrainedMixin:
+    """save_pretrained / from_pretrained for models with `config`, `config_class`, `model_type`."""
+
+    config_class: type
+    model_type: str
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = unique_state_dict(self)  # type: ignore[arg-type]
+        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        meta = {"model_type": self.model_type, "format_version": FORMAT_VERSION,
+                "config": self.config.to_dict()}  # type: ignore[attr-defined]
+        atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, map_location: str | torch.device = "cpu"):
+        data = read_config(folder)
+        if data["model_type"] != cls.model_type:
+            raise CheckpointError(
+                f"{folder} holds a {data['model_type']!r} model, not a {cls.model_type!r}; "
+                f"load it with the matching class"
+            )
+        config = cls.config_class.from_dict(data["config"])
+        model = cls(config)
+        model.load_weights(Path(folder) / WEIGHTS_NAME, map_location)
+        return model
+
+    def load_weights(self, path: str | Path, map_location: str | torch.device = "cpu") -> None:
+        """Load a safetensors file strictly: every key present, no extras, every shape equal."""
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing")
+        try:
+            tensors = load_file(path, device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated") from e
+        load_state_strict(self, tensors, source=str(path))  # type: ignore[arg-type]
+
+
+def load_state_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `tensors` into `model`, allowing tied duplicates to be absent; raise on any mismatch."""
+    own = model.state_dict()
+    stored = unique_state_dict(model)
+    missing = sorted(set(stored) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in tensors.items() if v.shape != own[k].shape]
+    if bad:
+        raise CheckpointError(f"{source}: shapes do not match the config (key, stored, expected): {bad[:8]}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v)
