@@ -38,19 +38,26 @@ class GPT(PretrainedMixin, nn.Module):
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
         self._init_weights()
 
+    @classmethod
+    def from_hf(cls, source, **kwargs) -> GPT:
+        """Import a transformers GPT-2 (instance, folder or hub id); see `mmfusion.convert.gpt_from_hf`."""
+        from .convert import gpt_from_hf  # lazy: convert imports this module
+
+        return gpt_from_hf(source, **kwargs)
+
     def _init_weights(self) -> None:
         """GPT-2's scheme: Normal(0, 0.02) everywhere, zero biases, unit LayerNorms, and the
         residual projections scaled by 1/sqrt(2L) so the residual stream's variance stays flat."""
         self.apply(init_linear_and_norm)
         scale_residual_projections(self.blocks, self.config.n_layer)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for `batch_size` rows and up to `max_len` positions."""
         c = self.config
         max_len = max_len or c.block_size
         if max_len > c.block_size:
             raise ValueError(f"cache of {max_len} positions exceeds the context of {c.block_size}")
-        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head,
-                       device or self.wte.weight.device, dtype or self.wte.weight.dtype)
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head)
 
     def hidden_states(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                       inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

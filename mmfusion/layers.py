@@ -31,15 +31,15 @@ class QuickGELU(nn.Module):
 class KVCache:
     """Preallocated keys and values for incremental decoding.
 
-    Holds (L, B, H, S_max, D) tensors and the number of positions filled so far.
-    Writes go in place with index assignment; nothing grows with `torch.cat`.
+    Holds (L, B, H, S_max, D) tensors and the number of positions filled so far. They are
+    allocated once, on the first write, in that write's dtype (so bf16 autocast gets a bf16
+    cache); later writes go in place by index. Nothing grows with `torch.cat`.
     """
 
-    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int) -> None:
+        self.shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
         self.max_len = max_len
         self.length = 0  # positions filled, the same for every layer once a forward finishes
 
@@ -48,6 +48,11 @@ class KVCache:
         start, t = self.length, k.shape[2]
         if start + t > self.max_len:
             raise ValueError(f"KV cache is full: {start} + {t} positions > max_len {self.max_len}")
+        if self.k is None or self.k.dtype != k.dtype:
+            if start:
+                raise ValueError(f"KV cache holds {self.k.dtype if self.k is not None else None} keys; got {k.dtype}")
+            self.k = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
+            self.v = torch.zeros(self.shape, device=v.device, dtype=v.dtype)
         self.k[layer, :, :, start:start + t] = k
         self.v[layer, :, :, start:start + t] = v
         return self.k[layer, :, :, :start + t], self.v[layer, :, :, :start + t]

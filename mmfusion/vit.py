@@ -38,6 +38,14 @@ class ViT(PretrainedMixin, nn.Module):
         self.head = nn.Linear(c.n_embd, c.num_classes) if c.num_classes else None
         self._init_weights()
 
+    @classmethod
+    def from_hf(cls, source, **kwargs) -> ViT:
+        """Import a transformers ViT / CLIP vision tower (instance, folder or hub id);
+        see `mmfusion.convert.vit_from_hf`."""
+        from .convert import vit_from_hf  # lazy: convert imports this module
+
+        return vit_from_hf(source, **kwargs)
+
     def _init_weights(self) -> None:
         """Normal(0, 0.02) for linear and conv weights, zero biases, unit LayerNorms;
         truncated normal 0.02 for the CLS token and position embedding; residual projections

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import ViTAdapter
+from . import generation
 from .config import AdapterConfig, VLMConfig
+from .generation import GenerationConfig
 from .gpt import GPT
 from .vit import ViT
 from .weights import PretrainedMixin
@@ -119,3 +121,36 @@ class VLM(PretrainedMixin, nn.Module):
             raise ValueError("no supervised tokens in this batch: every label is -100")
         loss = F.cross_entropy(logits.float(), targets[keep])
         return VLMOutput(loss=loss, logits=logits, num_tokens=n)
+
+    # ---- generation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 config: GenerationConfig = GenerationConfig()) -> list[list[int]]:
+        """New token ids per row for left-padded prompts (B, T) with image slots."""
+        embeds, image_mask = self.embed(input_ids, pixel_values)
+        return generation.generate(self.gpt, inputs_embeds=embeds, attention_mask=attention_mask,
+                                   bidirectional=image_mask if self.config.attention == "prefix" else None,
+                                   config=config)
+
+    def answer(self, image, question: str, **kwargs) -> str:
+        """Answer one question about one image (PIL image, path, array or tensor).
+        Keyword arguments are GenerationConfig fields (max_new_tokens, temperature, ...)."""
+        return self.answer_batch([image], [question], **kwargs)[0]
+
+    def answer_batch(self, images, questions: list[str], **kwargs) -> list[str]:
+        return generation.vlm_generate_text(self, images, list(questions), GenerationConfig(**kwargs))
+
+    def caption(self, image, **kwargs) -> str:
+        return self.caption_batch([image], **kwargs)[0]
+
+    def caption_batch(self, images, **kwargs) -> list[str]:
+        return generation.vlm_generate_text(self, images, [None] * len(images), GenerationConfig(**kwargs))
+
+    def stream(self, image, question: str | None = None, **kwargs):
+        """Iterator of text pieces of the answer (or the caption when question is None)."""
+        batch = generation.vlm_prompts(self, [image], [question])
+        embeds, image_mask = self.embed(batch["input_ids"], batch["pixel_values"])
+        return generation.stream_text(self.gpt, inputs_embeds=embeds,
+                                      bidirectional=image_mask if self.config.attention == "prefix" else None,
+                                      config=GenerationConfig(**kwargs))

@@ -1,0 +1,64 @@
+"""Datasets for both training stages, normalized to one schema per task.
+
+- classification: `image` (`Image()`), `label` (`ClassLabel`)
+- VQA: `image` (`Image()`), `question` (str), `answers` (list[str]),
+  `answer_type` (str), `image_id` (int)
+
+`load_classification` / `load_vqa_dataset` take either the name "easy-vqa" (the
+embedded default dataset, `easy_vqa.py`) or a user source (`local.py`: a
+parquet or JSON lines file, a folder, or a Hub id) and return `(dataset, report)`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import datasets
+
+from .easy_vqa import CLASS_NAMES, easy_vqa_classification, load_easy_vqa_classification, load_easy_vqa_vqa
+from .local import DatasetError, LoadReport, answer_type_of, load_image_classification, load_vqa
+
+EASY_VQA = "easy-vqa"
+
+__all__ = ["EASY_VQA", "CLASS_NAMES", "DatasetError", "LoadReport", "answer_type_of", "load_classification",
+           "load_easy_vqa_classification", "load_easy_vqa_vqa", "load_image_classification", "load_vqa",
+           "load_vqa_dataset"]
+
+
+def _reject_column_overrides(loader, kwargs: dict) -> None:
+    """easy-vqa has fixed columns: a column option that differs from its default is a mistake, so say so."""
+    defaults = {name: p.default for name, p in inspect.signature(loader).parameters.items()}
+    unknown = sorted(set(kwargs) - defaults.keys())
+    if unknown:
+        raise TypeError(f"unexpected options {unknown}")
+    changed = [f"--{k.replace('_', '-')}" for k, v in kwargs.items() if k.endswith("_column") and v != defaults[k]]
+    if changed:
+        raise DatasetError(f"{EASY_VQA} has fixed columns; drop {', '.join(changed)} or load your own data")
+
+
+def load_classification(name_or_path: str | Path, split: str, **kwargs) -> tuple[datasets.Dataset, LoadReport]:
+    """Image classification data: "easy-vqa" (24 color-shape classes) or a user source.
+
+    `kwargs` go to `load_image_classification` (column names, `max_bad_fraction`,
+    `cache_dir`); for easy-vqa only their defaults are allowed for the columns.
+    Returns `(dataset, report)` with columns `image`, `label`.
+    """
+    if str(name_or_path) == EASY_VQA:
+        _reject_column_overrides(load_image_classification, kwargs)
+        return easy_vqa_classification(split)
+    return load_image_classification(name_or_path, split, **kwargs)
+
+
+def load_vqa_dataset(name_or_path: str | Path, split: str, **kwargs) -> tuple[datasets.Dataset, LoadReport]:
+    """VQA data: "easy-vqa" or a user source.
+
+    `kwargs` go to `load_vqa`; for easy-vqa only their defaults are allowed for
+    the columns. Returns `(dataset, report)` with columns `image`, `question`,
+    `answers`, `answer_type`, `image_id`.
+    """
+    if str(name_or_path) == EASY_VQA:
+        _reject_column_overrides(load_vqa, kwargs)
+        ds = load_easy_vqa_vqa(split)
+        return ds, LoadReport(source=EASY_VQA, split=split, total=len(ds), kept=len(ds))
+    return load_vqa(name_or_path, split, **kwargs)

@@ -1,0 +1,406 @@
+"""User datasets, loaded with `datasets.load_dataset` and normalized to the easy-VQA schema.
+
+`source` may be:
+- a parquet file, or a folder of parquet files (splits from the file names, as
+  `datasets` infers them: `train-*.parquet`, `test/…`; otherwise all is "train");
+- a JSON lines file (`.jsonl` or `.json`); it holds exactly one split, named by
+  `split`, and relative image paths are resolved against the file's folder;
+- an image folder (the `imagefolder` builder: the label is the subfolder name);
+- a Hugging Face Hub id (needs network access, or a warm cache).
+
+A source given as a folder path resolves relative image paths against that folder.
+
+The output schemas match `mmfusion.data.easy_vqa`:
+- classification: `image` (`Image()`), `label` (`ClassLabel`);
+- VQA: `image` (`Image()`), `question` (str), `answers` (list[str]),
+  `answer_type` (str), `image_id` (int, -1 when the source has no `image_id` column).
+
+Bad rows are skipped and counted in a `LoadReport` (reasons: `SKIP_REASONS`);
+when more than `max_bad_fraction` of the rows are bad, or a column is missing
+or of the wrong type, or the split is empty, the loaders raise `DatasetError`,
+whose message names the fix (a command-line flag such as `--image-column`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import PIL.Image
+
+from ..metrics import normalize_answer
+
+logger = logging.getLogger(__name__)
+
+SKIP_REASONS = ("missing_image", "unreadable_image", "empty_question", "empty_answer", "missing_label")
+ANSWER_TYPES = ("yes/no", "number", "other")
+_LOCAL_SUFFIXES = {".parquet", ".jsonl", ".json"}
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be loaded as asked: missing column, wrong type, empty split, too many bad rows."""
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """How many rows a loader read, kept, and skipped for each reason in `SKIP_REASONS`."""
+
+    source: str
+    split: str
+    total: int
+    kept: int
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def bad_fraction(self) -> float:
+        return (self.total - self.kept) / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        return (f"{self.source} [{self.split}]: kept {self.kept} of {self.total} rows, "
+                f"skipped {self.total - self.kept} ({reasons})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the source
+
+
+def _load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[datasets.Dataset, Path | None]:
+    """Load one split of `source`; return it and the folder that relative image paths are relative to."""
+    path = Path(source).expanduser()
+    try:
+        if path.is_file():
+            suffix = path.suffix.lower()
+            if suffix not in _LOCAL_SUFFIXES:
+                raise DatasetError(f"{source}: cannot read a {suffix or 'suffix-less'} file; "
+                                   "give a .parquet, .jsonl or .json file, an image folder, or a Hub id")
+            builder = "parquet" if suffix == ".parquet" else "json"
+            # A single file is exactly one split: name it as asked.
+            ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
+            return ds, path.parent.resolve()
+        if path.is_dir():
+            ds = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)
+            return ds, path.resolve()
+        if path.suffix.lower() in _LOCAL_SUFFIXES or str(source).startswith((".", "/", "~")):
+            raise DatasetError(f"{source}: no such file or folder")
+        ds = datasets.load_dataset(str(source), split=split, cache_dir=cache_dir)
+        return ds, None
+    except DatasetError:
+        raise
+    except ValueError as e:
+        if "split" in str(e).lower():  # datasets: 'Unknown split "x". Should be one of [...]'
+            raise DatasetError(f"{source}: {e}; pass one of those as the split") from e
+        raise DatasetError(f"{source}: could not load split {split!r}: {e}") from e
+    except Exception as e:  # datasets raises many types here: offline, not found, malformed files
+        where = "" if path.exists() else " (not a local file or folder, so it was looked up on the Hugging Face Hub)"
+        raise DatasetError(f"{source}: could not load split {split!r}{where}: {type(e).__name__}: {e}") from e
+
+
+def _require_columns(ds: datasets.Dataset, source: str, wanted: dict[str, str]) -> None:
+    """`wanted` maps a command-line flag to the column name it selects."""
+    for flag, column in wanted.items():
+        if column not in ds.column_names:
+            raise DatasetError(f"{source}: no column {column!r}; the columns are {ds.column_names}. "
+                               f"Name the right one with {flag}")
+
+
+def _is_text(feature: Any) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def _wrong_type(source: str, column: str, feature: Any, expected: str, flag: str) -> DatasetError:
+    return DatasetError(f"{source}: column {column!r} holds {feature}, expected {expected}; "
+                        f"if another column holds that, name it with {flag}")
+
+
+def _prepare_image_column(ds: datasets.Dataset, source: str, column: str) -> datasets.Dataset:
+    """Make the image column yield raw values (path str, bytes, or {bytes, path}), never decoded images."""
+    feature = ds.features[column]
+    if isinstance(feature, datasets.Image):
+        return ds.cast_column(column, datasets.Image(decode=False))
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "binary", "large_binary"):
+        return ds
+    if isinstance(feature, dict) and {"bytes", "path"} & feature.keys():
+        return ds
+    raise _wrong_type(source, column, feature, "images (an Image feature, file paths, bytes, or {bytes, path})",
+                      "--image-column")
+
+
+class _ImageChecker:
+    """Turn one raw image value into `({bytes, path}, None)` or `(None, skip reason)`.
+
+    Relative paths are resolved against `base_dir`. Each file is opened and
+    `verify()`-ed once (PIL checks the structure and PNG checksums without
+    decoding pixels); verdicts are cached by path, since VQA sets repeat images.
+    """
+
+    def __init__(self, base_dir: Path | None):
+        self.base_dir = base_dir
+        self._verdicts: dict[str, str | None] = {}
+
+    @staticmethod
+    def _verify(fp: Any) -> str | None:
+        try:
+            with PIL.Image.open(fp) as image:
+                image.verify()
+        except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError):
+            return "unreadable_image"
+        return None
+
+    def _resolve(self, path: str) -> str:
+        p = Path(path).expanduser()
+        if not p.is_absolute() and self.base_dir is not None:
+            p = self.base_dir / p
+        return str(p)
+
+    def __call__(self, value: Any) -> tuple[dict | None, str | None]:
+        if isinstance(value, dict):
+            data, path = value.get("bytes"), value.get("path")
+        elif isinstance(value, bytes | bytearray):
+            data, path = bytes(value), None
+        else:
+            data, path = None, value
+        if data:
+            reason = self._verify(io.BytesIO(data))
+            return (None, reason) if reason else ({"bytes": data, "path": path}, None)
+        if not isinstance(path, str) or not path.strip():
+            return None, "missing_image"
+        path = self._resolve(path.strip())
+        if path not in self._verdicts:
+            self._verdicts[path] = self._verify(path) if Path(path).is_file() else "missing_image"
+        reason = self._verdicts[path]
+        return (None, reason) if reason else ({"bytes": None, "path": path}, None)
+
+
+def _finish(ds: datasets.Dataset, source: str, split: str, total: int, max_bad_fraction: float,
+            features: datasets.Features) -> tuple[datasets.Dataset, LoadReport]:
+    """Drop rows whose `_skip` is set, check the bad fraction, and cast to the output `features`."""
+    reasons = ds["_skip"][:]
+    keep = [i for i, r in enumerate(reasons) if not r]
+    skipped: dict[str, int] = {}
+    for r in reasons:
+        if r:
+            skipped[r] = skipped.get(r, 0) + 1
+    report = LoadReport(source=str(source), split=split, total=total, kept=len(keep), skipped=skipped)
+    if skipped:
+        logger.warning("%s", report)
+    if report.bad_fraction > max_bad_fraction:
+        raise DatasetError(f"{report}: {report.bad_fraction:.1%} of the rows are bad, more than the "
+                           f"limit of {max_bad_fraction:.1%}; fix the data or raise the limit with --max-bad-fraction")
+    if not keep:
+        raise DatasetError(f"{report}: no usable rows left")
+    if len(keep) < total:
+        ds = ds.select(keep)
+    return ds.remove_columns("_skip").cast(features), report
+
+
+def _map(ds: datasets.Dataset, fn, features: datasets.Features, tag: str) -> datasets.Dataset:
+    # An explicit fingerprint: the closures hold caches, which `datasets` would otherwise hash.
+    # Never reuse a cached result: files on disk may have been fixed (or broken) since.
+    fingerprint = hashlib.sha256(f"{ds._fingerprint}:{tag}".encode()).hexdigest()[:16]
+    return ds.map(fn, batched=True, batch_size=1000, remove_columns=ds.column_names, features=features,
+                  new_fingerprint=fingerprint, load_from_cache_file=False, desc="checking rows")
+
+
+def _check_fraction(max_bad_fraction: float) -> None:
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise DatasetError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification
+
+
+def _label_names(ds: datasets.Dataset, source: str, column: str) -> tuple[list[str], str]:
+    """Return the class names and how raw labels map to ids: "id" (already ids) or "name"."""
+    feature = ds.features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names), "id"
+    if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
+        ids = [v for v in ds.unique(column) if v is not None and v >= 0]
+        return [str(i) for i in range(max(ids) + 1)] if ids else [], "id"
+    if _is_text(feature):
+        names = sorted({v.strip() for v in ds.unique(column) if isinstance(v, str) and v.strip()})
+        return names, "name"
+    raise _wrong_type(source, column, feature, "class labels (ClassLabel, integers or strings)", "--label-column")
+
+
+def load_image_classification(
+    source: str | Path,
+    split: str,
+    image_column: str = "image",
+    label_column: str = "label",
+    max_bad_fraction: float = 0.01,
+    cache_dir: str | None = None,
+) -> tuple[datasets.Dataset, LoadReport]:
+    """Load one split of a user image-classification set.
+
+    Returns `(dataset, report)`; the dataset has columns `image` (`Image()`) and
+    `label` (`ClassLabel`: the source's own names, `"0".."K-1"` for plain
+    integers, or the sorted distinct strings for string labels). Rows with a
+    missing or unreadable image or a null/empty/negative label are skipped.
+    Raises `DatasetError` (see the module docstring).
+    """
+    _check_fraction(max_bad_fraction)
+    raw, base_dir = _load_raw(source, split, cache_dir)
+    src = str(source)
+    _require_columns(raw, src, {"--image-column": image_column, "--label-column": label_column})
+    if len(raw) == 0:
+        raise DatasetError(f"{src}: split {split!r} is empty")
+    raw = _prepare_image_column(raw.select_columns([image_column, label_column]), src, image_column)
+    names, mode = _label_names(raw, src, label_column)
+    if not names:
+        raise DatasetError(f"{src}: column {label_column!r} has no usable labels")
+    index = {n: i for i, n in enumerate(names)}
+    check = _ImageChecker(base_dir)
+
+    def normalize(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"image": [], "label": [], "_skip": []}
+        for value, label in zip(batch[image_column], batch[label_column]):
+            image, reason = check(value)
+            if mode == "name":
+                label_id = index.get(label.strip()) if isinstance(label, str) else None
+            else:
+                label_id = label if label is not None and 0 <= label < len(names) else None
+            if reason is None and label_id is None:
+                reason = "missing_label"
+            out["image"].append(image)
+            out["label"].append(label_id)
+            out["_skip"].append(reason or "")
+        return out
+
+    work = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Value("int64"),
+                              "_skip": datasets.Value("string")})
+    mapped = _map(raw, normalize, work, f"cls:{image_column}:{label_column}:{base_dir}")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    return _finish(mapped, src, split, len(raw), max_bad_fraction, features)
+
+
+# ---------------------------------------------------------------------------------------------
+# VQA
+
+
+def _check_answer_feature(feature: Any, source: str, column: str) -> None:
+    """Accept text, a list of text, a list of {"answer": text} records, or JSON of mixed such rows."""
+    if _is_text(feature) or isinstance(feature, datasets.Json):
+        return
+    if isinstance(feature, datasets.List | datasets.LargeList):
+        inner = feature.feature
+        if _is_text(inner) or (isinstance(inner, dict) and _is_text(inner.get("answer"))):
+            return
+    # The legacy Sequence({"answer": ..., ...}) is a dict of lists.
+    if isinstance(feature, dict) and isinstance(feature.get("answer"), datasets.List | datasets.LargeList) \
+            and _is_text(feature["answer"].feature):
+        return
+    raise _wrong_type(source, column, feature,
+                      'answers (a string, a list of strings, or a list of {"answer": ...} records)', "--answer-column")
+
+
+def _answer_strings(value: Any, source: str, column: str) -> list[str | None]:
+    """One row's answers as a list; `None` entries mark missing answers."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):  # one record, or a legacy Sequence({...}) column: a dict of lists
+        value = value.get("answer")
+        value = value if isinstance(value, list) else [value]
+    if isinstance(value, list):
+        items = [a.get("answer") if isinstance(a, dict) else a for a in value]
+        if all(a is None or isinstance(a, str) for a in items):
+            return items
+    raise DatasetError(f"{source}: column {column!r} holds {value!r}; expected a string, a list of strings, "
+                       'or a list of {"answer": ...} records (write numbers as strings: "2")')
+
+
+def answer_type_of(answers: list[str]) -> str:
+    """"yes/no" if every answer normalizes to yes/no, "number" if every one is numeric, else "other"."""
+    normalized = [normalize_answer(a) for a in answers]
+    if all(a in ("yes", "no") for a in normalized):
+        return "yes/no"
+    if all(_NUMBER.fullmatch(a) for a in normalized):
+        return "number"
+    return "other"
+
+
+def load_vqa(
+    source: str | Path,
+    split: str,
+    image_column: str = "image",
+    question_column: str = "question",
+    answer_column: str | None = None,
+    max_bad_fraction: float = 0.01,
+    cache_dir: str | None = None,
+) -> tuple[datasets.Dataset, LoadReport]:
+    """Load one split of a user VQA set.
+
+    `answer_column` defaults to "answers" if the source has it, else "answer";
+    it may hold a string, a list of strings, or a list of `{"answer": ...}`
+    records (VQAv2). Returns `(dataset, report)`; the dataset has columns
+    `image` (`Image()`), `question` (str, stripped), `answers` (list[str],
+    stripped, empty ones dropped), `answer_type` (the source's non-empty
+    `answer_type` value if it has that column, else `answer_type_of(answers)`)
+    and `image_id` (int; -1 where the source has none). Rows with a missing or
+    unreadable image, an empty question, or no non-empty answer are skipped.
+    Raises `DatasetError` (see the module docstring).
+    """
+    _check_fraction(max_bad_fraction)
+    raw, base_dir = _load_raw(source, split, cache_dir)
+    src = str(source)
+    if answer_column is None:
+        answer_column = "answers" if "answers" in raw.column_names else "answer"
+    _require_columns(raw, src, {"--image-column": image_column, "--question-column": question_column,
+                                "--answer-column": answer_column})
+    if len(raw) == 0:
+        raise DatasetError(f"{src}: split {split!r} is empty")
+    if not _is_text(raw.features[question_column]):
+        raise _wrong_type(src, question_column, raw.features[question_column], "question text", "--question-column")
+    _check_answer_feature(raw.features[answer_column], src, answer_column)
+    extra = [c for c in ("answer_type", "image_id") if c in raw.column_names and c not in
+             (image_column, question_column, answer_column)]
+    has_type = "answer_type" in extra and _is_text(raw.features["answer_type"])
+    has_id = "image_id" in extra and isinstance(raw.features["image_id"], datasets.Value) and \
+        raw.features["image_id"].dtype.startswith(("int", "uint"))
+    columns = list(dict.fromkeys([image_column, question_column, answer_column, *extra]))
+    raw = _prepare_image_column(raw.select_columns(columns), src, image_column)
+    check = _ImageChecker(base_dir)
+
+    def normalize(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {k: [] for k in ("image", "question", "answers", "answer_type", "image_id", "_skip")}
+        for i, (value, question, answer) in enumerate(zip(batch[image_column], batch[question_column],
+                                                          batch[answer_column])):
+            image, reason = check(value)
+            question = question.strip() if isinstance(question, str) else ""
+            answers = [a.strip() for a in _answer_strings(answer, src, answer_column) if a and a.strip()]
+            if reason is None and not question:
+                reason = "empty_question"
+            if reason is None and not answers:
+                reason = "empty_answer"
+            given = batch["answer_type"][i] if has_type else None
+            out["image"].append(image)
+            out["question"].append(question)
+            out["answers"].append(answers)
+            out["answer_type"].append(given.strip() if isinstance(given, str) and given.strip()
+                                      else answer_type_of(answers) if answers else "")
+            image_id = batch["image_id"][i] if has_id else None
+            out["image_id"].append(-1 if image_id is None else image_id)
+            out["_skip"].append(reason or "")
+        return out
+
+    common = {
+        "question": datasets.Value("string"),
+        "answers": datasets.List(datasets.Value("string")),
+        "answer_type": datasets.Value("string"),
+        "image_id": datasets.Value("int64"),
+    }
+    work = datasets.Features({"image": datasets.Image(decode=False), **common, "_skip": datasets.Value("string")})
+    mapped = _map(raw, normalize, work, f"vqa:{columns}:{base_dir}")
+    features = datasets.Features({"image": datasets.Image(), **common})
+    return _finish(mapped, src, split, len(raw), max_bad_fraction, features)

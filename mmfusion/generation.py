@@ -1,0 +1,174 @@
+"""Text generation: prefill once, then decode one token at a time through the KV cache.
+
+Sampling: greedy (temperature 0), temperature, top-k, top-p. Batches of prompts with different
+lengths are left-padded; positions count real tokens only, as in training. Generation stops
+per row at `<|endoftext|>` or a stop string, and for the batch when every row has stopped.
+
+Notation: B batch, T prompt tokens, C width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .gpt import GPT
+from .tokenizer import EOT_ID, get_tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k, then outside the smallest set whose
+    probability reaches top_p (the token that crosses top_p is kept). logits: (B, V)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass strictly before each token
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids."""
+    if config.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                  attention_mask: torch.Tensor | None = None, bidirectional: torch.Tensor | None = None,
+                  config: GenerationConfig = GenerationConfig(), eot_id: int = EOT_ID) -> Iterator[torch.Tensor]:
+    """Yield the next token (B,) for every row at each step; rows that finished yield `eot_id`.
+
+    Prompts are (B, T) ids or (B, T, C) embeddings, left-padded, with attention_mask (B, T).
+    """
+    prompt = inputs_embeds if inputs_embeds is not None else input_ids
+    B, T = prompt.shape[:2]
+    room = gpt.config.block_size - T
+    if room < 1:
+        raise ValueError(f"prompt of {T} tokens leaves no room in the context of {gpt.config.block_size}")
+    steps = min(config.max_new_tokens, room)
+    device = prompt.device
+    generator = None
+    if config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    mask = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generation needs left padding: the last prompt position of every row must be real")
+        mask = torch.ones(B, T + steps, dtype=torch.long, device=device)  # (B, T + steps)
+        mask[:, :T] = attention_mask
+    cache = gpt.new_cache(B, T + steps)
+    hidden = gpt.hidden_states(input_ids, None if mask is None else mask[:, :T], inputs_embeds=inputs_embeds,
+                               cache=cache, bidirectional=bidirectional)  # (B, T, C)
+    logits = gpt.lm_head(hidden[:, -1])  # (B, V)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(steps):
+        token = next_token(logits, config, generator).masked_fill(done, eot_id)  # (B,)
+        yield token
+        done |= token == eot_id
+        if step == steps - 1 or bool(done.all()):
+            return
+        # Positions come from the mask's running count of real tokens, as in the prefill.
+        hidden = gpt.hidden_states(token[:, None], None if mask is None else mask[:, :T + step + 1],
+                                   cache=cache)  # (B, 1, C)
+        logits = gpt.lm_head(hidden[:, -1])
+
+
+def _cut_at_stop(text: str, stop_strings: tuple[str, ...]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stop_strings if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def generate(gpt: GPT, *, config: GenerationConfig = GenerationConfig(), **prompt) -> list[list[int]]:
+    """Generated token ids per row, without the prompt, cut before `<|endoftext|>` and before
+    the first stop string. `prompt` takes input_ids / inputs_embeds, attention_mask, bidirectional."""
+    tokenizer = get_tokenizer()
+    rows: list[list[int]] | None = None
+    stopped: list[bool] = []
+    for token in decode_stream(gpt, config=config, **prompt):
+        if rows is None:
+            rows, stopped = [[] for _ in range(token.shape[0])], [False] * token.shape[0]
+        for i, t in enumerate(token.tolist()):
+            if stopped[i]:
+                continue
+            if t == EOT_ID:
+                stopped[i] = True
+                continue
+            rows[i].append(t)
+            if config.stop_strings and _cut_at_stop(tokenizer.decode(rows[i]), config.stop_strings)[1]:
+                stopped[i] = True
+        if all(stopped):
+            break
+    return rows or []
+
+
+def stream_text(gpt: GPT, *, config: GenerationConfig = GenerationConfig(), **prompt) -> Iterator[str]:
+    """Text pieces for a single prompt (B = 1) as they are generated, stop strings honoured.
+    A piece is emitted only once its bytes form complete UTF-8 characters."""
+    tokenizer = get_tokenizer()
+    ids: list[int] = []
+    sent = ""
+    for token in decode_stream(gpt, config=config, **prompt):
+        t = int(token[0])
+        if t == EOT_ID:
+            break
+        ids.append(t)
+        text = tokenizer.decode_bytes(ids).decode("utf-8", errors="replace")
+        text, stop = _cut_at_stop(text, config.stop_strings)
+        if not text.endswith("\ufffd") and len(text) > len(sent):
+            yield text[len(sent):]
+            sent = text
+        if stop:
+            break
+
+
+def vlm_prompts(vlm, images, questions: list[str | None]) -> dict[str, torch.Tensor]:
+    """Images and questions (None: caption) -> left-padded input_ids, attention_mask, pixel_values."""
+    from .processing import ImageProcessor, PromptBuilder, pad_batch
+
+    if len(images) != len(questions):
+        raise ValueError(f"got {len(images)} images but {len(questions)} questions")
+    builder = PromptBuilder(vlm.num_image_tokens, vlm.config.gpt.block_size)
+    ids = [builder.prompt_ids(q, reserve=1) for q in questions]
+    device = next(vlm.parameters()).device
+    return {
+        "input_ids": pad_batch(ids, EOT_ID, left=True).to(device),
+        "attention_mask": pad_batch([[1] * len(i) for i in ids], 0, left=True).to(device),
+        "pixel_values": ImageProcessor.from_config(vlm.config.vit)(list(images)).to(device),
+    }
+
+
+def vlm_generate_text(vlm, images, questions: list[str | None], config: GenerationConfig) -> list[str]:
+    """Answers (or captions, where the question is None) for a batch of images."""
+    tokenizer = get_tokenizer()
+    rows = vlm.generate(**vlm_prompts(vlm, images, questions), config=config)
+    return [_cut_at_stop(tokenizer.decode(r), config.stop_strings)[0].strip() for r in rows]

@@ -1,0 +1,170 @@
+"""Evaluation metrics: top-1 accuracy, and VQA accuracy with the official answer normalization.
+
+`normalize_answer` follows the rules of the VQA challenge's evaluation script
+(vqaEval.py), step by step:
+1. newlines and tabs become spaces; surrounding whitespace is stripped;
+2. punctuation (`_PUNCTUATION`): each mark is deleted if it touches a space in
+   the original text, or if the text anywhere has a comma between two digits
+   ("1,000" -> "1000"); otherwise it becomes a space ("red/blue" -> "red blue").
+   Then every period not followed by a digit is deleted ("yes." -> "yes",
+   "2.5" stays). The apostrophe, colon and a few others are not in the list;
+3. lowercase, split on whitespace, map number words "none"/"zero".."ten" to
+   digits, drop the articles a/an/the, and restore the apostrophe of common
+   contractions ("dont" -> "don't"); join with single spaces.
+
+Scoring (`vqa_score`) differs from vqaEval.py in one deliberate way: the
+official script normalizes the prediction only when the human answers
+disagree, and applies only the punctuation step to the human answers, because
+VQA's ground truth was normalized when it was collected. User data is not, so
+here both sides always get the full normalization; on normalized ground truth
+the two agree except that "Yes." now matches a unanimous "yes".
+
+Accuracies are fractions in [0, 1] (the official script prints percentages).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+                "!")
+_COMMA_BETWEEN_DIGITS = re.compile(r"\d,\d")
+# The official pattern is "(?!<=\d)(\.)(?!\d)": its first group is a (mistyped) lookahead that
+# never blocks a match, so in effect it deletes every period not followed by a digit.
+_PERIOD = re.compile(r"\.(?!\d)")
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = frozenset({"a", "an", "the"})
+
+
+def _contractions() -> dict[str, str]:
+    """The official map from apostrophe-less spellings to contractions.
+
+    Written as the contractions themselves. A contraction with one apostrophe
+    is found without it ("dont" -> "don't"); one with two is found with either
+    one dropped, but not both ("couldnt've", "couldn'tve" -> "couldn't've";
+    "couldntve" stays). Contractions whose bare spelling is a word ("we'll",
+    "it's", "she'd") are not in the table. The official table's capitalized keys
+    ("Im", "Ive", "Id've") can never match lowercased text and are left out;
+    its few irregular entries are added at the end as they are.
+    """
+    words = """
+        ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
+        he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't
+        must've needn't not've o'clock oughtn't shan't she'd've should've shouldn't shouldn't've
+        somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's something'd
+        something'd've something'll that's there'd there'd've there're there's they'd they'd've they'll
+        they're they've wasn't we'd've we've weren't what'll what're what's what've when's where'd where's
+        where've who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't wouldn't've
+        y'all y'all'll you'd you'd've you'll you're you've
+    """.split()
+    table: dict[str, str] = {}
+    for word in words:
+        parts = word.split("'")
+        if len(parts) == 2:
+            table["".join(parts)] = word
+        else:
+            table[parts[0] + parts[1] + "'" + parts[2]] = word
+            table[parts[0] + "'" + parts[1] + parts[2]] = word
+    table.update({
+        # Three apostrophes: each spelling with one of them dropped.
+        "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+        # Leading-apostrophe forms, identity entries, and one entry that maps the wrong way round.
+        "twas": "'twas", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+        "let's": "let's", "she's": "she's", "somebody'd": "somebodyd",
+    })
+    return table
+
+
+_CONTRACTIONS = _contractions()
+
+
+def _strip_punctuation(text: str) -> str:
+    delete_all = _COMMA_BETWEEN_DIGITS.search(text) is not None
+    out = text
+    for mark in _PUNCTUATION:
+        if delete_all or mark + " " in text or " " + mark in text:
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    return _PERIOD.sub("", out)
+
+
+def normalize_answer(text: str) -> str:
+    """Normalize one answer string by the official VQA rules (see the module docstring)."""
+    text = _strip_punctuation(text.replace("\n", " ").replace("\t", " ").strip())
+    words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def vqa_score(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy of one prediction against the human answers, in [0, 1].
+
+    Both sides are normalized. With exactly one answer this is exact match.
+    With n > 1 answers it is the official leave-one-out soft score: the mean,
+    over the n subsets that leave one answer out, of min(1, matches / 3). With
+    the usual 10 answers: 1 match scores 0.3, 2 score 0.6, 3 score 0.9 and 4 or
+    more score 1.0. Note that with 2 or 3 answers even a unanimous match cannot
+    reach 1 (it scores 1/3 or 2/3): the rule was designed for 10 answers.
+    Raises ValueError when `answers` is empty.
+    """
+    if isinstance(answers, str):
+        raise TypeError("answers must be a sequence of strings, not one string")
+    if len(answers) == 0:
+        raise ValueError("vqa_score needs at least one reference answer")
+    pred = normalize_answer(prediction)
+    hits = [normalize_answer(a) == pred for a in answers]
+    if len(hits) == 1:
+        return float(hits[0])
+    matches = sum(hits)
+    return sum(min(1.0, (matches - hit) / 3) for hit in hits) / len(hits)
+
+
+def vqa_accuracy(
+    predictions: Sequence[str],
+    answers_list: Sequence[Sequence[str]],
+    answer_types: Sequence[str] | None = None,
+) -> dict:
+    """Mean `vqa_score` over a set of questions, overall and per answer type.
+
+    Returns `{"accuracy": float, "count": int, "per_type": {type: {"accuracy":
+    float, "count": int}}}`, accuracies as fractions in [0, 1]; `per_type` is
+    empty when `answer_types` is None. Raises ValueError on mismatched lengths
+    or no questions.
+    """
+    if len(predictions) != len(answers_list):
+        raise ValueError(f"{len(predictions)} predictions but {len(answers_list)} answer lists")
+    if answer_types is not None and len(answer_types) != len(predictions):
+        raise ValueError(f"{len(predictions)} predictions but {len(answer_types)} answer types")
+    if len(predictions) == 0:
+        raise ValueError("vqa_accuracy needs at least one question")
+    scores = [vqa_score(p, a) for p, a in zip(predictions, answers_list)]
+    per_type: dict[str, dict] = {}
+    if answer_types is not None:
+        sums: dict[str, list[float]] = {}
+        for score, kind in zip(scores, answer_types):
+            sums.setdefault(kind, []).append(score)
+        per_type = {k: {"accuracy": sum(v) / len(v), "count": len(v)} for k, v in sorted(sums.items())}
+    return {"accuracy": sum(scores) / len(scores), "count": len(scores), "per_type": per_type}
+
+
+def top1_accuracy(logits_or_preds, labels) -> float:
+    """Fraction of rows whose top prediction equals the label.
+
+    `logits_or_preds` is either logits `(N, K)` (argmax over the last dim) or
+    predicted ids `(N,)`; `labels` is `(N,)`. Tensors, arrays and lists all work.
+    Raises ValueError on mismatched shapes or N = 0.
+    """
+    preds = torch.as_tensor(logits_or_preds)
+    labels = torch.as_tensor(labels)
+    if preds.dim() == labels.dim() + 1:
+        preds = preds.argmax(dim=-1)
+    if preds.shape != labels.shape:
+        raise ValueError(f"predictions of shape {tuple(preds.shape)} do not match labels of shape "
+                         f"{tuple(labels.shape)}; pass logits (N, K) or ids (N,)")
+    if labels.numel() == 0:
+        raise ValueError("top1_accuracy needs at least one example")
+    return (preds == labels).float().mean().item()

@@ -1,0 +1,235 @@
+"""Images and prompts into tensors.
+
+Images: any PIL mode, a path, a numpy array or a tensor -> RGB -> resize -> normalize ->
+pixel_values (3, H, W). Prompts: one documented template, with exactly as many `<|image|>`
+slots as the adapter yields, and labels that supervise only the answer and `<|endoftext|>`.
+
+The prompt template (question answering, then captioning)::
+
+    <|image|> x M  "Question: {question}\\nAnswer:"  " {answer}<|endoftext|>"
+    <|image|> x M  "Caption:"                         " {caption}<|endoftext|>"
+
+Only the part after the prompt is supervised; everything else is -100.
+Notation: B batch, T tokens, M image tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import ViTConfig
+from .tokenizer import EOT_ID, IMAGE_ID, Tokenizer, get_tokenizer
+
+IGNORE_INDEX = -100
+QUESTION_PREFIX = "Question:"
+ANSWER_PREFIX = "\nAnswer:"
+CAPTION_PROMPT = "Caption:"
+
+
+class ImageError(ValueError):
+    """An image cannot be read or converted to RGB."""
+
+
+class PromptError(ValueError):
+    """A question or answer is empty or cannot fit the context."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: EXIF orientation applied, alpha composited on white,
+    16-bit and float grayscale rescaled to 8 bits, CMYK/palette/LA converted."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if image.mode.startswith("I;16"):
+            lo, hi = 0.0, 65535.0
+        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        return Image.fromarray(scaled.clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(image) -> Image.Image:
+    """A PIL image, a path, a numpy array (H, W[, C], uint8 or float in [0, 1]) or a tensor
+    (C, H, W) / (H, W) in [0, 1] -> an RGB PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.exists():
+            raise ImageError(f"image file {path} does not exist")
+        try:
+            with Image.open(path) as f:
+                f.load()
+                image = f.copy()
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"{path} is too large to decode safely ({e}); downscale it first") from e
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ImageError(f"{path} is not a readable image ({e})") from e
+    elif isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4):
+            t = t.permute(1, 2, 0)  # (H, W, C)
+        image = t.numpy()
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+            raise ImageError(f"array of shape {arr.shape} is not an image; expected (H, W), (H, W, 3) or (H, W, 4)")
+        if arr.dtype != np.uint8:
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise ImageError(f"array dtype {arr.dtype} is not supported; use uint8 or float in [0, 1]")
+            arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        image = Image.fromarray(arr)
+    if not isinstance(image, Image.Image):
+        raise ImageError(f"cannot read an image from {type(image).__name__}; pass a PIL image, path, array or tensor")
+    if image.width < 1 or image.height < 1:
+        raise ImageError(f"image has size {image.size}; it must be at least 1x1")
+    return to_rgb(image)
+
+
+class ImageProcessor:
+    """RGB, resize to (size, size) with bicubic resampling, scale to [0, 1], normalize."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.image_size = image_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    @classmethod
+    def from_config(cls, config: ViTConfig) -> ImageProcessor:
+        return cls(config.image_size, config.image_mean, config.image_std)
+
+    def to_tensor(self, image) -> torch.Tensor:
+        """One image of any supported kind -> (3, H, W) float32, normalized."""
+        image = load_image(image)
+        if image.size != (self.image_size, self.image_size):
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
+        x = x.permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
+        return (x - self.mean) / self.std
+
+    def __call__(self, images) -> torch.Tensor:
+        """A list of images -> (B, 3, H, W)."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        return torch.stack([self.to_tensor(im) for im in images])
+
+
+def majority_answer(answers: Sequence[str] | str) -> str:
+    """The training target among several human answers: the most frequent (first on ties)."""
+    if isinstance(answers, str):
+        return answers
+    answers = [a for a in answers if a and a.strip()]
+    if not answers:
+        raise PromptError("no non-empty answer to train on")
+    return Counter(a.strip() for a in answers).most_common(1)[0][0]
+
+
+@dataclass
+class PromptBuilder:
+    """Builds token ids for the documented template, with `num_image_tokens` image slots.
+
+    Questions longer than the context are truncated from the end of the question (the
+    template and the answer are kept), and `truncated` counts how often that happened.
+    """
+
+    num_image_tokens: int
+    max_length: int
+    tokenizer: Tokenizer | None = None
+    truncated: int = 0
+
+    def __post_init__(self) -> None:
+        self.tokenizer = self.tokenizer or get_tokenizer()
+        t = self.tokenizer
+        self._question_prefix = t.encode(QUESTION_PREFIX)
+        self._answer_prefix = t.encode(ANSWER_PREFIX)
+        self._caption_prompt = t.encode(CAPTION_PROMPT)
+
+    def prompt_ids(self, question: str | None = None, reserve: int = 0) -> list[int]:
+        """Image slots + the question template (or the caption prompt when question is None).
+        `reserve` tokens are kept free after the prompt (for the answer)."""
+        slots = [IMAGE_ID] * self.num_image_tokens
+        if question is None:
+            return slots + self._caption_prompt
+        if not isinstance(question, str) or not question.strip():
+            raise PromptError(f"question must be non-empty text, got {question!r}")
+        q = self.tokenizer.encode(" " + question.strip())
+        budget = self.max_length - len(slots) - len(self._question_prefix) - len(self._answer_prefix) - reserve
+        if budget < 1:
+            raise PromptError(
+                f"no room for a question: {self.num_image_tokens} image tokens + template + {reserve} answer "
+                f"tokens exceed the context of {self.max_length}"
+            )
+        if len(q) > budget:
+            q = q[:budget]
+            self.truncated += 1
+        return slots + self._question_prefix + q + self._answer_prefix
+
+    def target_ids(self, answer: str) -> list[int]:
+        if not isinstance(answer, str) or not answer.strip():
+            raise PromptError(f"answer must be non-empty text, got {answer!r}")
+        return self.tokenizer.encode(" " + answer.strip()) + [EOT_ID]
+
+    def example(self, question: str | None, answer: str) -> tuple[list[int], list[int]]:
+        """input_ids and labels (same length): labels are -100 except on the answer tokens and EOT."""
+        target = self.target_ids(answer)
+        if len(target) >= self.max_length - self.num_image_tokens - len(self._caption_prompt):
+            raise PromptError(f"answer of {len(target)} tokens does not fit the context of {self.max_length}")
+        prompt = self.prompt_ids(question, reserve=len(target))
+        return prompt + target, [IGNORE_INDEX] * len(prompt) + target
+
+
+def pad_batch(sequences: list[list[int]], pad_value: int, left: bool = False) -> torch.Tensor:
+    """Pad to the longest sequence: (B, T)."""
+    longest = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), longest), pad_value, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if left:
+            out[i, longest - len(s):] = torch.tensor(s, dtype=torch.long)
+        else:
+            out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+class VQACollator:
+    """Rows {image, question, answers | answer | caption} -> a training batch.
+
+    Returns input_ids (B, T) right-padded with `<|endoftext|>`, attention_mask (B, T),
+    labels (B, T) with -100 on image slots, prompt and padding, and pixel_values (B, 3, H, W).
+    A row without a question (None or missing) is a caption example.
+    """
+
+    def __init__(self, processor: ImageProcessor, prompts: PromptBuilder) -> None:
+        self.processor = processor
+        self.prompts = prompts
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        ids, labels = [], []
+        for row in rows:
+            target = row.get("caption") if row.get("question") is None else majority_answer(
+                row["answers"] if "answers" in row else row["answer"])
+            i, l = self.prompts.example(row.get("question"), target)
+            ids.append(i)
+            labels.append(l)
+        input_ids = pad_batch(ids, EOT_ID)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": pad_batch([[1] * len(i) for i in ids], 0),
+            "labels": pad_batch(labels, IGNORE_INDEX),
+            "pixel_values": self.processor([row["image"] for row in rows]),
+        }

@@ -1,0 +1,348 @@
+"""Configs, save/load, and the VLM's loss, gradients, slot checks and attention modes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from mmfusion import GPT, VLM, AdapterConfig, ConfigError, GPTConfig, ViT, ViTConfig, VLMConfig
+from mmfusion.config import GPT_PRESETS, VIT_PRESETS
+from mmfusion.vlm import IGNORE_INDEX, SlotCountError
+from mmfusion.weights import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
+
+TINY_VIT = ViTConfig(image_size=32, patch_size=8, n_layer=2, n_head=2, n_embd=32, num_classes=0)
+TINY_GPT = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
+IMAGE_ID, EOT_ID = 50257, 50256
+M = TINY_VIT.num_patches  # image tokens per image with the default adapter (CLS dropped, no shuffle)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: ViTConfig(n_embd=30, n_head=4), "not divisible by n_head"),
+    (lambda: GPTConfig(n_embd=30, n_head=4), "not divisible by n_head"),
+    (lambda: ViTConfig(image_size=30, patch_size=8), "not divisible by patch_size"),
+    (lambda: ViTConfig(image_size=8, patch_size=16), "larger than image_size"),
+    (lambda: ViTConfig(n_layer=-1), "n_layer must be a positive integer"),
+    (lambda: ViTConfig(image_size=-32), "image_size must be a positive integer"),
+    (lambda: GPTConfig(vocab_size=0), "vocab_size must be a positive integer"),
+    (lambda: GPTConfig(block_size=-5), "block_size must be a positive integer"),
+    (lambda: ViTConfig(num_classes=-1), "num_classes must be >= 0"),
+    (lambda: ViTConfig(intermediate_size=-4), "intermediate_size must be a positive integer"),
+    (lambda: ViTConfig(dropout=1.5), "dropout must be in"),
+    (lambda: ViTConfig(activation="relu"), "activation must be one of"),
+    (lambda: ViTConfig(image_std=(0.5, 0.0, 0.5)), "image_std must be positive"),
+    (lambda: AdapterConfig(projection="conv"), "projection must be"),
+    (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT, adapter=AdapterConfig(pixel_shuffle=3)), "does not divide"),
+    (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT.replace(block_size=16)), "do not fit the GPT context"),
+    (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT, adapter=AdapterConfig(layer=2)), "only 2 layers"),
+    (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT, attention="full"), "attention must be"),
+    (lambda: GPTConfig.from_dict({"n_layers": 2}), r"unknown GPTConfig fields: \['n_layers'\]"),
+])
+def test_invalid_configs_raise_config_error(make, match):
+    with pytest.raises(ConfigError, match=match):
+        make()
+
+
+CONFIGS = [
+    TINY_VIT, TINY_GPT, ViTConfig(), GPTConfig(), AdapterConfig(),
+    ViTConfig(pre_norm=True, final_norm="cls", patch_bias=False, activation="quick_gelu", intermediate_size=48,
+              image_mean=(0.1, 0.2, 0.3), image_std=(0.4, 0.5, 0.6), image_size=32, patch_size=8, n_embd=16, n_head=4),
+    GPTConfig(intermediate_size=100, dropout=0.1, bias=False, activation="gelu"),
+    AdapterConfig(projection="linear", layer=1, keep_cls=True, pixel_shuffle=2, dropout=0.1),
+    VLMConfig(vit=TINY_VIT, gpt=TINY_GPT, adapter=AdapterConfig(pixel_shuffle=2, keep_cls=True), attention="prefix"),
+    VLMConfig(),
+    *VIT_PRESETS.values(), *GPT_PRESETS.values(),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: type(c).__name__)
+def test_config_json_round_trip(config, tmp_path):
+    kind = type(config)
+    assert kind.from_dict(json.loads(config.to_json())) == config
+    config.save(tmp_path / "c.json")
+    assert kind.from_dict(json.loads((tmp_path / "c.json").read_text())) == config
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def tiny_vlm(attention: str = "causal", seed: int = 0) -> VLM:
+    torch.manual_seed(seed)
+    return VLM(VLMConfig(vit=TINY_VIT, gpt=TINY_GPT, attention=attention))
+
+
+def images(batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def randomized(model: torch.nn.Module) -> torch.nn.Module:
+    """Perturb every parameter so zero-initialised heads and biases are exercised too."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def run(model, seed: int = 0):
+    torch.manual_seed(seed)
+    if isinstance(model, ViT):
+        return model(images(2, seed))
+    if isinstance(model, GPT):
+        return model(torch.randint(0, 50257, (2, 9)))
+    ids = torch.cat([torch.full((2, M), IMAGE_ID), torch.randint(0, 50257, (2, 5))], dim=1)
+    return model(ids, images(2, seed)).logits
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ViT(TINY_VIT.replace(num_classes=5)),
+    lambda: ViT(TINY_VIT.replace(pre_norm=True, final_norm="cls", patch_bias=False, num_classes=3)),
+    lambda: GPT(TINY_GPT),
+    lambda: tiny_vlm("prefix"),
+], ids=["vit", "clip-style-vit", "gpt", "vlm"])
+def test_save_load_is_bit_exact(make, tmp_path):
+    torch.manual_seed(0)
+    model = randomized(make()).eval()
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert loaded.config == model.config
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with torch.no_grad():
+        assert torch.equal(run(model), run(loaded))
+    gpt = loaded.gpt if isinstance(loaded, VLM) else loaded
+    if isinstance(gpt, GPT):  # the tie survives the round trip (stored once on disk)
+        assert gpt.lm_head.weight is gpt.wte.weight
+        assert not any(k.endswith("lm_head.weight") for k in load_file(tmp_path / WEIGHTS_NAME))
+
+
+def test_from_pretrained_does_not_mutate_config(tmp_path):
+    model = GPT(TINY_GPT)
+    model.save_pretrained(tmp_path)
+    before = (tmp_path / CONFIG_NAME).read_text()
+    GPT.from_pretrained(tmp_path)
+    assert (tmp_path / CONFIG_NAME).read_text() == before
+
+
+@pytest.fixture
+def saved_gpt(tmp_path):
+    GPT(TINY_GPT).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def edit_config(folder, **changes):
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    for key, value in changes.items():
+        if key in meta:
+            meta[key] = value
+        else:
+            meta["config"][key] = value
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+
+
+def test_loading_another_model_kind_raises(saved_gpt):
+    with pytest.raises(CheckpointError, match="holds a 'gpt' model, not a 'vit'"):
+        ViT.from_pretrained(saved_gpt)
+    with pytest.raises(CheckpointError, match="not a 'vlm'"):
+        VLM.from_pretrained(saved_gpt)
+
+
+def test_truncated_weights_raise(saved_gpt):
+    path = saved_gpt / WEIGHTS_NAME
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        GPT.from_pretrained(saved_gpt)
+
+
+def test_missing_files_raise(saved_gpt, tmp_path):
+    (saved_gpt / WEIGHTS_NAME).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        GPT.from_pretrained(saved_gpt)
+    (saved_gpt / CONFIG_NAME).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        GPT.from_pretrained(saved_gpt)
+    with pytest.raises(CheckpointError, match="not a folder"):
+        GPT.from_pretrained(tmp_path / "does-not-exist")
+
+
+def test_shape_mismatch_raises(saved_gpt):
+    edit_config(saved_gpt, n_embd=64)
+    with pytest.raises(CheckpointError, match="shapes do not match"):
+        GPT.from_pretrained(saved_gpt)
+
+
+def test_newer_format_version_raises(saved_gpt):
+    edit_config(saved_gpt, format_version=99)
+    with pytest.raises(CheckpointError, match="newer mmfusion"):
+        GPT.from_pretrained(saved_gpt)
+
+
+def test_extra_or_missing_keys_raise(saved_gpt):
+    path = saved_gpt / WEIGHTS_NAME
+    tensors = load_file(path)
+    save_file({**tensors, "blocks.9.attn.qkv.weight": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['blocks\.9\.attn\.qkv\.weight'\]"):
+        GPT.from_pretrained(saved_gpt)
+    save_file({k: v for k, v in tensors.items() if k != "ln_f.bias"}, path)
+    with pytest.raises(CheckpointError, match=r"missing keys \['ln_f\.bias'\]"):
+        GPT.from_pretrained(saved_gpt)
+
+
+def test_bad_config_json_raises(saved_gpt):
+    (saved_gpt / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        GPT.from_pretrained(saved_gpt)
+
+
+# ----------------------------------------------------------------------------- VLM
+
+
+def batch(side: str | None = None, seed: int = 0):
+    """Two rows: [image slots] prompt answer <eot>, answers supervised (labels = ids), the rest -100.
+    side=None: rows of equal length; "left"/"right": row 1 is shorter and padded."""
+    g = torch.Generator().manual_seed(seed)
+    rows, labels = [], []
+    for prompt, answer in ((5, 4), (2, 3) if side else (5, 4)):
+        text = torch.randint(0, 50000, (prompt + answer,), generator=g)
+        ids = torch.cat([torch.full((M,), IMAGE_ID), text, torch.tensor([EOT_ID])])
+        lab = torch.full_like(ids, IGNORE_INDEX)
+        lab[M + prompt:] = ids[M + prompt:]  # the answer and its <eot>
+        rows.append(ids)
+        labels.append(lab)
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((2, T), EOT_ID)
+    label_ids = torch.full((2, T), IGNORE_INDEX)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(rows, labels)):
+        span = slice(T - len(ids), T) if side == "left" else slice(0, len(ids))
+        input_ids[i, span], label_ids[i, span], mask[i, span] = ids, lab, 1
+    return input_ids, label_ids, mask, rows, labels
+
+
+def test_loss_is_cross_entropy_over_answer_tokens_only():
+    model = randomized(tiny_vlm()).eval()
+    ids, labels, _, _, _ = batch()
+    px = images(2)
+    out = model(ids, px, labels=labels)
+    logits = model(ids, px).logits  # (B, T, V)
+    # Position t predicts token t+1: only positions whose next token is supervised count.
+    predicts = labels[:, 1:] != IGNORE_INDEX
+    manual = F.cross_entropy(logits[:, :-1][predicts], labels[:, 1:][predicts])
+    torch.testing.assert_close(out.loss, manual, atol=1e-5, rtol=0)
+    assert out.num_tokens == int(predicts.sum()) == 2 * 5
+    assert out.logits.shape == (out.num_tokens, 50257)
+
+
+def test_tokens_after_the_last_supervised_position_do_not_change_the_loss():
+    model = randomized(tiny_vlm()).eval()
+    ids, labels, _, _, _ = batch()
+    trailing = torch.randint(0, 50000, (2, 6))
+    ids = torch.cat([ids, trailing], dim=1)
+    labels = torch.cat([labels, torch.full((2, 6), IGNORE_INDEX)], dim=1)
+    last = int((labels != IGNORE_INDEX).nonzero()[:, 1].max())
+    px = images(2)
+    with torch.no_grad():
+        base = model(ids, px, labels=labels).loss
+        changed = ids.clone()
+        changed[:, last + 1:] = torch.randint(0, 50000, changed[:, last + 1:].shape)
+        assert not torch.equal(changed, ids)
+        torch.testing.assert_close(model(changed, px, labels=labels).loss, base, atol=1e-6, rtol=0)
+        # ... while changing an earlier (prompt) token does change it.
+        changed = ids.clone()
+        changed[:, M] = (changed[:, M] + 1) % 50000
+        assert (model(changed, px, labels=labels).loss - base).abs() > 1e-6
+
+
+def test_every_parameter_gets_a_gradient():
+    model = randomized(tiny_vlm()).train()
+    ids, labels, _, _, _ = batch()
+    model(ids, images(2), labels=labels).loss.backward()
+    # Documented exceptions: none at the tensor level. (Rows of wte for tokens absent from the
+    # batch get no input-embedding gradient, but the tied LM head gives every row one.)
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+    assert {n.split(".")[0] for n, _ in model.named_parameters()} == {"vit", "adapter", "gpt"}
+
+
+def test_frozen_vit_gets_no_gradients():
+    model = randomized(tiny_vlm())
+    model.vit.requires_grad_(False)
+    ids, labels, _, _, _ = batch()
+    model(ids, images(2), labels=labels).loss.backward()
+    assert all(p.grad is None for p in model.vit.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapter.parameters())
+    assert all(p.grad is not None for p in model.gpt.parameters())
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_wrong_image_slot_count_raises(delta):
+    model = tiny_vlm()
+    ids, _, _, _, _ = batch()
+    n = M + delta
+    ids[1, :M] = 11
+    ids[1, :n] = IMAGE_ID
+    with pytest.raises(SlotCountError, match=rf"row 1 has {n} <\|image\|> slots but the adapter yields {M}"):
+        model(ids, images(2))
+
+
+@pytest.mark.parametrize("attention", ["causal", "prefix"])
+def test_prefix_attention_lets_image_tokens_see_later_image_tokens(attention):
+    model = randomized(tiny_vlm(attention)).eval()
+    ids, _, _, _, _ = batch()
+    ids = torch.cat([torch.full((2, 1), EOT_ID), ids], dim=1)  # a text token before the image
+    first, last = 1, M  # the image slots
+    px = images(2)
+    with torch.no_grad():
+        base = model.hidden_states(ids, px)
+        # Perturb only the last image token, by editing the adapter's output.
+        bump = torch.zeros(1, M, TINY_GPT.n_embd)
+        bump[0, -1] = torch.randn(TINY_GPT.n_embd)  # not a constant: LayerNorm would remove that
+        hook = model.adapter.register_forward_hook(lambda module, args, out: out + bump)
+        try:
+            moved = model.hidden_states(ids, px)
+        finally:
+            hook.remove()
+        changed = (moved - base).abs().amax(dim=-1)  # (B, T)
+    assert changed[:, 0].max() <= 1e-6  # the text token before the image: causal either way
+    if attention == "prefix":
+        assert changed[:, first].min() > 1e-4
+    else:
+        assert changed[:, first:last].max() <= 1e-6
+    assert changed[:, last + 1:].min() > 1e-4  # text after the image sees it in both modes
+    # Text stays causal in prefix mode: changing a later text token leaves the image alone.
+    with torch.no_grad():
+        later = ids.clone()
+        later[:, -1] = 123
+        assert (model.hidden_states(later, px)[:, : last + 1] - base[:, : last + 1]).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("attention", ["causal", "prefix"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_gives_the_same_per_row_loss(side, attention):
+    model = randomized(tiny_vlm(attention)).eval()
+    ids, labels, mask, rows, row_labels = batch(side)
+    assert mask[1].sum() < mask.shape[1]  # row 1 really is padded
+    px = images(2)
+    with torch.no_grad():
+        total = model(ids, px, attention_mask=mask, labels=labels)
+        per_row, counts = [], []
+        for i in range(2):
+            alone = model(rows[i][None], px[i:i + 1], labels=row_labels[i][None])
+            only_i = torch.full_like(labels, IGNORE_INDEX)
+            only_i[i] = labels[i]
+            within = model(ids, px, attention_mask=mask, labels=only_i)
+            torch.testing.assert_close(within.loss, alone.loss, atol=1e-5, rtol=0)
+            per_row.append(alone.loss)
+            counts.append(alone.num_tokens)
+    # The batch loss is the token-weighted mean of the rows' losses.
+    expected = sum(loss * n for loss, n in zip(per_row, counts)) / sum(counts)
+    torch.testing.assert_close(total.loss, expected, atol=1e-5, rtol=0)
