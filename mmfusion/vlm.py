@@ -69,9 +69,11 @@ class VLM(PretrainedMixin, nn.Module):
     def from_parts(cls, vit: ViT, gpt: GPT, adapter: AdapterConfig | None = None,
                    attention: str = "causal") -> VLM:
         """A VLM whose ViT and GPT start from the given (e.g. pretrained or imported) models."""
-        config = VLMConfig(vit=vit.config, gpt=gpt.config, adapter=adapter or AdapterConfig(), attention=attention)
+        # The VLM's ViT has no classifier: an unused head would only confuse DDP and the optimizer.
+        config = VLMConfig(vit=vit.config.replace(num_classes=0), gpt=gpt.config, adapter=adapter or AdapterConfig(),
+                           attention=attention)
         model = cls(config)
-        model.vit.load_state_dict(vit.state_dict())
+        model.vit.load_state_dict({k: v for k, v in vit.state_dict().items() if not k.startswith("head.")})
         model.gpt.load_state_dict(gpt.state_dict())
         return model
 

@@ -1,0 +1,135 @@
+"""The `mmfusion` command.
+
+    mmfusion main [--output-dir runs/main]        pretrain ViT, fine-tune VQA, evaluate (the main job)
+    mmfusion pretrain-vit [flags]                 stage 1 (see --help)
+    mmfusion train-vqa [flags]                    stage 2 (see --help)
+    mmfusion eval --model DIR [--dataset easy-vqa] [--split test]
+    mmfusion generate --model DIR --image PATH [--question TEXT]
+
+Bad input ends with one line on stderr naming the problem, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input (not a bug): shown as one line, exit code 2."""
+    from .config import ConfigError
+    from .data import DatasetError
+    from .processing import ImageError, PromptError
+    from .vlm import SlotCountError
+    from .weights import CheckpointError
+
+    return (ConfigError, CheckpointError, DatasetError, ImageError, PromptError, SlotCountError,
+            FileNotFoundError, NotADirectoryError)
+
+
+def cmd_generate(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="mmfusion generate", description="Caption an image or answer a question.")
+    parser.add_argument("--model", required=True, help="a saved VLM folder (e.g. runs/main/vqa/model)")
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--question", default=None, help="question; without it the model captions the image")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    from .generation import GenerationConfig
+    from .vlm import VLM
+
+    try:
+        config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except ValueError as e:
+        raise SystemExit(_fail(str(e)))
+    model = VLM.from_pretrained(args.model).eval()
+    if args.question is None:
+        print(model.caption(args.image, **config.__dict__))
+    else:
+        print(model.answer(args.image, args.question, **config.__dict__))
+
+
+def cmd_eval(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="mmfusion eval", description="Evaluate a saved VLM on a VQA dataset.")
+    parser.add_argument("--model", required=True, help="a saved VLM folder")
+    parser.add_argument("--dataset", default="easy-vqa", help="easy-vqa, a parquet/JSONL file or folder, or a hub id")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--question-column", default="question")
+    parser.add_argument("--answer-column", default=None)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--output", default=None, help="predictions JSON lines (default: next to the model)")
+    args = parser.parse_args(argv)
+    from training.train_vqa import predict, score
+
+    from .data import load_vqa_dataset
+    from .vlm import VLM
+
+    model = VLM.from_pretrained(args.model).eval()
+    columns = {} if args.dataset == "easy-vqa" else {
+        "image_column": args.image_column, "question_column": args.question_column, "answer_column": args.answer_column}
+    dataset, report = load_vqa_dataset(args.dataset, args.split, **columns)
+    print(f"data: {report}")
+    start = time.perf_counter()
+    rows = predict(model, dataset, args.limit, args.batch_size, args.max_new_tokens)
+    metrics = score(rows)
+    out = Path(args.output) if args.output else Path(args.model).parent / f"predictions_{args.split}.jsonl"
+    with open(out, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(format_vqa_table(metrics))
+    print(f"{len(rows)} questions in {time.perf_counter() - start:.1f}s; predictions written to {out}")
+
+
+def format_vqa_table(metrics: dict) -> str:
+    lines = ["| answer type | questions | VQA accuracy |", "|---|---:|---:|"]
+    for kind, m in sorted(metrics["per_type"].items()):
+        lines.append(f"| {kind} | {m['count']} | {100 * m['accuracy']:.2f}% |")
+    lines.append(f"| **all** | {metrics['count']} | **{100 * metrics['accuracy']:.2f}%** |")
+    return "\n".join(lines)
+
+
+def _fail(message: str) -> int:
+    print(f"mmfusion: error: {message}", file=sys.stderr)
+    return 2
+
+
+COMMANDS = {
+    "main": lambda argv: __import__("training.main", fromlist=["main"]).main(argv),
+    "pretrain-vit": lambda argv: __import__("training.pretrain_vit", fromlist=["main"]).main(argv),
+    "train-vqa": lambda argv: __import__("training.train_vqa", fromlist=["main"]).main(argv),
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        return 0 if not argv or argv[0] in ("-h", "--help") else _fail(f"unknown command {argv[0]!r}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except _user_errors() as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

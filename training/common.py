@@ -1,0 +1,360 @@
+"""Loop pieces both training stages share: run config, precision, optimizer groups, LR
+schedule, deterministic sampling, checkpoints with exact resume, and the step loop itself.
+
+The loop is a plain function over accelerate: no Trainer, no callbacks. A stage supplies a
+`step(model, batch) -> (loss, items)` and an `evaluate(model) -> dict` and gets back the
+trained, unwrapped model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+log = logging.getLogger("mmfusion.training")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings every stage shares. `batch_size` is per process and per micro-step; the
+    global batch is batch_size x processes x grad_accum."""
+
+    output_dir: str = field(default="runs/stage", metadata={"help": "where models, logs and checkpoints go"})
+    seed: int = field(default=0, metadata={"help": "seed for init, shuffling and augmentation"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training set (ignored if max_steps > 0)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 means derive from epochs"})
+    batch_size: int = field(default=64, metadata={"help": "examples per process per micro-step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.05, metadata={"help": "final LR as a fraction of the peak (cosine)"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW decay (never on norms, biases, embeddings)"})
+    beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm; 0 disables"})
+    mixed_precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 where it is faster than fp32 on this device), no, bf16 or fp16",
+        "choices": ["auto", "no", "bf16", "fp16"]})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps on eval_samples (0: only at the end)"})
+    eval_samples: int = field(default=1000, metadata={"help": "examples in a periodic evaluation"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: none)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    resume: str | None = field(default=None, metadata={"help": "checkpoint folder, or 'latest' in output_dir"})
+    log_every: int = field(default=10, metadata={"help": "tracker logging interval in steps"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "keep_checkpoints", "eval_samples", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.epochs <= 0 and self.max_steps == 0:
+            raise ValueError("set --epochs > 0 or --max-steps > 0")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 matrix products beat fp32 here. GPUs with bf16 support: yes. CPUs: measured,
+    since CPUs without native bf16 (AVX2-only) run bf16 matmuls orders of magnitude slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    a = torch.randn(256, 256)
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        x @ x
+        start = time.perf_counter()
+        for _ in range(5):
+            x @ x
+        timings[dtype] = time.perf_counter() - start
+    return timings[torch.bfloat16] < timings[torch.float32]
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    return "bf16" if bf16_is_fast(device) else "no"
+
+
+def make_accelerator(run: RunConfig, log_name: str):
+    """An Accelerator with the resolved precision, gradient accumulation and tensorboard."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    # The device type decides the precision before the Accelerator exists. Touching accelerate's
+    # shared state (PartialState) this early would freeze it without ACCELERATE_USE_CPU, and a
+    # multi-process CPU launch would silently train as independent single processes.
+    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    precision = resolve_precision(run.mixed_precision, torch.device("cpu" if on_cpu else "cuda"))
+    project = ProjectConfiguration(project_dir=run.output_dir, logging_dir=str(Path(run.output_dir) / "logs"))
+    trackers = ["tensorboard"] if _has_tensorboard() else []
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=run.grad_accum,
+                              log_with=trackers or None, project_config=project)
+    set_seed(run.seed)
+    if trackers:
+        accelerator.init_trackers(log_name)
+    return accelerator
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "wte", "wpe")
+
+
+def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], lr: float,
+                 weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: matrices decay; norms, biases, embeddings and the CLS token do not."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(part in name.split(".") for part in NO_DECAY_NAMES)
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    return [g for g in groups if g["params"]]
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine down to `min_ratio` at `total_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh permutation per epoch from (seed, epoch) alone, so a resumed run replays the
+    exact order of an uninterrupted one. accelerate shards its batches across processes.
+
+    It yields *virtual* indices `epoch * n + i`: a dataset recovers the row with
+    `split_index` and can seed per-example augmentation from (epoch, row), which makes
+    augmentation independent of whatever else consumed the global RNG.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        offset = self.epoch * self.n
+        if not self.shuffle:
+            return iter(range(offset, offset + self.n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter((torch.randperm(self.n, generator=g) + offset).tolist())
+
+
+def split_index(virtual: int, n: int) -> tuple[int, int]:
+    """A virtual index from EpochSampler -> (epoch, row)."""
+    return divmod(virtual, n)
+
+
+def example_generator(seed: int, virtual: int) -> torch.Generator:
+    """A generator for one example's augmentation, a pure function of (seed, epoch, row)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + virtual)
+
+
+class Rows(torch.utils.data.Dataset):
+    """Serves rows of a datasets.Dataset by EpochSampler's virtual indices."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, virtual: int):
+        return self.dataset[split_index(virtual, len(self.dataset))[1]]
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """The global RNG seed for one micro-step (dropout): resume replays it exactly."""
+    return (seed * 1_000_003 + step * 1009 + micro) * 131 + rank
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    from mmfusion.weights import atomic_write
+
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"))
+
+
+def write_run_config(output_dir: str | Path, **configs: Any) -> None:
+    """The resolved configuration of a run, next to its outputs."""
+    resolved = {name: (asdict(c) if hasattr(c, "__dataclass_fields__") else c) for name, c in configs.items()}
+    write_json(Path(output_dir) / "run_config.json", resolved)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+PROGRESS_NAME = "progress.json"
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    root = Path(output_dir) / "checkpoints"
+    if not root.exists():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / PROGRESS_NAME).exists()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int) -> None:
+    """accelerate's save_state into a temporary folder, then an atomic rename: a crash mid-write
+    leaves the earlier checkpoints intact. `progress.json` written last marks it complete."""
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"step_{step}"
+    tmp = root / f".tmp_step_{step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        write_json(tmp / PROGRESS_NAME, {"step": step})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def find_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = checkpoint_dirs(output_dir)
+        if not found:
+            log.warning("--resume latest: no checkpoint in %s, starting fresh", output_dir)
+            return None
+        return found[-1]
+    path = Path(resume)
+    if not (path / PROGRESS_NAME).exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {PROGRESS_NAME}); pick one under "
+                                f"{Path(output_dir) / 'checkpoints'} or use --resume latest")
+    return path
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
+StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
+EvalFn = Callable[[torch.nn.Module, bool], dict[str, float]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          dataset, collate: Callable, step_fn: StepFn, evaluate: EvalFn | None = None,
+          unit: str = "ex") -> torch.nn.Module:
+    """Train `model` for the configured steps; returns the unwrapped model.
+
+    step_fn(model, batch) -> (mean loss, items in the batch), items counted for throughput
+    (`unit` names them). evaluate(model, full) -> metrics, called every `eval_every` steps
+    with full=False and once at the end with full=True.
+    """
+    from tqdm.auto import tqdm
+
+    sampler = EpochSampler(len(dataset), run.seed)
+    loader = DataLoader(dataset, batch_size=run.batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=run.num_workers, drop_last=True,
+                        persistent_workers=run.num_workers > 0)
+    per_epoch = len(loader) // (run.grad_accum * accelerator.num_processes)
+    if per_epoch < 1:
+        raise ValueError(f"the dataset ({len(dataset)} examples) is smaller than one global batch "
+                         f"({run.batch_size} x {accelerator.num_processes} x {run.grad_accum}); lower --batch-size")
+    total = run.max_steps or max(1, math.ceil(run.epochs * per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, run.warmup_steps, run.min_lr_ratio))
+    # The scheduler stays unprepared: accelerate would step it once per process per optimizer
+    # step, which makes the schedule depend on the process count. It is a pure function of the
+    # step, so resume replays it instead of storing it.
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    step = 0
+    start_from = find_resume(run.resume, run.output_dir)
+    if start_from is not None:
+        accelerator.load_state(str(start_from))
+        step = json.loads((start_from / PROGRESS_NAME).read_text())["step"]
+        for _ in range(step):
+            scheduler.step()
+        accelerator.print(f"resumed from {start_from} at step {step}")
+
+    bar = tqdm(total=total, initial=step, disable=not (run.progress and accelerator.is_local_main_process),
+               desc=Path(run.output_dir).name, dynamic_ncols=True)
+    model.train()
+    seen, t0, last_loss = 0, time.perf_counter(), float("nan")
+    while step < total:
+        epoch, skip = divmod(step, per_epoch)
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip * run.grad_accum) if skip else loader
+        micro = 0
+        for batch in batches:
+            torch.manual_seed(step_seed(run.seed, step, micro % run.grad_accum, accelerator.process_index))
+            with accelerator.accumulate(model):
+                loss, items = step_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at step {step}; the last good checkpoint is kept. "
+                        "Lower --lr, or check the data")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and run.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), run.grad_clip)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            seen += items * accelerator.num_processes
+            micro += 1
+            if micro % run.grad_accum:
+                continue
+            step += 1
+            last_loss = loss.item()
+            rate = seen / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", **{f"{unit}/s": f"{rate:.0f}"})
+            if step % run.log_every == 0 or step == total:
+                accelerator.log({"train/loss": last_loss, "train/lr": scheduler.get_last_lr()[0],
+                                 f"train/{unit}_per_s": rate}, step=step)
+            if evaluate is not None and run.eval_every and step % run.eval_every == 0 and step < total:
+                metrics = evaluate(accelerator.unwrap_model(model), False)
+                accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                model.train()
+            if run.save_every and step % run.save_every == 0:
+                save_checkpoint(accelerator, run.output_dir, step, run.keep_checkpoints)
+            if step >= total or step % per_epoch == 0:
+                break
+    bar.close()
+    accelerator.wait_for_everyone()
+    return accelerator.unwrap_model(model)

@@ -1,0 +1,177 @@
+"""Stage 1: pretrain the ViT on image classification.
+
+    python training/pretrain_vit.py --output-dir runs/vit                 # easy-VQA, one process
+    accelerate launch training/pretrain_vit.py --output-dir runs/vit      # same script, many processes
+    mmfusion pretrain-vit --dataset path/to/images --label-column label  # any classification data
+
+Writes OUTPUT_DIR/model (config.json + model.safetensors), metrics.json, run_config.json,
+logs/ (tensorboard) and checkpoints/ (with --save-every).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a plain script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmfusion.config import VIT_PRESETS, vit_preset  # noqa: E402
+from mmfusion.data import load_classification  # noqa: E402
+from mmfusion.metrics import top1_accuracy  # noqa: E402
+from mmfusion.processing import ImageProcessor  # noqa: E402
+from mmfusion.vit import ViT  # noqa: E402
+from training.args import add_dataclass_arguments, dataclass_from_args  # noqa: E402
+from training.common import (  # noqa: E402
+    RunConfig,
+    example_generator,
+    make_accelerator,
+    param_groups,
+    split_index,
+    train,
+    write_json,
+    write_run_config,
+)
+
+
+@dataclass(frozen=True)
+class ViTStageConfig:
+    dataset: str = field(default="easy-vqa", metadata={"help": "easy-vqa, a parquet/JSONL file, an image folder or a hub id"})
+    train_split: str = field(default="train", metadata={"help": "training split"})
+    eval_split: str = field(default="test", metadata={"help": "evaluation split"})
+    image_column: str = field(default="image", metadata={"help": "column holding the images"})
+    label_column: str = field(default="label", metadata={"help": "column holding the class labels"})
+    max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more rows than this are unusable"})
+    preset: str = field(default="vit-tiny", metadata={"help": f"architecture preset: {', '.join(VIT_PRESETS)}"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from a saved mmfusion ViT folder, or transformers ViT/CLIP weights (folder or hub id)"})
+    image_size: int | None = field(default=None, metadata={"help": "override the preset's image size"})
+    patch_size: int | None = field(default=None, metadata={"help": "override the preset's patch size"})
+    n_layer: int | None = field(default=None, metadata={"help": "override the preset's depth"})
+    n_head: int | None = field(default=None, metadata={"help": "override the preset's heads"})
+    n_embd: int | None = field(default=None, metadata={"help": "override the preset's width"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout in the blocks"})
+    hflip: bool = field(default=True, metadata={"help": "random horizontal flips (turn off for text or asymmetric labels)"})
+
+
+STAGE_DEFAULTS = RunConfig(output_dir="runs/vit", epochs=30, batch_size=64, lr=2e-3, warmup_steps=100,
+                           weight_decay=0.05)
+
+
+class ClassificationImages(torch.utils.data.Dataset):
+    """A datasets.Dataset with `image` and `label` -> (pixel_values (3, H, W), label).
+
+    Indices may be EpochSampler's virtual indices; a flip is drawn from (seed, epoch, row).
+    """
+
+    def __init__(self, dataset, processor: ImageProcessor, hflip: bool = False, seed: int = 0) -> None:
+        self.dataset, self.processor, self.hflip, self.seed = dataset, processor, hflip, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, virtual: int):
+        row = self.dataset[split_index(virtual, len(self.dataset))[1]]
+        x = self.processor.to_tensor(row["image"])
+        if self.hflip and torch.rand((), generator=example_generator(self.seed, virtual)) < 0.5:
+            x = x.flip(-1)  # (3, H, W) mirrored left-right
+        return x, row["label"]
+
+
+def build_vit(stage: ViTStageConfig, num_classes: int) -> ViT:
+    """A fresh ViT from the preset (with overrides), or one initialized from saved/imported weights."""
+    if stage.init_from:
+        source = Path(stage.init_from)
+        vit = ViT.from_pretrained(source) if (source / "config.json").exists() and \
+            (source / "model.safetensors").exists() else ViT.from_hf(stage.init_from)
+        if vit.config.num_classes != num_classes:  # a new task: a fresh, zero-initialized head
+            vit.config = vit.config.replace(num_classes=num_classes)
+            vit.head = torch.nn.Linear(vit.config.n_embd, num_classes)
+            torch.nn.init.zeros_(vit.head.weight)
+            torch.nn.init.zeros_(vit.head.bias)
+        return vit
+    overrides = {k: getattr(stage, k) for k in ("image_size", "patch_size", "n_layer", "n_head", "n_embd")
+                 if getattr(stage, k) is not None}
+    return ViT(vit_preset(stage.preset, num_classes=num_classes, dropout=stage.dropout, **overrides))
+
+
+@torch.no_grad()
+def accuracy(model: ViT, dataset: ClassificationImages, limit: int | None = None, batch_size: int = 256) -> float:
+    model.eval()
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    preds, labels = [], []
+    for start in range(0, n, batch_size):
+        items = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        x = torch.stack([x for x, _ in items]).to(next(model.parameters()).device)
+        preds.append(model(x).argmax(-1).cpu())
+        labels.extend(y for _, y in items)
+    return top1_accuracy(torch.cat(preds), torch.tensor(labels))
+
+
+def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
+    """Train and evaluate; returns the final metrics. The model lands in OUTPUT_DIR/model."""
+    out = Path(run_cfg.output_dir)
+    accelerator = make_accelerator(run_cfg, "pretrain_vit")
+    train_ds, train_report = load_classification(stage.dataset, stage.train_split, image_column=stage.image_column,
+                                                 label_column=stage.label_column,
+                                                 max_bad_fraction=stage.max_bad_fraction)
+    eval_ds, eval_report = load_classification(stage.dataset, stage.eval_split, image_column=stage.image_column,
+                                               label_column=stage.label_column,
+                                               max_bad_fraction=stage.max_bad_fraction)
+    accelerator.print(f"data: {train_report}\ndata: {eval_report}")
+    class_names = train_ds.features["label"].names
+    vit = build_vit(stage, len(class_names))
+    processor = ImageProcessor.from_config(vit.config)
+    train_set = ClassificationImages(train_ds, processor, hflip=stage.hflip, seed=run_cfg.seed)
+    eval_set = ClassificationImages(eval_ds, processor)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_run_config(out, stage=stage, run=run_cfg, model=vit.config, precision=accelerator.mixed_precision)
+    accelerator.print(f"ViT: {sum(p.numel() for p in vit.parameters()) / 1e6:.2f}M parameters, "
+                      f"{len(class_names)} classes, precision {accelerator.mixed_precision}, "
+                      f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value})")
+    optimizer = torch.optim.AdamW(param_groups(vit.named_parameters(), run_cfg.lr, run_cfg.weight_decay),
+                                  lr=run_cfg.lr, betas=(0.9, run_cfg.beta2), eps=run_cfg.adam_eps)
+
+    def step(model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x).float(), y), len(y)
+
+    def evaluate(model, full: bool) -> dict[str, float]:
+        return {"accuracy": accuracy(model, eval_set, None if full else run_cfg.eval_samples)}
+
+    vit = train(accelerator, run_cfg, vit, optimizer, train_set, None, step, evaluate, unit="img")
+    metrics = {}
+    if accelerator.is_main_process:
+        with accelerator.autocast():
+            metrics = {"test_accuracy": accuracy(vit, eval_set), "test_examples": len(eval_set),
+                       "train_examples": len(train_set), "classes": class_names}
+        vit.save_pretrained(out / "model")
+        write_json(out / "metrics.json", metrics)
+        accelerator.print(f"test accuracy {metrics['test_accuracy']:.4f} on {len(eval_set)} images; "
+                          f"model saved to {out / 'model'}")
+    accelerator.end_training()
+    return metrics
+
+
+def parse(argv: list[str] | None = None, defaults: RunConfig = STAGE_DEFAULTS) -> tuple[ViTStageConfig, RunConfig]:
+    parser = argparse.ArgumentParser(prog="mmfusion pretrain-vit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_arguments(parser, ViTStageConfig, "data and model")
+    add_dataclass_arguments(parser, RunConfig, "training")
+    parser.set_defaults(**{k: v for k, v in defaults.__dict__.items()})
+    ns = parser.parse_args(argv)
+    return dataclass_from_args(ViTStageConfig, ns), dataclass_from_args(RunConfig, ns)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(*parse(argv))
+
+
+if __name__ == "__main__":
+    main()
