@@ -346,3 +346,16 @@ def test_padded_batch_gives_the_same_per_row_loss(side, attention):
     # The batch loss is the token-weighted mean of the rows' losses.
     expected = sum(loss * n for loss, n in zip(per_row, counts)) / sum(counts)
     torch.testing.assert_close(total.loss, expected, atol=1e-5, rtol=0)
+
+
+def test_vit_position_embedding_starts_as_sincos_table():
+    from mmfusion.vit import sincos_positions
+
+    vit = ViT(ViTConfig(image_size=32, patch_size=8, n_layer=1, n_head=2, n_embd=16, num_classes=0))
+    table = sincos_positions(16, 4)
+    assert table.shape == (1, 17, 16) and torch.equal(vit.pos_embed.data, table)
+    assert vit.pos_embed.requires_grad  # learned, only initialized from the table
+    # token 1 + row * 4 + col: (r0, c1) = 2, (r1, c1) = 6, (r1, c0) = 5. The first half encodes x.
+    assert torch.equal(table[0, 2, :8], table[0, 6, :8])  # same column, same x half
+    assert not torch.equal(table[0, 2, 8:], table[0, 6, 8:])  # different rows, different y half
+    assert not torch.equal(table[0, 2], table[0, 5])

@@ -59,7 +59,7 @@ class ViTStageConfig:
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips (turn off for text or asymmetric labels)"})
 
 
-STAGE_DEFAULTS = RunConfig(output_dir="runs/vit", epochs=30, batch_size=64, lr=2e-3, warmup_steps=100,
+STAGE_DEFAULTS = RunConfig(output_dir="runs/vit", epochs=20, batch_size=64, lr=2e-3, warmup_steps=100,
                            weight_decay=0.05)
 
 
