@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input (not a bug): shown as one line, exit code 2."""
     from .config import ConfigError
@@ -47,11 +46,8 @@ def cmd_generate(argv: list[str]) -> None:
     from .generation import GenerationConfig
     from .vlm import VLM
 
-    try:
-        config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    except ValueError as e:
-        raise SystemExit(_fail(str(e)))
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model = VLM.from_pretrained(args.model).eval()
     if args.question is None:
         print(model.caption(args.image, **config.__dict__))

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import ViTAdapter
 from . import generation
+from .adapter import ViTAdapter
 from .config import AdapterConfig, VLMConfig
 from .generation import GenerationConfig
 from .gpt import GPT

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from mmfusion.config import ConfigError
+
 log = logging.getLogger("mmfusion.training")
 
 
@@ -58,16 +60,16 @@ class RunConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "keep_checkpoints", "eval_samples", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "num_workers"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.epochs <= 0 and self.max_steps == 0:
-            raise ValueError("set --epochs > 0 or --max-steps > 0")
+            raise ConfigError("set --epochs > 0 or --max-steps > 0")
         if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 def bf16_is_fast(device: torch.device) -> bool:

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     lines = [
         "# mmfusion main job",
         "",
-        f"| stage | metric | test examples | wall time |",
+        "| stage | metric | test examples | wall time |",
         "|---|---|---:|---:|",
         f"| 1: ViT pretraining | top-1 accuracy {100 * vit_metrics['test_accuracy']:.2f}% | "
         f"{vit_metrics['test_examples']} images | {t1 - t0:.0f}s |",

@@ -23,7 +23,7 @@ import torch
 if __package__ in (None, ""):  # run as a plain script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmfusion.config import GPT_PRESETS, VIT_PRESETS, AdapterConfig, gpt_preset, vit_preset  # noqa: E402
+from mmfusion.config import GPT_PRESETS, VIT_PRESETS, AdapterConfig, ConfigError, gpt_preset, vit_preset  # noqa: E402
 from mmfusion.data import load_vqa_dataset  # noqa: E402
 from mmfusion.generation import GenerationConfig  # noqa: E402
 from mmfusion.gpt import GPT  # noqa: E402
@@ -33,8 +33,8 @@ from mmfusion.vit import ViT  # noqa: E402
 from mmfusion.vlm import VLM  # noqa: E402
 from training.args import add_dataclass_arguments, dataclass_from_args  # noqa: E402
 from training.common import (  # noqa: E402
-    RunConfig,
     Rows,
+    RunConfig,
     make_accelerator,
     param_groups,
     train,
@@ -96,7 +96,7 @@ def load_gpt(spec: str, block_size: int | None) -> GPT:
     if spec in GPT_PRESETS:
         return GPT(gpt_preset(spec, **({"block_size": block_size} if block_size else {})))
     if block_size:
-        raise ValueError("--block-size applies only to a fresh GPT from a preset")
+        raise ConfigError("--block-size applies only to a fresh GPT from a preset")
     return GPT.from_pretrained(spec) if is_saved(spec) else GPT.from_hf(spec)
 
 
@@ -108,7 +108,7 @@ def build_vlm(stage: VQAStageConfig) -> VLM:
                          (model.gpt, stage.freeze_gpt)):
         part.requires_grad_(not frozen)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("every part is frozen: nothing to train")
+        raise ConfigError("every part is frozen: nothing to train")
     return model
 
 
