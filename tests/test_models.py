@@ -349,11 +349,11 @@ def test_padded_batch_gives_the_same_per_row_loss(side, attention):
 
 
 def test_vit_position_embedding_starts_as_sincos_table():
-    from mmfusion.vit import sincos_positions
+    from mmfusion.vit import POS_INIT_SCALE, sincos_positions
 
     vit = ViT(ViTConfig(image_size=32, patch_size=8, n_layer=1, n_head=2, n_embd=16, num_classes=0))
     table = sincos_positions(16, 4)
-    assert table.shape == (1, 17, 16) and torch.equal(vit.pos_embed.data, table)
+    assert table.shape == (1, 17, 16) and torch.equal(vit.pos_embed.data, table * POS_INIT_SCALE)
     assert vit.pos_embed.requires_grad  # learned, only initialized from the table
     # token 1 + row * 4 + col: (r0, c1) = 2, (r1, c1) = 6, (r1, c0) = 5. The first half encodes x.
     assert torch.equal(table[0, 2, :8], table[0, 6, :8])  # same column, same x half

@@ -57,9 +57,11 @@ class ViTStageConfig:
     n_embd: int | None = field(default=None, metadata={"help": "override the preset's width"})
     dropout: float = field(default=0.0, metadata={"help": "dropout in the blocks"})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips (turn off for text or asymmetric labels)"})
+    cache_images: bool = field(default=True, metadata={
+        "help": "keep decoded, normalized images in memory after their first use (skipped past 2 GB)"})
 
 
-STAGE_DEFAULTS = RunConfig(output_dir="runs/vit", epochs=20, batch_size=64, lr=2e-3, warmup_steps=100,
+STAGE_DEFAULTS = RunConfig(output_dir="runs/vit", epochs=36, batch_size=32, lr=2e-3, warmup_steps=100,
                            weight_decay=0.05)
 
 
@@ -69,18 +71,31 @@ class ClassificationImages(torch.utils.data.Dataset):
     Indices may be EpochSampler's virtual indices; a flip is drawn from (seed, epoch, row).
     """
 
-    def __init__(self, dataset, processor: ImageProcessor, hflip: bool = False, seed: int = 0) -> None:
+    CACHE_LIMIT_BYTES = 2 * 1024**3
+
+    def __init__(self, dataset, processor: ImageProcessor, hflip: bool = False, seed: int = 0,
+                 cache: bool = False) -> None:
         self.dataset, self.processor, self.hflip, self.seed = dataset, processor, hflip, seed
+        per_image = 3 * processor.image_size**2 * 4
+        self.cache: dict[int, tuple[torch.Tensor, int]] | None = None
+        if cache and len(dataset) * per_image <= self.CACHE_LIMIT_BYTES:
+            self.cache = {}  # each image is decoded once; epochs after the first skip PNG decoding
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, virtual: int):
-        row = self.dataset[split_index(virtual, len(self.dataset))[1]]
-        x = self.processor.to_tensor(row["image"])
+        i = split_index(virtual, len(self.dataset))[1]
+        if self.cache is not None and i in self.cache:
+            x, label = self.cache[i]
+        else:
+            row = self.dataset[i]
+            x, label = self.processor.to_tensor(row["image"]), row["label"]
+            if self.cache is not None:
+                self.cache[i] = (x, label)
         if self.hflip and torch.rand((), generator=example_generator(self.seed, virtual)) < 0.5:
-            x = x.flip(-1)  # (3, H, W) mirrored left-right
-        return x, row["label"]
+            x = x.flip(-1)  # (3, H, W) mirrored left-right; a new tensor, the cache is untouched
+        return x, label
 
 
 def build_vit(stage: ViTStageConfig, num_classes: int) -> ViT:
@@ -127,8 +142,9 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     class_names = train_ds.features["label"].names
     vit = build_vit(stage, len(class_names))
     processor = ImageProcessor.from_config(vit.config)
-    train_set = ClassificationImages(train_ds, processor, hflip=stage.hflip, seed=run_cfg.seed)
-    eval_set = ClassificationImages(eval_ds, processor)
+    train_set = ClassificationImages(train_ds, processor, hflip=stage.hflip, seed=run_cfg.seed,
+                                     cache=stage.cache_images)
+    eval_set = ClassificationImages(eval_ds, processor, cache=stage.cache_images)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_run_config(out, stage=stage, run=run_cfg, model=vit.config, precision=accelerator.mixed_precision)
