@@ -39,24 +39,27 @@ def parse(argv: list[str] | None):
     return parser.parse_args(argv)
 
 
+def stage_run(run, args, name: str):
+    """A stage's default RunConfig with the main job's output folder, seed and overrides."""
+    return replace(run, output_dir=str(Path(args.output_dir) / name), seed=args.seed, progress=args.progress,
+                   max_steps=getattr(args, f"{name}_max_steps"), epochs=getattr(args, f"{name}_epochs") or run.epochs,
+                   lr=getattr(args, f"{name}_lr") or run.lr)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     out = Path(args.output_dir)
     t0 = time.perf_counter()
 
     vit_stage, vit_run = pretrain_vit.parse([])
-    vit_run = replace(vit_run, output_dir=str(out / "vit"), seed=args.seed, progress=args.progress,
-                      max_steps=args.vit_max_steps, epochs=args.vit_epochs or vit_run.epochs,
-                      lr=args.vit_lr or vit_run.lr)
+    vit_run = stage_run(vit_run, args, "vit")
     print(f"== stage 1: ViT pretraining on {vit_stage.dataset} -> {vit_run.output_dir}", flush=True)
     vit_metrics = pretrain_vit.run(vit_stage, vit_run)
     t1 = time.perf_counter()
 
     vqa_stage, vqa_run = train_vqa.parse([])
     vqa_stage = replace(vqa_stage, vit=str(out / "vit" / "model"))
-    vqa_run = replace(vqa_run, output_dir=str(out / "vqa"), seed=args.seed, progress=args.progress,
-                      max_steps=args.vqa_max_steps, epochs=args.vqa_epochs or vqa_run.epochs,
-                      lr=args.vqa_lr or vqa_run.lr)
+    vqa_run = stage_run(vqa_run, args, "vqa")
     print(f"== stage 2: VQA fine-tuning on {vqa_stage.dataset} -> {vqa_run.output_dir}", flush=True)
     vqa_metrics = train_vqa.run(vqa_stage, vqa_run)
     t2 = time.perf_counter()

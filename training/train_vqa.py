@@ -74,7 +74,7 @@ class VQAStageConfig:
     eval_batch_size: int = field(default=256, metadata={"help": "batch size for evaluation"})
 
 
-STAGE_DEFAULTS = RunConfig(output_dir="runs/vqa", epochs=1.5, batch_size=64, lr=1e-3, warmup_steps=100,
+STAGE_DEFAULTS = RunConfig(output_dir="runs/vqa", epochs=2.5, batch_size=64, lr=1e-3, warmup_steps=100,
                            weight_decay=0.05, eval_samples=500)
 
 

@@ -1,0 +1,26 @@
+"""The main job's wiring, end to end on easy-VQA with a handful of steps (accuracy is not the
+point here; the full run is `make run`, reported in the README)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from training.main import main
+
+
+@pytest.mark.slow
+def test_main_job_writes_models_predictions_and_report(tmp_path, capsys):
+    result = main(["--output-dir", str(tmp_path), "--vit-max-steps", "3", "--vqa-max-steps", "3",
+                   "--no-progress", "--examples", "4"])
+    out = capsys.readouterr().out
+    assert (tmp_path / "vit" / "model" / "model.safetensors").exists()
+    assert (tmp_path / "vqa" / "model" / "model.safetensors").exists()
+    rows = (tmp_path / "vqa" / "predictions.jsonl").read_text().splitlines()
+    assert len(rows) == 9673  # the full easy-VQA test split
+    assert set(json.loads(rows[0])) >= {"question", "prediction", "answers", "answer_type"}
+    report = (tmp_path / "results.md").read_text()
+    assert "| **all** | 9673 |" in report and report.strip() in out
+    assert result["vqa"]["count"] == 9673 and 0.0 <= result["vqa"]["accuracy"] <= 1.0
+    assert json.loads((tmp_path / "vit" / "metrics.json").read_text())["test_examples"] == 888
