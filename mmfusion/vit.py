@@ -15,7 +15,6 @@ from .config import ViTConfig
 from .layers import Block, init_linear_and_norm, scale_residual_projections
 from .weights import PretrainedMixin
 
-
 POS_INIT_SCALE = 0.1
 
 

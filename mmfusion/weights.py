@@ -74,6 +74,17 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return data
 
 
+def is_mmfusion_folder(folder: str | Path) -> bool:
+    """Whether `folder` was written by save_pretrained (transformers folders also hold a
+    config.json and a model.safetensors, so the file names alone do not tell)."""
+    path = Path(folder) / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" in data and "config" in data and "format_version" in data
+
+
 class PretrainedMixin:
     """save_pretrained / from_pretrained for models with `config`, `config_class`, `model_type`."""
 

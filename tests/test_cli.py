@@ -51,3 +51,18 @@ def test_not_an_image_file_is_rejected(tiny_model, capsys):
     bad.write_text("not an image")
     assert main(["generate", "--model", str(tiny_model / "model"), "--image", str(bad)]) == 2
     assert "not a readable image" in capsys.readouterr().err
+
+
+def test_eval_writes_predictions_for_a_local_dataset(tiny_model, capsys):
+    import json
+
+    with open(tiny_model / "qa.jsonl", "w") as f:
+        for i in range(5):
+            f.write(json.dumps({"image": "img.png", "question": f"question {i}?", "answers": ["yes"] * 10}) + "\n")
+    out = tiny_model / "preds.jsonl"
+    code = main(["eval", "--model", str(tiny_model / "model"), "--dataset", str(tiny_model / "qa.jsonl"),
+                 "--split", "test", "--output", str(out), "--max-new-tokens", "2"])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and all(r["answers"] == ["yes"] * 10 for r in rows)
+    assert "| **all** | 5 |" in capsys.readouterr().out

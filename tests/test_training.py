@@ -177,3 +177,44 @@ def test_two_process_ddp_matches_one_process(image_folder, tmp_path):
     diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
     assert a["head.weight"].abs().sum() > 0  # the zero-initialized head trained: the runs did real steps
+
+
+def test_optimizer_groups_and_schedule():
+    from training.common import param_groups, warmup_cosine
+
+    vit = ViT(ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=32, num_classes=2))
+    groups = param_groups(vit.named_parameters(), lr=1e-3, weight_decay=0.1)
+    names = {id(p): n for n, p in vit.named_parameters()}
+    decayed = {names[id(p)] for p in groups[0]["params"]}
+    plain = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert {"cls_token", "pos_embed", "norm.weight", "head.bias", "blocks.0.ln1.weight"} <= plain
+    assert decayed == {"patch_embed.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
+                       "blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight", "head.weight"}
+    f = warmup_cosine(total_steps=110, warmup_steps=10, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+
+
+def test_train_vqa_on_parquet_with_imported_transformers_weights(tmp_path, vqa_jsonl):
+    """Stage 2 on a parquet dataset, starting from transformers ViT and GPT-2 folders."""
+    import datasets
+    from transformers import GPT2Config, GPT2LMHeadModel, ViTModel
+    from transformers import ViTConfig as HFViTConfig
+
+    rows = [json.loads(line) for line in vqa_jsonl.read_text().splitlines()]
+    for r in rows:
+        r["image"] = str(vqa_jsonl.parent / r["image"])
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "qa.parquet"))
+    torch.manual_seed(0)
+    ViTModel(HFViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "hf_vit")
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(tmp_path / "hf_gpt2")
+    out = tmp_path / "vqa"
+    run_stage("train_vqa", ["--dataset", str(tmp_path / "qa.parquet"), "--eval-split", "train",
+                            "--vit", str(tmp_path / "hf_vit"), "--gpt", str(tmp_path / "hf_gpt2"),
+                            "--output-dir", str(out), "--batch-size", "4", "--max-steps", "2",
+                            "--max-new-tokens", "2", *QUIET])
+    model = VLM.from_pretrained(out / "model")
+    assert model.config.gpt.n_embd == 32 and model.config.gpt.block_size == 64 and model.config.vit.n_embd == 32
+    assert json.loads((out / "metrics.json").read_text())["count"] == 24

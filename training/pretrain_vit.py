@@ -26,6 +26,7 @@ from mmfusion.data import load_classification  # noqa: E402
 from mmfusion.metrics import top1_accuracy  # noqa: E402
 from mmfusion.processing import ImageProcessor  # noqa: E402
 from mmfusion.vit import ViT  # noqa: E402
+from mmfusion.weights import is_mmfusion_folder  # noqa: E402
 from training.args import add_dataclass_arguments, dataclass_from_args  # noqa: E402
 from training.common import (  # noqa: E402
     RunConfig,
@@ -101,9 +102,7 @@ class ClassificationImages(torch.utils.data.Dataset):
 def build_vit(stage: ViTStageConfig, num_classes: int) -> ViT:
     """A fresh ViT from the preset (with overrides), or one initialized from saved/imported weights."""
     if stage.init_from:
-        source = Path(stage.init_from)
-        vit = ViT.from_pretrained(source) if (source / "config.json").exists() and \
-            (source / "model.safetensors").exists() else ViT.from_hf(stage.init_from)
+        vit = ViT.from_pretrained(stage.init_from) if is_mmfusion_folder(stage.init_from) else ViT.from_hf(stage.init_from)
         if vit.config.num_classes != num_classes:  # a new task: a fresh, zero-initialized head
             vit.config = vit.config.replace(num_classes=num_classes)
             vit.head = torch.nn.Linear(vit.config.n_embd, num_classes)

@@ -31,6 +31,7 @@ from mmfusion.metrics import vqa_accuracy  # noqa: E402
 from mmfusion.processing import ImageProcessor, PromptBuilder, VQACollator  # noqa: E402
 from mmfusion.vit import ViT  # noqa: E402
 from mmfusion.vlm import VLM  # noqa: E402
+from mmfusion.weights import is_mmfusion_folder  # noqa: E402
 from training.args import add_dataclass_arguments, dataclass_from_args  # noqa: E402
 from training.common import (  # noqa: E402
     Rows,
@@ -78,14 +79,10 @@ STAGE_DEFAULTS = RunConfig(output_dir="runs/vqa", epochs=2.5, batch_size=64, lr=
                            weight_decay=0.05, eval_samples=500)
 
 
-def is_saved(path: str) -> bool:
-    return (Path(path) / "config.json").exists() and (Path(path) / "model.safetensors").exists()
-
-
 def load_vit(spec: str) -> ViT:
     if spec in VIT_PRESETS:
         return ViT(vit_preset(spec, num_classes=0))
-    if is_saved(spec):
+    if is_mmfusion_folder(spec):
         return ViT.from_pretrained(spec)
     if Path(spec).exists() and not (Path(spec) / "config.json").exists():
         raise FileNotFoundError(f"--vit {spec}: no config.json there; train stage 1 first or pass a preset")
@@ -97,7 +94,7 @@ def load_gpt(spec: str, block_size: int | None) -> GPT:
         return GPT(gpt_preset(spec, **({"block_size": block_size} if block_size else {})))
     if block_size:
         raise ConfigError("--block-size applies only to a fresh GPT from a preset")
-    return GPT.from_pretrained(spec) if is_saved(spec) else GPT.from_hf(spec)
+    return GPT.from_pretrained(spec) if is_mmfusion_folder(spec) else GPT.from_hf(spec)
 
 
 def build_vlm(stage: VQAStageConfig) -> VLM:

@@ -1,0 +1,109 @@
+"""Prompt building, the collator's label mask, and image conversion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmfusion.processing import (
+    IGNORE_INDEX,
+    ImageError,
+    ImageProcessor,
+    PromptBuilder,
+    PromptError,
+    VQACollator,
+    load_image,
+    majority_answer,
+)
+from mmfusion.tokenizer import EOT_ID, IMAGE_ID, get_tokenizer
+
+tok = get_tokenizer()
+
+
+def test_example_labels_cover_exactly_the_answer_and_eot():
+    builder = PromptBuilder(num_image_tokens=5, max_length=64)
+    ids, labels = builder.example("what color is the shape?", "dark blue")
+    answer = tok.encode(" dark blue") + [EOT_ID]
+    assert ids[:5] == [IMAGE_ID] * 5 and ids.count(IMAGE_ID) == 5
+    assert ids[-len(answer):] == answer
+    assert labels == [IGNORE_INDEX] * (len(ids) - len(answer)) + answer
+    assert tok.decode(ids[5:-len(answer)]) == "Question: what color is the shape?\nAnswer:"
+
+
+def test_literal_special_tokens_in_a_question_stay_plain_text():
+    builder = PromptBuilder(num_image_tokens=2, max_length=64)
+    ids = builder.prompt_ids("is <|image|> or <|endoftext|> here?")
+    assert ids.count(IMAGE_ID) == 2 and EOT_ID not in ids
+
+
+def test_long_question_is_truncated_and_counted_keeping_template_and_answer():
+    builder = PromptBuilder(num_image_tokens=4, max_length=32)
+    ids, labels = builder.example("why " * 100, "yes")
+    assert len(ids) == 32 and builder.truncated == 1
+    assert ids[-2:] == tok.encode(" yes") + [EOT_ID] and labels[-2:] == ids[-2:]
+    assert tok.decode(ids).endswith("\nAnswer: yes")
+
+
+@pytest.mark.parametrize("question, answer", [("   ", "yes"), ("what?", ""), ("what?", "  ")])
+def test_empty_text_is_rejected(question, answer):
+    with pytest.raises(PromptError):
+        PromptBuilder(num_image_tokens=1, max_length=32).example(question, answer)
+
+
+def test_majority_answer_over_several_human_answers():
+    assert majority_answer(["no", "yes", "yes", "no", "yes"]) == "yes"
+    assert majority_answer("two") == "two"
+
+
+def test_collator_pads_right_masks_padding_and_processes_images():
+    builder = PromptBuilder(num_image_tokens=4, max_length=64)
+    collate = VQACollator(ImageProcessor(16, (0.5,) * 3, (0.5,) * 3), builder)
+    rows = [{"image": Image.new("RGB", (20, 10), "red"), "question": "what color?", "answers": ["red"]},
+            {"image": Image.new("L", (8, 8), 200), "question": "is the shape on the left of the image?",
+             "answer": "no"}]
+    batch = collate(rows)
+    assert batch["pixel_values"].shape == (2, 3, 16, 16)
+    mask, labels, ids = batch["attention_mask"], batch["labels"], batch["input_ids"]
+    short = int(mask[0].sum())
+    assert short < ids.shape[1] and mask[1].all()
+    assert (ids[0, short:] == EOT_ID).all() and (labels[0, short:] == IGNORE_INDEX).all()
+    for i, answer in enumerate(["red", "no"]):
+        target = tok.encode(" " + answer) + [EOT_ID]
+        supervised = labels[i][labels[i] != IGNORE_INDEX].tolist()
+        assert supervised == target
+    assert (ids == IMAGE_ID).sum(1).tolist() == [4, 4]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "I;16", "I", "F", "1"])
+def test_any_mode_becomes_a_normalized_rgb_tensor(mode):
+    image = Image.new(mode, (13, 7))
+    x = ImageProcessor(16, (0.5,) * 3, (0.5,) * 3).to_tensor(image)
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_transparent_pixels_composite_on_white_and_16_bit_scales():
+    rgba = Image.new("RGBA", (2, 2), (255, 0, 0, 0))
+    assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255)
+    deep = Image.fromarray(np.full((2, 2), 65535, np.uint16))
+    assert load_image(deep).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_arrays_tensors_and_paths_are_accepted(tmp_path):
+    arr = np.zeros((5, 6, 3), np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    for source in (arr, arr.astype(np.float32), torch.zeros(3, 5, 6), tmp_path / "a.png", str(tmp_path / "a.png")):
+        assert load_image(source).size == (6, 5)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((4, 4, 2)), "not an image"),
+    (np.zeros((4, 4), np.int64), "not supported"),
+    ("does/not/exist.png", "does not exist"),
+    (42, "cannot read an image"),
+])
+def test_bad_images_raise_image_error(bad, message):
+    with pytest.raises(ImageError, match=message):
+        load_image(bad)
