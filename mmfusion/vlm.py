@@ -152,7 +152,8 @@ class VLM(PretrainedMixin, nn.Module):
     def stream(self, image, question: str | None = None, **kwargs):
         """Iterator of text pieces of the answer (or the caption when question is None)."""
         batch = generation.vlm_prompts(self, [image], [question])
-        embeds, image_mask = self.embed(batch["input_ids"], batch["pixel_values"])
+        with torch.no_grad():
+            embeds, image_mask = self.embed(batch["input_ids"], batch["pixel_values"])
         return generation.stream_text(self.gpt, inputs_embeds=embeds,
                                       bidirectional=image_mask if self.config.attention == "prefix" else None,
                                       config=GenerationConfig(**kwargs))
