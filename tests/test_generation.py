@@ -1,0 +1,106 @@
+"""Decoding: cached = uncached, parity with transformers' generate, sampling controls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from mmfusion import GPT, GPTConfig
+from mmfusion.generation import GenerationConfig, decode_stream, filter_logits, generate, next_token
+from mmfusion.processing import pad_batch
+from mmfusion.tokenizer import EOT_ID
+
+
+@pytest.fixture(scope="module")
+def gpt() -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).eval()
+    with torch.no_grad():  # sharper logits than the 0.02 init, so argmax ties cannot hide bugs
+        model.wte.weight.mul_(20)
+    return model
+
+
+def uncached_greedy(model: GPT, ids: list[int], steps: int) -> list[int]:
+    out = list(ids)
+    for _ in range(steps):
+        with torch.no_grad():
+            out.append(int(model(torch.tensor([out]))[0, -1].argmax()))
+        if out[-1] == EOT_ID:
+            break
+    return out[len(ids):]
+
+
+def test_cached_greedy_equals_uncached_greedy(gpt):
+    prompts = [[5, 9, 200, 7], [11, 42], [300, 301, 302, 303, 304, 305]]
+    batch = pad_batch(prompts, EOT_ID, left=True)
+    mask = pad_batch([[1] * len(p) for p in prompts], 0, left=True)
+    got = generate(gpt, input_ids=batch, attention_mask=mask, config=GenerationConfig(max_new_tokens=12))
+    for prompt, row in zip(prompts, got):
+        # generate() returns the tokens before <|endoftext|>; the reference stops after it.
+        assert row == [t for t in uncached_greedy(gpt, prompt, 12) if t != EOT_ID]
+
+
+def test_greedy_matches_transformers_generate_on_a_padded_batch():
+    torch.manual_seed(1)
+    hf = GPT2LMHeadModel(GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=64, initializer_range=0.5)).eval()
+    ours = GPT.from_hf(hf).eval()
+    prompts = [[15, 27, 99, 1000, 4], [7, 8], [500, 501, 502]]
+    ids = pad_batch(prompts, EOT_ID, left=True)
+    mask = pad_batch([[1] * len(p) for p in prompts], 0, left=True)
+    steps = 10
+    with torch.no_grad():
+        reference = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=steps,
+                                min_new_tokens=steps, pad_token_id=EOT_ID, eos_token_id=None)[:, ids.shape[1]:]
+    got = generate(ours, input_ids=ids, attention_mask=mask,
+                   config=GenerationConfig(max_new_tokens=steps))
+    assert all(EOT_ID not in r for r in reference.tolist())  # so our stop-at-EOT cannot shorten rows
+    assert got == reference.tolist()
+
+
+def test_seeded_sampling_repeats_and_top_k_one_is_greedy(gpt):
+    ids = torch.tensor([[5, 9, 200, 7]])
+    sample = GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=0.95, seed=123)
+    a = generate(gpt, input_ids=ids, config=sample)
+    b = generate(gpt, input_ids=ids, config=sample)
+    assert a == b
+    other = generate(gpt, input_ids=ids, config=GenerationConfig(max_new_tokens=8, temperature=1.0, seed=7))
+    greedy = generate(gpt, input_ids=ids, config=GenerationConfig(max_new_tokens=8))
+    top1 = generate(gpt, input_ids=ids, config=GenerationConfig(max_new_tokens=8, temperature=1.5, top_k=1, seed=3))
+    assert top1 == greedy and other != greedy
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    # Mass strictly before each token (sorted): 0, 0.5, 0.8, 0.95. A token is kept while that mass < p.
+    kept = filter_logits(logits, top_p=0.8).softmax(-1)
+    assert torch.allclose(kept, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    kept = filter_logits(logits, top_p=0.81).softmax(-1)
+    assert torch.allclose(kept, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+    shuffled = filter_logits(logits[:, [2, 0, 3, 1]], top_p=0.8).softmax(-1)  # order must not matter
+    assert torch.allclose(shuffled, torch.tensor([[0.0, 0.625, 0.0, 0.375]]))
+    assert torch.allclose(filter_logits(logits, top_k=2).softmax(-1), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().expand(20000, -1)
+    config = GenerationConfig(temperature=1.0, top_p=0.8)
+    draws = next_token(logits, config, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert torch.allclose(freq, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015)
+
+
+def test_stop_strings_and_finished_rows(gpt):
+    ids = torch.tensor([[5, 9, 200, 7]])
+    full = generate(gpt, input_ids=ids, config=GenerationConfig(max_new_tokens=6))[0]
+    from mmfusion.tokenizer import get_tokenizer
+
+    text = get_tokenizer().decode(full)
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = generate(gpt, input_ids=ids, config=GenerationConfig(max_new_tokens=6, stop_strings=(stop,)))[0]
+    # it stops at exactly the step whose token completes the stop string
+    assert cut == full[:len(cut)] and stop in get_tokenizer().decode(cut)
+    assert stop not in get_tokenizer().decode(cut[:-1])
+    steps = list(decode_stream(gpt, input_ids=ids, config=GenerationConfig(max_new_tokens=3)))
+    assert len(steps) == 3 and all(s.shape == (1,) for s in steps)
