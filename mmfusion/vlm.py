@@ -90,17 +90,18 @@ class VLM(PretrainedMixin, nn.Module):
             hidden = self.vit.forward_features(pixel_values, output_hidden_states=True)[1][layer + 1]
         return self.adapter(hidden)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings with the images fused in (B, T, C), and the image-slot mask (B, T)."""
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings with the images fused in (B, T, C), and the tokens that attend to each
+        other bidirectionally (B, T): the image slots under prefix attention, else None."""
         image_mask = input_ids == self.config.image_token_id  # (B, T)
         # The slot id may lie outside the GPT vocabulary; its embedding is overwritten anyway.
         token_embeds = self.gpt.wte(input_ids.masked_fill(image_mask, 0))  # (B, T, C)
-        return fuse_image_embeddings(token_embeds, image_mask, self.encode_images(pixel_values)), image_mask
+        embeds = fuse_image_embeddings(token_embeds, image_mask, self.encode_images(pixel_values))
+        return embeds, image_mask if self.config.attention == "prefix" else None
 
     def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
                       attention_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        embeds, image_mask = self.embed(input_ids, pixel_values)
-        bidirectional = image_mask if self.config.attention == "prefix" else None
+        embeds, bidirectional = self.embed(input_ids, pixel_values)
         return self.gpt.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache,
                                       bidirectional=bidirectional)
 
@@ -130,10 +131,9 @@ class VLM(PretrainedMixin, nn.Module):
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  config: GenerationConfig = GenerationConfig()) -> list[list[int]]:
         """New token ids per row for left-padded prompts (B, T) with image slots."""
-        embeds, image_mask = self.embed(input_ids, pixel_values)
+        embeds, bidirectional = self.embed(input_ids, pixel_values)
         return generation.generate(self.gpt, inputs_embeds=embeds, attention_mask=attention_mask,
-                                   bidirectional=image_mask if self.config.attention == "prefix" else None,
-                                   config=config)
+                                   bidirectional=bidirectional, config=config)
 
     def answer(self, image, question: str, **kwargs) -> str:
         """Answer one question about one image (PIL image, path, array or tensor).
@@ -153,7 +153,6 @@ class VLM(PretrainedMixin, nn.Module):
         """Iterator of text pieces of the answer (or the caption when question is None)."""
         batch = generation.vlm_prompts(self, [image], [question])
         with torch.no_grad():
-            embeds, image_mask = self.embed(batch["input_ids"], batch["pixel_values"])
-        return generation.stream_text(self.gpt, inputs_embeds=embeds,
-                                      bidirectional=image_mask if self.config.attention == "prefix" else None,
+            embeds, bidirectional = self.embed(batch["input_ids"], batch["pixel_values"])
+        return generation.stream_text(self.gpt, inputs_embeds=embeds, bidirectional=bidirectional,
                                       config=GenerationConfig(**kwargs))
