@@ -57,3 +57,16 @@ def dataclass_from_args(cls: type, namespace: argparse.Namespace):
         if isinstance(v, list):
             values[k] = tuple(v)
     return cls(**values)
+
+
+def parse_configs(argv: list[str] | None, prog: str, description: str, groups: dict[str, type],
+                  defaults: dict[str, Any]) -> list[Any]:
+    """Parse `argv` into one instance per dataclass in `groups` (title -> class), with
+    `defaults` overriding the classes' own field defaults."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for title, cls in groups.items():
+        add_dataclass_arguments(parser, cls, title)
+    parser.set_defaults(**defaults)
+    ns = parser.parse_args(argv)
+    return [dataclass_from_args(cls, ns) for cls in groups.values()]

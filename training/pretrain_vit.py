@@ -10,7 +10,6 @@ logs/ (tensorboard) and checkpoints/ (with --save-every).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from mmfusion.metrics import top1_accuracy  # noqa: E402
 from mmfusion.processing import ImageProcessor  # noqa: E402
 from mmfusion.vit import ViT  # noqa: E402
 from mmfusion.weights import is_mmfusion_folder  # noqa: E402
-from training.args import add_dataclass_arguments, dataclass_from_args  # noqa: E402
+from training.args import parse_configs  # noqa: E402
 from training.common import (  # noqa: E402
     RunConfig,
     example_generator,
@@ -175,13 +174,9 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
 
 
 def parse(argv: list[str] | None = None, defaults: RunConfig = STAGE_DEFAULTS) -> tuple[ViTStageConfig, RunConfig]:
-    parser = argparse.ArgumentParser(prog="mmfusion pretrain-vit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_arguments(parser, ViTStageConfig, "data and model")
-    add_dataclass_arguments(parser, RunConfig, "training")
-    parser.set_defaults(**{k: v for k, v in defaults.__dict__.items()})
-    ns = parser.parse_args(argv)
-    return dataclass_from_args(ViTStageConfig, ns), dataclass_from_args(RunConfig, ns)
+    groups = {"data and model": ViTStageConfig, "training": RunConfig}
+    stage, run_cfg = parse_configs(argv, "mmfusion pretrain-vit", __doc__, groups, dict(defaults.__dict__))
+    return stage, run_cfg
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,6 @@ predictions.jsonl, run_config.json, logs/ and checkpoints/.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from mmfusion.processing import ImageProcessor, PromptBuilder, VQACollator  # no
 from mmfusion.vit import ViT  # noqa: E402
 from mmfusion.vlm import VLM  # noqa: E402
 from mmfusion.weights import is_mmfusion_folder  # noqa: E402
-from training.args import add_dataclass_arguments, dataclass_from_args  # noqa: E402
+from training.args import parse_configs  # noqa: E402
 from training.common import (  # noqa: E402
     Rows,
     RunConfig,
@@ -193,13 +192,9 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
 
 
 def parse(argv: list[str] | None = None, defaults: RunConfig = STAGE_DEFAULTS) -> tuple[VQAStageConfig, RunConfig]:
-    parser = argparse.ArgumentParser(prog="mmfusion train-vqa", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_arguments(parser, VQAStageConfig, "data and model")
-    add_dataclass_arguments(parser, RunConfig, "training")
-    parser.set_defaults(**dict(defaults.__dict__))
-    ns = parser.parse_args(argv)
-    return dataclass_from_args(VQAStageConfig, ns), dataclass_from_args(RunConfig, ns)
+    groups = {"data and model": VQAStageConfig, "training": RunConfig}
+    stage, run_cfg = parse_configs(argv, "mmfusion train-vqa", __doc__, groups, dict(defaults.__dict__))
+    return stage, run_cfg
 
 
 def main(argv: list[str] | None = None) -> None:
