@@ -11,10 +11,14 @@ The prompt template (question answering, then captioning)::
 
 Only the part after the prompt is supervised; everything else is -100.
 Notation: B batch, T tokens, M image tokens.
+
+Bad input raises `ImageError` (unreadable, truncated or non-image files, images over
+`MAX_IMAGE_PIXELS`) or `PromptError` (empty text, a context too small for the template).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -32,6 +36,11 @@ IGNORE_INDEX = -100
 QUESTION_PREFIX = "Question:"
 ANSWER_PREFIX = "\nAnswer:"
 CAPTION_PROMPT = "Caption:"
+# Images with more pixels than this are refused before decoding: a guard against decompression
+# bombs (a small file that expands to gigabytes). Pillow's own default; raise it for trusted files.
+MAX_IMAGE_PIXELS = 89_478_485
+
+logger = logging.getLogger(__name__)
 
 
 class ImageError(ValueError):
@@ -44,15 +53,20 @@ class PromptError(ValueError):
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to RGB: EXIF orientation applied, alpha composited on white,
-    16-bit and float grayscale rescaled to 8 bits, CMYK/palette/LA converted."""
+    CMYK/palette/LA converted. Deep grayscale goes to 8 bits by a fixed scale where the
+    range is known: 16-bit ("I;16", and "I" holding values in [0, 65535], which is how
+    Pillow reads 16-bit PNG/TIFF) by 255/65535, float "F" in [0, 1] by 255; other "I"/"F"
+    values are rescaled from their min..max."""
     image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(image, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
-        if image.mode.startswith("I;16"):
+        if image.mode.startswith("I") and 0.0 <= lo and hi <= 65535.0:
             lo, hi = 0.0, 65535.0
+        elif image.mode == "F" and 0.0 <= lo and hi <= 1.0:
+            lo, hi = 0.0, 1.0
         scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
         return Image.fromarray(scaled.clip(0, 255).astype(np.uint8), "L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
@@ -64,21 +78,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _check_size(image: Image.Image, name: str) -> None:
+    pixels = image.width * image.height
+    if pixels > MAX_IMAGE_PIXELS:
+        raise ImageError(
+            f"{name} is {image.width}x{image.height} = {pixels} pixels, more than the limit of {MAX_IMAGE_PIXELS} "
+            "(mmfusion.processing.MAX_IMAGE_PIXELS, a guard against decompression bombs); downscale it, "
+            "or raise the limit if you trust the file")
+
+
 def load_image(image) -> Image.Image:
     """A PIL image, a path, a numpy array (H, W[, C], uint8 or float in [0, 1]) or a tensor
-    (C, H, W) / (H, W) in [0, 1] -> an RGB PIL image."""
+    (C, H, W) / (H, W) in [0, 1] -> an RGB PIL image (see `to_rgb` for the conversions).
+
+    Raises ImageError for a missing, unreadable or truncated file, an unsupported array,
+    or an image larger than MAX_IMAGE_PIXELS (checked before its pixels are decoded)."""
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.exists():
-            raise ImageError(f"image file {path} does not exist")
+            raise ImageError(f"image file {path} does not exist; check the path")
         try:
             with Image.open(path) as f:
+                _check_size(f, str(path))  # the header alone gives the size
                 f.load()
                 image = f.copy()
-        except Image.DecompressionBombError as e:
-            raise ImageError(f"{path} is too large to decode safely ({e}); downscale it first") from e
+        except Image.DecompressionBombError as e:  # Pillow's own limit, when set lower than ours
+            raise ImageError(f"{path} is too large to decode safely ({e}); downscale it, or raise "
+                             "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from e
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ImageError(f"{path} is not a readable image ({e})") from e
+            raise ImageError(f"{path} is not a readable image ({e}); re-save it as PNG or JPEG, or leave it out") from e
     elif isinstance(image, torch.Tensor):
         t = image.detach().cpu()
         if t.ndim == 3 and t.shape[0] in (1, 3, 4):
@@ -99,6 +127,7 @@ def load_image(image) -> Image.Image:
         raise ImageError(f"cannot read an image from {type(image).__name__}; pass a PIL image, path, array or tensor")
     if image.width < 1 or image.height < 1:
         raise ImageError(f"image has size {image.size}; it must be at least 1x1")
+    _check_size(image, "image")
     return to_rgb(image)
 
 
@@ -176,6 +205,10 @@ class PromptBuilder:
                 f"tokens exceed the context of {self.max_length}"
             )
         if len(q) > budget:
+            if not self.truncated:
+                logger.warning("a question of %d tokens was cut to its first %d to fit the context of %d "
+                               "(PromptBuilder.truncated counts them; only the first is logged)",
+                               len(q), budget, self.max_length)
             q = q[:budget]
             self.truncated += 1
         return slots + self._question_prefix + q + self._answer_prefix

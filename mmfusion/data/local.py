@@ -34,6 +34,7 @@ from typing import Any
 import datasets
 import PIL.Image
 
+from .. import processing
 from ..metrics import normalize_answer
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,8 @@ class _ImageChecker:
     def _verify(fp: Any) -> str | None:
         try:
             with PIL.Image.open(fp) as image:
+                if image.width * image.height > processing.MAX_IMAGE_PIXELS:
+                    return "unreadable_image"  # a decompression-bomb guard, as in processing.load_image
                 image.verify()
         except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError):
             return "unreadable_image"
