@@ -1,4 +1,5 @@
-"""Evaluation metrics: top-1 accuracy, and VQA accuracy with the official answer normalization.
+"""Evaluation metrics: top-1 accuracy, VQA accuracy with the official answer normalization,
+and caption exact match and token F1.
 
 `normalize_answer` follows the rules of the VQA challenge's evaluation script
 (vqaEval.py), step by step:
@@ -19,12 +20,20 @@ VQA's ground truth was normalized when it was collected. User data is not, so
 here both sides always get the full normalization; on normalized ground truth
 the two agree except that "Yes." now matches a unanimous "yes".
 
+Captions (`caption_metrics`) are compared after `normalize_caption`: lowercase,
+punctuation to spaces, articles dropped, whitespace collapsed. Exact match asks for
+the same normalized text; token F1 is the harmonic mean of the precision and recall
+of the predicted words against the reference words, counted as multisets (the
+SQuAD rule), averaged over captions.
+
 Accuracies are fractions in [0, 1] (the official script prints percentages).
 """
 
 from __future__ import annotations
 
 import re
+import string
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -168,3 +177,37 @@ def top1_accuracy(logits_or_preds, labels) -> float:
     if labels.numel() == 0:
         raise ValueError("top1_accuracy needs at least one example")
     return (preds == labels).float().mean().item()
+
+
+_CAPTION_PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize_caption(text: str) -> str:
+    """Lowercase, punctuation to spaces, drop a/an/the, collapse whitespace."""
+    words = text.lower().translate(_CAPTION_PUNCTUATION).split()
+    return " ".join(w for w in words if w not in _ARTICLES)
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """F1 of the normalized words of `prediction` against `reference`, as multisets, in [0, 1]
+    (1 when both are empty)."""
+    pred, ref = normalize_caption(prediction).split(), normalize_caption(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def caption_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    """`{"exact_match", "token_f1", "count"}` over paired captions (one reference each).
+    Raises ValueError on mismatched lengths or no captions."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predicted captions but {len(references)} references")
+    if len(predictions) == 0:
+        raise ValueError("caption_metrics needs at least one caption")
+    exact = [normalize_caption(p) == normalize_caption(r) for p, r in zip(predictions, references)]
+    f1 = [token_f1(p, r) for p, r in zip(predictions, references)]
+    return {"exact_match": sum(exact) / len(exact), "token_f1": sum(f1) / len(f1), "count": len(exact)}

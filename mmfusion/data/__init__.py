@@ -4,9 +4,13 @@
 - VQA: `image` (`Image()`), `question` (str), `answers` (list[str]),
   `answer_type` (str), `image_id` (int)
 
+- captions: `image` (`Image()`), `caption` (str), `image_id` (int)
+
 `load_classification` / `load_vqa_dataset` take either the name "easy-vqa" (the
-embedded default dataset, `easy_vqa.py`) or a user source (`local.py`: a
-parquet or JSON lines file, a folder, or a Hub id) and return `(dataset, report)`.
+embedded default dataset, `easy_vqa.py`), "scenes" (procedural shapes with
+captions and questions, `scenes.py`; VQA and captions) or a user source
+(`local.py`: a parquet or JSON lines file, a folder, or a Hub id) and return
+`(dataset, report)`. `load_caption_dataset` takes "scenes".
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import datasets
 
 from .easy_vqa import CLASS_NAMES, easy_vqa_classification, load_easy_vqa_classification, load_easy_vqa_vqa
 from .local import DatasetError, LoadReport, answer_type_of, load_image_classification, load_vqa
+from .scenes import SCENES, load_scenes_captions, load_scenes_vqa
 
 EASY_VQA = "easy-vqa"
 
-__all__ = ["EASY_VQA", "CLASS_NAMES", "DatasetError", "LoadReport", "answer_type_of", "load_classification",
-           "load_easy_vqa_classification", "load_easy_vqa_vqa", "load_image_classification", "load_vqa",
-           "load_vqa_dataset"]
+__all__ = ["EASY_VQA", "CLASS_NAMES", "SCENES", "DatasetError", "LoadReport", "answer_type_of", "load_caption_dataset",
+           "load_classification", "load_easy_vqa_classification", "load_easy_vqa_vqa", "load_image_classification",
+           "load_scenes_captions", "load_scenes_vqa", "load_vqa", "load_vqa_dataset"]
+BUILT_IN = (EASY_VQA, SCENES)
 
 
 def _reject_column_overrides(loader, kwargs: dict) -> None:
@@ -51,7 +57,7 @@ def load_classification(name_or_path: str | Path, split: str, **kwargs) -> tuple
 
 
 def load_vqa_dataset(name_or_path: str | Path, split: str, **kwargs) -> tuple[datasets.Dataset, LoadReport]:
-    """VQA data: "easy-vqa" or a user source.
+    """VQA data: "easy-vqa", "scenes" or a user source.
 
     `kwargs` go to `load_vqa`; for easy-vqa only their defaults are allowed for
     the columns. Returns `(dataset, report)` with columns `image`, `question`,
@@ -61,4 +67,18 @@ def load_vqa_dataset(name_or_path: str | Path, split: str, **kwargs) -> tuple[da
         _reject_column_overrides(load_vqa, kwargs)
         ds = load_easy_vqa_vqa(split)
         return ds, LoadReport(source=EASY_VQA, split=split, total=len(ds), kept=len(ds))
+    if str(name_or_path) == SCENES:
+        _reject_column_overrides(load_vqa, kwargs)
+        ds = load_scenes_vqa(split)
+        return ds, LoadReport(source=SCENES, split=split, total=len(ds), kept=len(ds))
     return load_vqa(name_or_path, split, **kwargs)
+
+
+def load_caption_dataset(name_or_path: str | Path, split: str) -> tuple[datasets.Dataset, LoadReport]:
+    """Caption data: "scenes" (one caption per image). Returns `(dataset, report)` with columns
+    `image`, `caption`, `image_id`."""
+    if str(name_or_path) != SCENES:
+        raise DatasetError(f"captions come from the built-in {SCENES!r} dataset; {str(name_or_path)!r} has none "
+                           f"(train it with --task vqa)")
+    ds = load_scenes_captions(split)
+    return ds, LoadReport(source=SCENES, split=split, total=len(ds), kept=len(ds))
