@@ -82,6 +82,11 @@ def _load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[da
             if suffix not in _LOCAL_SUFFIXES:
                 raise DatasetError(f"{source}: cannot read a {suffix or 'suffix-less'} file; "
                                    "give a .parquet, .jsonl or .json file, an image folder, or a Hub id")
+            size = path.stat().st_size
+            if size == 0 or (size < 4096 and not path.read_bytes().strip()):
+                raise DatasetError(f"{source}: the file is empty, so split {split!r} has no rows")
+            if suffix == ".parquet" and _parquet_rows(path) == 0:  # `datasets` fails on it with an arrow error
+                raise DatasetError(f"{source}: split {split!r} is empty (the parquet file has no rows)")
             builder = "parquet" if suffix == ".parquet" else "json"
             # A single file is exactly one split: name it as asked.
             ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
@@ -104,6 +109,16 @@ def _load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[da
         raise DatasetError(f"{source}: could not load split {split!r}{where}: {type(e).__name__}: {e}") from e
 
 
+def _parquet_rows(path: Path) -> int | None:
+    """Rows in a parquet file, from its footer; None when it cannot be read (`datasets` then says why)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # not parquet at all: left to datasets' own error
+        return None
+
+
 def _require_columns(ds: datasets.Dataset, source: str, wanted: dict[str, str]) -> None:
     """`wanted` maps a command-line flag to the column name it selects."""
     for flag, column in wanted.items():
@@ -117,6 +132,9 @@ def _is_text(feature: Any) -> bool:
 
 
 def _wrong_type(source: str, column: str, feature: Any, expected: str, flag: str) -> DatasetError:
+    if isinstance(feature, datasets.Value) and feature.dtype == "null":
+        return DatasetError(f"{source}: column {column!r} is null in every row; expected {expected}. "
+                            f"Fill it in, or name the column that holds them with {flag}")
     return DatasetError(f"{source}: column {column!r} holds {feature}, expected {expected}; "
                         f"if another column holds that, name it with {flag}")
 

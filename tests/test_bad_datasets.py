@@ -1,0 +1,158 @@
+"""Bad datasets: a missing column, a column of the wrong type, null or unreadable images, an empty
+split. Each raises DatasetError naming the column and the flag that fixes it (API), or ends the
+CLI with one line and exit code 2. A few bad rows among good ones are skipped and counted."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from mmfusion import processing
+from mmfusion.cli import main
+from mmfusion.data import DatasetError, load_image_classification, load_vqa
+
+
+def png(color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_source(folder: Path, name: str, rows: list[dict] | pa.Table) -> Path:
+    """Rows as JSON lines (image paths relative to `folder`), or an arrow table as parquet."""
+    (folder / "ok.png").write_bytes(png())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    if isinstance(rows, pa.Table):
+        path = folder / f"{name}.parquet"
+        pq.write_table(rows, path)
+    else:
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def cls(image="ok.png", label="red", n=4):
+    return [{"image": image, "label": label}] * n
+
+
+def qa(image="ok.png", question="what color?", answers="red", n=4):
+    return [{"image": image, "question": question, "answers": answers}] * n
+
+
+# name: (task, rows, loader options as CLI flags, message fragments)
+CASES = {
+    # classification
+    "cls_missing_image_column": ("cls", [{"picture": "ok.png", "label": "red"}] * 4, [],
+                                 ["no column 'image'", "['picture', 'label']", "--image-column"]),
+    "cls_missing_label_column": ("cls", [{"image": "ok.png", "kind": "red"}] * 4, [],
+                                 ["no column 'label'", "--label-column"]),
+    "cls_label_floats": ("cls", cls(label=1.5), [], ["'label' holds Value('float64')", "--label-column"]),
+    "cls_label_lists": ("cls", cls(label=["red"]), [], ["'label' holds List", "--label-column"]),
+    "cls_image_integers": ("cls", cls(image=7), [], ["'image' holds Value('int64')", "--image-column"]),
+    "cls_image_records_without_path": ("cls", cls(image={"url": "x"}), [], ["'image' holds {'url'", "--image-column"]),
+    "cls_images_all_null": ("cls", cls(image=None), [], ["'image' is null in every row", "--image-column"]),
+    "cls_labels_all_null": ("cls", cls(label=None), [], ["'label' is null in every row", "--label-column"]),
+    "cls_images_all_unreadable": ("cls", cls(image="broken.png"), [],
+                                  ["unreadable_image=4", "--max-bad-fraction"]),
+    "cls_images_all_missing": ("cls", cls(image="gone.png"), [], ["missing_image=4", "--max-bad-fraction"]),
+    "cls_labels_all_blank": ("cls", cls(label="  "), [], ["'label' has no usable labels"]),
+    "cls_empty_file": ("cls", [], [], ["the file is empty", "no rows"]),
+    "cls_empty_parquet_split": ("cls", pa.table({"image": pa.array([], pa.string()), "label": pa.array([], pa.string())}),
+                                [], ["split 'train' is empty"]),
+    "cls_wrong_flag_column": ("cls", cls(), ["--label-column", "kind"], ["no column 'kind'", "--label-column"]),
+    # VQA
+    "vqa_missing_image_column": ("vqa", [{"question": "q?", "answers": "a"}] * 4, [],
+                                 ["no column 'image'", "--image-column"]),
+    "vqa_missing_question_column": ("vqa", [{"image": "ok.png", "answers": "a"}] * 4, [],
+                                    ["no column 'question'", "--question-column"]),
+    "vqa_missing_answer_column": ("vqa", [{"image": "ok.png", "question": "q?"}] * 4, [],
+                                  ["no column 'answer'", "--answer-column"]),
+    "vqa_question_integers": ("vqa", qa(question=3), [], ["'question' holds Value('int64')", "--question-column"]),
+    "vqa_question_lists": ("vqa", qa(question=["q?"]), [], ["'question' holds List", "--question-column"]),
+    "vqa_answer_integers": ("vqa", qa(answers=2), [], ["'answers' holds Value('int64')", "--answer-column"]),
+    "vqa_answer_integer_lists": ("vqa", qa(answers=[2, 3]), [], ["'answers' holds List(Value('int64'))",
+                                                                  "--answer-column"]),
+    "vqa_questions_all_null": ("vqa", qa(question=None), [], ["'question' is null in every row", "--question-column"]),
+    "vqa_images_all_null": ("vqa", qa(image=None), [], ["'image' is null in every row", "--image-column"]),
+    "vqa_images_all_unreadable_bytes": ("vqa", pa.table({"image": [{"bytes": b"junk", "path": None}] * 4,
+                                                         "question": ["q?"] * 4, "answers": ["a"] * 4}), [],
+                                        ["unreadable_image=4", "--max-bad-fraction"]),
+    "vqa_questions_all_blank": ("vqa", qa(question="   "), [], ["empty_question=4", "--max-bad-fraction"]),
+    "vqa_answers_all_blank": ("vqa", qa(answers=["", " "]), [], ["empty_answer=4", "--max-bad-fraction"]),
+    "vqa_empty_file": ("vqa", [], [], ["the file is empty"]),
+    "vqa_empty_parquet_split": ("vqa", pa.table({"image": pa.array([], pa.string()),
+                                                 "question": pa.array([], pa.string()),
+                                                 "answers": pa.array([], pa.string())}), [], ["split 'train' is empty"]),
+}
+
+
+def flags_to_kwargs(flags: list[str]) -> dict[str, str]:
+    return {flags[i].lstrip("-").replace("-", "_"): flags[i + 1] for i in range(0, len(flags), 2)}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_dataset_raises_dataset_error_naming_the_fix(case, tmp_path):
+    task, rows, flags, fragments = CASES[case]
+    path = write_source(tmp_path, case, rows)
+    loader = load_image_classification if task == "cls" else load_vqa
+    with pytest.raises(DatasetError) as info:
+        loader(path, "train", cache_dir=str(tmp_path / "cache"), **flags_to_kwargs(flags))
+    message = str(info.value)
+    assert str(path) in message and all(f in message for f in fragments), message
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_dataset_through_cli_is_one_line(case, tmp_path, capsys):
+    task, rows, flags, fragments = CASES[case]
+    path = write_source(tmp_path, case, rows)
+    stage = ["pretrain-vit"] if task == "cls" else ["train-vqa", "--vit", "vit-tiny"]
+    code = main([*stage, "--dataset", str(path), *flags, "--output-dir", str(tmp_path / "out"), "--max-steps", "1",
+                 "--no-progress", "--mixed-precision", "no"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    # stderr may also hold datasets' progress bars; the error itself is one line, the last one.
+    errors = [line for line in err.splitlines() if line.startswith("mmfusion: error: ")]
+    assert len(errors) == 1 and err.rstrip("\n").endswith(errors[0]) and "Traceback" not in err, err
+    assert all(f in errors[0] for f in fragments), err
+
+
+# ---- a few bad rows among good ones: skipped and counted ----------------------------------------
+
+GOOD = [{"image": "ok.png", "label": "red"}, {"image": "ok.png", "label": "blue"}] * 4
+
+
+@pytest.mark.parametrize("bad_row, reason", [
+    ({"image": None, "label": "red"}, "missing_image"),
+    ({"image": "gone.png", "label": "red"}, "missing_image"),
+    ({"image": "broken.png", "label": "red"}, "unreadable_image"),
+    ({"image": "ok.png", "label": None}, "missing_label"),
+    ({"image": "ok.png", "label": " "}, "missing_label"),
+])
+def test_a_bad_row_among_good_ones_is_skipped_and_counted(bad_row, reason, tmp_path):
+    path = write_source(tmp_path, "mixed", GOOD + [bad_row])
+    ds, report = load_image_classification(path, "train", max_bad_fraction=0.2, cache_dir=str(tmp_path / "c"))
+    assert (report.total, report.kept, report.skipped) == (9, 8, {reason: 1})
+    assert len(ds) == 8 and ds.features["label"].names == ["blue", "red"]
+    with pytest.raises(DatasetError, match=r"11\.1% of the rows are bad.*--max-bad-fraction"):
+        load_image_classification(path, "train", max_bad_fraction=0.1, cache_dir=str(tmp_path / "c"))
+
+
+def test_an_image_over_the_pixel_limit_is_skipped_as_unreadable(tmp_path, monkeypatch):
+    Image.new("RGB", (20, 20)).save(tmp_path / "huge.png")
+    path = write_source(tmp_path, "bomb", GOOD + [{"image": "huge.png", "label": "red"}])
+    monkeypatch.setattr(processing, "MAX_IMAGE_PIXELS", 100)
+    _, report = load_image_classification(path, "train", max_bad_fraction=0.2, cache_dir=str(tmp_path / "c"))
+    assert report.skipped == {"unreadable_image": 1}
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5])
+def test_impossible_bad_fraction_raises(fraction, tmp_path):
+    path = write_source(tmp_path, "good", GOOD)
+    with pytest.raises(DatasetError, match=r"max_bad_fraction must be in \[0, 1\]"):
+        load_image_classification(path, "train", max_bad_fraction=fraction)
