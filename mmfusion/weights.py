@@ -35,9 +35,33 @@ def atomic_write(path: str | Path, write) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself survives a power loss only once its folder is synced
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (new names, renames) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """fsync every file under `folder` and the folders themselves, before a rename publishes it."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -67,6 +91,8 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or "model_type" not in data or "config" not in data:
         raise CheckpointError(f"{path} is not an mmfusion config (no model_type/config keys)")
     version = data.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: format_version must be an integer, got {version!r}")
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{folder} was written by a newer mmfusion (format {version} > {FORMAT_VERSION}); upgrade mmfusion"
@@ -109,7 +135,11 @@ class PretrainedMixin:
                 f"{folder} holds a {data['model_type']!r} model, not a {cls.model_type!r}; "
                 f"load it with the matching class"
             )
-        config = cls.config_class.from_dict(data["config"])
+        try:
+            config = cls.config_class.from_dict(data["config"])
+        except (ValueError, TypeError, AttributeError) as e:  # ConfigError is a ValueError
+            raise CheckpointError(f"{Path(folder) / CONFIG_NAME} holds an invalid {cls.model_type} config ({e}); "
+                                  "was it edited by hand? save the model again") from e
         model = cls(config)
         model.load_weights(Path(folder) / WEIGHTS_NAME, map_location)
         return model
@@ -118,11 +148,13 @@ class PretrainedMixin:
         """Load a safetensors file strictly: every key present, no extras, every shape equal."""
         path = Path(path)
         if not path.exists():
-            raise CheckpointError(f"{path} is missing")
+            raise CheckpointError(f"{path} is missing: the folder is incomplete; save the model again, or "
+                                  "restore the file from a copy")
         try:
             tensors = load_file(path, device=str(map_location))
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated") from e
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated: "
+                                  "save the model again, or restore the file from a copy") from e
         load_state_strict(self, tensors, source=str(path))  # type: ignore[arg-type]
 
 
@@ -133,10 +165,12 @@ def load_state_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], 
     missing = sorted(set(stored) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
-        raise CheckpointError(f"{source}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+        raise CheckpointError(f"{source}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}; "
+                              "the weights belong to another kind of model or another version")
     bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in tensors.items() if v.shape != own[k].shape]
     if bad:
-        raise CheckpointError(f"{source}: shapes do not match the config (key, stored, expected): {bad[:8]}")
+        raise CheckpointError(f"{source}: shapes do not match the config (key, stored, expected): {bad[:8]}; "
+                              "config.json and the weights come from different models")
     with torch.no_grad():
         for k, v in tensors.items():
             own[k].copy_(v)

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from mmfusion.config import ConfigError
+from mmfusion.weights import CheckpointError
 
 log = logging.getLogger("mmfusion.training")
 
@@ -227,25 +228,33 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     root = Path(output_dir) / "checkpoints"
     if not root.exists():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / PROGRESS_NAME).exists()]
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()
+            and (p / PROGRESS_NAME).exists()]
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int) -> None:
-    """accelerate's save_state into a temporary folder, then an atomic rename: a crash mid-write
-    leaves the earlier checkpoints intact. `progress.json` written last marks it complete."""
+    """accelerate's save_state into a temporary folder, fsync, then an atomic rename: a crash
+    mid-write leaves the earlier checkpoints intact (and a `.tmp_step_*` folder that the next save
+    removes). `progress.json` written last marks it complete."""
+    from mmfusion.weights import fsync_dir, fsync_tree
+
     root = Path(output_dir) / "checkpoints"
     final = root / f"step_{step}"
     tmp = root / f".tmp_step_{step}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process and root.exists():
+        for stale in root.glob(".tmp_step_*"):  # left by a crash mid-write
+            shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process has written its RNG state before the rename
     if accelerator.is_main_process:
         write_json(tmp / PROGRESS_NAME, {"step": step})
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_dir(root)
         for old in checkpoint_dirs(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -274,7 +283,22 @@ EvalFn = Callable[[torch.nn.Module, bool], dict[str, float]]
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss (or the weights) became NaN or infinite; the last good checkpoint is kept."""
+
+
+def _non_finite(what: str, step: int, output_dir: str | Path) -> NonFiniteLossError:
+    found = checkpoint_dirs(output_dir)
+    kept = (f"the last good checkpoint, {found[-1]}, is kept: resume from it with --resume latest"
+            if found else "no checkpoint was saved before it (see --save-every)")
+    return NonFiniteLossError(f"{what} at step {step}; training stopped and {kept}. "
+                              "Lower --lr (or raise --warmup-steps), or check the data")
+
+
+def _check_finite_weights(model: torch.nn.Module, step: int, output_dir: str | Path) -> None:
+    """A finite loss can still come with non-finite gradients; never save such weights."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise _non_finite(f"weights became NaN or infinite ({', '.join(bad[:3])})", step, output_dir)
 
 
 def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -306,8 +330,15 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
     step = 0
     start_from = find_resume(run.resume, run.output_dir)
     if start_from is not None:
-        accelerator.load_state(str(start_from))
-        step = json.loads((start_from / PROGRESS_NAME).read_text())["step"]
+        try:
+            accelerator.load_state(str(start_from))
+            step = json.loads((start_from / PROGRESS_NAME).read_text())["step"]
+        except Exception as e:  # accelerate, torch and safetensors raise many types for a bad folder
+            first_line = (str(e).splitlines() or [""])[0]
+            raise CheckpointError(
+                f"cannot resume from {start_from}: {type(e).__name__}: {first_line} (a checkpoint from a run "
+                "with other model flags, or a damaged one); resume with the same flags, or pick another "
+                "checkpoint with --resume PATH") from e
         for _ in range(step):
             scheduler.step()
         accelerator.print(f"resumed from {start_from} at step {step}")
@@ -326,9 +357,7 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
             with accelerator.accumulate(model):
                 loss, items = step_fn(model, batch)
                 if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {step}; the last good checkpoint is kept. "
-                        "Lower --lr, or check the data")
+                    raise _non_finite(f"loss is {loss.item()}", step + 1, run.output_dir)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and run.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), run.grad_clip)
@@ -354,9 +383,11 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 model.train()
             if run.save_every and step % run.save_every == 0:
+                _check_finite_weights(model, step, run.output_dir)
                 save_checkpoint(accelerator, run.output_dir, step, run.keep_checkpoints)
             if step >= total or step % per_epoch == 0:
                 break
     bar.close()
+    _check_finite_weights(model, step, run.output_dir)
     accelerator.wait_for_everyone()
     return accelerator.unwrap_model(model)

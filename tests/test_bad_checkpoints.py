@@ -1,0 +1,236 @@
+"""Bad checkpoints: a missing or corrupt model.safetensors, a config of another model kind,
+shapes that do not match the config, a folder written by a newer format. Saved models
+(ViT, GPT, VLM; API and every CLI flag that takes one) and training checkpoints (--resume)
+each raise CheckpointError naming the file and the fix, or end the CLI with one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from mmfusion import GPT, VLM, ViT, VLMConfig
+from mmfusion.cli import main
+from mmfusion.config import AdapterConfig, GPTConfig, ViTConfig
+from mmfusion.weights import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, CheckpointError
+
+VIT = ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=32, num_classes=0)
+GPT_CFG = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)
+KINDS = {"vit": (ViT, VIT), "gpt": (GPT, GPT_CFG), "vlm": (VLM, VLMConfig(vit=VIT, gpt=GPT_CFG,
+                                                                         adapter=AdapterConfig(pixel_shuffle=2)))}
+OTHER_KIND = {"vit": "gpt", "gpt": "vlm", "vlm": "vit"}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    """One good saved folder per model kind, an image, and a tiny VQA set."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("saved")
+    for kind, (cls, config) in KINDS.items():
+        cls(config).save_pretrained(root / kind)
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(root / "img.png")
+    (root / "qa.jsonl").write_text("".join(
+        json.dumps({"image": "img.png", "question": "what?", "answers": ["red"]}) + "\n" for _ in range(8)))
+    return root
+
+
+def edit_meta(folder: Path, change) -> None:
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    change(meta)
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+
+
+def halve(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def wider(meta):
+    config = meta["config"]
+    for part in (config, config.get("gpt", {}), config.get("vit", {})):
+        if "n_embd" in part:
+            part["n_embd"] = 64
+
+
+def impossible(meta):
+    config = meta["config"]
+    (config["gpt"] if "gpt" in config else config)["n_head"] = 3  # 32 is not divisible by 3
+
+
+def unknown_field(meta):
+    meta["config"]["rotary_base"] = 10000.0  # a field from some future version
+
+
+def foreign_weights(folder: Path) -> None:
+    kind = json.loads((folder / CONFIG_NAME).read_text())["model_type"]
+    shutil.copy(folder.parent / OTHER_KIND[kind] / WEIGHTS_NAME, folder / WEIGHTS_NAME)
+
+
+# defect: (how to damage a good folder, message fragments)
+DEFECTS = {
+    "weights_missing": (lambda f: (f / WEIGHTS_NAME).unlink(), ["model.safetensors is missing", "save the model again"]),
+    "weights_truncated": (lambda f: halve(f / WEIGHTS_NAME), ["not a readable safetensors file", "truncated"]),
+    "weights_empty": (lambda f: (f / WEIGHTS_NAME).write_bytes(b""), ["not a readable safetensors file"]),
+    "weights_garbage": (lambda f: (f / WEIGHTS_NAME).write_bytes(b"\x00\xff" * 512), ["not a readable safetensors"]),
+    "weights_of_another_model": (foreign_weights, ["missing keys", "another kind of model"]),
+    "shapes_not_matching_config": (lambda f: edit_meta(f, wider), ["shapes do not match the config",
+                                                                    "come from different models"]),
+    "config_missing": (lambda f: (f / CONFIG_NAME).unlink(), ["config.json is missing", "save_pretrained"]),
+    "config_not_json": (lambda f: (f / CONFIG_NAME).write_text("{half a json"), ["not valid JSON"]),
+    "config_not_mmfusion": (lambda f: (f / CONFIG_NAME).write_text('{"model_type": "gpt2", "n_embd": 32}'),
+                            ["not an mmfusion config"]),
+    "config_of_another_kind": (lambda f: edit_meta(f, lambda m: m.update(model_type=OTHER_KIND[m["model_type"]])),
+                               ["model, not a", "load it with the matching class"]),
+    "config_impossible_values": (lambda f: edit_meta(f, impossible), ["holds an invalid", "not divisible by n_head"]),
+    "config_unknown_field": (lambda f: edit_meta(f, unknown_field), ["holds an invalid", "rotary_base"]),
+    "newer_format_version": (lambda f: edit_meta(f, lambda m: m.update(format_version=FORMAT_VERSION + 1)),
+                             [f"newer mmfusion (format {FORMAT_VERSION + 1} > {FORMAT_VERSION})", "upgrade mmfusion"]),
+    "format_version_not_a_number": (lambda f: edit_meta(f, lambda m: m.update(format_version="2")),
+                                    ["format_version must be an integer"]),
+    "not_a_folder": (lambda f: (shutil.rmtree(f), f.write_text("x")), ["is not a folder"]),
+}
+
+
+def damaged(saved: Path, tmp_path: Path, kind: str, defect: str) -> Path:
+    work = tmp_path / "models"
+    if not work.exists():
+        shutil.copytree(saved, work)
+    DEFECTS[defect][0](work / kind)
+    return work / kind
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("defect", sorted(DEFECTS))
+def test_bad_saved_model_raises_checkpoint_error(saved, tmp_path, kind, defect):
+    folder = damaged(saved, tmp_path, kind, defect)
+    with pytest.raises(CheckpointError) as info:
+        KINDS[kind][0].from_pretrained(folder)
+    message = str(info.value)
+    assert str(folder) in message and all(f in message for f in DEFECTS[defect][1]), message
+
+
+def test_good_folders_load(saved):
+    for kind, (cls, config) in KINDS.items():
+        assert cls.from_pretrained(saved / kind).config == config
+
+
+def one_line_error(capsys, args: list) -> str:
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("mmfusion: error: ")]
+    assert len(errors) == 1 and err.rstrip("\n").endswith(errors[0]) and "Traceback" not in err, err
+    return errors[0]
+
+
+def cli_commands(root: Path, kind: str, folder: Path) -> list[list]:
+    """Every CLI flag that reads a saved model of `kind`."""
+    quiet = ["--max-steps", "1", "--no-progress", "--mixed-precision", "no", "--output-dir", root / "out"]
+    if kind == "vlm":
+        return [["generate", "--model", folder, "--image", root / "img.png", "--question", "what?"],
+                ["eval", "--model", folder, "--dataset", root / "qa.jsonl", "--split", "test"]]
+    if kind == "vit":
+        return [["train-vqa", "--vit", folder, "--dataset", root / "qa.jsonl", *quiet],
+                ["pretrain-vit", "--init-from", folder, "--dataset", root / "qa.jsonl", "--label-column", "question",
+                 "--eval-split", "train", *quiet]]
+    return [["train-vqa", "--vit", "vit-tiny", "--gpt", folder, "--dataset", root / "qa.jsonl", *quiet]]
+
+
+# Defects whose folder no longer looks like an mmfusion save: the ViT/GPT flags then try
+# transformers (which fails with its own clear line), so only the fragment common to both is checked.
+NOT_MMFUSION_ANY_MORE = {"config_missing", "config_not_json", "config_not_mmfusion", "not_a_folder"}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("defect", sorted(DEFECTS))
+def test_bad_saved_model_through_cli_is_one_line(saved, tmp_path, capsys, kind, defect):
+    folder = damaged(saved, tmp_path, kind, defect)
+    for args in cli_commands(tmp_path / "models", kind, folder):
+        line = one_line_error(capsys, args)
+        assert str(folder) in line, line
+        if kind == "vlm" or defect not in NOT_MMFUSION_ANY_MORE:
+            assert all(f in line for f in DEFECTS[defect][1]), line
+
+
+# ---- training checkpoints (--resume) --------------------------------------------------------------
+
+TINY = ["--image-size", "16", "--patch-size", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+        "--batch-size", "4", "--warmup-steps", "1", "--no-progress", "--mixed-precision", "no"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A 2-step stage-1 run on a tiny image folder with a checkpoint after each step."""
+    root = tmp_path_factory.mktemp("resume")
+    for split in ("train", "test"):
+        for color in ("red", "blue"):
+            (root / "data" / split / color).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (16, 16), color).save(root / "data" / split / color / f"{i}.png")
+    args = ["pretrain-vit", "--dataset", str(root / "data"), *TINY, "--max-steps", "2", "--save-every", "1"]
+    assert main([*args, "--output-dir", str(root / "run")]) == 0
+    assert sorted(p.name for p in (root / "run" / "checkpoints").iterdir()) == ["step_1", "step_2"]
+    return root / "run", args
+
+
+def copy_run(trained, tmp_path: Path, damage) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(trained[0], out)
+    damage(out / "checkpoints")
+    return out
+
+
+RESUME_DEFECTS = {
+    "model_weights_truncated": (lambda c: halve(c / "step_2" / "model.safetensors"), [],
+                                ["cannot resume from", "step_2", "pick another checkpoint with --resume PATH"]),
+    "model_weights_missing": (lambda c: (c / "step_2" / "model.safetensors").unlink(), [],
+                              ["cannot resume from", "step_2"]),
+    "optimizer_state_garbage": (lambda c: (c / "step_2" / "optimizer.bin").write_bytes(b"junk"), [],
+                                ["cannot resume from", "step_2"]),
+    "progress_not_json": (lambda c: (c / "step_2" / "progress.json").write_text("{"), [],
+                          ["cannot resume from", "step_2"]),
+    "other_model_flags": (lambda c: None, ["--n-embd", "64"], ["cannot resume from", "step_2", "with the same flags"]),
+    "named_checkpoint_incomplete": (lambda c: (c / "step_1" / "progress.json").unlink(),
+                                    ["--resume", "{ckpt}/step_1"], ["is not a complete checkpoint", "--resume latest"]),
+    "named_checkpoint_missing": (lambda c: None, ["--resume", "{ckpt}/step_9"], ["step_9 is not a complete checkpoint"]),
+}
+
+
+@pytest.mark.parametrize("defect", sorted(RESUME_DEFECTS))
+def test_bad_training_checkpoint_through_cli_is_one_line(trained, tmp_path, capsys, defect):
+    damage, extra, fragments = RESUME_DEFECTS[defect]
+    out = copy_run(trained, tmp_path, damage)
+    extra = [e.format(ckpt=out / "checkpoints") for e in extra]
+    resume = [] if "--resume" in extra else ["--resume", "latest"]
+    line = one_line_error(capsys, [*trained[1], "--output-dir", out, "--max-steps", "3", *resume, *extra])
+    assert all(f in line for f in fragments), line
+
+
+def test_an_unfinished_checkpoint_is_ignored_and_cleaned_up(trained, tmp_path):
+    """A crash mid-save leaves `.tmp_step_N` (no progress.json, never renamed): --resume latest
+    takes the last complete checkpoint, and the next save removes the leftover."""
+    from training.common import checkpoint_dirs
+
+    out = copy_run(trained, tmp_path, lambda c: shutil.copytree(c / "step_2", c / ".tmp_step_3"))
+    (out / "checkpoints" / ".tmp_step_3" / "progress.json").unlink()
+    halve(out / "checkpoints" / ".tmp_step_3" / "model.safetensors")
+    assert [p.name for p in checkpoint_dirs(out)] == ["step_1", "step_2"]
+    assert main([*trained[1], "--output-dir", str(out), "--max-steps", "3", "--resume", "latest"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_3"]
+    reference = load_file(trained[0] / "checkpoints" / "step_2" / "model.safetensors")
+    resumed_from = load_file(out / "checkpoints" / "step_2" / "model.safetensors")
+    assert all(torch.equal(reference[k], resumed_from[k]) for k in reference)
+
+
+def test_weights_saved_by_save_file_with_extra_metadata_still_load(saved, tmp_path):
+    """Only keys and shapes matter: safetensors metadata written by other tools is fine."""
+    shutil.copytree(saved / "gpt", tmp_path / "gpt")
+    tensors = load_file(tmp_path / "gpt" / WEIGHTS_NAME)
+    save_file(tensors, tmp_path / "gpt" / WEIGHTS_NAME, metadata={"format": "pt", "written_by": "someone else"})
+    assert GPT.from_pretrained(tmp_path / "gpt").config == GPT_CFG
