@@ -303,12 +303,12 @@ def _check_finite_weights(model: torch.nn.Module, step: int, output_dir: str | P
 
 def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           dataset, collate: Callable, step_fn: StepFn, evaluate: EvalFn | None = None,
-          unit: str = "ex") -> torch.nn.Module:
+          unit: str = "ex", tag: str = "train") -> torch.nn.Module:
     """Train `model` for the configured steps; returns the unwrapped model.
 
     step_fn(model, batch) -> (mean loss, items in the batch), items counted for throughput
     (`unit` names them). evaluate(model, full) -> metrics, called every `eval_every` steps
-    with full=False and once at the end with full=True.
+    with full=False. `tag` prefixes the logged training scalars ("train/loss").
     """
     from tqdm.auto import tqdm
 
@@ -375,8 +375,8 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", **{f"{unit}/s": f"{rate:.0f}"})
             if step % run.log_every == 0 or step == total:
-                accelerator.log({"train/loss": last_loss, "train/lr": scheduler.get_last_lr()[0],
-                                 f"train/{unit}_per_s": rate}, step=step)
+                accelerator.log({f"{tag}/loss": last_loss, f"{tag}/lr": scheduler.get_last_lr()[0],
+                                 f"{tag}/{unit}_per_s": rate}, step=step)
             if evaluate is not None and run.eval_every and step % run.eval_every == 0 and step < total:
                 metrics = evaluate(accelerator.unwrap_model(model), False)
                 accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)

@@ -1,20 +1,26 @@
-"""Stage 2: fine-tune the fused model on visual question answering (or captions).
+"""Stage 2: fine-tune the fused model on visual question answering and/or captions.
 
     python training/train_vqa.py --vit runs/vit/model --output-dir runs/vqa     # easy-VQA
     accelerate launch training/train_vqa.py --vit runs/vit/model ...            # many processes
     mmfusion train-vqa --dataset data.jsonl --answer-column answers --gpt gpt2  # imported GPT-2
+    mmfusion train-vqa --dataset scenes --task both --align-epochs 1 ...        # captions + questions
+
+`--task` picks the examples: questions (vqa), captions, or both mixed. `--align-epochs E`
+first trains only the adapter on captions for E epochs, with the ViT and the GPT frozen
+(LLaVA's feature alignment; worth it when both come pretrained), then trains the parts the
+freeze flags leave open on the task. Alignment writes OUTPUT_DIR/align/ (checkpoints, model).
 
 The ViT comes from a saved mmfusion folder, a preset name (fresh), or transformers ViT/CLIP
 weights; the GPT from a preset name (fresh), a saved folder, or transformers GPT-2 weights.
 The ViT is frozen by default. Writes OUTPUT_DIR/model (the whole VLM), metrics.json,
-predictions.jsonl, run_config.json, logs/ and checkpoints/.
+predictions.jsonl (questions) and captions.jsonl (captions), run_config.json, logs/ and checkpoints/.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,10 +29,10 @@ if __package__ in (None, ""):  # run as a plain script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmfusion.config import GPT_PRESETS, VIT_PRESETS, AdapterConfig, ConfigError, gpt_preset, vit_preset  # noqa: E402
-from mmfusion.data import load_vqa_dataset  # noqa: E402
+from mmfusion.data import BUILT_IN, DatasetError, load_caption_dataset, load_vqa_dataset  # noqa: E402
 from mmfusion.generation import GenerationConfig  # noqa: E402
 from mmfusion.gpt import GPT  # noqa: E402
-from mmfusion.metrics import vqa_accuracy  # noqa: E402
+from mmfusion.metrics import caption_metrics, vqa_accuracy  # noqa: E402
 from mmfusion.processing import ImageProcessor, PromptBuilder, VQACollator  # noqa: E402
 from mmfusion.vit import ViT  # noqa: E402
 from mmfusion.vlm import VLM  # noqa: E402
@@ -35,6 +41,7 @@ from training.args import parse_configs  # noqa: E402
 from training.common import (  # noqa: E402
     Rows,
     RunConfig,
+    find_resume,
     make_accelerator,
     param_groups,
     train,
@@ -45,7 +52,12 @@ from training.common import (  # noqa: E402
 
 @dataclass(frozen=True)
 class VQAStageConfig:
-    dataset: str = field(default="easy-vqa", metadata={"help": "easy-vqa, a parquet/JSONL file or folder, or a hub id"})
+    dataset: str = field(default="easy-vqa", metadata={
+        "help": "easy-vqa, scenes (with captions), a parquet/JSONL file or folder, or a hub id"})
+    task: str = field(default="vqa", metadata={
+        "help": "train on questions, captions, or both mixed", "choices": ["vqa", "caption", "both"]})
+    align_epochs: float = field(default=0.0, metadata={
+        "help": "first train only the adapter on captions for this many epochs (0: no alignment phase)"})
     train_split: str = field(default="train", metadata={"help": "training split"})
     eval_split: str = field(default="test", metadata={"help": "evaluation split"})
     image_column: str = field(default="image", metadata={"help": "column holding the images"})
@@ -71,6 +83,7 @@ class VQAStageConfig:
     lr_adapter: float | None = field(default=None, metadata={"help": "adapter learning rate (default: --lr)"})
     lr_gpt: float | None = field(default=None, metadata={"help": "GPT learning rate (default: --lr)"})
     max_new_tokens: int = field(default=8, metadata={"help": "answer length limit at evaluation"})
+    caption_max_new_tokens: int = field(default=48, metadata={"help": "caption length limit at evaluation"})
     eval_batch_size: int = field(default=256, metadata={"help": "batch size for evaluation"})
 
 
@@ -100,9 +113,7 @@ def build_vlm(stage: VQAStageConfig) -> VLM:
     adapter = AdapterConfig(projection=stage.projection, layer=stage.adapter_layer, keep_cls=stage.keep_cls,
                             pixel_shuffle=stage.pixel_shuffle)
     model = VLM.from_parts(load_vit(stage.vit), load_gpt(stage.gpt, stage.block_size), adapter, stage.attention)
-    for part, frozen in ((model.vit, stage.freeze_vit), (model.adapter, stage.freeze_adapter),
-                         (model.gpt, stage.freeze_gpt)):
-        part.requires_grad_(not frozen)
+    set_trainable(model, vit=not stage.freeze_vit, adapter=not stage.freeze_adapter, gpt=not stage.freeze_gpt)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("every part is frozen: nothing to train")
     return model
@@ -138,16 +149,94 @@ def score(rows: list[dict]) -> dict:
                         [r["answer_type"] for r in rows])
 
 
-def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
-    out = Path(run_cfg.output_dir)
-    accelerator = make_accelerator(run_cfg, "train_vqa")
+@torch.no_grad()
+def predict_captions(model: VLM, dataset, limit: int | None = None, batch_size: int = 256,
+                     max_new_tokens: int = 48) -> list[dict]:
+    """Greedy captions for the first `limit` rows: dicts with image_id, prediction and caption."""
+    model.eval()
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    rows = []
+    for start in range(0, n, batch_size):
+        batch = dataset[start:min(n, start + batch_size)]
+        preds = model.caption_batch(batch["image"], max_new_tokens=max_new_tokens)
+        rows += [{"image_id": i, "prediction": p, "caption": c}
+                 for i, p, c in zip(batch["image_id"], preds, batch["caption"])]
+    return rows
+
+
+def score_captions(rows: list[dict]) -> dict:
+    return caption_metrics([r["prediction"] for r in rows], [r["caption"] for r in rows])
+
+
+def load_splits(stage: VQAStageConfig, split: str, captions: bool, questions: bool):
+    """(questions, captions) datasets of one split (None where not wanted), and their reports."""
     columns = {"image_column": stage.image_column, "question_column": stage.question_column,
                "answer_column": stage.answer_column, "max_bad_fraction": stage.max_bad_fraction}
-    if stage.dataset == "easy-vqa":
+    if stage.dataset in BUILT_IN:
         columns = {}
-    train_ds, train_report = load_vqa_dataset(stage.dataset, stage.train_split, **columns)
-    eval_ds, eval_report = load_vqa_dataset(stage.dataset, stage.eval_split, **columns)
-    accelerator.print(f"data: {train_report}\ndata: {eval_report}")
+    vqa, cap, reports = None, None, []
+    if questions:
+        vqa, report = load_vqa_dataset(stage.dataset, split, **columns)
+        reports.append(report)
+    if captions:
+        cap, report = load_caption_dataset(stage.dataset, split)
+        reports.append(report)
+    return vqa, cap, reports
+
+
+def set_trainable(model: VLM, vit: bool, adapter: bool, gpt: bool) -> None:
+    for part, on in ((model.vit, vit), (model.adapter, adapter), (model.gpt, gpt)):
+        part.requires_grad_(on)
+
+
+def align(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, model: VLM, captions, collate, step) -> VLM:
+    """Phase 1: train only the adapter on captions (LLaVA's feature alignment).
+
+    Resume: a checkpoint of the main phase holds every weight, so alignment is skipped; a
+    finished alignment (align/model) is loaded instead of rerun; otherwise alignment resumes
+    from its own checkpoints under align/ (with --resume latest or a path inside align/).
+    """
+    out = Path(run_cfg.output_dir)
+    align_dir = out / "align"
+    inside = run_cfg.resume not in (None, "latest") and align_dir.resolve() in Path(run_cfg.resume).resolve().parents
+    if run_cfg.resume is not None and not inside and find_resume(run_cfg.resume, out) is not None:
+        accelerator.print("alignment: skipped (resuming the main phase)")
+        return model
+    if run_cfg.resume is not None and not inside and is_mmfusion_folder(align_dir / "model"):
+        model.load_state_dict(VLM.from_pretrained(align_dir / "model").state_dict())
+        accelerator.print(f"alignment: loaded the finished phase from {align_dir / 'model'}")
+        return model
+    set_trainable(model, vit=False, adapter=True, gpt=False)
+    optimizer = torch.optim.AdamW(param_groups(model.adapter.named_parameters(), stage.lr_adapter or run_cfg.lr,
+                                               run_cfg.weight_decay),
+                                  lr=run_cfg.lr, betas=(0.9, run_cfg.beta2), eps=run_cfg.adam_eps)
+    phase = replace(run_cfg, output_dir=str(align_dir), epochs=stage.align_epochs, max_steps=0, eval_every=0,
+                    resume=run_cfg.resume if (inside or run_cfg.resume == "latest") else None)
+    accelerator.print(f"alignment: adapter only, {stage.align_epochs} epochs on {len(captions)} captions")
+    model = train(accelerator, phase, model, optimizer, Rows(captions), collate, step, unit="tok", tag="align")
+    if accelerator.is_main_process:
+        model.save_pretrained(align_dir / "model")
+    accelerator.free_memory()  # forget the phase's prepared model/optimizer, so save_state sees only the next
+    return model
+
+
+def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
+    out = Path(run_cfg.output_dir)
+    if stage.align_epochs < 0:
+        raise ConfigError(f"--align-epochs must be >= 0, got {stage.align_epochs}")
+    accelerator = make_accelerator(run_cfg, "train_vqa")
+    questions, captions = stage.task in ("vqa", "both"), stage.task in ("caption", "both") or stage.align_epochs > 0
+    if captions and stage.dataset != "scenes":
+        raise DatasetError(f"--task {stage.task}" + (f" --align-epochs {stage.align_epochs}" if stage.align_epochs else "")
+                           + f" needs captions, which only the built-in 'scenes' dataset has; {stage.dataset!r} "
+                           "has none: use --task vqa --align-epochs 0")
+    train_vqa, train_cap, reports = load_splits(stage, stage.train_split, captions, questions)
+    eval_vqa, eval_cap, eval_reports = load_splits(stage, stage.eval_split, stage.task != "vqa", questions)
+    accelerator.print("\n".join(f"data: {r}" for r in reports + eval_reports))
+    if stage.task == "both":
+        task_rows = torch.utils.data.ConcatDataset([train_vqa, train_cap])
+    else:
+        task_rows = train_vqa if stage.task == "vqa" else train_cap
     model = build_vlm(stage)
     processor = ImageProcessor.from_config(model.config.vit)
     prompts = PromptBuilder(model.num_image_tokens, model.config.gpt.block_size)
@@ -159,36 +248,67 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     accelerator.print(f"VLM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
                       f"({trainable / 1e6:.2f}M trainable), {model.num_image_tokens} image tokens, "
                       f"precision {accelerator.mixed_precision}")
-    optimizer = optimizer_for(model, stage, run_cfg)
-    frozen_vit = stage.freeze_vit
 
     def step(m, batch):
-        if frozen_vit:
-            accelerator.unwrap_model(m).vit.eval()  # a frozen ViT runs without dropout
+        for part in (accelerator.unwrap_model(m).vit, accelerator.unwrap_model(m).adapter,
+                     accelerator.unwrap_model(m).gpt):
+            if not any(p.requires_grad for p in part.parameters()):
+                part.eval()  # a frozen part runs without dropout
         output = m(**batch)
         return output.loss, int(batch["attention_mask"].sum())
 
-    def evaluate(m, full: bool) -> dict[str, float]:
-        rows = predict(m, eval_ds, None if full else run_cfg.eval_samples, stage.eval_batch_size,
-                       stage.max_new_tokens)
-        return {"vqa_accuracy": score(rows)["accuracy"]}
+    if stage.align_epochs > 0:
+        model = align(accelerator, stage, run_cfg, model, train_cap, collate, step)
+        set_trainable(model, vit=not stage.freeze_vit, adapter=not stage.freeze_adapter, gpt=not stage.freeze_gpt)
+    optimizer = optimizer_for(model, stage, run_cfg)
 
-    model = train(accelerator, run_cfg, model, optimizer, Rows(train_ds), collate, step, evaluate, unit="tok")
+    def evaluate(m, full: bool) -> dict[str, float]:
+        limit = None if full else run_cfg.eval_samples
+        metrics = {}
+        if eval_vqa is not None:
+            rows = predict(m, eval_vqa, limit, stage.eval_batch_size, stage.max_new_tokens)
+            metrics["vqa_accuracy"] = score(rows)["accuracy"]
+        if eval_cap is not None:
+            rows = predict_captions(m, eval_cap, limit, stage.eval_batch_size, stage.caption_max_new_tokens)
+            metrics.update({f"caption_{k}": v for k, v in score_captions(rows).items() if k != "count"})
+        return metrics
+
+    model = train(accelerator, run_cfg, model, optimizer, Rows(task_rows), collate, step, evaluate, unit="tok")
     metrics: dict = {}
     if accelerator.is_main_process:
         model.save_pretrained(out / "model")
-        with accelerator.autocast():
-            rows = predict(model, eval_ds, None, stage.eval_batch_size, stage.max_new_tokens)
-        metrics = score(rows)
+        metrics = final_evaluation(accelerator, stage, model, eval_vqa, eval_cap, out)
         metrics["truncated_questions"] = prompts.truncated
-        with open(out / "predictions.jsonl", "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
         write_json(out / "metrics.json", metrics)
-        accelerator.print(f"VQA accuracy {metrics['accuracy']:.4f} on {metrics['count']} questions; "
-                          f"model saved to {out / 'model'}")
+        accelerator.print(f"model saved to {out / 'model'}")
     accelerator.end_training()
     return metrics
+
+
+def final_evaluation(accelerator, stage: VQAStageConfig, model: VLM, eval_vqa, eval_cap, out: Path) -> dict:
+    """Score the whole eval split; write predictions.jsonl / captions.jsonl. VQA metrics sit at the
+    top level (accuracy, count, per_type), caption metrics under "captions"."""
+    metrics: dict = {}
+    with accelerator.autocast():
+        if eval_vqa is not None:
+            rows = predict(model, eval_vqa, None, stage.eval_batch_size, stage.max_new_tokens)
+            metrics.update(score(rows))
+            write_jsonl(out / "predictions.jsonl", rows)
+            accelerator.print(f"VQA accuracy {metrics['accuracy']:.4f} on {metrics['count']} questions")
+        if eval_cap is not None:
+            rows = predict_captions(model, eval_cap, None, stage.eval_batch_size, stage.caption_max_new_tokens)
+            metrics["captions"] = score_captions(rows)
+            write_jsonl(out / "captions.jsonl", rows)
+            m = metrics["captions"]
+            accelerator.print(f"captions: exact match {m['exact_match']:.4f}, token F1 {m['token_f1']:.4f} "
+                              f"on {m['count']} images")
+    return metrics
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
 
 
 def parse(argv: list[str] | None = None, defaults: RunConfig = STAGE_DEFAULTS) -> tuple[VQAStageConfig, RunConfig]:

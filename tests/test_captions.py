@@ -1,0 +1,121 @@
+"""Caption training as a stage-2 option: captions mixed with questions, the adapter-only
+alignment phase, resume across phases, caption evaluation in the stage and in `mmfusion eval`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+
+from mmfusion.cli import main as cli_main
+from mmfusion.config import gpt_preset, vit_preset
+from mmfusion.data import scenes
+from mmfusion.gpt import GPT
+from mmfusion.vit import ViT
+from mmfusion.vlm import VLM
+from training import train_vqa
+
+
+@pytest.fixture
+def small_scenes(monkeypatch):
+    monkeypatch.setattr(scenes, "SPLIT_SIZES", {"train": 32, "test": 4})
+
+
+@pytest.fixture
+def parts(tmp_path):
+    torch.manual_seed(0)
+    ViT(vit_preset("vit-tiny", num_classes=0)).save_pretrained(tmp_path / "vit")
+    GPT(gpt_preset("gpt-tiny", block_size=96)).save_pretrained(tmp_path / "gpt")
+    return str(tmp_path / "vit"), str(tmp_path / "gpt")
+
+
+def _args(out, vit, gpt, *extra):
+    return ["--dataset", "scenes", "--vit", vit, "--gpt", gpt, "--output-dir", str(out), "--batch-size", "8",
+            "--warmup-steps", "0", "--no-progress", "--eval-batch-size", "16", "--caption-max-new-tokens", "6",
+            "--max-new-tokens", "3", *extra]
+
+
+def _state(model, prefix):
+    return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+def test_alignment_trains_only_the_adapter_then_the_rest(small_scenes, parts, tmp_path):
+    vit, gpt = parts
+    out = tmp_path / "run"
+    argv = _args(out, vit, gpt, "--task", "both", "--no-freeze-vit", "--align-epochs", "1", "--max-steps", "2",
+                 "--lr", "1e-3")
+    stage, run_cfg = train_vqa.parse(argv)
+    set_seed(run_cfg.seed)  # the stage builds its model right after seeding, so this is its start
+    start = train_vqa.build_vlm(stage)
+    metrics = train_vqa.run(stage, run_cfg)
+
+    aligned = VLM.from_pretrained(out / "align" / "model")
+    final = VLM.from_pretrained(out / "model")
+    for prefix in ("vit.", "gpt."):
+        a, s = _state(aligned, prefix), _state(start, prefix)
+        assert all(torch.equal(a[k], s[k]) for k in s), f"alignment changed {prefix}"
+    changed = [k for k, v in _state(aligned, "adapter.").items() if not torch.equal(v, start.state_dict()[k])]
+    assert len(changed) == len(_state(start, "adapter.")), "alignment left adapter weights untouched"
+    # the main phase trains everything the freeze flags leave open (here: all of it)
+    for prefix in ("vit.", "adapter.", "gpt."):
+        f, a = _state(final, prefix), _state(aligned, prefix)
+        assert any(not torch.equal(f[k], a[k]) for k in a), f"main phase did not train {prefix}"
+
+    assert metrics["count"] == 4 * scenes.QUESTIONS_PER_SCENE
+    assert set(metrics["captions"]) == {"exact_match", "token_f1", "count"} and metrics["captions"]["count"] == 4
+    rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [r["caption"] for r in rows] == scenes.load_scenes_captions("test")["caption"]
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 4 * scenes.QUESTIONS_PER_SCENE
+
+
+def test_resume_skips_a_finished_alignment(small_scenes, parts, tmp_path, capsys):
+    vit, gpt = parts
+    out = tmp_path / "run"
+    base = _args(out, vit, gpt, "--task", "caption", "--align-epochs", "1", "--max-steps", "2")
+    train_vqa.main(base)
+    first = VLM.from_pretrained(out / "model").state_dict()
+    capsys.readouterr()
+    # The main phase has no checkpoint: the finished alignment is loaded, not rerun, and the
+    # main phase then replays the same steps.
+    train_vqa.main(base + ["--resume", "latest"])
+    assert "loaded the finished phase" in capsys.readouterr().out
+    again = VLM.from_pretrained(out / "model").state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_caption_only_training_learns_a_fixed_caption(small_scenes, parts, tmp_path):
+    """Enough steps on captions to see the loss fall: the caption labels reach the model."""
+    vit, gpt = parts
+    out = tmp_path / "run"
+    stage, run_cfg = train_vqa.parse(_args(out, vit, gpt, "--task", "caption", "--max-steps", "30", "--lr", "3e-3",
+                                           "--caption-max-new-tokens", "40"))
+    metrics = train_vqa.run(stage, run_cfg)
+    assert "accuracy" not in metrics and metrics["captions"]["count"] == 4
+    # After 30 steps the model writes caption-like text: the shared vocabulary of the captions.
+    assert metrics["captions"]["token_f1"] > 0.3
+
+
+def test_captions_need_a_dataset_with_captions(parts, tmp_path):
+    vit, gpt = parts
+    with pytest.raises(train_vqa.DatasetError, match="only the built-in 'scenes' dataset"):
+        train_vqa.main(["--dataset", "easy-vqa", "--task", "both", "--vit", vit, "--gpt", gpt,
+                        "--output-dir", str(tmp_path / "x")])
+    assert cli_main(["train-vqa", "--dataset", "easy-vqa", "--align-epochs", "1", "--vit", vit, "--gpt", gpt,
+                     "--output-dir", str(tmp_path / "x")]) == 2
+
+
+def test_eval_cli_prints_caption_metrics(small_scenes, parts, tmp_path, capsys):
+    vit, gpt = parts
+    model = train_vqa.build_vlm(train_vqa.VQAStageConfig(vit=vit, gpt=gpt))
+    model.save_pretrained(tmp_path / "vlm")
+    assert cli_main(["eval", "--model", str(tmp_path / "vlm"), "--dataset", "scenes", "--batch-size", "4",
+                     "--max-new-tokens", "2", "--caption-max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "| captions | exact match | token F1 |" in out and "| **all** | 24 |" in out
+    assert (tmp_path / "predictions_test_captions.jsonl").exists()
+    assert cli_main(["eval", "--model", str(tmp_path / "vlm"), "--dataset", "scenes", "--task", "caption",
+                     "--caption-max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "exact match" in out and "VQA accuracy" not in out
