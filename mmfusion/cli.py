@@ -3,7 +3,7 @@
     mmfusion main [--output-dir runs/main]        pretrain ViT, fine-tune VQA, evaluate (the main job)
     mmfusion pretrain-vit [flags]                 stage 1 (see --help)
     mmfusion train-vqa [flags]                    stage 2 (see --help)
-    mmfusion eval --model DIR [--dataset easy-vqa] [--split test]
+    mmfusion eval --model DIR [--dataset easy-vqa|scenes|PATH] [--split test]   VQA accuracy (+ caption metrics)
     mmfusion generate --model DIR --image PATH [--question TEXT]
 
 Bad input ends with one line on stderr naming the problem, and exit code 2.
@@ -12,7 +12,6 @@ Bad input ends with one line on stderr naming the problem, and exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -59,37 +58,54 @@ def cmd_generate(argv: list[str]) -> None:
 
 
 def cmd_eval(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="mmfusion eval", description="Evaluate a saved VLM on a VQA dataset.")
+    parser = argparse.ArgumentParser(prog="mmfusion eval", description=(
+        "Evaluate a saved VLM: VQA accuracy per answer type, and on a dataset with captions (scenes) "
+        "caption exact match and token F1."))
     parser.add_argument("--model", required=True, help="a saved VLM folder")
-    parser.add_argument("--dataset", default="easy-vqa", help="easy-vqa, a parquet/JSONL file or folder, or a hub id")
+    parser.add_argument("--dataset", default="easy-vqa",
+                        help="easy-vqa, scenes, a parquet/JSONL file or folder, or a hub id")
+    parser.add_argument("--task", default="auto", choices=["auto", "vqa", "caption", "both"],
+                        help="what to evaluate (auto: both where the dataset has captions, else vqa)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--question-column", default="question")
     parser.add_argument("--answer-column", default=None)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--output", default=None, help="predictions JSON lines (default: next to the model)")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit")
+    parser.add_argument("--caption-max-new-tokens", type=int, default=48, help="caption length limit")
+    parser.add_argument("--output", default=None,
+                        help="predictions JSON lines (default: next to the model); captions go to *_captions.jsonl")
     args = parser.parse_args(argv)
-    from training.train_vqa import predict, score
+    from training.train_vqa import predict, predict_captions, score, score_captions, write_jsonl
 
-    from .data import load_vqa_dataset
+    from .data import BUILT_IN, SCENES, load_caption_dataset, load_vqa_dataset
     from .vlm import VLM
 
+    task = args.task if args.task != "auto" else "both" if args.dataset == SCENES else "vqa"
     model = VLM.from_pretrained(args.model).eval()
-    columns = {} if args.dataset == "easy-vqa" else {
-        "image_column": args.image_column, "question_column": args.question_column, "answer_column": args.answer_column}
-    dataset, report = load_vqa_dataset(args.dataset, args.split, **columns)
-    print(f"data: {report}")
-    start = time.perf_counter()
-    rows = predict(model, dataset, args.limit, args.batch_size, args.max_new_tokens)
-    metrics = score(rows)
     out = Path(args.output) if args.output else Path(args.model).parent / f"predictions_{args.split}.jsonl"
-    with open(out, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    print(format_vqa_table(metrics))
-    print(f"{len(rows)} questions in {time.perf_counter() - start:.1f}s; predictions written to {out}")
+    if task in ("caption", "both"):
+        captions, report = load_caption_dataset(args.dataset, args.split)
+        print(f"data: {report}")
+    if task in ("vqa", "both"):
+        columns = {} if args.dataset in BUILT_IN else {"image_column": args.image_column,
+                                                       "question_column": args.question_column,
+                                                       "answer_column": args.answer_column}
+        dataset, report = load_vqa_dataset(args.dataset, args.split, **columns)
+        print(f"data: {report}")
+        start = time.perf_counter()
+        rows = predict(model, dataset, args.limit, args.batch_size, args.max_new_tokens)
+        write_jsonl(out, rows)
+        print(format_vqa_table(score(rows)))
+        print(f"{len(rows)} questions in {time.perf_counter() - start:.1f}s; predictions written to {out}")
+    if task in ("caption", "both"):
+        start = time.perf_counter()
+        rows = predict_captions(model, captions, args.limit, args.batch_size, args.caption_max_new_tokens)
+        cap_out = out.with_name(out.stem + "_captions.jsonl")
+        write_jsonl(cap_out, rows)
+        print(format_caption_table(score_captions(rows)))
+        print(f"{len(rows)} captions in {time.perf_counter() - start:.1f}s; written to {cap_out}")
 
 
 def format_vqa_table(metrics: dict) -> str:
@@ -98,6 +114,11 @@ def format_vqa_table(metrics: dict) -> str:
         lines.append(f"| {kind} | {m['count']} | {100 * m['accuracy']:.2f}% |")
     lines.append(f"| **all** | {metrics['count']} | **{100 * metrics['accuracy']:.2f}%** |")
     return "\n".join(lines)
+
+
+def format_caption_table(metrics: dict) -> str:
+    return "\n".join(["| captions | exact match | token F1 |", "|---:|---:|---:|",
+                      f"| {metrics['count']} | {100 * metrics['exact_match']:.2f}% | {metrics['token_f1']:.4f} |"])
 
 
 def _fail(message: str) -> int:
