@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench strip clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/run.py
+
+# Notebooks go into git without outputs (tests/test_notebooks.py checks it).
+strip: setup
+	$(PY) notebooks/strip.py
 
 clean:
 	rm -rf $(VENV) runs
