@@ -59,12 +59,20 @@ def dataclass_from_args(cls: type, namespace: argparse.Namespace):
     return cls(**values)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A flag argparse cannot parse (unknown flag, bad type or choice) ends like any other bad
+    input: one line on stderr, exit code 2; argparse's default also prints the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_configs(argv: list[str] | None, prog: str, description: str, groups: dict[str, type],
                   defaults: dict[str, Any]) -> list[Any]:
     """Parse `argv` into one instance per dataclass in `groups` (title -> class), with
     `defaults` overriding the classes' own field defaults."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for title, cls in groups.items():
         add_dataclass_arguments(parser, cls, title)
     parser.set_defaults(**defaults)

@@ -62,9 +62,12 @@ class RunConfig:
         for name in ("batch_size", "grad_accum", "keep_checkpoints", "eval_samples", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "num_workers"):
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "num_workers", "epochs",
+                     "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.beta2 < 1 or self.adam_eps < 0:
+            raise ConfigError(f"--beta2 must be in [0, 1) and --adam-eps >= 0, got {self.beta2} and {self.adam_eps}")
         if self.epochs <= 0 and self.max_steps == 0:
             raise ConfigError("set --epochs > 0 or --max-steps > 0")
         if self.lr <= 0:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a plain script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmfusion.config import VIT_PRESETS, vit_preset  # noqa: E402
+from mmfusion.config import VIT_PRESETS, ConfigError, ViTConfig, vit_preset  # noqa: E402
 from mmfusion.data import load_classification  # noqa: E402
 from mmfusion.metrics import top1_accuracy  # noqa: E402
 from mmfusion.processing import ImageProcessor  # noqa: E402
@@ -60,6 +60,13 @@ class ViTStageConfig:
     cache_images: bool = field(default=True, metadata={
         "help": "keep decoded, normalized images in memory after their first use (skipped past 2 GB)"})
 
+    def __post_init__(self) -> None:
+        # Impossible values stop here, at parse time: before any data is read or any folder written.
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if not self.init_from:
+            vit_config(self, num_classes=1)
+
 
 STAGE_DEFAULTS = RunConfig(output_dir="runs/vit", epochs=36, batch_size=32, lr=2e-3, warmup_steps=100,
                            weight_decay=0.05)
@@ -98,6 +105,13 @@ class ClassificationImages(torch.utils.data.Dataset):
         return x, label
 
 
+def vit_config(stage: ViTStageConfig, num_classes: int) -> ViTConfig:
+    """The preset with the stage's overrides; raises ConfigError for impossible values."""
+    overrides = {k: getattr(stage, k) for k in ("image_size", "patch_size", "n_layer", "n_head", "n_embd")
+                 if getattr(stage, k) is not None}
+    return vit_preset(stage.preset, num_classes=num_classes, dropout=stage.dropout, **overrides)
+
+
 def build_vit(stage: ViTStageConfig, num_classes: int) -> ViT:
     """A fresh ViT from the preset (with overrides), or one initialized from saved/imported weights."""
     if stage.init_from:
@@ -108,9 +122,7 @@ def build_vit(stage: ViTStageConfig, num_classes: int) -> ViT:
             torch.nn.init.zeros_(vit.head.weight)
             torch.nn.init.zeros_(vit.head.bias)
         return vit
-    overrides = {k: getattr(stage, k) for k in ("image_size", "patch_size", "n_layer", "n_head", "n_embd")
-                 if getattr(stage, k) is not None}
-    return ViT(vit_preset(stage.preset, num_classes=num_classes, dropout=stage.dropout, **overrides))
+    return ViT(vit_config(stage, num_classes))
 
 
 @torch.no_grad()

@@ -28,7 +28,15 @@ import torch
 if __package__ in (None, ""):  # run as a plain script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmfusion.config import GPT_PRESETS, VIT_PRESETS, AdapterConfig, ConfigError, gpt_preset, vit_preset  # noqa: E402
+from mmfusion.config import (  # noqa: E402
+    GPT_PRESETS,
+    VIT_PRESETS,
+    AdapterConfig,
+    ConfigError,
+    VLMConfig,
+    gpt_preset,
+    vit_preset,
+)
 from mmfusion.data import BUILT_IN, DatasetError, load_caption_dataset, load_vqa_dataset  # noqa: E402
 from mmfusion.generation import GenerationConfig  # noqa: E402
 from mmfusion.gpt import GPT  # noqa: E402
@@ -85,6 +93,26 @@ class VQAStageConfig:
     max_new_tokens: int = field(default=8, metadata={"help": "answer length limit at evaluation"})
     caption_max_new_tokens: int = field(default=48, metadata={"help": "caption length limit at evaluation"})
     eval_batch_size: int = field(default=256, metadata={"help": "batch size for evaluation"})
+
+    def __post_init__(self) -> None:
+        # Impossible values stop here, at parse time: before any data is read or any folder written.
+        adapter = AdapterConfig(projection=self.projection, layer=self.adapter_layer, keep_cls=self.keep_cls,
+                                pixel_shuffle=self.pixel_shuffle)
+        for name in ("max_new_tokens", "caption_max_new_tokens", "eval_batch_size", "block_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_vit", "lr_adapter", "lr_gpt"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0 or self.align_epochs < 0:
+            raise ConfigError("--max-bad-fraction must be in [0, 1] and --align-epochs >= 0")
+        if self.block_size is not None and self.gpt not in GPT_PRESETS:
+            raise ConfigError("--block-size applies only to a fresh GPT from a preset")
+        if self.freeze_vit and self.freeze_adapter and self.freeze_gpt:
+            raise ConfigError("every part is frozen: nothing to train")
+        if self.vit in VIT_PRESETS and self.gpt in GPT_PRESETS:  # the whole model is known without reading files
+            gpt = gpt_preset(self.gpt, **({} if self.block_size is None else {"block_size": self.block_size}))
+            VLMConfig(vit=vit_preset(self.vit, num_classes=0), gpt=gpt, adapter=adapter, attention=self.attention)
 
 
 STAGE_DEFAULTS = RunConfig(output_dir="runs/vqa", epochs=2.5, batch_size=64, lr=1e-3, warmup_steps=100,

@@ -1,0 +1,131 @@
+"""Impossible configs and flags are rejected before any work starts: the config dataclasses raise
+ConfigError naming the field and the fix; the stage commands end with one line and exit code 2
+before reading data or creating the output folder. (More config cases: tests/test_models.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmfusion.cli import main
+from mmfusion.config import AdapterConfig, ConfigError, GPTConfig, ViTConfig, VLMConfig
+from mmfusion.generation import GenerationConfig
+from training.common import RunConfig
+
+TINY_VIT = ViTConfig(image_size=32, patch_size=8, n_layer=2, n_head=2, n_embd=32, num_classes=0)
+TINY_GPT = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
+
+API = {
+    "vit_negative_width": (lambda: ViTConfig(n_embd=-64, n_head=4), "n_embd must be a positive integer"),
+    "vit_zero_heads": (lambda: ViTConfig(n_head=0), "n_head must be a positive integer"),
+    "vit_negative_patch": (lambda: ViTConfig(patch_size=-16), "patch_size must be a positive integer"),
+    "vit_zero_channels": (lambda: ViTConfig(num_channels=0), "num_channels must be a positive integer"),
+    "vit_float_width": (lambda: ViTConfig(n_embd=768.0), "n_embd must be a positive integer, got 768.0"),
+    "vit_bool_depth": (lambda: ViTConfig(n_layer=True), "n_layer must be a positive integer, got True"),
+    "vit_width_not_divisible_by_heads": (lambda: ViTConfig(n_embd=100, n_head=12),
+                                         "n_embd=100 is not divisible by n_head=12; pick a width"),
+    "vit_patch_larger_than_image": (lambda: ViTConfig(image_size=16, patch_size=32),
+                                    "patch_size=32 is larger than image_size=16"),
+    "vit_negative_dropout": (lambda: ViTConfig(dropout=-0.1), "dropout must be in [0, 1)"),
+    "vit_mean_wrong_length": (lambda: ViTConfig(image_mean=(0.5, 0.5)), "one value per channel"),
+    "vit_unknown_final_norm": (lambda: ViTConfig(final_norm="none"), "final_norm must be 'all' or 'cls'"),
+    "gpt_zero_layers": (lambda: GPTConfig(n_layer=0), "n_layer must be a positive integer"),
+    "gpt_negative_width": (lambda: GPTConfig(n_embd=-768), "n_embd must be a positive integer"),
+    "gpt_width_not_divisible_by_heads": (lambda: GPTConfig(n_embd=100, n_head=12), "not divisible by n_head=12"),
+    "gpt_dropout_one": (lambda: GPTConfig(dropout=1.0), "dropout must be in [0, 1)"),
+    "gpt_negative_mlp": (lambda: GPTConfig(intermediate_size=-1), "intermediate_size must be a positive integer"),
+    "adapter_zero_shuffle": (lambda: AdapterConfig(pixel_shuffle=0), "pixel_shuffle must be a positive integer"),
+    "adapter_layer_below_minus_one": (lambda: AdapterConfig(layer=-2), "layer must be -1 (last) or a block index"),
+    "vlm_part_of_wrong_type": (lambda: VLMConfig(vit=TINY_GPT, gpt=TINY_GPT), "VLMConfig.vit must be a ViTConfig"),
+    "vlm_image_tokens_fill_context": (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT.replace(block_size=16)),
+                                      "16 image tokens do not fit the GPT context of 16"),
+    "generation_zero_new_tokens": (lambda: GenerationConfig(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    "generation_negative_temperature": (lambda: GenerationConfig(temperature=-1.0), "temperature must be >= 0"),
+    "generation_zero_top_k": (lambda: GenerationConfig(top_k=0), "top_k must be >= 1"),
+    "generation_zero_top_p": (lambda: GenerationConfig(top_p=0.0), r"top_p must be in (0, 1]"),
+    "run_zero_batch": (lambda: RunConfig(batch_size=0), "--batch-size must be >= 1"),
+    "run_negative_lr": (lambda: RunConfig(lr=-1e-3), "--lr must be positive"),
+    "run_no_length": (lambda: RunConfig(epochs=0, max_steps=0), "set --epochs > 0 or --max-steps > 0"),
+    "run_beta2_one": (lambda: RunConfig(beta2=1.0), "--beta2 must be in [0, 1)"),
+    "run_negative_weight_decay": (lambda: RunConfig(weight_decay=-0.1), "--weight-decay must be >= 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(API))
+def test_impossible_config_raises_config_error(case):
+    make, message = API[case]
+    with pytest.raises(ConfigError) as info:
+        make()
+    assert message in str(info.value), str(info.value)
+
+
+def run_cli(capsys, args: list[str]) -> tuple[int, str]:
+    """The exit code and stderr of `mmfusion ARGS` (argparse's own errors exit through SystemExit)."""
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+VIT_FLAGS = {
+    "width_not_divisible_by_heads": (["--n-embd", "100", "--n-head", "12"], "n_embd=100 is not divisible by n_head=12"),
+    "patch_larger_than_image": (["--image-size", "8", "--patch-size", "16"], "patch_size=16 is larger than image_size=8"),
+    "image_not_divisible_by_patch": (["--patch-size", "7"], "image_size=64 is not divisible by patch_size=7"),
+    "negative_image_size": (["--image-size", "-32"], "image_size must be a positive integer, got -32"),
+    "zero_layers": (["--n-layer", "0"], "n_layer must be a positive integer"),
+    "negative_heads": (["--n-head", "-2"], "n_head must be a positive integer"),
+    "dropout_above_one": (["--dropout", "1.5"], "dropout must be in [0, 1)"),
+    "unknown_preset": (["--preset", "vit-huge"], "unknown ViT preset 'vit-huge'"),
+    "bad_fraction_above_one": (["--max-bad-fraction", "2"], "--max-bad-fraction must be in [0, 1]"),
+    "zero_batch": (["--batch-size", "0"], "--batch-size must be >= 1"),
+    "zero_grad_accum": (["--grad-accum", "0"], "--grad-accum must be >= 1"),
+    "negative_lr": (["--lr", "-1"], "--lr must be positive"),
+    "min_lr_ratio_above_one": (["--min-lr-ratio", "1.5"], "--min-lr-ratio must be in [0, 1]"),
+    "no_epochs_no_steps": (["--epochs", "0", "--max-steps", "0"], "set --epochs > 0 or --max-steps > 0"),
+    "negative_save_every": (["--save-every", "-1"], "--save-every must be >= 0"),
+    "zero_keep_checkpoints": (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
+    "beta2_above_one": (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
+    "negative_adam_eps": (["--adam-eps", "-1"], "--adam-eps >= 0"),
+    "negative_grad_clip": (["--grad-clip", "-1"], "--grad-clip must be >= 0"),
+    # argparse's own errors: also one line
+    "unknown_precision": (["--mixed-precision", "fp8"], "argument --mixed-precision: invalid choice: 'fp8'"),
+    "batch_not_a_number": (["--batch-size", "two"], "argument --batch-size: invalid int value: 'two'"),
+    "unknown_flag": (["--n-embed", "64"], "unrecognized arguments: --n-embed 64"),
+}
+
+VQA_FLAGS = {
+    "zero_pixel_shuffle": (["--pixel-shuffle", "0"], "pixel_shuffle must be a positive integer"),
+    "shuffle_not_dividing_grid": (["--pixel-shuffle", "3"], "pixel_shuffle=3 does not divide the ViT patch grid (8x8)"),
+    "adapter_layer_below_minus_one": (["--adapter-layer", "-2"], "layer must be -1 (last) or a block index"),
+    "adapter_layer_past_the_vit": (["--adapter-layer", "9"], "layer=9 but the ViT has only 4 layers"),
+    "zero_block_size": (["--block-size", "0"], "--block-size must be >= 1"),
+    "image_tokens_fill_context": (["--block-size", "16"], "16 image tokens do not fit the GPT context of 16"),
+    "block_size_for_a_loaded_gpt": (["--gpt", "some/saved/gpt", "--block-size", "64"],
+                                    "--block-size applies only to a fresh GPT from a preset"),
+    "zero_max_new_tokens": (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    "negative_part_lr": (["--lr-gpt", "-0.1"], "--lr-gpt must be positive"),
+    "everything_frozen": (["--freeze-vit", "--freeze-adapter", "--freeze-gpt"], "every part is frozen"),
+    "negative_align_epochs": (["--align-epochs", "-1"], "--align-epochs >= 0"),
+    "stage_one_flag_on_stage_two": (["--gpt", "gpt-tiny", "--n-embd", "30"], "unrecognized arguments: --n-embd 30"),
+    "unknown_projection": (["--projection", "conv"], "argument --projection: invalid choice: 'conv'"),
+    "unknown_attention": (["--attention", "full"], "argument --attention: invalid choice: 'full'"),
+    "zero_batch": (["--batch-size", "0"], "--batch-size must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("stage, case", [("pretrain-vit", c) for c in sorted(VIT_FLAGS)]
+                         + [("train-vqa", c) for c in sorted(VQA_FLAGS)])
+def test_impossible_flag_is_rejected_before_any_work(stage, case, tmp_path: Path, capsys):
+    flags, message = (VIT_FLAGS if stage == "pretrain-vit" else VQA_FLAGS)[case]
+    out = tmp_path / "out"
+    base = [stage, "--output-dir", str(out), "--dataset", str(tmp_path / "no-data-needed.jsonl")]
+    if stage == "train-vqa":
+        base += ["--vit", "vit-tiny"]  # with preset parts the whole model is checked at parse time
+    code, err = run_cli(capsys, [*base, *flags])
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(("mmfusion: error: ", f"mmfusion {stage}: error: ")) and message in err, err
+    # Rejected at parse time: the dataset (which does not exist) was never opened, nothing was written.
+    assert "no-data-needed" not in err and not out.exists()
