@@ -234,3 +234,69 @@ def test_weights_saved_by_save_file_with_extra_metadata_still_load(saved, tmp_pa
     tensors = load_file(tmp_path / "gpt" / WEIGHTS_NAME)
     save_file(tensors, tmp_path / "gpt" / WEIGHTS_NAME, metadata={"format": "pt", "written_by": "someone else"})
     assert GPT.from_pretrained(tmp_path / "gpt").config == GPT_CFG
+
+
+# ---- weights only as safetensors + JSON: no pickle anywhere in the package ------------------------
+
+PICKLE_MODULES = {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+TORCH_LOADS = {"torch.load", "torch.serialization.load"}
+TORCH_SAVES = {"torch.save", "torch.serialization.save"}
+
+
+def dotted(node) -> str:
+    import ast
+
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{dotted(node.value)}.{node.attr}"
+    return ""
+
+
+def unsafe_loading(source: str) -> list[str]:
+    """Calls and imports in `source` that can run pickled code: torch.load without
+    weights_only=True, torch.save (writes pickles), pickle-family imports, numpy allow_pickle,
+    and accelerate custom checkpoint objects (which accelerate loads with weights_only=False)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [f"line {node.lineno}: import {a.name}" for a in node.names if a.name.split(".")[0] in PICKLE_MODULES]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.split(".")[0] in PICKLE_MODULES:
+                found.append(f"line {node.lineno}: from {node.module} import")
+            if node.module in ("torch", "torch.serialization"):
+                found += [f"line {node.lineno}: from {node.module} import {a.name}" for a in node.names
+                          if a.name in ("load", "save")]
+        if not isinstance(node, ast.Call):
+            continue
+        name = dotted(node.func)
+        keywords = {k.arg: k.value for k in node.keywords}
+        safe = keywords.get("weights_only")
+        if name in TORCH_LOADS and not (isinstance(safe, ast.Constant) and safe.value is True):
+            found.append(f"line {node.lineno}: {name} without weights_only=True")
+        if name in TORCH_SAVES:
+            found.append(f"line {node.lineno}: {name}")
+        allow = keywords.get("allow_pickle")
+        if allow is not None and not (isinstance(allow, ast.Constant) and allow.value is False):
+            found.append(f"line {node.lineno}: allow_pickle")
+        if name.endswith("register_for_checkpointing"):
+            found.append(f"line {node.lineno}: register_for_checkpointing")
+    return found
+
+
+def test_the_scanner_flags_unsafe_loading():
+    bad = ("import pickle\nfrom joblib import load\nimport torch\nimport numpy as np\nfrom torch import load\n"
+           "torch.load('a')\ntorch.load('a', weights_only=False)\ntorch.serialization.load('a')\n"
+           "torch.save({}, 'a')\nnp.load('a', allow_pickle=True)\naccelerator.register_for_checkpointing(obj)\n")
+    assert sorted(int(f.split(":")[0][5:]) for f in unsafe_loading(bad)) == [1, 2, 5, 6, 7, 8, 9, 10, 11]
+    assert unsafe_loading("import torch\ntorch.load('a', map_location='cpu', weights_only=True)\n") == []
+
+
+def test_package_never_loads_pickles():
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "mmfusion").rglob("*.py")) + sorted((root / "training").rglob("*.py"))
+    assert len(files) > 20
+    problems = {str(f.relative_to(root)): unsafe_loading(f.read_text()) for f in files}
+    assert {f: p for f, p in problems.items() if p} == {}
