@@ -212,16 +212,26 @@ def test_bad_training_checkpoint_through_cli_is_one_line(trained, tmp_path, caps
     assert all(f in line for f in fragments), line
 
 
-def test_an_unfinished_checkpoint_is_ignored_and_cleaned_up(trained, tmp_path):
+def test_an_unfinished_checkpoint_is_ignored_and_cleaned_up(trained, tmp_path, monkeypatch):
     """A crash mid-save leaves `.tmp_step_N` (no progress.json, never renamed): --resume latest
-    takes the last complete checkpoint, and the next save removes the leftover."""
+    takes the last complete checkpoint, and the next save removes the leftover. Every
+    torch.load of the resume (optimizer and RNG state) runs with weights_only=True."""
     from training.common import checkpoint_dirs
+
+    weights_only, real_load = [], torch.load
+
+    def spy(*args, **kwargs):
+        weights_only.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
 
     out = copy_run(trained, tmp_path, lambda c: shutil.copytree(c / "step_2", c / ".tmp_step_3"))
     (out / "checkpoints" / ".tmp_step_3" / "progress.json").unlink()
     halve(out / "checkpoints" / ".tmp_step_3" / "model.safetensors")
     assert [p.name for p in checkpoint_dirs(out)] == ["step_1", "step_2"]
     assert main([*trained[1], "--output-dir", str(out), "--max-steps", "3", "--resume", "latest"]) == 0
+    assert len(weights_only) >= 2 and all(w is True for w in weights_only), weights_only
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_3"]
     reference = load_file(trained[0] / "checkpoints" / "step_2" / "model.safetensors")
     resumed_from = load_file(out / "checkpoints" / "step_2" / "model.safetensors")
