@@ -90,7 +90,7 @@ def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_emb
     cache = gpt.new_cache(B, T + steps)
     hidden = gpt.hidden_states(input_ids, None if mask is None else mask[:, :T], inputs_embeds=inputs_embeds,
                                cache=cache, bidirectional=bidirectional)  # (B, T, C)
-    logits = gpt.lm_head(hidden[:, -1])  # (B, V)
+    logits = gpt.row_logits(hidden[:, -1])  # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(steps):
         token = next_token(logits, config, generator).masked_fill(done, eot_id)  # (B,)
@@ -101,7 +101,7 @@ def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_emb
         # Positions come from the mask's running count of real tokens, as in the prefill.
         hidden = gpt.hidden_states(token[:, None], None if mask is None else mask[:, :T + step + 1],
                                    cache=cache)  # (B, 1, C)
-        logits = gpt.lm_head(hidden[:, -1])
+        logits = gpt.row_logits(hidden[:, -1])
 
 
 def _cut_at_stop(text: str, stop_strings: tuple[str, ...]) -> tuple[str, bool]:

@@ -97,6 +97,15 @@ class GPT(PretrainedMixin, nn.Module):
             cache.advance(T)
         return self.ln_f(x)
 
+    def row_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits (B, V) for one position per row, hidden (B, C): the decoding step.
+
+        Computed as (W h^T)^T, which equals lm_head(h) up to summation order: with a few rows
+        against the (V, C) weight, MKL runs `W @ h.T` as one streaming pass while nn.Linear's
+        `h @ W.T` was measured 1.5-2.4x slower at B = 8 on the AVX2 CPU (one row: the same kernel).
+        """
+        return (self.lm_head.weight @ hidden.T).T  # (V, B) -> (B, V)
+
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 **kwargs) -> torch.Tensor:
         """Logits (B, T, V). Keyword arguments as in `hidden_states`."""
