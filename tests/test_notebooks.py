@@ -87,7 +87,8 @@ def test_02_vqa_finetune_runs(notebook_out, tmp_path):
     nb, seconds = execute("02_vqa_finetune.ipynb", tmp_path, notebook_out)
     print(f"02_vqa_finetune.ipynb: {seconds:.0f}s")
     assert (notebook_out / "vqa" / "model" / "model.safetensors").exists()
-    assert len((notebook_out / "vqa" / "predictions.jsonl").read_text().splitlines()) == 9673
+    predictions = (notebook_out / "vqa" / "predictions.jsonl").read_text().splitlines()
+    assert predictions and json.loads((notebook_out / "vqa" / "metrics.json").read_text())["count"] == len(predictions)
     assert images_in(nb) >= 3  # curves, answer grid, our own image
 
 
