@@ -450,14 +450,16 @@ def bench_decode(run: Run, s: Shapes) -> None:
         same = bool(torch.equal(full["mmfusion"](), full["transformers"]()))  # also the warm-up
         for k in clocks:
             clocks[k].clear()
-        total = alternate(full, max(1, s.repeats - 2), warmup=0)
+        reps = 1 if run.smoke or b > 1 else 2  # batch 8 at 128 tokens is minutes per run on 2 busy cores
+        total = alternate(full, reps, warmup=0)
         ttft = {k: statistics.median(c.stamps[0] for c in v) for k, v in clocks.items()}
         per_token = {k: statistics.median((c.stamps[-1] - c.stamps[0]) / (len(c.stamps) - 1) for c in v)
                      for k, v in clocks.items()}
         rates = {k: b * s.new_tokens / t for k, t in total.items()}
         case = f"GPT-2 {s.gpt.n_layer}L, batch {b}"
         target_row(run, "decode", case, "fp32", "tokens/s (end to end)", rates, 1.5 if b == 1 else 1.3,
-                   note=f"prompt {s.prompt_len}, {s.new_tokens} greedy tokens; same tokens as transformers: "
+                   note=f"prompt {s.prompt_len}, {s.new_tokens} greedy tokens, median of {reps} run(s) after a warm-up "
+                        f"run; same tokens as transformers: "
                         f"{'yes' if same else 'NO'}")
         target_row(run, "decode", case, "fp32", "time to first token ms", {k: v * 1000 for k, v in ttft.items()},
                    None, higher_is_better=False, note="prefill + first token")
