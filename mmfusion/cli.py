@@ -1,6 +1,7 @@
 """The `mmfusion` command.
 
     mmfusion main [--output-dir runs/main]        pretrain ViT, fine-tune VQA, evaluate (the main job)
+    mmfusion captions [--output-dir runs/captions]  caption + VQA training on the scenes, evaluate (see --help)
     mmfusion pretrain-vit [flags]                 stage 1 (see --help)
     mmfusion train-vqa [flags]                    stage 2 (see --help)
     mmfusion eval --model DIR [--dataset easy-vqa|scenes|PATH] [--split test]   VQA accuracy (+ caption metrics)
@@ -128,6 +129,7 @@ def _fail(message: str) -> int:
 
 COMMANDS = {
     "main": lambda argv: __import__("training.main", fromlist=["main"]).main(argv),
+    "captions": lambda argv: __import__("training.captions", fromlist=["main"]).main(argv),
     "pretrain-vit": lambda argv: __import__("training.pretrain_vit", fromlist=["main"]).main(argv),
     "train-vqa": lambda argv: __import__("training.train_vqa", fromlist=["main"]).main(argv),
     "eval": cmd_eval,

@@ -153,8 +153,8 @@ class ImageProcessor:
         return (x - self.mean) / self.std
 
     def __call__(self, images) -> torch.Tensor:
-        """A list of images -> (B, 3, H, W)."""
-        if not isinstance(images, (list, tuple)):
+        """One image, or a sequence of images (list, tuple, a datasets column) -> (B, 3, H, W)."""
+        if isinstance(images, (str, Path, bytes, Image.Image, np.ndarray, torch.Tensor, dict)):
             images = [images]
         return torch.stack([self.to_tensor(im) for im in images])
 

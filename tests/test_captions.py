@@ -119,3 +119,18 @@ def test_eval_cli_prints_caption_metrics(small_scenes, parts, tmp_path, capsys):
                      "--caption-max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "exact match" in out and "VQA accuracy" not in out
+
+
+def test_captions_job_writes_a_report(small_scenes, tmp_path, capsys):
+    from training import captions
+
+    result = captions.main(["--output-dir", str(tmp_path / "job"), "--no-progress", "--examples", "2", "--",
+                            "--max-steps", "2", "--batch-size", "8", "--caption-max-new-tokens", "4",
+                            "--max-new-tokens", "2", "--final-eval-limit", "3"])
+    report = (tmp_path / "job" / "results.md").read_text()
+    assert "| captions | exact match | token F1 |" in report and "| **all** | 3 |" in report
+    assert report.strip() in capsys.readouterr().out
+    assert result["captions"]["count"] == 3 and (tmp_path / "job" / "model" / "model.safetensors").exists()
+    assert len((tmp_path / "job" / "captions.jsonl").read_text().splitlines()) == 3
+    run_config = json.loads((tmp_path / "job" / "run_config.json").read_text())
+    assert run_config["stage"]["task"] == "both" and run_config["stage"]["freeze_vit"] is False

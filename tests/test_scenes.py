@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mmfusion.data import DatasetError, load_caption_dataset, load_vqa_dataset
@@ -165,3 +166,12 @@ def test_caption_metrics_by_hand():
     assert m["token_f1"] == pytest.approx((1.0 + 0.5) / 2)
     with pytest.raises(ValueError):
         caption_metrics(["a"], [])
+
+
+def test_image_processor_takes_a_datasets_column():
+    from mmfusion.processing import ImageProcessor
+
+    caps = sc.load_scenes_captions("test", 3)
+    x = ImageProcessor(64, (0.5,) * 3, (0.5,) * 3)(caps["image"])  # a Column in datasets 4+, a list before
+    assert x.shape == (3, 3, 64, 64)
+    assert torch.equal(x[1], ImageProcessor(64, (0.5,) * 3, (0.5,) * 3)(caps[1]["image"])[0])

@@ -92,13 +92,15 @@ class VQAStageConfig:
     lr_gpt: float | None = field(default=None, metadata={"help": "GPT learning rate (default: --lr)"})
     max_new_tokens: int = field(default=8, metadata={"help": "answer length limit at evaluation"})
     caption_max_new_tokens: int = field(default=48, metadata={"help": "caption length limit at evaluation"})
+    final_eval_limit: int | None = field(default=None, metadata={
+        "help": "score only the first N questions and N captions at the end (default: the whole split)"})
     eval_batch_size: int = field(default=256, metadata={"help": "batch size for evaluation"})
 
     def __post_init__(self) -> None:
         # Impossible values stop here, at parse time: before any data is read or any folder written.
         adapter = AdapterConfig(projection=self.projection, layer=self.adapter_layer, keep_cls=self.keep_cls,
                                 pixel_shuffle=self.pixel_shuffle)
-        for name in ("max_new_tokens", "caption_max_new_tokens", "eval_batch_size", "block_size"):
+        for name in ("max_new_tokens", "caption_max_new_tokens", "eval_batch_size", "block_size", "final_eval_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("lr_vit", "lr_adapter", "lr_gpt"):
@@ -319,12 +321,13 @@ def final_evaluation(accelerator, stage: VQAStageConfig, model: VLM, eval_vqa, e
     metrics: dict = {}
     with accelerator.autocast():
         if eval_vqa is not None:
-            rows = predict(model, eval_vqa, None, stage.eval_batch_size, stage.max_new_tokens)
+            rows = predict(model, eval_vqa, stage.final_eval_limit, stage.eval_batch_size, stage.max_new_tokens)
             metrics.update(score(rows))
             write_jsonl(out / "predictions.jsonl", rows)
             accelerator.print(f"VQA accuracy {metrics['accuracy']:.4f} on {metrics['count']} questions")
         if eval_cap is not None:
-            rows = predict_captions(model, eval_cap, None, stage.eval_batch_size, stage.caption_max_new_tokens)
+            rows = predict_captions(model, eval_cap, stage.final_eval_limit, stage.eval_batch_size,
+                                    stage.caption_max_new_tokens)
             metrics["captions"] = score_captions(rows)
             write_jsonl(out / "captions.jsonl", rows)
             m = metrics["captions"]
