@@ -18,7 +18,7 @@ import nbformat
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-EXECUTED = ["01_pretrain_vit.ipynb", "02_vqa_finetune.ipynb"]
+EXECUTED = ["01_pretrain_vit.ipynb", "02_vqa_finetune.ipynb", "03_captions_and_answers.ipynb"]
 KERNEL_NAME = "mmfusion-test"
 
 
@@ -90,6 +90,20 @@ def test_02_vqa_finetune_runs(notebook_out, tmp_path):
     predictions = (notebook_out / "vqa" / "predictions.jsonl").read_text().splitlines()
     assert predictions and json.loads((notebook_out / "vqa" / "metrics.json").read_text())["count"] == len(predictions)
     assert images_in(nb) >= 3  # curves, answer grid, our own image
+
+
+@pytest.mark.slow
+def test_03_captions_and_answers_runs(notebook_out, tmp_path):
+    # No saved captions model under the temporary working folder: the notebook trains a tiny one.
+    nb, seconds = execute("03_captions_and_answers.ipynb", tmp_path, notebook_out)
+    print(f"03_captions_and_answers.ipynb: {seconds:.0f}s")
+    assert (notebook_out / "captions" / "model" / "model.safetensors").exists()
+    assert (notebook_out / "my_image.png").exists()
+    # caption grid, answered scenes, sampled image, own image, attention maps, image share per block
+    assert images_in(nb) >= 6
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "matches the model" in text and "seed 0 again" in text
+    assert not list(tmp_path.glob("runs")), "the notebook wrote into its working folder, not MMFUSION_NB_OUT"
 
 
 def test_committed_notebooks_have_no_outputs():
