@@ -1,7 +1,8 @@
 """ViTAdapter: ViT hidden states (B, 1+N, Dv) -> image tokens in GPT width (B, M, Dg).
 
 Steps: pick the configured ViT layer, keep or drop CLS, optionally pixel-shuffle the patch
-grid by s (M = N / s^2 patch tokens, each s^2 * Dv wide), then project (linear or MLP).
+grid by s (M = N / s^2 patch tokens, each s^2 * Dv wide), optionally add a learned
+embedding per image token, then project (linear or MLP).
 
 Notation: B batch, N patches, G grid side (N = G * G), s shuffle factor, Dv ViT width,
 Dg GPT width, M image tokens.
@@ -29,7 +30,8 @@ def pixel_shuffle(x: torch.Tensor, s: int) -> torch.Tensor:
 
 
 class ViTAdapter(nn.Module):
-    def __init__(self, config: AdapterConfig, vit_dim: int, gpt_dim: int) -> None:
+    def __init__(self, config: AdapterConfig, vit_dim: int, gpt_dim: int, num_tokens: int = 0) -> None:
+        """`num_tokens` (M) is needed only with `config.position_embedding`."""
         super().__init__()
         self.config = config
         d_in = vit_dim * config.pixel_shuffle**2
@@ -42,6 +44,14 @@ class ViTAdapter(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=d_in**-0.5 if m.in_features == d_in else gpt_dim**-0.5)
                 nn.init.zeros_(m.bias)
+        self.pos_embed = None
+        if config.position_embedding:
+            if num_tokens < 1:
+                raise ValueError("ViTAdapter with position_embedding needs num_tokens, the image tokens it yields")
+            # Unit scale, like the LayerNorm'd ViT features it is added to: at the GPT's own
+            # position scale (0.01) it would drown in image features of norm ~1 and take
+            # hundreds of steps to matter.
+            self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, d_in))  # (1, M, s^2 Dv)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, 1+N, Dv) from the chosen ViT layer -> image embeddings (B, M, Dg)."""
@@ -51,4 +61,6 @@ class ViTAdapter(nn.Module):
         if self.config.keep_cls:
             # The CLS token is tiled to the shuffled width so one projection serves every token.
             x = torch.cat([cls.repeat(1, 1, s * s), x], dim=1)  # (B, M, s^2 Dv)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed  # which image token is which, whatever the ViT features keep of it
         return self.proj(self.dropout(x))  # (B, M, Dg)

@@ -70,6 +70,11 @@ class _JSONMixin:
 class ViTConfig(_JSONMixin):
     """Vision Transformer: patchify, prepend CLS, add learned positions, bidirectional blocks.
 
+    `label_grid` g > 1 makes the classifier label each cell of a g x g grid of image regions
+    (logits (B, g*g, num_classes) from the mean of each cell's patch tokens) instead of the
+    whole image from CLS: a dense objective whose patch tokens keep what is where, which is
+    what an adapter feeding the GPT needs (see `mmfusion.data.scenes.load_scenes_cells`).
+
     `final_norm` says where the last LayerNorm applies: "all" tokens (HF ViT's
     `last_hidden_state` is normalized) or only the pooled "cls" token (CLIP's
     `post_layernorm`). `pre_norm` adds CLIP's LayerNorm right after the embeddings.
@@ -92,9 +97,10 @@ class ViTConfig(_JSONMixin):
     final_norm: str = "all"
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    label_grid: int = 1  # 1: one label per image (from CLS); g > 1: one label per cell of a g x g grid
 
     def __post_init__(self) -> None:
-        _positive(self, "image_size", "patch_size", "num_channels", "n_layer", "n_head", "n_embd")
+        _positive(self, "image_size", "patch_size", "num_channels", "n_layer", "n_head", "n_embd", "label_grid")
         if self.intermediate_size is not None:
             _positive(self, "intermediate_size")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
@@ -119,6 +125,9 @@ class ViTConfig(_JSONMixin):
             raise ConfigError("ViTConfig.image_mean and image_std need one value per channel")
         if any(s <= 0 for s in self.image_std):
             raise ConfigError(f"ViTConfig.image_std must be positive, got {self.image_std}")
+        if self.grid_size % self.label_grid:
+            raise ConfigError(f"ViTConfig.label_grid={self.label_grid} does not divide the "
+                              f"{self.grid_size}x{self.grid_size} patch grid")
 
     @property
     def grid_size(self) -> int:
@@ -174,6 +183,10 @@ class AdapterConfig(_JSONMixin):
     normalized output of `forward_features`; k >= 0: block k's raw output).
     `pixel_shuffle` s > 1 merges each s x s group of patches into one token
     (s^2 fewer tokens, s^2 times wider) before the projection.
+    `position_embedding` adds a learned vector per image token before the projection, so the
+    GPT can tell image tokens apart even when the ViT features carry little of where they
+    came from (as those of a ViT pretrained on per-cell labels, `ViTConfig.label_grid`).
+    Measured on scenes (README): caption exact match 61% without, 99% with, same training.
     """
 
     projection: str = "mlp"
@@ -181,6 +194,7 @@ class AdapterConfig(_JSONMixin):
     keep_cls: bool = False
     pixel_shuffle: int = 1
     dropout: float = 0.0
+    position_embedding: bool = False
 
     def __post_init__(self) -> None:
         if self.projection not in ("linear", "mlp"):

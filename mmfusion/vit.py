@@ -1,7 +1,8 @@
 """Vision Transformer: the GPT block made bidirectional.
 
 pixel_values (B, 3, H, W) -> conv patch embedding -> (B, N, C) -> prepend CLS -> (B, N+1, C)
--> + learned positions -> L bidirectional blocks -> LayerNorm -> head(CLS) -> (B, num_classes).
+-> + learned positions -> L bidirectional blocks -> LayerNorm -> head(CLS) -> (B, num_classes),
+or with `label_grid` g > 1: head(mean of each cell's patches) -> (B, g*g, num_classes).
 
 Notation: B batch, N patches, C width, P patch size, G grid side (N = G * G).
 """
@@ -113,8 +114,19 @@ class ViT(PretrainedMixin, nn.Module):
         cls = hidden[:, 0]
         return self.norm(cls) if self.config.final_norm == "cls" else cls
 
+    def pool_cells(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Mean of the patch tokens in each cell of the label grid, in reading order: (B, g*g, C)."""
+        g, G = self.config.label_grid, self.config.grid_size
+        B, _, C = hidden.shape
+        patches = hidden[:, 1:].view(B, g, G // g, g, G // g, C)  # (B, rows, row-in-cell, cols, col-in-cell, C)
+        cells = patches.mean(dim=(2, 4)).reshape(B, g * g, C)
+        return self.norm(cells) if self.config.final_norm == "cls" else cells
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Class logits (B, num_classes)."""
+        """Class logits (B, num_classes); with `label_grid` g > 1, per cell (B, g*g, num_classes)."""
         if self.head is None:
             raise RuntimeError("this ViT has no classifier (num_classes=0); use forward_features")
-        return self.head(self.pool(self.forward_features(pixel_values)))
+        hidden = self.forward_features(pixel_values)
+        if self.config.label_grid > 1:
+            return self.head(self.pool_cells(hidden))
+        return self.head(self.pool(hidden))

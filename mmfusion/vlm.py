@@ -62,7 +62,7 @@ class VLM(PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config
         self.vit = ViT(config.vit)
-        self.adapter = ViTAdapter(config.adapter, config.vit.n_embd, config.gpt.n_embd)
+        self.adapter = ViTAdapter(config.adapter, config.vit.n_embd, config.gpt.n_embd, config.num_image_tokens)
         self.gpt = GPT(config.gpt)
 
     @classmethod

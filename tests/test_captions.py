@@ -124,13 +124,38 @@ def test_eval_cli_prints_caption_metrics(small_scenes, parts, tmp_path, capsys):
 def test_captions_job_writes_a_report(small_scenes, tmp_path, capsys):
     from training import captions
 
-    result = captions.main(["--output-dir", str(tmp_path / "job"), "--no-progress", "--examples", "2", "--",
+    result = captions.main(["--output-dir", str(tmp_path / "job"), "--no-progress", "--examples", "2",
+                            "--vit-max-steps", "2", "--vit-batch-size", "16", "--",
                             "--max-steps", "2", "--batch-size", "8", "--caption-max-new-tokens", "4",
                             "--max-new-tokens", "2", "--final-eval-limit", "3"])
     report = (tmp_path / "job" / "results.md").read_text()
     assert "| captions | exact match | token F1 |" in report and "| **all** | 3 |" in report
+    assert "Stage 1 (ViT, a label per cell)" in report
     assert report.strip() in capsys.readouterr().out
     assert result["captions"]["count"] == 3 and (tmp_path / "job" / "model" / "model.safetensors").exists()
     assert len((tmp_path / "job" / "captions.jsonl").read_text().splitlines()) == 3
+    # Stage 1 trained a cell classifier; stage 2 used it, frozen, with one token per cell.
+    vit = ViT.from_pretrained(tmp_path / "job" / "vit" / "model")
+    assert vit.config.label_grid == 2 and result["vit"]["label_grid"] == 2
     run_config = json.loads((tmp_path / "job" / "run_config.json").read_text())
-    assert run_config["stage"]["task"] == "both" and run_config["stage"]["freeze_vit"] is False
+    assert run_config["stage"]["task"] == "both" and run_config["stage"]["freeze_vit"] is True
+    assert run_config["stage"]["vit"] == str(tmp_path / "job" / "vit" / "model")
+    model = VLM.from_pretrained(tmp_path / "job" / "model")
+    assert model.num_image_tokens == 4 and model.config.adapter.position_embedding
+    for name, p in vit.state_dict().items():
+        if not name.startswith("head."):
+            torch.testing.assert_close(model.vit.state_dict()[name], p)
+
+
+def test_captions_job_takes_a_saved_vit_and_checks_stage_two_flags_first(small_scenes, parts, tmp_path, capsys):
+    from training import captions
+
+    vit, _ = parts
+    with pytest.raises(SystemExit):
+        captions.main(["--output-dir", str(tmp_path / "bad"), "--", "--epochs", "lots"])
+    assert not (tmp_path / "bad").exists()  # nothing trained before the bad flag was found
+    result = captions.main(["--output-dir", str(tmp_path / "job"), "--no-progress", "--vit", vit, "--",
+                            "--max-steps", "1", "--batch-size", "4", "--caption-max-new-tokens", "2",
+                            "--max-new-tokens", "1", "--final-eval-limit", "2", "--pixel-shuffle", "2"])
+    assert result["vit"] is None and not (tmp_path / "job" / "vit").exists()
+    assert f"(ViT: {vit})" in (tmp_path / "job" / "results.md").read_text()

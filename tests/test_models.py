@@ -42,6 +42,7 @@ M = TINY_VIT.num_patches  # image tokens per image with the default adapter (CLS
     (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT.replace(block_size=16)), "do not fit the GPT context"),
     (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT, adapter=AdapterConfig(layer=2)), "only 2 layers"),
     (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT, attention="full"), "attention must be"),
+    (lambda: ViTConfig(image_size=32, patch_size=8, label_grid=3), "label_grid=3 does not divide"),
     (lambda: GPTConfig.from_dict({"n_layers": 2}), r"unknown GPTConfig fields: \['n_layers'\]"),
 ])
 def test_invalid_configs_raise_config_error(make, match):
@@ -54,7 +55,8 @@ CONFIGS = [
     ViTConfig(pre_norm=True, final_norm="cls", patch_bias=False, activation="quick_gelu", intermediate_size=48,
               image_mean=(0.1, 0.2, 0.3), image_std=(0.4, 0.5, 0.6), image_size=32, patch_size=8, n_embd=16, n_head=4),
     GPTConfig(intermediate_size=100, dropout=0.1, bias=False, activation="gelu"),
-    AdapterConfig(projection="linear", layer=1, keep_cls=True, pixel_shuffle=2, dropout=0.1),
+    AdapterConfig(projection="linear", layer=1, keep_cls=True, pixel_shuffle=2, dropout=0.1, position_embedding=True),
+    ViTConfig(image_size=32, patch_size=8, n_embd=16, n_head=4, num_classes=5, label_grid=2),
     VLMConfig(vit=TINY_VIT, gpt=TINY_GPT, adapter=AdapterConfig(pixel_shuffle=2, keep_cls=True), attention="prefix"),
     VLMConfig(),
     *VIT_PRESETS.values(), *GPT_PRESETS.values(),
@@ -359,3 +361,36 @@ def test_vit_position_embedding_starts_as_sincos_table():
     assert torch.equal(table[0, 2, :8], table[0, 6, :8])  # same column, same x half
     assert not torch.equal(table[0, 2, 8:], table[0, 6, 8:])  # different rows, different y half
     assert not torch.equal(table[0, 2], table[0, 5])
+
+
+@pytest.mark.parametrize("keep_cls", [False, True])
+def test_image_position_embedding_tells_identical_tokens_apart(keep_cls, tmp_path):
+    torch.manual_seed(0)
+    adapter = AdapterConfig(pixel_shuffle=2, keep_cls=keep_cls, position_embedding=True)
+    model = VLM(VLMConfig(vit=TINY_VIT, gpt=TINY_GPT, adapter=adapter))
+    m = model.num_image_tokens
+    assert model.adapter.pos_embed.shape == (1, m, 4 * TINY_VIT.n_embd)
+    hidden = torch.randn(1, 1, TINY_VIT.n_embd).expand(2, 1 + TINY_VIT.num_patches, -1)  # every token the same
+    out = model.adapter(hidden)  # (2, M, C)
+    # Without positions every image token would be the same vector; with them, none is.
+    assert torch.cdist(out[0], out[0]).add(torch.eye(m) * 1e9).min() > 1e-3
+    plain = model.adapter.proj(pixel_and_cls(hidden, keep_cls) + model.adapter.pos_embed)
+    torch.testing.assert_close(out, plain)
+    model.save_pretrained(tmp_path / "m")
+    again = VLM.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(again.adapter(hidden), out)
+    assert "adapter.pos_embed" in dict(again.named_parameters())
+
+
+def pixel_and_cls(hidden, keep_cls):
+    from mmfusion.adapter import pixel_shuffle
+
+    x = pixel_shuffle(hidden[:, 1:], 2)
+    return torch.cat([hidden[:, :1].repeat(1, 1, 4), x], dim=1) if keep_cls else x
+
+
+def test_adapter_position_embedding_needs_the_token_count():
+    from mmfusion.adapter import ViTAdapter
+
+    with pytest.raises(ValueError, match="needs num_tokens"):
+        ViTAdapter(AdapterConfig(position_embedding=True), 32, 32)

@@ -3,6 +3,12 @@
     python training/pretrain_vit.py --output-dir runs/vit                 # easy-VQA, one process
     accelerate launch training/pretrain_vit.py --output-dir runs/vit      # same script, many processes
     mmfusion pretrain-vit --dataset path/to/images --label-column label  # any classification data
+    mmfusion pretrain-vit --dataset scenes --output-dir runs/scenes-vit  # a label per cell of a 2x2 grid
+
+A dataset whose `label` is a list of g*g class ids (scenes) trains a ViT with `label_grid=g`:
+each cell of a g x g grid is classified from the mean of its patch tokens, so the patch
+tokens learn what is where (a CLS-only objective leaves them free to forget it). Flips
+mirror the label grid with the image.
 
 Writes OUTPUT_DIR/model (config.json + model.safetensors), metrics.json, run_config.json,
 logs/ (tensorboard) and checkpoints/ (with --save-every).
@@ -10,6 +16,7 @@ logs/ (tensorboard) and checkpoints/ (with --save-every).
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +75,24 @@ class ViTStageConfig:
             vit_config(self, num_classes=1)
 
 
+def label_layout(features) -> tuple[list[str], int]:
+    """(class names, label grid side) of a classification dataset: a `ClassLabel` column is one
+    label per image (grid 1); a list of `ClassLabel` is one per cell of a square grid."""
+    feature = features["label"]
+    inner = getattr(feature, "feature", None)
+    if inner is None:
+        return feature.names, 1
+    return inner.names, 0  # the side is read from the first row (see grid_side)
+
+
+def grid_side(dataset) -> int:
+    n = len(dataset[0]["label"])
+    g = math.isqrt(n)
+    if g * g != n:
+        raise ConfigError(f"a list label needs one class per cell of a square grid; got {n} labels per image")
+    return g
+
+
 STAGE_DEFAULTS = RunConfig(output_dir="runs/vit", epochs=36, batch_size=32, lr=2e-3, warmup_steps=100,
                            weight_decay=0.05)
 
@@ -76,6 +101,8 @@ class ClassificationImages(torch.utils.data.Dataset):
     """A datasets.Dataset with `image` and `label` -> (pixel_values (3, H, W), label).
 
     Indices may be EpochSampler's virtual indices; a flip is drawn from (seed, epoch, row).
+    A list label (one class per cell of a g x g grid, reading order) becomes a (g*g,) tensor,
+    mirrored along with the image.
     """
 
     CACHE_LIMIT_BYTES = 2 * 1024**3
@@ -98,35 +125,50 @@ class ClassificationImages(torch.utils.data.Dataset):
         else:
             row = self.dataset[i]
             x, label = self.processor.to_tensor(row["image"]), row["label"]
+            if isinstance(label, list):
+                label = torch.tensor(label)  # (g*g,)
             if self.cache is not None:
                 self.cache[i] = (x, label)
         if self.hflip and torch.rand((), generator=example_generator(self.seed, virtual)) < 0.5:
             x = x.flip(-1)  # (3, H, W) mirrored left-right; a new tensor, the cache is untouched
+            if isinstance(label, torch.Tensor):
+                g = math.isqrt(label.numel())
+                label = label.view(g, g).flip(-1).reshape(-1)  # columns swap with the image's
         return x, label
 
 
-def vit_config(stage: ViTStageConfig, num_classes: int) -> ViTConfig:
+def vit_config(stage: ViTStageConfig, num_classes: int, label_grid: int = 1) -> ViTConfig:
     """The preset with the stage's overrides; raises ConfigError for impossible values."""
     overrides = {k: getattr(stage, k) for k in ("image_size", "patch_size", "n_layer", "n_head", "n_embd")
                  if getattr(stage, k) is not None}
-    return vit_preset(stage.preset, num_classes=num_classes, dropout=stage.dropout, **overrides)
+    return vit_preset(stage.preset, num_classes=num_classes, dropout=stage.dropout, label_grid=label_grid, **overrides)
 
 
-def build_vit(stage: ViTStageConfig, num_classes: int) -> ViT:
+def build_vit(stage: ViTStageConfig, num_classes: int, label_grid: int = 1) -> ViT:
     """A fresh ViT from the preset (with overrides), or one initialized from saved/imported weights."""
     if stage.init_from:
         vit = ViT.from_pretrained(stage.init_from) if is_mmfusion_folder(stage.init_from) else ViT.from_hf(stage.init_from)
-        if vit.config.num_classes != num_classes:  # a new task: a fresh, zero-initialized head
-            vit.config = vit.config.replace(num_classes=num_classes)
+        if vit.config.num_classes != num_classes or vit.config.label_grid != label_grid:
+            # a new task: a fresh, zero-initialized head
+            vit.config = vit.config.replace(num_classes=num_classes, label_grid=label_grid)
             vit.head = torch.nn.Linear(vit.config.n_embd, num_classes)
             torch.nn.init.zeros_(vit.head.weight)
             torch.nn.init.zeros_(vit.head.bias)
         return vit
-    return ViT(vit_config(stage, num_classes))
+    return ViT(vit_config(stage, num_classes, label_grid))
 
 
 @torch.no_grad()
 def accuracy(model: ViT, dataset: ClassificationImages, limit: int | None = None, batch_size: int = 256) -> float:
+    """Top-1 accuracy; for grid labels, the share of images whose every cell is right."""
+    return accuracies(model, dataset, limit, batch_size)[0]
+
+
+@torch.no_grad()
+def accuracies(model: ViT, dataset: ClassificationImages, limit: int | None = None,
+               batch_size: int = 256) -> tuple[float, float]:
+    """(image accuracy, cell accuracy): equal for one label per image; for grid labels an image
+    counts only if every cell is right, and cell accuracy is over all cells."""
     model.eval()
     n = len(dataset) if limit is None else min(limit, len(dataset))
     preds, labels = [], []
@@ -134,8 +176,12 @@ def accuracy(model: ViT, dataset: ClassificationImages, limit: int | None = None
         items = [dataset[i] for i in range(start, min(n, start + batch_size))]
         x = torch.stack([x for x, _ in items]).to(next(model.parameters()).device)
         preds.append(model(x).argmax(-1).cpu())
-        labels.extend(y for _, y in items)
-    return top1_accuracy(torch.cat(preds), torch.tensor(labels))
+        labels.append(torch.stack([torch.as_tensor(y) for _, y in items]))
+    pred, label = torch.cat(preds), torch.cat(labels)  # (n,) or (n, g*g)
+    if pred.ndim == 1:
+        acc = top1_accuracy(pred, label)
+        return acc, acc
+    return (pred == label).all(dim=1).float().mean().item(), top1_accuracy(pred.flatten(), label.flatten())
 
 
 def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
@@ -149,8 +195,10 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
                                                label_column=stage.label_column,
                                                max_bad_fraction=stage.max_bad_fraction)
     accelerator.print(f"data: {train_report}\ndata: {eval_report}")
-    class_names = train_ds.features["label"].names
-    vit = build_vit(stage, len(class_names))
+    class_names, label_grid = label_layout(train_ds.features)
+    if label_grid == 0:
+        label_grid = grid_side(train_ds)
+    vit = build_vit(stage, len(class_names), label_grid)
     processor = ImageProcessor.from_config(vit.config)
     train_set = ClassificationImages(train_ds, processor, hflip=stage.hflip, seed=run_cfg.seed,
                                      cache=stage.cache_images)
@@ -166,17 +214,22 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
 
     def step(model, batch):
         x, y = batch
-        return F.cross_entropy(model(x).float(), y), len(y)
+        logits = model(x).float()  # (B, K) or (B, g*g, K)
+        return F.cross_entropy(logits.flatten(0, -2), y.flatten()), len(y)
 
     def evaluate(model, full: bool) -> dict[str, float]:
-        return {"accuracy": accuracy(model, eval_set, None if full else run_cfg.eval_samples)}
+        image, cell = accuracies(model, eval_set, None if full else run_cfg.eval_samples)
+        return {"accuracy": image, **({"cell_accuracy": cell} if label_grid > 1 else {})}
 
     vit = train(accelerator, run_cfg, vit, optimizer, train_set, None, step, evaluate, unit="img")
     metrics = {}
     if accelerator.is_main_process:
         with accelerator.autocast():
-            metrics = {"test_accuracy": accuracy(vit, eval_set), "test_examples": len(eval_set),
+            image, cell = accuracies(vit, eval_set)
+            metrics = {"test_accuracy": image, "test_examples": len(eval_set),
                        "train_examples": len(train_set), "classes": class_names}
+            if label_grid > 1:
+                metrics.update(test_cell_accuracy=cell, label_grid=label_grid)
         vit.save_pretrained(out / "model")
         write_json(out / "metrics.json", metrics)
         accelerator.print(f"test accuracy {metrics['test_accuracy']:.4f} on {len(eval_set)} images; "

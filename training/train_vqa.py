@@ -82,6 +82,8 @@ class VQAStageConfig:
     adapter_layer: int = field(default=-1, metadata={"help": "ViT layer feeding the adapter (-1: last)"})
     keep_cls: bool = field(default=False, metadata={"help": "keep the ViT's CLS token as an image token"})
     pixel_shuffle: int = field(default=2, metadata={"help": "merge s x s patches into one image token"})
+    image_positions: bool = field(default=False, metadata={
+        "help": "the adapter adds a learned embedding per image token (AdapterConfig.position_embedding)"})
     attention: str = field(default="prefix", metadata={
         "help": "image tokens attend causally or bidirectionally (prefix)", "choices": ["causal", "prefix"]})
     freeze_vit: bool = field(default=True, metadata={"help": "keep the ViT's weights fixed"})
@@ -99,7 +101,7 @@ class VQAStageConfig:
     def __post_init__(self) -> None:
         # Impossible values stop here, at parse time: before any data is read or any folder written.
         adapter = AdapterConfig(projection=self.projection, layer=self.adapter_layer, keep_cls=self.keep_cls,
-                                pixel_shuffle=self.pixel_shuffle)
+                                pixel_shuffle=self.pixel_shuffle, position_embedding=self.image_positions)
         for name in ("max_new_tokens", "caption_max_new_tokens", "eval_batch_size", "block_size", "final_eval_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -141,7 +143,7 @@ def load_gpt(spec: str, block_size: int | None) -> GPT:
 
 def build_vlm(stage: VQAStageConfig) -> VLM:
     adapter = AdapterConfig(projection=stage.projection, layer=stage.adapter_layer, keep_cls=stage.keep_cls,
-                            pixel_shuffle=stage.pixel_shuffle)
+                            pixel_shuffle=stage.pixel_shuffle, position_embedding=stage.image_positions)
     model = VLM.from_parts(load_vit(stage.vit), load_gpt(stage.gpt, stage.block_size), adapter, stage.attention)
     set_trainable(model, vit=not stage.freeze_vit, adapter=not stage.freeze_adapter, gpt=not stage.freeze_gpt)
     if not any(p.requires_grad for p in model.parameters()):

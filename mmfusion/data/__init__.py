@@ -22,13 +22,13 @@ import datasets
 
 from .easy_vqa import CLASS_NAMES, easy_vqa_classification, load_easy_vqa_classification, load_easy_vqa_vqa
 from .local import DatasetError, LoadReport, answer_type_of, load_image_classification, load_vqa
-from .scenes import SCENES, load_scenes_captions, load_scenes_vqa
+from .scenes import SCENES, load_scenes_captions, load_scenes_cells, load_scenes_vqa
 
 EASY_VQA = "easy-vqa"
 
 __all__ = ["EASY_VQA", "CLASS_NAMES", "SCENES", "DatasetError", "LoadReport", "answer_type_of", "load_caption_dataset",
            "load_classification", "load_easy_vqa_classification", "load_easy_vqa_vqa", "load_image_classification",
-           "load_scenes_captions", "load_scenes_vqa", "load_vqa", "load_vqa_dataset"]
+           "load_scenes_captions", "load_scenes_cells", "load_scenes_vqa", "load_vqa", "load_vqa_dataset"]
 BUILT_IN = (EASY_VQA, SCENES)
 
 
@@ -40,11 +40,13 @@ def _reject_column_overrides(loader, kwargs: dict) -> None:
         raise TypeError(f"unexpected options {unknown}")
     changed = [f"--{k.replace('_', '-')}" for k, v in kwargs.items() if k.endswith("_column") and v != defaults[k]]
     if changed:
-        raise DatasetError(f"{EASY_VQA} has fixed columns; drop {', '.join(changed)} or load your own data")
+        raise DatasetError(f"the built-in datasets ({EASY_VQA}, {SCENES}) have fixed columns; "
+                           f"drop {', '.join(changed)} or load your own data")
 
 
 def load_classification(name_or_path: str | Path, split: str, **kwargs) -> tuple[datasets.Dataset, LoadReport]:
-    """Image classification data: "easy-vqa" (24 color-shape classes) or a user source.
+    """Image classification data: "easy-vqa" (24 color-shape classes), "scenes" (a label per
+    cell of a 2x2 grid: `label` is a list of 4 class ids) or a user source.
 
     `kwargs` go to `load_image_classification` (column names, `max_bad_fraction`,
     `cache_dir`); for easy-vqa only their defaults are allowed for the columns.
@@ -53,6 +55,10 @@ def load_classification(name_or_path: str | Path, split: str, **kwargs) -> tuple
     if str(name_or_path) == EASY_VQA:
         _reject_column_overrides(load_image_classification, kwargs)
         return easy_vqa_classification(split)
+    if str(name_or_path) == SCENES:
+        _reject_column_overrides(load_image_classification, kwargs)
+        ds = load_scenes_cells(split)
+        return ds, LoadReport(source=SCENES, split=split, total=len(ds), kept=len(ds))
     return load_image_classification(name_or_path, split, **kwargs)
 
 

@@ -21,6 +21,9 @@ on its own, in any order, on any machine, and `train` and `test` use different
 seeds (`SPLIT_SEEDS`). Images are drawn at 4x and downsampled, which gives
 antialiased edges like a photo of a drawing.
 
+`load_scenes_cells(split)` labels each cell of the 2x2 grid (`CELL_CLASSES`: empty or
+"<size> <color> <shape>"), the dense target that pretrains a ViT for this data.
+
 `load_scenes_vqa(split)` / `load_scenes_captions(split)` return
 `datasets.Dataset`s in the schemas of `mmfusion.data` (images as PNG bytes in
 memory; nothing is written to disk).
@@ -49,6 +52,8 @@ SPLIT_SEEDS = {"train": 20261122, "test": 7}
 SPLIT_SIZES = {"train": 5000, "test": 1000}
 QUESTIONS_PER_SCENE = 6
 _NUMBERS = ("zero", "one", "two", "three", "four")
+# Per-cell classes for ViT pretraining (`load_scenes_cells`): what, if anything, fills a cell.
+CELL_CLASSES = ("empty",) + tuple(f"{size} {color} {shape}" for color in COLORS for shape in SHAPES for size in SIZES)
 _SUPERSAMPLE = 4
 
 
@@ -193,6 +198,25 @@ def load_scenes_captions(split: str, num_scenes: int | None = None) -> datasets.
         "caption": [caption(s) for s in scenes],
         "image_id": [s.index for s in scenes],
     }, features=features)
+
+
+def cell_labels(scene: Scene) -> list[int]:
+    """The `CELL_CLASSES` id of each cell, in reading order (2 * row + col)."""
+    labels = [0] * len(POSITIONS)
+    for s in scene.shapes:
+        labels[s.cell] = CELL_CLASSES.index(f"{s.size} {s.color} {s.shape}")
+    return labels
+
+
+def load_scenes_cells(split: str, num_scenes: int | None = None) -> datasets.Dataset:
+    """One row per scene: `image` and `label`, a list of 4 `CELL_CLASSES` ids (one per cell of
+    the 2x2 grid, reading order) for a ViT with `label_grid=2`."""
+    n = _check(split, num_scenes)
+    scenes, pngs = _scenes(split, n)
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.List(datasets.ClassLabel(names=list(CELL_CLASSES)))})
+    return datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in pngs],
+                                       "label": [cell_labels(s) for s in scenes]}, features=features)
 
 
 def load_scenes_vqa(split: str, num_scenes: int | None = None) -> datasets.Dataset:
