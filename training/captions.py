@@ -37,7 +37,7 @@ VIT_ARGS = ["--dataset", "scenes", "--preset", "vit-tiny"]
 VIT_DEFAULTS = RunConfig(output_dir="runs/captions/vit", epochs=13, batch_size=64, lr=8e-3, warmup_steps=100,
                          weight_decay=0.05)
 STAGE_ARGS = ["--dataset", "scenes", "--task", "both", "--pixel-shuffle", "4", "--image-positions"]
-RUN_DEFAULTS = RunConfig(output_dir="runs/captions", epochs=2.0, batch_size=32, lr=1e-3, warmup_steps=100,
+RUN_DEFAULTS = RunConfig(output_dir="runs/captions", epochs=4.0, batch_size=32, lr=1e-3, warmup_steps=100,
                          weight_decay=0.05, eval_samples=300)
 
 
