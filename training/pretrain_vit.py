@@ -75,22 +75,19 @@ class ViTStageConfig:
             vit_config(self, num_classes=1)
 
 
-def label_layout(features) -> tuple[list[str], int]:
+def label_layout(dataset) -> tuple[list[str], int]:
     """(class names, label grid side) of a classification dataset: a `ClassLabel` column is one
-    label per image (grid 1); a list of `ClassLabel` is one per cell of a square grid."""
-    feature = features["label"]
+    label per image (grid 1); a list of `ClassLabel` is one per cell of a square grid, whose
+    side comes from the first row."""
+    feature = dataset.features["label"]
     inner = getattr(feature, "feature", None)
     if inner is None:
         return feature.names, 1
-    return inner.names, 0  # the side is read from the first row (see grid_side)
-
-
-def grid_side(dataset) -> int:
     n = len(dataset[0]["label"])
     g = math.isqrt(n)
     if g * g != n:
         raise ConfigError(f"a list label needs one class per cell of a square grid; got {n} labels per image")
-    return g
+    return inner.names, g
 
 
 STAGE_DEFAULTS = RunConfig(output_dir="runs/vit", epochs=36, batch_size=32, lr=2e-3, warmup_steps=100,
@@ -195,9 +192,7 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
                                                label_column=stage.label_column,
                                                max_bad_fraction=stage.max_bad_fraction)
     accelerator.print(f"data: {train_report}\ndata: {eval_report}")
-    class_names, label_grid = label_layout(train_ds.features)
-    if label_grid == 0:
-        label_grid = grid_side(train_ds)
+    class_names, label_grid = label_layout(train_ds)
     vit = build_vit(stage, len(class_names), label_grid)
     processor = ImageProcessor.from_config(vit.config)
     train_set = ClassificationImages(train_ds, processor, hflip=stage.hflip, seed=run_cfg.seed,
