@@ -156,12 +156,6 @@ def build_vit(stage: ViTStageConfig, num_classes: int, label_grid: int = 1) -> V
 
 
 @torch.no_grad()
-def accuracy(model: ViT, dataset: ClassificationImages, limit: int | None = None, batch_size: int = 256) -> float:
-    """Top-1 accuracy; for grid labels, the share of images whose every cell is right."""
-    return accuracies(model, dataset, limit, batch_size)[0]
-
-
-@torch.no_grad()
 def accuracies(model: ViT, dataset: ClassificationImages, limit: int | None = None,
                batch_size: int = 256) -> tuple[float, float]:
     """(image accuracy, cell accuracy): equal for one label per image; for grid labels an image

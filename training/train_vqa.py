@@ -100,8 +100,7 @@ class VQAStageConfig:
 
     def __post_init__(self) -> None:
         # Impossible values stop here, at parse time: before any data is read or any folder written.
-        adapter = AdapterConfig(projection=self.projection, layer=self.adapter_layer, keep_cls=self.keep_cls,
-                                pixel_shuffle=self.pixel_shuffle, position_embedding=self.image_positions)
+        adapter = self.adapter_config()
         for name in ("max_new_tokens", "caption_max_new_tokens", "eval_batch_size", "block_size", "final_eval_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -117,6 +116,10 @@ class VQAStageConfig:
         if self.vit in VIT_PRESETS and self.gpt in GPT_PRESETS:  # the whole model is known without reading files
             gpt = gpt_preset(self.gpt, **({} if self.block_size is None else {"block_size": self.block_size}))
             VLMConfig(vit=vit_preset(self.vit, num_classes=0), gpt=gpt, adapter=adapter, attention=self.attention)
+
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig(projection=self.projection, layer=self.adapter_layer, keep_cls=self.keep_cls,
+                             pixel_shuffle=self.pixel_shuffle, position_embedding=self.image_positions)
 
 
 STAGE_DEFAULTS = RunConfig(output_dir="runs/vqa", epochs=2.5, batch_size=64, lr=1e-3, warmup_steps=100,
@@ -142,9 +145,8 @@ def load_gpt(spec: str, block_size: int | None) -> GPT:
 
 
 def build_vlm(stage: VQAStageConfig) -> VLM:
-    adapter = AdapterConfig(projection=stage.projection, layer=stage.adapter_layer, keep_cls=stage.keep_cls,
-                            pixel_shuffle=stage.pixel_shuffle, position_embedding=stage.image_positions)
-    model = VLM.from_parts(load_vit(stage.vit), load_gpt(stage.gpt, stage.block_size), adapter, stage.attention)
+    model = VLM.from_parts(load_vit(stage.vit), load_gpt(stage.gpt, stage.block_size), stage.adapter_config(),
+                           stage.attention)
     set_trainable(model, vit=not stage.freeze_vit, adapter=not stage.freeze_adapter, gpt=not stage.freeze_gpt)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("every part is frozen: nothing to train")
