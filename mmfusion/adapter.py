@@ -1,8 +1,9 @@
 """ViTAdapter: ViT hidden states (B, 1+N, Dv) -> image tokens in GPT width (B, M, Dg).
 
-Steps: pick the configured ViT layer, keep or drop CLS, optionally pixel-shuffle the patch
-grid by s (M = N / s^2 patch tokens, each s^2 * Dv wide), optionally add a learned
-embedding per image token, then project (linear or MLP).
+Steps: pick the configured ViT layer, keep or drop CLS, optionally merge each s x s block of
+the patch grid into one token (M = N / s^2 patch tokens), by pixel shuffle (each s^2 * Dv
+wide) or by their mean (Dv wide), optionally add a learned embedding per image token, then
+project (linear or MLP).
 
 Notation: B batch, N patches, G grid side (N = G * G), s shuffle factor, Dv ViT width,
 Dg GPT width, M image tokens.
@@ -29,12 +30,18 @@ def pixel_shuffle(x: torch.Tensor, s: int) -> torch.Tensor:
     return x.reshape(B, (g // s) ** 2, s * s * D)  # (B, M, s^2 D)
 
 
+def mean_pool(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Average each s x s block of patch tokens: (B, N, D) -> (B, N / s^2, D)."""
+    B, _, D = x.shape
+    return pixel_shuffle(x, s).view(B, -1, s * s, D).mean(dim=2)  # (B, M, s^2, D) -> (B, M, D)
+
+
 class ViTAdapter(nn.Module):
     def __init__(self, config: AdapterConfig, vit_dim: int, gpt_dim: int, num_tokens: int = 0) -> None:
         """`num_tokens` (M) is needed only with `config.position_embedding`."""
         super().__init__()
         self.config = config
-        d_in = vit_dim * config.pixel_shuffle**2
+        d_in = vit_dim * (config.pixel_shuffle**2 if config.merge == "concat" else 1)
         if config.projection == "linear":
             self.proj = nn.Sequential(nn.Linear(d_in, gpt_dim))
         else:
@@ -51,16 +58,21 @@ class ViTAdapter(nn.Module):
             # Unit scale, like the LayerNorm'd ViT features it is added to: at the GPT's own
             # position scale (0.01) it would drown in image features of norm ~1 and take
             # hundreds of steps to matter.
-            self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, d_in))  # (1, M, s^2 Dv)
+            self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, d_in))  # (1, M, d_in)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, 1+N, Dv) from the chosen ViT layer -> image embeddings (B, M, Dg)."""
         s = self.config.pixel_shuffle
         cls, patches = hidden[:, :1], hidden[:, 1:]  # (B, 1, Dv), (B, N, Dv)
-        x = pixel_shuffle(patches, s)  # (B, N/s^2, s^2 Dv)
-        if self.config.keep_cls:
-            # The CLS token is tiled to the shuffled width so one projection serves every token.
-            x = torch.cat([cls.repeat(1, 1, s * s), x], dim=1)  # (B, M, s^2 Dv)
+        if self.config.merge == "mean":
+            x = mean_pool(patches, s)  # (B, N/s^2, Dv)
+            if self.config.keep_cls:
+                x = torch.cat([cls, x], dim=1)  # (B, M, Dv)
+        else:
+            x = pixel_shuffle(patches, s)  # (B, N/s^2, s^2 Dv)
+            if self.config.keep_cls:
+                # The CLS token is tiled to the shuffled width so one projection serves every token.
+                x = torch.cat([cls.repeat(1, 1, s * s), x], dim=1)  # (B, M, s^2 Dv)
         if self.pos_embed is not None:
             x = x + self.pos_embed  # which image token is which, whatever the ViT features keep of it
         return self.proj(self.dropout(x))  # (B, M, Dg)

@@ -181,8 +181,10 @@ class AdapterConfig(_JSONMixin):
 
     `layer` picks the ViT layer whose output feeds the adapter (-1: the final,
     normalized output of `forward_features`; k >= 0: block k's raw output).
-    `pixel_shuffle` s > 1 merges each s x s group of patches into one token
-    (s^2 fewer tokens, s^2 times wider) before the projection.
+    `pixel_shuffle` s > 1 merges each s x s group of patches into one token (s^2 fewer
+    tokens) before the projection, by `merge`: "concat" (pixel shuffle: s^2 times wider,
+    every patch kept) or "mean" (average pooling: same width; the feature a ViT trained
+    with `label_grid` classifies each cell from).
     `position_embedding` adds a learned vector per image token before the projection, so the
     GPT can tell image tokens apart even when the ViT features carry little of where they
     came from (as those of a ViT pretrained on per-cell labels, `ViTConfig.label_grid`).
@@ -193,12 +195,15 @@ class AdapterConfig(_JSONMixin):
     layer: int = -1
     keep_cls: bool = False
     pixel_shuffle: int = 1
+    merge: str = "concat"
     dropout: float = 0.0
     position_embedding: bool = False
 
     def __post_init__(self) -> None:
         if self.projection not in ("linear", "mlp"):
             raise ConfigError(f"AdapterConfig.projection must be 'linear' or 'mlp', got {self.projection!r}")
+        if self.merge not in ("concat", "mean"):
+            raise ConfigError(f"AdapterConfig.merge must be 'concat' or 'mean', got {self.merge!r}")
         _positive(self, "pixel_shuffle")
         _probability(self, "dropout")
         if not isinstance(self.layer, int) or self.layer < -1:

@@ -9,6 +9,9 @@ The prompt template (question answering, then captioning)::
     <|image|> x M  "Question: {question}\\nAnswer:"  " {answer}<|endoftext|>"
     <|image|> x M  "Caption:"                         " {caption}<|endoftext|>"
 
+A conversation (several questions about one image, `PromptBuilder.conversation`) puts the
+image slots once and then the turns one after another, each "Question: ...\nAnswer: ...<|endoftext|>";
+its first turn is exactly the single-question example above.
 Only the part after the prompt is supervised; everything else is -100.
 Notation: B batch, T tokens, M image tokens.
 
@@ -181,6 +184,7 @@ class PromptBuilder:
     max_length: int
     tokenizer: Tokenizer | None = None
     truncated: int = 0
+    dropped_turns: int = 0
 
     def __post_init__(self) -> None:
         self.tokenizer = self.tokenizer or get_tokenizer()
@@ -226,6 +230,32 @@ class PromptBuilder:
         prompt = self.prompt_ids(question, reserve=len(target))
         return prompt + target, [IGNORE_INDEX] * len(prompt) + target
 
+    def conversation(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """Several (question, answer) turns about one image in one sequence: the image slots,
+        then each turn's template and answer. Labels supervise every answer and its EOT.
+
+        The first turn is `example(question, answer)`, byte for byte. Later turns that would
+        overflow the context are left out whole and counted in `dropped_turns` (logged once).
+        """
+        if not turns:
+            raise PromptError("a conversation needs at least one (question, answer) turn")
+        ids, labels = self.example(*turns[0])
+        for question, answer in turns[1:]:
+            if not isinstance(question, str) or not question.strip():
+                raise PromptError(f"question must be non-empty text, got {question!r}")
+            prompt = self._question_prefix + self.tokenizer.encode(" " + question.strip()) + self._answer_prefix
+            target = self.target_ids(answer)
+            if len(ids) + len(prompt) + len(target) > self.max_length:
+                if not self.dropped_turns:
+                    logger.warning("conversation turns that overflow the context of %d tokens are left out "
+                                   "(PromptBuilder.dropped_turns counts them; only the first is logged)",
+                                   self.max_length)
+                self.dropped_turns += 1
+                continue
+            ids += prompt + target
+            labels += [IGNORE_INDEX] * len(prompt) + target
+        return ids, labels
+
 
 def pad_batch(sequences: list[list[int]], pad_value: int, left: bool = False) -> torch.Tensor:
     """Pad to the longest sequence: (B, T)."""
@@ -244,7 +274,8 @@ class VQACollator:
 
     Returns input_ids (B, T) right-padded with `<|endoftext|>`, attention_mask (B, T),
     labels (B, T) with -100 on image slots, prompt and padding, and pixel_values (B, 3, H, W).
-    A row without a question (None or missing) is a caption example.
+    A row without a question (None or missing) is a caption example; a row with `turns`
+    (a list of (question, answers) pairs) is a conversation about its image.
     """
 
     def __init__(self, processor: ImageProcessor, prompts: PromptBuilder) -> None:
@@ -254,6 +285,11 @@ class VQACollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         ids, labels = [], []
         for row in rows:
+            if "turns" in row:
+                i, l = self.prompts.conversation([(q, majority_answer(a)) for q, a in row["turns"]])
+                ids.append(i)
+                labels.append(l)
+                continue
             target = row.get("caption") if row.get("question") is None else majority_answer(
                 row["answers"] if "answers" in row else row["answer"])
             i, l = self.prompts.example(row.get("question"), target)

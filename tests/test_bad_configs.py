@@ -36,6 +36,7 @@ API = {
     "gpt_dropout_one": (lambda: GPTConfig(dropout=1.0), "dropout must be in [0, 1)"),
     "gpt_negative_mlp": (lambda: GPTConfig(intermediate_size=-1), "intermediate_size must be a positive integer"),
     "adapter_zero_shuffle": (lambda: AdapterConfig(pixel_shuffle=0), "pixel_shuffle must be a positive integer"),
+    "adapter_unknown_merge": (lambda: AdapterConfig(merge="sum"), "merge must be 'concat' or 'mean'"),
     "adapter_layer_below_minus_one": (lambda: AdapterConfig(layer=-2), "layer must be -1 (last) or a block index"),
     "vlm_part_of_wrong_type": (lambda: VLMConfig(vit=TINY_GPT, gpt=TINY_GPT), "VLMConfig.vit must be a ViTConfig"),
     "vlm_image_tokens_fill_context": (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT.replace(block_size=16)),

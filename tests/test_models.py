@@ -38,6 +38,7 @@ M = TINY_VIT.num_patches  # image tokens per image with the default adapter (CLS
     (lambda: ViTConfig(activation="relu"), "activation must be one of"),
     (lambda: ViTConfig(image_std=(0.5, 0.0, 0.5)), "image_std must be positive"),
     (lambda: AdapterConfig(projection="conv"), "projection must be"),
+    (lambda: AdapterConfig(merge="max"), "merge must be 'concat' or 'mean'"),
     (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT, adapter=AdapterConfig(pixel_shuffle=3)), "does not divide"),
     (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT.replace(block_size=16)), "do not fit the GPT context"),
     (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT, adapter=AdapterConfig(layer=2)), "only 2 layers"),
@@ -56,6 +57,7 @@ CONFIGS = [
               image_mean=(0.1, 0.2, 0.3), image_std=(0.4, 0.5, 0.6), image_size=32, patch_size=8, n_embd=16, n_head=4),
     GPTConfig(intermediate_size=100, dropout=0.1, bias=False, activation="gelu"),
     AdapterConfig(projection="linear", layer=1, keep_cls=True, pixel_shuffle=2, dropout=0.1, position_embedding=True),
+    AdapterConfig(pixel_shuffle=4, merge="mean", keep_cls=True),
     ViTConfig(image_size=32, patch_size=8, n_embd=16, n_head=4, num_classes=5, label_grid=2),
     VLMConfig(vit=TINY_VIT, gpt=TINY_GPT, adapter=AdapterConfig(pixel_shuffle=2, keep_cls=True), attention="prefix"),
     VLMConfig(),
@@ -387,6 +389,25 @@ def pixel_and_cls(hidden, keep_cls):
 
     x = pixel_shuffle(hidden[:, 1:], 2)
     return torch.cat([hidden[:, :1].repeat(1, 1, 4), x], dim=1) if keep_cls else x
+
+
+@pytest.mark.parametrize("keep_cls", [False, True])
+def test_mean_merge_feeds_the_adapter_what_a_cell_head_reads(keep_cls, tmp_path):
+    """merge="mean" averages each s x s block: for a ViT trained with label_grid g (blocks of
+    grid/g patches), these are exactly the per-cell features its head classified."""
+    torch.manual_seed(0)
+    vit_config = ViTConfig(image_size=32, patch_size=4, n_layer=1, n_head=2, n_embd=16, num_classes=5, label_grid=2)
+    vit = randomized(ViT(vit_config)).eval()
+    adapter = AdapterConfig(pixel_shuffle=4, merge="mean", keep_cls=keep_cls, position_embedding=True)
+    model = VLM.from_parts(vit, GPT(TINY_GPT), adapter)
+    assert model.num_image_tokens == 4 + keep_cls and model.adapter.pos_embed.shape[-1] == 16
+    pixels = torch.randn(2, 3, 32, 32)
+    hidden = vit.forward_features(pixels)  # (2, 1 + 64, 16)
+    cells = vit.pool_cells(hidden)  # (2, 4, 16)
+    expected = torch.cat([hidden[:, :1], cells], dim=1) if keep_cls else cells
+    torch.testing.assert_close(model.adapter(hidden), model.adapter.proj(expected + model.adapter.pos_embed))
+    model.save_pretrained(tmp_path / "m")
+    torch.testing.assert_close(VLM.from_pretrained(tmp_path / "m").encode_images(pixels), model.encode_images(pixels))
 
 
 def test_adapter_position_embedding_needs_the_token_count():

@@ -107,3 +107,44 @@ def test_arrays_tensors_and_paths_are_accepted(tmp_path):
 def test_bad_images_raise_image_error(bad, message):
     with pytest.raises(ImageError, match=message):
         load_image(bad)
+
+
+def test_conversation_puts_the_image_once_and_supervises_every_answer():
+    builder = PromptBuilder(num_image_tokens=3, max_length=128)
+    turns = [("what color?", "red"), ("how many shapes are there?", "two"), ("where is it?", "top left")]
+    ids, labels = builder.conversation(turns)
+    assert builder.conversation(turns[:1]) == builder.example(*turns[0])  # turn 1 is the eval format
+    assert ids[:3] == [IMAGE_ID] * 3 and ids.count(IMAGE_ID) == 3 and len(ids) == len(labels)
+    supervised = [t for t in labels if t != IGNORE_INDEX]
+    assert supervised == [t for _, a in turns for t in tok.encode(" " + a) + [EOT_ID]]
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels))
+    ends = [i for i, t in enumerate(ids) if t == EOT_ID]
+    assert len(ends) == 3 and ends[-1] == len(ids) - 1
+    pieces = [tok.decode(ids[a + 1:b]) for a, b in zip([2] + ends, ends)]
+    assert pieces == ["Question: what color?\nAnswer: red", "Question: how many shapes are there?\nAnswer: two",
+                      "Question: where is it?\nAnswer: top left"]
+
+
+def test_conversation_leaves_out_whole_turns_that_overflow_and_counts_them():
+    builder = PromptBuilder(num_image_tokens=4, max_length=24)
+    ids, labels = builder.conversation([("what color?", "red"), ("what shape is it?", "circle"), ("size?", "big")])
+    first, _ = builder.example("what color?", "red")
+    assert len(ids) <= 24 and ids[:len(first)] == first
+    assert builder.dropped_turns >= 1 and labels[-1] == EOT_ID
+    with pytest.raises(PromptError, match="at least one"):
+        builder.conversation([])
+    with pytest.raises(PromptError, match="non-empty"):
+        builder.conversation([("what?", "yes"), ("  ", "no")])
+
+
+def test_collator_builds_conversation_rows():
+    builder = PromptBuilder(num_image_tokens=2, max_length=64)
+    collate = VQACollator(ImageProcessor(16, (0.5,) * 3, (0.5,) * 3), builder)
+    image = Image.new("RGB", (16, 16), "blue")
+    batch = collate([{"image": image, "turns": [("what color?", ["blue", "blue", "navy"]), ("is it red?", ["no"])]},
+                     {"image": image, "question": "what color?", "answers": ["blue"]}])
+    ids, _ = builder.conversation([("what color?", "blue"), ("is it red?", "no")])
+    assert batch["input_ids"][0].tolist() == ids
+    assert batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist() == tok.encode(" blue") + [EOT_ID] + \
+        tok.encode(" no") + [EOT_ID]
+    assert (batch["input_ids"] == IMAGE_ID).sum(1).tolist() == [2, 2]

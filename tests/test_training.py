@@ -196,6 +196,28 @@ def test_optimizer_groups_and_schedule():
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
 
 
+def test_conversations_group_every_row_once_by_image():
+    import datasets
+
+    from training.common import Conversations
+
+    image_ids = [0, 1, 0, 2, 0, -1, 1, 0, 0, -1]
+    ds = datasets.Dataset.from_dict({"image": [f"img{i}" for i in image_ids], "image_id": image_ids,
+                                     "question": [f"q{i}" for i in range(10)],
+                                     "answers": [[f"a{i}"] for i in range(10)]})
+    conv = Conversations(ds, turns=3, seed=0)
+    groups = [sorted(int(q[1:]) for q, _ in conv[i]["turns"]) for i in range(len(conv))]
+    assert sorted(r for g in groups for r in g) == list(range(10))  # nothing lost, nothing twice
+    assert sorted(groups) == sorted([[0, 2, 4], [7, 8], [1, 6], [3], [5], [9]])  # chunks of <= 3, -1 alone
+    for i in range(len(conv)):
+        item = conv[i]
+        rows = [int(q[1:]) for q, _ in item["turns"]]
+        assert {ds[r]["image"] for r in rows} == {item["image"]}
+        assert all(a == [f"a{r}"] for r, (_, a) in zip(rows, item["turns"]))
+    orders = {repr(conv[0]["turns"]) for conv in (Conversations(ds, 3, seed) for seed in range(8))}
+    assert len(orders) > 1 and Conversations(ds, 3, 5).groups == Conversations(ds, 3, 5).groups
+
+
 def test_train_vqa_on_parquet_with_imported_transformers_weights(tmp_path, vqa_jsonl):
     """Stage 2 on a parquet dataset, starting from transformers ViT and GPT-2 folders."""
     import datasets

@@ -216,6 +216,46 @@ class Rows(torch.utils.data.Dataset):
         return self.dataset[split_index(virtual, len(self.dataset))[1]]
 
 
+class Conversations(torch.utils.data.Dataset):
+    """VQA rows grouped by image into conversations of up to `turns` questions.
+
+    Rows that share an `image_id` (>= 0) are grouped, in chunks of at most `turns`; rows with
+    image_id -1 (the source had none) stay alone. The turns of a group come in a seeded random
+    order, fixed per group, so the question a conversation opens with (the one seen exactly as
+    at evaluation) varies across images. Items: {"image", "turns": [(question, answers), ...]},
+    which `VQACollator` turns into one sequence. Nothing is dropped: every row is in one group.
+    """
+
+    def __init__(self, dataset, turns: int, seed: int) -> None:
+        if turns < 1:
+            raise ConfigError(f"turns must be >= 1, got {turns}")
+        self.dataset, self.turns = dataset, turns
+        self.questions, self.answers = list(dataset["question"]), list(dataset["answers"])
+        by_image: dict[int, list[int]] = {}
+        groups = []
+        for i, image_id in enumerate(dataset["image_id"]):
+            if image_id < 0:
+                groups.append([i])
+            else:
+                by_image.setdefault(image_id, []).append(i)
+        groups += [rows[k:k + turns] for rows in by_image.values() for k in range(0, len(rows), turns)]
+        groups.sort(key=lambda g: g[0])  # dataset order, independent of dict order
+        g = torch.Generator().manual_seed(seed)
+        self.groups = [[group[j] for j in torch.randperm(len(group), generator=g).tolist()] for group in groups]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __repr__(self) -> str:
+        return (f"{len(self.dataset)} questions in {len(self.groups)} conversations "
+                f"(up to {self.turns} questions about one image each)")
+
+    def __getitem__(self, index: int) -> dict:
+        group = self.groups[index]
+        return {"image": self.dataset[group[0]]["image"],
+                "turns": [(self.questions[i], self.answers[i]) for i in group]}
+
+
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """The global RNG seed for one micro-step (dropout): resume replays it exactly."""
     return (seed * 1_000_003 + step * 1009 + micro) * 131 + rank

@@ -47,6 +47,7 @@ from mmfusion.vlm import VLM  # noqa: E402
 from mmfusion.weights import is_mmfusion_folder  # noqa: E402
 from training.args import parse_configs  # noqa: E402
 from training.common import (  # noqa: E402
+    Conversations,
     Rows,
     RunConfig,
     find_resume,
@@ -64,6 +65,9 @@ class VQAStageConfig:
         "help": "easy-vqa, scenes (with captions), a parquet/JSONL file or folder, or a hub id"})
     task: str = field(default="vqa", metadata={
         "help": "train on questions, captions, or both mixed", "choices": ["vqa", "caption", "both"]})
+    turns: int = field(default=1, metadata={
+        "help": "questions per training example: up to N questions about one image in one sequence "
+                "(a conversation; the image is encoded once and every answer is supervised)"})
     align_epochs: float = field(default=0.0, metadata={
         "help": "first train only the adapter on captions for this many epochs (0: no alignment phase)"})
     train_split: str = field(default="train", metadata={"help": "training split"})
@@ -82,6 +86,8 @@ class VQAStageConfig:
     adapter_layer: int = field(default=-1, metadata={"help": "ViT layer feeding the adapter (-1: last)"})
     keep_cls: bool = field(default=False, metadata={"help": "keep the ViT's CLS token as an image token"})
     pixel_shuffle: int = field(default=2, metadata={"help": "merge s x s patches into one image token"})
+    merge: str = field(default="concat", metadata={
+        "help": "how --pixel-shuffle merges patches: concatenated, or their mean", "choices": ["concat", "mean"]})
     image_positions: bool = field(default=False, metadata={
         "help": "the adapter adds a learned embedding per image token (AdapterConfig.position_embedding)"})
     attention: str = field(default="prefix", metadata={
@@ -101,7 +107,8 @@ class VQAStageConfig:
     def __post_init__(self) -> None:
         # Impossible values stop here, at parse time: before any data is read or any folder written.
         adapter = self.adapter_config()
-        for name in ("max_new_tokens", "caption_max_new_tokens", "eval_batch_size", "block_size", "final_eval_limit"):
+        for name in ("turns", "max_new_tokens", "caption_max_new_tokens", "eval_batch_size", "block_size",
+                     "final_eval_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("lr_vit", "lr_adapter", "lr_gpt"):
@@ -119,7 +126,8 @@ class VQAStageConfig:
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(projection=self.projection, layer=self.adapter_layer, keep_cls=self.keep_cls,
-                             pixel_shuffle=self.pixel_shuffle, position_embedding=self.image_positions)
+                             pixel_shuffle=self.pixel_shuffle, merge=self.merge,
+                             position_embedding=self.image_positions)
 
 
 STAGE_DEFAULTS = RunConfig(output_dir="runs/vqa", epochs=2.5, batch_size=64, lr=1e-3, warmup_steps=100,
@@ -267,6 +275,9 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     train_vqa, train_cap, reports = load_splits(stage, stage.train_split, captions, questions)
     eval_vqa, eval_cap, eval_reports = load_splits(stage, stage.eval_split, stage.task != "vqa", questions)
     accelerator.print("\n".join(f"data: {r}" for r in reports + eval_reports))
+    if questions and stage.turns > 1:
+        train_vqa = Conversations(train_vqa, stage.turns, run_cfg.seed)
+        accelerator.print(f"data: {train_vqa}")
     if stage.task == "both":
         task_rows = torch.utils.data.ConcatDataset([train_vqa, train_cap])
     else:
@@ -313,6 +324,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
         model.save_pretrained(out / "model")
         metrics = final_evaluation(accelerator, stage, model, eval_vqa, eval_cap, out)
         metrics["truncated_questions"] = prompts.truncated
+        metrics["dropped_turns"] = prompts.dropped_turns
         write_json(out / "metrics.json", metrics)
         accelerator.print(f"model saved to {out / 'model'}")
     accelerator.end_training()
