@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mmfusion import ViT, ViTConfig
+from mmfusion.config import ConfigError
 from mmfusion.vlm import VLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,6 +195,41 @@ def test_optimizer_groups_and_schedule():
     f = warmup_cosine(total_steps=110, warmup_steps=10, min_ratio=0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+
+
+def test_shift_augmentation_moves_the_image_within_bounds_repeatably():
+    from mmfusion.processing import ImageProcessor
+    from training.pretrain_vit import ClassificationImages, ViTStageConfig
+
+    arr = np.full((16, 16, 3), 250, np.uint8)
+    arr[6:10, 6:10] = 0  # a dark 4x4 square on a light background
+    rows = [{"image": Image.fromarray(arr), "label": 1}]
+    processor = ImageProcessor(16, (0.5,) * 3, (0.5,) * 3)
+    plain = ClassificationImages(rows, processor)
+    shifted = ClassificationImages(rows, processor, shift=3, seed=4)
+    corners = set()
+    for virtual in range(40):
+        x, label = shifted[virtual]
+        assert x.shape == (3, 16, 16) and label == 1
+        dark = (x[0] < 0).nonzero()
+        assert len(dark) == 16  # the whole square, moved, never cut: replicated edges are background
+        (y0, x0), (y1, x1) = dark.min(0).values.tolist(), dark.max(0).values.tolist()
+        assert (y1 - y0, x1 - x0) == (3, 3) and 3 <= y0 <= 9 and 3 <= x0 <= 9
+        corners.add((y0, x0))
+        assert torch.equal(x, shifted[virtual][0])  # a pure function of (seed, epoch, row)
+    assert len(corners) > 10 and (6, 6) in {tuple((plain[0][0][0] < 0).nonzero().min(0).values.tolist())}
+    with pytest.raises(ConfigError, match="--shift must be"):
+        ViTStageConfig(shift=-1)
+
+
+def test_shift_is_refused_with_per_cell_labels(tmp_path):
+    from training import pretrain_vit
+
+    stage, run = pretrain_vit.parse(["--dataset", "scenes", "--preset", "vit-tiny", "--shift", "2",
+                                     "--output-dir", str(tmp_path / "v"), *QUIET])
+    with pytest.raises(ConfigError, match="could move shapes across the 2x2 label cells"):
+        pretrain_vit.run(stage, run)
+    assert not (tmp_path / "v" / "model").exists()
 
 
 def test_conversations_group_every_row_once_by_image():

@@ -64,6 +64,9 @@ class ViTStageConfig:
     n_embd: int | None = field(default=None, metadata={"help": "override the preset's width"})
     dropout: float = field(default=0.0, metadata={"help": "dropout in the blocks"})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips (turn off for text or asymmetric labels)"})
+    shift: int = field(default=0, metadata={
+        "help": "random translations by up to N pixels each way, edges replicated (0: none; "
+                "not with per-cell labels, which a shift could move across cells)"})
     cache_images: bool = field(default=True, metadata={
         "help": "keep decoded, normalized images in memory after their first use (skipped past 2 GB)"})
 
@@ -71,6 +74,8 @@ class ViTStageConfig:
         # Impossible values stop here, at parse time: before any data is read or any folder written.
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if not isinstance(self.shift, int) or self.shift < 0:
+            raise ConfigError(f"--shift must be a number of pixels >= 0, got {self.shift}")
         if not self.init_from:
             vit_config(self, num_classes=1)
 
@@ -97,7 +102,8 @@ STAGE_DEFAULTS = RunConfig(output_dir="runs/vit", epochs=36, batch_size=32, lr=2
 class ClassificationImages(torch.utils.data.Dataset):
     """A datasets.Dataset with `image` and `label` -> (pixel_values (3, H, W), label).
 
-    Indices may be EpochSampler's virtual indices; a flip is drawn from (seed, epoch, row).
+    Indices may be EpochSampler's virtual indices; a flip and a shift (up to `shift` pixels
+    each way, edge pixels replicated into the gap) are drawn from (seed, epoch, row).
     A list label (one class per cell of a g x g grid, reading order) becomes a (g*g,) tensor,
     mirrored along with the image.
     """
@@ -105,8 +111,8 @@ class ClassificationImages(torch.utils.data.Dataset):
     CACHE_LIMIT_BYTES = 2 * 1024**3
 
     def __init__(self, dataset, processor: ImageProcessor, hflip: bool = False, seed: int = 0,
-                 cache: bool = False) -> None:
-        self.dataset, self.processor, self.hflip, self.seed = dataset, processor, hflip, seed
+                 cache: bool = False, shift: int = 0) -> None:
+        self.dataset, self.processor, self.hflip, self.seed, self.shift = dataset, processor, hflip, seed, shift
         per_image = 3 * processor.image_size**2 * 4
         self.cache: dict[int, tuple[torch.Tensor, int]] | None = None
         if cache and len(dataset) * per_image <= self.CACHE_LIMIT_BYTES:
@@ -126,11 +132,17 @@ class ClassificationImages(torch.utils.data.Dataset):
                 label = torch.tensor(label)  # (g*g,)
             if self.cache is not None:
                 self.cache[i] = (x, label)
-        if self.hflip and torch.rand((), generator=example_generator(self.seed, virtual)) < 0.5:
+        rng = example_generator(self.seed, virtual)
+        if self.hflip and torch.rand((), generator=rng) < 0.5:
             x = x.flip(-1)  # (3, H, W) mirrored left-right; a new tensor, the cache is untouched
             if isinstance(label, torch.Tensor):
                 g = math.isqrt(label.numel())
                 label = label.view(g, g).flip(-1).reshape(-1)  # columns swap with the image's
+        if self.shift:
+            s = self.shift
+            dy, dx = torch.randint(0, 2 * s + 1, (2,), generator=rng).tolist()
+            padded = torch.nn.functional.pad(x[None], (s, s, s, s), mode="replicate")[0]  # (3, H+2s, W+2s)
+            x = padded[:, dy:dy + x.shape[1], dx:dx + x.shape[2]]  # (3, H, W), moved by (s - dy, s - dx)
         return x, label
 
 
@@ -187,10 +199,13 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
                                                max_bad_fraction=stage.max_bad_fraction)
     accelerator.print(f"data: {train_report}\ndata: {eval_report}")
     class_names, label_grid = label_layout(train_ds)
+    if stage.shift and label_grid > 1:
+        raise ConfigError(f"--shift {stage.shift} could move shapes across the {label_grid}x{label_grid} label "
+                          "cells of this dataset; use --shift 0 with per-cell labels")
     vit = build_vit(stage, len(class_names), label_grid)
     processor = ImageProcessor.from_config(vit.config)
     train_set = ClassificationImages(train_ds, processor, hflip=stage.hflip, seed=run_cfg.seed,
-                                     cache=stage.cache_images)
+                                     cache=stage.cache_images, shift=stage.shift)
     eval_set = ClassificationImages(eval_ds, processor, cache=stage.cache_images)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
