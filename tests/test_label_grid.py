@@ -80,6 +80,7 @@ def test_stage_one_on_scenes_trains_a_cell_classifier(tmp_path, monkeypatch):
                                          "--batch-size", "16", "--no-progress", "--n-layer", "1"])
     metrics = pretrain_vit.run(stage, run_cfg)
     assert metrics["label_grid"] == 2 and metrics["classes"] == list(sc.CELL_CLASSES)
+    assert metrics["shift"] == 0  # the default with per-cell labels: a shift could move shapes across cells
     assert 0.0 <= metrics["test_accuracy"] <= metrics["test_cell_accuracy"] <= 1.0
     vit = ViT.from_pretrained(out / "model")
     assert vit.config.label_grid == 2 and vit.config.num_classes == 37

@@ -89,6 +89,7 @@ def test_pretrain_vit_on_image_folder(image_folder, tmp_path):
                                "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2", *TINY_VIT, *QUIET])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["classes"] == ["blue", "red"] and metrics["test_examples"] == 8
+    assert metrics["shift"] == 4  # the default for one label per image
     assert metrics["test_accuracy"] == 1.0  # color of a big square: trivially learnable in 20 steps
     vit = ViT.from_pretrained(out / "model")
     assert vit.config.num_classes == 2 and vit.config.image_size == 16
@@ -230,6 +231,7 @@ def test_shift_is_refused_with_per_cell_labels(tmp_path):
     with pytest.raises(ConfigError, match="could move shapes across the 2x2 label cells"):
         pretrain_vit.run(stage, run)
     assert not (tmp_path / "v" / "model").exists()
+    assert pretrain_vit.parse(["--shift", "3"])[0].shift == 3 and pretrain_vit.parse([])[0].shift is None
 
 
 def test_conversations_group_every_row_once_by_image():

@@ -45,6 +45,8 @@ from training.common import (  # noqa: E402
     write_run_config,
 )
 
+DEFAULT_SHIFT = 4  # pixels; see STAGE_DEFAULTS
+
 
 @dataclass(frozen=True)
 class ViTStageConfig:
@@ -64,9 +66,9 @@ class ViTStageConfig:
     n_embd: int | None = field(default=None, metadata={"help": "override the preset's width"})
     dropout: float = field(default=0.0, metadata={"help": "dropout in the blocks"})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips (turn off for text or asymmetric labels)"})
-    shift: int = field(default=0, metadata={
-        "help": "random translations by up to N pixels each way, edges replicated (0: none; "
-                "not with per-cell labels, which a shift could move across cells)"})
+    shift: int | None = field(default=None, metadata={
+        "help": f"random translations by up to N pixels each way, edges replicated (default: {DEFAULT_SHIFT} "
+                "for one label per image, 0 with per-cell labels, which a shift could move across cells)"})
     cache_images: bool = field(default=True, metadata={
         "help": "keep decoded, normalized images in memory after their first use (skipped past 2 GB)"})
 
@@ -74,7 +76,7 @@ class ViTStageConfig:
         # Impossible values stop here, at parse time: before any data is read or any folder written.
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
-        if not isinstance(self.shift, int) or self.shift < 0:
+        if self.shift is not None and (not isinstance(self.shift, int) or self.shift < 0):
             raise ConfigError(f"--shift must be a number of pixels >= 0, got {self.shift}")
         if not self.init_from:
             vit_config(self, num_classes=1)
@@ -95,7 +97,9 @@ def label_layout(dataset) -> tuple[list[str], int]:
     return inner.names, g
 
 
-STAGE_DEFAULTS = RunConfig(output_dir="runs/vit", epochs=36, batch_size=32, lr=2e-3, warmup_steps=100,
+# Measured on easy-VQA (README): 36 epochs without shifts gave 98.3-99.1% over seeds and
+# thread counts (small circles and squares confused); 60 epochs with 4-pixel shifts 99.8%.
+STAGE_DEFAULTS = RunConfig(output_dir="runs/vit", epochs=60, batch_size=32, lr=2e-3, warmup_steps=100,
                            weight_decay=0.05)
 
 
@@ -202,10 +206,11 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     if stage.shift and label_grid > 1:
         raise ConfigError(f"--shift {stage.shift} could move shapes across the {label_grid}x{label_grid} label "
                           "cells of this dataset; use --shift 0 with per-cell labels")
+    shift = (DEFAULT_SHIFT if label_grid == 1 else 0) if stage.shift is None else stage.shift
     vit = build_vit(stage, len(class_names), label_grid)
     processor = ImageProcessor.from_config(vit.config)
     train_set = ClassificationImages(train_ds, processor, hflip=stage.hflip, seed=run_cfg.seed,
-                                     cache=stage.cache_images, shift=stage.shift)
+                                     cache=stage.cache_images, shift=shift)
     eval_set = ClassificationImages(eval_ds, processor, cache=stage.cache_images)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -231,7 +236,7 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
         with accelerator.autocast():
             image, cell = accuracies(vit, eval_set)
             metrics = {"test_accuracy": image, "test_examples": len(eval_set),
-                       "train_examples": len(train_set), "classes": class_names}
+                       "train_examples": len(train_set), "classes": class_names, "shift": shift}
             if label_grid > 1:
                 metrics.update(test_cell_accuracy=cell, label_grid=label_grid)
         vit.save_pretrained(out / "model")
