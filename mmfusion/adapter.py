@@ -64,15 +64,11 @@ class ViTAdapter(nn.Module):
         """hidden (B, 1+N, Dv) from the chosen ViT layer -> image embeddings (B, M, Dg)."""
         s = self.config.pixel_shuffle
         cls, patches = hidden[:, :1], hidden[:, 1:]  # (B, 1, Dv), (B, N, Dv)
-        if self.config.merge == "mean":
-            x = mean_pool(patches, s)  # (B, N/s^2, Dv)
-            if self.config.keep_cls:
-                x = torch.cat([cls, x], dim=1)  # (B, M, Dv)
-        else:
-            x = pixel_shuffle(patches, s)  # (B, N/s^2, s^2 Dv)
-            if self.config.keep_cls:
-                # The CLS token is tiled to the shuffled width so one projection serves every token.
-                x = torch.cat([cls.repeat(1, 1, s * s), x], dim=1)  # (B, M, s^2 Dv)
+        merge = mean_pool if self.config.merge == "mean" else pixel_shuffle
+        x = merge(patches, s)  # (B, N/s^2, d_in): d_in is s^2 Dv (concat) or Dv (mean)
+        if self.config.keep_cls:
+            # The CLS token is tiled to the merged width so one projection serves every token.
+            x = torch.cat([cls.repeat(1, 1, x.shape[-1] // cls.shape[-1]), x], dim=1)  # (B, M, d_in)
         if self.pos_embed is not None:
             x = x + self.pos_embed  # which image token is which, whatever the ViT features keep of it
         return self.proj(self.dropout(x))  # (B, M, Dg)

@@ -193,15 +193,18 @@ class PromptBuilder:
         self._answer_prefix = t.encode(ANSWER_PREFIX)
         self._caption_prompt = t.encode(CAPTION_PROMPT)
 
+    def _question_tokens(self, question) -> list[int]:
+        if not isinstance(question, str) or not question.strip():
+            raise PromptError(f"question must be non-empty text, got {question!r}")
+        return self.tokenizer.encode(" " + question.strip())
+
     def prompt_ids(self, question: str | None = None, reserve: int = 0) -> list[int]:
         """Image slots + the question template (or the caption prompt when question is None).
         `reserve` tokens are kept free after the prompt (for the answer)."""
         slots = [IMAGE_ID] * self.num_image_tokens
         if question is None:
             return slots + self._caption_prompt
-        if not isinstance(question, str) or not question.strip():
-            raise PromptError(f"question must be non-empty text, got {question!r}")
-        q = self.tokenizer.encode(" " + question.strip())
+        q = self._question_tokens(question)
         budget = self.max_length - len(slots) - len(self._question_prefix) - len(self._answer_prefix) - reserve
         if budget < 1:
             raise PromptError(
@@ -241,9 +244,7 @@ class PromptBuilder:
             raise PromptError("a conversation needs at least one (question, answer) turn")
         ids, labels = self.example(*turns[0])
         for question, answer in turns[1:]:
-            if not isinstance(question, str) or not question.strip():
-                raise PromptError(f"question must be non-empty text, got {question!r}")
-            prompt = self._question_prefix + self.tokenizer.encode(" " + question.strip()) + self._answer_prefix
+            prompt = self._question_prefix + self._question_tokens(question) + self._answer_prefix
             target = self.target_ids(answer)
             if len(ids) + len(prompt) + len(target) > self.max_length:
                 if not self.dropped_turns:
@@ -287,12 +288,10 @@ class VQACollator:
         for row in rows:
             if "turns" in row:
                 i, l = self.prompts.conversation([(q, majority_answer(a)) for q, a in row["turns"]])
-                ids.append(i)
-                labels.append(l)
-                continue
-            target = row.get("caption") if row.get("question") is None else majority_answer(
-                row["answers"] if "answers" in row else row["answer"])
-            i, l = self.prompts.example(row.get("question"), target)
+            else:
+                target = row.get("caption") if row.get("question") is None else majority_answer(
+                    row["answers"] if "answers" in row else row["answer"])
+                i, l = self.prompts.example(row.get("question"), target)
             ids.append(i)
             labels.append(l)
         input_ids = pad_batch(ids, EOT_ID)
