@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -393,8 +394,10 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
                 f"cannot resume from {start_from}: {type(e).__name__}: {first_line} (a checkpoint from a run "
                 "with other model flags, or a damaged one); resume with the same flags, or pick another "
                 "checkpoint with --resume PATH") from e
-        for _ in range(step):
-            scheduler.step()
+        with warnings.catch_warnings():  # replaying the schedule: no optimizer step is missing
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            for _ in range(step):
+                scheduler.step()
         accelerator.print(f"resumed from {start_from} at step {step}")
 
     bar = tqdm(total=total, initial=step, disable=not (run.progress and accelerator.is_local_main_process),
