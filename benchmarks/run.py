@@ -86,8 +86,8 @@ def shapes(smoke: bool) -> Shapes:
     vit_s = vit_preset("vit-small-patch16-224")  # width 384, depth 12, 6 heads, 1000 classes
     return Shapes(
         vit=(("ViT-S/16 @224", vit_s, 8, 1, 1), ("vit-tiny @64", vit_preset("vit-tiny"), 64, 16, 3)),
-        repeats=3, gpt=gpt_preset("gpt2"), decode_batches=(1, 8), prompt_len=128, new_tokens=128,
-        vlm_vit=vit_s.replace(num_classes=0), vlm_gpt=gpt_preset("gpt2"), vlm_text=64, vlm_answer=8, vlm_batch=2,
+        repeats=3, gpt=gpt_preset("gpt-base"), decode_batches=(1, 8), prompt_len=128, new_tokens=128,
+        vlm_vit=vit_s.replace(num_classes=0), vlm_gpt=gpt_preset("gpt-base"), vlm_text=64, vlm_answer=8, vlm_batch=2,
         vlm_bf16_depth=1,
         matmul_fp32=((2048, 2048, 2048), (1576, 384, 1536), (1576, 1536, 384), (520, 768, 3072)),
         matmul_bf16=((512, 512, 512), (197, 384, 1536), (197, 1536, 384), (260, 768, 3072)), copy_mib=256, data_images=256,

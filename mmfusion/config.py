@@ -277,7 +277,9 @@ VIT_PRESETS: dict[str, ViTConfig] = {
 }
 GPT_PRESETS: dict[str, GPTConfig] = {
     "gpt-tiny": GPTConfig(block_size=256, n_layer=4, n_head=4, n_embd=128),
-    "gpt2": GPTConfig(),
+    # GPT-2 small's shapes (124M), fresh. Not named "gpt2": that is the hub id of the pretrained
+    # weights, which `--gpt gpt2` imports (a preset would shadow it with random weights).
+    "gpt-base": GPTConfig(),
 }
 
 

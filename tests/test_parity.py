@@ -339,3 +339,17 @@ def test_tampered_state_dicts_are_named_and_leave_the_model_untouched():
     with pytest.raises(ConversionError, match=r"our keys without a source \[ln_f\.bias\]"):
         apply_table(ours, short, state, ignore)
     assert all(torch.equal(before[k], v) for k, v in ours.state_dict().items())
+
+
+def test_gpt2_names_the_pretrained_weights_not_a_fresh_preset(monkeypatch):
+    """`--gpt gpt2` must import GPT-2 (here: fail clearly offline), never give random weights
+    under the hub id's name; the fresh 124M preset is `gpt-base`."""
+    import huggingface_hub.constants
+
+    from training.train_vqa import load_gpt
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConversionError, match="'gpt2' is not a local folder, so it was read as a Hugging Face Hub id"):
+        load_gpt("gpt2", None)
+    fresh = load_gpt("gpt-base", None).config
+    assert (fresh.n_layer, fresh.n_embd, fresh.vocab_size, fresh.block_size) == (12, 768, 50257, 1024)
