@@ -80,7 +80,8 @@ class VQAStageConfig:
     vit: str = field(default="runs/vit/model", metadata={
         "help": f"saved ViT folder, a preset ({', '.join(VIT_PRESETS)}) or transformers ViT/CLIP weights"})
     gpt: str = field(default="gpt-tiny", metadata={
-        "help": f"a preset ({', '.join(GPT_PRESETS)}) for a fresh GPT, a saved GPT folder, or transformers GPT-2 weights (a folder or hub id, e.g. gpt2)"})
+        "help": f"a preset ({', '.join(GPT_PRESETS)}) for a fresh GPT, a saved GPT folder, "
+                "or transformers GPT-2 weights (a folder or hub id, e.g. gpt2)"})
     block_size: int | None = field(default=None, metadata={"help": "override a fresh GPT's context length"})
     projection: str = field(default="mlp", metadata={"help": "adapter projection", "choices": ["linear", "mlp"]})
     adapter_layer: int = field(default=-1, metadata={"help": "ViT layer feeding the adapter (-1: last)"})
