@@ -78,7 +78,7 @@ def cmd_eval(argv: list[str]) -> None:
     parser.add_argument("--output", default=None,
                         help="predictions JSON lines (default: next to the model); captions go to *_captions.jsonl")
     args = parser.parse_args(argv)
-    from training.train_vqa import predict, predict_captions, score, score_captions, write_jsonl
+    from training.train_vqa import predict, predict_captions, score, score_by_template, score_captions, write_jsonl
 
     from .data import BUILT_IN, SCENES, load_caption_dataset, load_vqa_dataset
     from .vlm import VLM
@@ -99,6 +99,8 @@ def cmd_eval(argv: list[str]) -> None:
         rows = predict(model, dataset, args.limit, args.batch_size, args.max_new_tokens)
         write_jsonl(out, rows)
         print(format_vqa_table(score(rows)))
+        if args.dataset == SCENES:
+            print(format_template_table(score_by_template(rows)))
         print(f"{len(rows)} questions in {time.perf_counter() - start:.1f}s; predictions written to {out}")
     if task in ("caption", "both"):
         start = time.perf_counter()
@@ -114,6 +116,14 @@ def format_vqa_table(metrics: dict) -> str:
     for kind, m in sorted(metrics["per_type"].items()):
         lines.append(f"| {kind} | {m['count']} | {100 * m['accuracy']:.2f}% |")
     lines.append(f"| **all** | {metrics['count']} | **{100 * metrics['accuracy']:.2f}%** |")
+    return "\n".join(lines)
+
+
+def format_template_table(per_template: dict) -> str:
+    """Scenes: VQA accuracy per question template, lookups first (the ones written with P)."""
+    lines = ["| question (C color, S shape, P position) | questions | VQA accuracy |", "|---|---:|---:|"]
+    for template, m in sorted(per_template.items(), key=lambda kv: ("P" not in kv[0], kv[0])):
+        lines.append(f"| {template} | {m['count']} | {100 * m['accuracy']:.2f}% |")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from accelerate.utils import set_seed
 from mmfusion.cli import main as cli_main
 from mmfusion.config import gpt_preset, vit_preset
 from mmfusion.data import scenes
+from mmfusion.data.scenes import question_template
 from mmfusion.gpt import GPT
 from mmfusion.vit import ViT
 from mmfusion.vlm import VLM
@@ -114,6 +115,7 @@ def test_eval_cli_prints_caption_metrics(small_scenes, parts, tmp_path, capsys):
                      "--max-new-tokens", "2", "--caption-max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "| captions | exact match | token F1 |" in out and "| **all** | 24 |" in out
+    assert "| question (C color, S shape, P position) | questions | VQA accuracy |" in out
     assert (tmp_path / "predictions_test_captions.jsonl").exists()
     assert cli_main(["eval", "--model", str(tmp_path / "vlm"), "--dataset", "scenes", "--task", "caption",
                      "--caption-max-new-tokens", "2"]) == 0
@@ -131,6 +133,8 @@ def test_captions_job_writes_a_report(small_scenes, tmp_path, capsys):
     report = (tmp_path / "job" / "results.md").read_text()
     assert "| captions | exact match | token F1 |" in report and "| **all** | 3 |" in report
     assert "Stage 1 (ViT, a label per cell)" in report
+    assert sum(m["count"] for m in result["per_template"].values()) == 3 and "| question (C color" in report
+    assert all(question_template(t) == t for t in result["per_template"])  # templates, not questions
     assert report.strip() in capsys.readouterr().out
     assert result["captions"]["count"] == 3 and (tmp_path / "job" / "model" / "model.safetensors").exists()
     assert len((tmp_path / "job" / "captions.jsonl").read_text().splitlines()) == 3
@@ -159,3 +163,17 @@ def test_captions_job_takes_a_saved_vit_and_checks_stage_two_flags_first(small_s
                             "--max-new-tokens", "1", "--final-eval-limit", "2", "--pixel-shuffle", "2"])
     assert result["vit"] is None and not (tmp_path / "job" / "vit").exists()
     assert f"(ViT: {vit})" in (tmp_path / "job" / "results.md").read_text()
+
+
+def test_scenes_accuracy_by_question_template_by_hand():
+    rows = [{"question": "is there a red circle?", "prediction": "yes", "answers": ["yes"]},
+            {"question": "is there a blue square?", "prediction": "Yes", "answers": ["no"]},
+            {"question": "is there a green triangle?", "prediction": "No.", "answers": ["no"]},  # normalized
+            {"question": "what shape is at the top left?", "prediction": "circle", "answers": ["circle"]}]
+    by = train_vqa.score_by_template(rows)
+    assert by == {"is there a C S?": {"accuracy": 2 / 3, "count": 3}, "what shape is at the P?": {"accuracy": 1.0, "count": 1}}
+    from mmfusion.cli import format_template_table
+
+    table = format_template_table(by).splitlines()
+    assert table[2] == "| what shape is at the P? | 1 | 100.00% |"  # lookups first
+    assert table[3] == "| is there a C S? | 3 | 66.67% |"

@@ -175,3 +175,15 @@ def test_image_processor_takes_a_datasets_column():
     x = ImageProcessor(64, (0.5,) * 3, (0.5,) * 3)(caps["image"])  # a Column in datasets 4+, a list before
     assert x.shape == (3, 3, 64, 64)
     assert torch.equal(x[1], ImageProcessor(64, (0.5,) * 3, (0.5,) * 3)(caps[1]["image"])[0])
+
+
+def test_question_template_names_the_question_kind():
+    assert sc.question_template("is there a red circle?") == "is there a C S?"
+    assert sc.question_template("what color is the shape at the bottom right?") == "what color is the shape at the P?"
+    assert sc.question_template("how many black shapes are there?") == "how many C shapes are there?"
+    assert sc.question_template("is the blue triangle large or small?") == "is the C S large or small?"
+    # every generated question maps to one of the 9 templates; words inside other words stay
+    seed = sc.SPLIT_SEEDS["train"]
+    templates = {sc.question_template(q) for i in range(200) for q, _, _ in sc.questions(sc.make_scene(seed, i), seed)}
+    assert len(templates) == 9 and all("red" not in t and "circle" not in t for t in templates)
+    assert sc.question_template("is the reddish squares' top leftover?") == "is the reddish squares' top leftover?"

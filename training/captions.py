@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = train_vqa.run(stage, run_cfg)
     seconds = time.perf_counter() - t0
 
-    from mmfusion.cli import format_caption_table, format_vqa_table
+    from mmfusion.cli import format_caption_table, format_template_table, format_vqa_table
 
     lines = ["# mmfusion captions job", "", f"Scenes test split, after {seconds:.0f}s of training and evaluation "
              f"(stage 1: {t1 - t0:.0f}s, stage 2: {seconds - (t1 - t0):.0f}s).", ""]
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         lines += [f"Stage 1 (ViT, a label per cell): {100 * vit_metrics['test_accuracy']:.2f}% of test scenes right "
                   f"in every cell, {100 * vit_metrics['test_cell_accuracy']:.2f}% of cells.", ""]
     lines += [format_caption_table(metrics["captions"]), "", format_vqa_table(metrics), "",
-              "Example captions (test split):", ""]
+              format_template_table(metrics["per_template"]), "", "Example captions (test split):", ""]
     with open(out / "captions.jsonl") as f:
         rows = [json.loads(line) for line in f]
     step = max(1, len(rows) // max(1, args.examples))

@@ -37,7 +37,8 @@ from mmfusion.config import (  # noqa: E402
     gpt_preset,
     vit_preset,
 )
-from mmfusion.data import BUILT_IN, DatasetError, load_caption_dataset, load_vqa_dataset  # noqa: E402
+from mmfusion.data import BUILT_IN, SCENES, DatasetError, load_caption_dataset, load_vqa_dataset  # noqa: E402
+from mmfusion.data.scenes import question_template  # noqa: E402
 from mmfusion.generation import GenerationConfig  # noqa: E402
 from mmfusion.gpt import GPT  # noqa: E402
 from mmfusion.metrics import caption_metrics, vqa_accuracy  # noqa: E402
@@ -192,6 +193,13 @@ def score(rows: list[dict]) -> dict:
                         [r["answer_type"] for r in rows])
 
 
+def score_by_template(rows: list[dict]) -> dict[str, dict]:
+    """Scenes only: accuracy and count per question template ("is there a C S?"), which tells
+    lookups ("what shape is at the P?") from searches that answer types lump together."""
+    return vqa_accuracy([r["prediction"] for r in rows], [r["answers"] for r in rows],
+                        [question_template(r["question"]) for r in rows])["per_type"]
+
+
 @torch.no_grad()
 def predict_captions(model: VLM, dataset, limit: int | None = None, batch_size: int = 256,
                      max_new_tokens: int = 48) -> list[dict]:
@@ -340,6 +348,8 @@ def final_evaluation(accelerator, stage: VQAStageConfig, model: VLM, eval_vqa, e
         if eval_vqa is not None:
             rows = predict(model, eval_vqa, stage.final_eval_limit, stage.eval_batch_size, stage.max_new_tokens)
             metrics.update(score(rows))
+            if stage.dataset == SCENES:
+                metrics["per_template"] = score_by_template(rows)
             write_jsonl(out / "predictions.jsonl", rows)
             accelerator.print(f"VQA accuracy {metrics['accuracy']:.4f} on {metrics['count']} questions")
         if eval_cap is not None:

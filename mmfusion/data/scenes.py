@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 from dataclasses import dataclass
 
 import datasets
@@ -152,6 +153,14 @@ def _candidates(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, 
         out.append((f"where is the {u.name}?", u.position, "other"))
         out.append((f"is the {u.name} large or small?", u.size, "other"))
     return out
+
+
+def question_template(question: str) -> str:
+    """The question with its color, shape and position words replaced by C, S and P
+    ("is there a red circle?" -> "is there a C S?"): the key for per-template accuracy."""
+    question = re.sub(r"\b(" + "|".join(COLORS) + r")\b", "C", question)
+    question = re.sub(r"\b(" + "|".join(SHAPES) + r")\b", "S", question)
+    return re.sub(r"\b(" + "|".join(POSITIONS) + r")\b", "P", question)
 
 
 def questions(scene: Scene, seed: int, k: int = QUESTIONS_PER_SCENE) -> list[tuple[str, str, str]]:
