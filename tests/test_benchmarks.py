@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from mmfusion.tokenizer import get_tokenizer
 
 pytest.importorskip("transformers")
 
@@ -82,3 +85,64 @@ def test_only_picks_benchmarks_and_rejects_unknown_names(tmp_path):
     assert {r.section for r in run.rows} == {"machine"}
     with pytest.raises(SystemExit):
         bench.main(["--smoke", "--only", "nope", "--out", str(tmp_path / "r.md")])
+
+
+def load_text_qa():
+    spec = importlib.util.spec_from_file_location("mmfusion_scenes_text_qa", ROOT / "benchmarks" / "scenes_text_qa.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Oracle(torch.nn.Module):
+    """Hidden state = one-hot of the next input token (or of `wrong` at the last real position),
+    lm_head = identity: the argmax is the next token, so every answer token is right."""
+
+    def __init__(self, wrong_rows=()):
+        super().__init__()
+        self.wrong_rows = set(wrong_rows)
+        self.lm_head = torch.nn.Identity()
+
+    def hidden_states(self, input_ids, attention_mask):
+        nxt = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
+        for r in self.wrong_rows:
+            last = int(attention_mask[r].sum()) - 2  # the position that predicts the final EOT
+            nxt[r, last] = 0
+        return torch.nn.functional.one_hot(nxt, 50257).float()
+
+
+def test_text_qa_counts_an_answer_only_when_every_token_is_the_argmax():
+    qa = load_text_qa()
+    rows = qa.examples("test", 2, with_caption=True)[:3]
+    assert all(r["ids"][-1] == 50256 and r["labels"][-1] == 50256 for r in rows)  # answers end with EOT
+    first = rows[0]
+    prompt = get_tokenizer().decode([t for t, lab in zip(first["ids"], first["labels"]) if lab == -100])
+    assert prompt.startswith("Caption: a ") and f"\nQuestion: {first['question']}\nAnswer:" in prompt
+    loss, hits = qa.loss_and_hits(_Oracle(), rows)
+    assert hits == [True, True, True] and math.isfinite(loss.item())
+    _, hits = qa.loss_and_hits(_Oracle(wrong_rows=[1]), rows)  # row 1 misses only its EOT
+    assert hits == [True, False, True]
+    no_caption = qa.examples("test", 1, with_caption=False)[0]
+    assert get_tokenizer().decode(no_caption["ids"]).startswith("Question: ")
+
+
+def test_text_qa_runs_and_tables_both_models(tmp_path, capsys):
+    qa = load_text_qa()
+    predictions = tmp_path / "predictions.jsonl"
+    rows = [{"question": "is there a red circle?", "prediction": "yes", "answers": ["yes"]},
+            {"question": "is there a blue square?", "prediction": "yes", "answers": ["no"]},
+            {"question": "what shape is at the top left?", "prediction": "circle", "answers": ["circle"]}]
+    predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = qa.main(["--steps", "4", "--eval-every", "2", "--train-scenes", "8", "--test-scenes", "4",
+                      "--batch-size", "4", "--predictions", str(predictions)])
+    assert [s for s, _ in result["curve"]] == [2, 4]
+    assert result["image_by_template"] == {"is there a C S?": (0.5, 2), "what shape is at the P?": (1.0, 1)}
+    assert sum(n for _, n in result["by_template"].values()) == 24  # 4 scenes x 6 questions
+    assert all(0.0 <= a <= 1.0 for a, _ in result["by_template"].values())
+    table = capsys.readouterr().out
+    assert "| is there a C S? |" in table and "50.0% (2)" in table
+    with pytest.raises(SystemExit, match="not a predictions.jsonl"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"caption": "x"}) + "\n")
+        qa.main(["--steps", "1", "--train-scenes", "2", "--test-scenes", "1", "--batch-size", "2",
+                 "--predictions", str(bad)])
