@@ -4,7 +4,8 @@
 
 Everything lands in one folder: vit/ (stage 1: model, metrics, logs), vqa/ (stage 2: model,
 metrics, predictions.jsonl, logs) and results.md (the table printed at the end). Defaults are
-chosen so the whole job finishes in about 10 minutes on a 2-core CPU, offline, on easy-VQA.
+chosen for the accuracy targets on easy-VQA (offline, 2-core CPU); the job took 18 minutes there
+on 2026-11-23 (README, "Main job results").
 Any stage flag can be overridden: `--vit-epochs`, `--vqa-epochs`, `--vit-lr`, `--vqa-lr`, ...
 """
 
