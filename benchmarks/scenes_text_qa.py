@@ -36,7 +36,7 @@ from mmfusion.data.scenes import SPLIT_SEEDS, caption, make_scene, question_temp
 from mmfusion.processing import IGNORE_INDEX, pad_batch  # noqa: E402
 from mmfusion.tokenizer import EOT_ID, get_tokenizer  # noqa: E402
 from training.common import param_groups, warmup_cosine  # noqa: E402
-from training.train_vqa import load_gpt  # noqa: E402
+from training.train_vqa import load_gpt, score_by_template  # noqa: E402
 
 
 def examples(split: str, num_scenes: int, with_caption: bool) -> list[dict]:
@@ -72,20 +72,21 @@ def loss_and_hits(model, rows: list[dict]) -> tuple[torch.Tensor, list[bool]]:
     return F.cross_entropy(logits.float(), targets[keep]), hits
 
 
-def by_template(questions_: list[str], correct: list[bool]) -> dict[str, tuple[float, int]]:
-    """Accuracy and count per question template."""
+def by_template(questions_: list[str], correct: list[bool]) -> dict[str, dict]:
+    """Accuracy and count per question template, shaped like train_vqa.score_by_template."""
     groups: dict[str, list[bool]] = collections.defaultdict(list)
     for q, ok in zip(questions_, correct):
         groups[question_template(q)].append(bool(ok))
-    return {k: (sum(v) / len(v), len(v)) for k, v in sorted(groups.items())}
+    return {k: {"accuracy": sum(v) / len(v), "count": len(v)} for k, v in sorted(groups.items())}
 
 
-def image_model_results(path: str) -> tuple[list[str], list[bool]]:
+def image_model_results(path: str) -> dict[str, dict]:
+    """The VLM's accuracy per template from its predictions.jsonl, scored as `mmfusion eval` does."""
     with open(path) as f:
         rows = [json.loads(line) for line in f]
-    if not rows or "question" not in rows[0]:
+    if not rows or not all(k in rows[0] for k in ("question", "prediction", "answers")):
         raise SystemExit(f"{path}: not a predictions.jsonl of train_vqa (rows need question, prediction, answers)")
-    return [r["question"] for r in rows], [r["prediction"] == r["answers"][0] for r in rows]
+    return score_by_template(rows)
 
 
 def evaluate(model, rows: list[dict], batch_size: int = 256) -> list[bool]:
@@ -142,15 +143,15 @@ def main(argv: list[str] | None = None) -> dict:
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
     text = by_template([r["question"] for r in test], evaluate(model, test))
-    image = by_template(*image_model_results(args.predictions)) if args.predictions else {}
+    image = image_model_results(args.predictions) if args.predictions else {}
     print(f"\n| question template | text-only GPT ({len(test)} q) |" + (" image model |" if image else ""))
     print("|---|---:|" + ("---:|" if image else ""))
-    for template, (accuracy, n) in text.items():
-        other = f" {100 * image[template][0]:.1f}% ({image[template][1]}) |" if template in image else (
-            " - |" if image else "")
-        print(f"| {template} | {100 * accuracy:.1f}% ({n}) |{other}")
+    for template, m in text.items():
+        other = image.get(template)
+        other = f" {100 * other['accuracy']:.1f}% ({other['count']}) |" if other else (" - |" if image else "")
+        print(f"| {template} | {100 * m['accuracy']:.1f}% ({m['count']}) |{other}")
     return {"curve": curve, "by_template": text, "image_by_template": image,
-            "accuracy": sum(a * n for a, n in text.values()) / len(test)}
+            "accuracy": sum(m["accuracy"] * m["count"] for m in text.values()) / len(test)}
 
 
 if __name__ == "__main__":

@@ -129,16 +129,17 @@ def test_text_qa_counts_an_answer_only_when_every_token_is_the_argmax():
 def test_text_qa_runs_and_tables_both_models(tmp_path, capsys):
     qa = load_text_qa()
     predictions = tmp_path / "predictions.jsonl"
-    rows = [{"question": "is there a red circle?", "prediction": "yes", "answers": ["yes"]},
+    rows = [{"question": "is there a red circle?", "prediction": "Yes.", "answers": ["yes"]},  # normalized
             {"question": "is there a blue square?", "prediction": "yes", "answers": ["no"]},
             {"question": "what shape is at the top left?", "prediction": "circle", "answers": ["circle"]}]
     predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = qa.main(["--steps", "4", "--eval-every", "2", "--train-scenes", "8", "--test-scenes", "4",
                       "--batch-size", "4", "--predictions", str(predictions)])
     assert [s for s, _ in result["curve"]] == [2, 4]
-    assert result["image_by_template"] == {"is there a C S?": (0.5, 2), "what shape is at the P?": (1.0, 1)}
-    assert sum(n for _, n in result["by_template"].values()) == 24  # 4 scenes x 6 questions
-    assert all(0.0 <= a <= 1.0 for a, _ in result["by_template"].values())
+    assert result["image_by_template"] == {"is there a C S?": {"accuracy": 0.5, "count": 2},
+                                           "what shape is at the P?": {"accuracy": 1.0, "count": 1}}
+    assert sum(m["count"] for m in result["by_template"].values()) == 24  # 4 scenes x 6 questions
+    assert all(0.0 <= m["accuracy"] <= 1.0 for m in result["by_template"].values())
     table = capsys.readouterr().out
     assert "| is there a C S? |" in table and "50.0% (2)" in table
     with pytest.raises(SystemExit, match="not a predictions.jsonl"):
