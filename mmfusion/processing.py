@@ -274,7 +274,8 @@ class VQACollator:
     """Rows {image, question, answers | answer | caption} -> a training batch.
 
     Returns input_ids (B, T) right-padded with `<|endoftext|>`, attention_mask (B, T),
-    labels (B, T) with -100 on image slots, prompt and padding, and pixel_values (B, 3, H, W).
+    labels (B, T) with -100 on image slots, prompt and padding, and pixel_values (B, 3, H, W),
+    or image_features (B, 1+N, Dv) where the rows carry a frozen ViT's features instead of images.
     A row without a question (None or missing) is a caption example; a row with `turns`
     (a list of (question, answers) pairs) is a conversation about its image.
     """
@@ -294,10 +295,16 @@ class VQACollator:
                 i, l = self.prompts.example(row.get("question"), target)
             ids.append(i)
             labels.append(l)
-        input_ids = pad_batch(ids, EOT_ID)
-        return {
-            "input_ids": input_ids,
+        batch = {
+            "input_ids": pad_batch(ids, EOT_ID),
             "attention_mask": pad_batch([[1] * len(i) for i in ids], 0),
             "labels": pad_batch(labels, IGNORE_INDEX),
-            "pixel_values": self.processor([row["image"] for row in rows]),
         }
+        with_features = ["image_features" in row for row in rows]
+        if all(with_features):  # a frozen ViT's features, computed once (training.features)
+            batch["image_features"] = torch.stack([row["image_features"] for row in rows])  # (B, 1+N, Dv)
+        elif any(with_features):
+            raise ValueError("a batch mixes rows with precomputed image_features and rows with images")
+        else:
+            batch["pixel_values"] = self.processor([row["image"] for row in rows])
+        return batch

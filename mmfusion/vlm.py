@@ -81,39 +81,50 @@ class VLM(PretrainedMixin, nn.Module):
     def num_image_tokens(self) -> int:
         return self.config.num_image_tokens
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, 3, H, W) -> image embeddings (B, M, C) in GPT width."""
+    def vit_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, H, W) -> the ViT hidden states the adapter reads (B, 1+N, Dv),
+        from the configured layer (AdapterConfig.layer)."""
         layer = self.config.adapter.layer
         if layer == -1:
-            hidden = self.vit.forward_features(pixel_values)  # (B, 1+N, Dv)
-        else:
-            hidden = self.vit.forward_features(pixel_values, output_hidden_states=True)[1][layer + 1]
-        return self.adapter(hidden)
+            return self.vit.forward_features(pixel_values)  # (B, 1+N, Dv)
+        return self.vit.forward_features(pixel_values, output_hidden_states=True)[1][layer + 1]
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_images(self, pixel_values: torch.Tensor | None = None,
+                      image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values (B, 3, H, W), or their precomputed `vit_features` (B, 1+N, Dv) when the
+        ViT is frozen -> image embeddings (B, M, C) in GPT width."""
+        if (pixel_values is None) == (image_features is None):
+            raise ValueError("pass exactly one of pixel_values and image_features")
+        return self.adapter(self.vit_features(pixel_values) if image_features is None else image_features)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings with the images fused in (B, T, C), and the tokens that attend to each
         other bidirectionally (B, T): the image slots under prefix attention, else None."""
         image_mask = input_ids == self.config.image_token_id  # (B, T)
         # The slot id may lie outside the GPT vocabulary; its embedding is overwritten anyway.
         token_embeds = self.gpt.wte(input_ids.masked_fill(image_mask, 0))  # (B, T, C)
-        embeds = fuse_image_embeddings(token_embeds, image_mask, self.encode_images(pixel_values))
+        embeds = fuse_image_embeddings(token_embeds, image_mask, self.encode_images(pixel_values, image_features))
         return embeds, image_mask if self.config.attention == "prefix" else None
 
-    def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                      attention_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        embeds, bidirectional = self.embed(input_ids, pixel_values)
+    def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None, cache=None,
+                      image_features: torch.Tensor | None = None) -> torch.Tensor:
+        embeds, bidirectional = self.embed(input_ids, pixel_values, image_features)
         return self.gpt.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache,
                                       bidirectional=bidirectional)
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> VLMOutput:
-        """input_ids (B, T), pixel_values (B, 3, H, W), attention_mask (B, T), labels (B, T).
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                image_features: torch.Tensor | None = None) -> VLMOutput:
+        """input_ids (B, T), pixel_values (B, 3, H, W) or image_features (B, 1+N, Dv) (see
+        `vit_features`), attention_mask (B, T), labels (B, T).
 
         labels hold token ids where the model is supervised and -100 elsewhere, aligned with
         input_ids; the shift (position t predicts token t+1) happens here and nowhere else.
         Only supervised positions go through the LM head, which saves the (T x V) logits.
         """
-        hidden = self.hidden_states(input_ids, pixel_values, attention_mask)  # (B, T, C)
+        hidden = self.hidden_states(input_ids, pixel_values, attention_mask, image_features=image_features)  # (B, T, C)
         if labels is None:
             return VLMOutput(loss=None, logits=self.gpt.lm_head(hidden))
         targets = labels[:, 1:]  # (B, T-1)

@@ -158,6 +158,12 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], lr: flo
     return [g for g in groups if g["params"]]
 
 
+def adamw(groups: list[dict[str, Any]], run: RunConfig) -> torch.optim.AdamW:
+    """AdamW over param_groups. The fused kernel: on CPU the default per-tensor loop costs
+    ~70 ms per step for the 7M trainable parameters of stage 2, the fused one ~6 ms."""
+    return torch.optim.AdamW(groups, lr=run.lr, betas=(0.9, run.beta2), eps=run.adam_eps, fused=True)
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
     """LR multiplier: linear warmup to 1, then cosine down to `min_ratio` at `total_steps`."""
     def factor(step: int) -> float:
@@ -223,7 +229,8 @@ class Conversations(torch.utils.data.Dataset):
     Rows that share an `image_id` (>= 0) are grouped, in chunks of at most `turns`; rows with
     image_id -1 (the source had none) stay alone. The turns of a group come in a seeded random
     order, fixed per group, so the question a conversation opens with (the one seen exactly as
-    at evaluation) varies across images. Items: {"image", "turns": [(question, answers), ...]},
+    at evaluation) varies across images. Items: {"image" (or "image_features" from FeatureRows),
+    "turns": [(question, answers), ...]},
     which `VQACollator` turns into one sequence. Nothing is dropped: every row is in one group.
     """
 
@@ -253,8 +260,9 @@ class Conversations(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         group = self.groups[index]
-        return {"image": self.dataset[group[0]]["image"],
-                "turns": [(self.questions[i], self.answers[i]) for i in group]}
+        first = self.dataset[group[0]]
+        image = {k: first[k] for k in ("image", "image_features") if k in first}  # FeatureRows: features
+        return {**image, "turns": [(self.questions[i], self.answers[i]) for i in group]}
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:

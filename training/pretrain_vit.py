@@ -36,6 +36,7 @@ from mmfusion.weights import is_mmfusion_folder  # noqa: E402
 from training.args import parse_configs  # noqa: E402
 from training.common import (  # noqa: E402
     RunConfig,
+    adamw,
     example_generator,
     make_accelerator,
     param_groups,
@@ -218,8 +219,7 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     accelerator.print(f"ViT: {sum(p.numel() for p in vit.parameters()) / 1e6:.2f}M parameters, "
                       f"{len(class_names)} classes, precision {accelerator.mixed_precision}, "
                       f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value})")
-    optimizer = torch.optim.AdamW(param_groups(vit.named_parameters(), run_cfg.lr, run_cfg.weight_decay),
-                                  lr=run_cfg.lr, betas=(0.9, run_cfg.beta2), eps=run_cfg.adam_eps)
+    optimizer = adamw(param_groups(vit.named_parameters(), run_cfg.lr, run_cfg.weight_decay), run_cfg)
 
     def step(model, batch):
         x, y = batch

@@ -51,6 +51,7 @@ from training.common import (  # noqa: E402
     Conversations,
     Rows,
     RunConfig,
+    adamw,
     find_resume,
     make_accelerator,
     param_groups,
@@ -58,6 +59,7 @@ from training.common import (  # noqa: E402
     write_json,
     write_run_config,
 )
+from training.features import FeatureRows  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,9 @@ class VQAStageConfig:
     attention: str = field(default="prefix", metadata={
         "help": "image tokens attend causally or bidirectionally (prefix)", "choices": ["causal", "prefix"]})
     freeze_vit: bool = field(default=True, metadata={"help": "keep the ViT's weights fixed"})
+    cache_features: bool = field(default=True, metadata={
+        "help": "with a frozen ViT, compute each training image's ViT features once, before training "
+                "(the same numbers; saves the ViT and the image decoding every step)"})
     freeze_adapter: bool = field(default=False, metadata={"help": "keep the adapter's weights fixed"})
     freeze_gpt: bool = field(default=False, metadata={"help": "keep the GPT's weights fixed"})
     lr_vit: float | None = field(default=None, metadata={"help": "ViT learning rate (default: --lr)"})
@@ -168,7 +173,7 @@ def optimizer_for(model: VLM, stage: VQAStageConfig, run: RunConfig) -> torch.op
     for prefix, lr in (("vit", stage.lr_vit), ("adapter", stage.lr_adapter), ("gpt", stage.lr_gpt)):
         part = getattr(model, prefix)
         groups += param_groups(part.named_parameters(), lr or run.lr, run.weight_decay)
-    return torch.optim.AdamW(groups, lr=run.lr, betas=(0.9, run.beta2), eps=run.adam_eps)
+    return adamw(groups, run)
 
 
 @torch.no_grad()
@@ -258,9 +263,8 @@ def align(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, model: VLM, ca
         accelerator.print(f"alignment: loaded the finished phase from {align_dir / 'model'}")
         return model
     set_trainable(model, vit=False, adapter=True, gpt=False)
-    optimizer = torch.optim.AdamW(param_groups(model.adapter.named_parameters(), stage.lr_adapter or run_cfg.lr,
-                                               run_cfg.weight_decay),
-                                  lr=run_cfg.lr, betas=(0.9, run_cfg.beta2), eps=run_cfg.adam_eps)
+    optimizer = adamw(param_groups(model.adapter.named_parameters(), stage.lr_adapter or run_cfg.lr,
+                                   run_cfg.weight_decay), run_cfg)
     phase = replace(run_cfg, output_dir=str(align_dir), epochs=stage.align_epochs, max_steps=0, eval_every=0,
                     resume=run_cfg.resume if (inside or run_cfg.resume == "latest") else None)
     accelerator.print(f"alignment: adapter only, {stage.align_epochs} epochs on {len(captions)} captions")
@@ -284,6 +288,10 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     train_vqa, train_cap, reports = load_splits(stage, stage.train_split, captions, questions)
     eval_vqa, eval_cap, eval_reports = load_splits(stage, stage.eval_split, stage.task != "vqa", questions)
     accelerator.print("\n".join(f"data: {r}" for r in reports + eval_reports))
+    model = build_vlm(stage)
+    processor = ImageProcessor.from_config(model.config.vit)
+    if stage.freeze_vit and stage.cache_features:
+        train_vqa, train_cap = (with_features(accelerator, run_cfg, model, processor, ds) for ds in (train_vqa, train_cap))
     if questions and stage.turns > 1:
         train_vqa = Conversations(train_vqa, stage.turns, run_cfg.seed)
         accelerator.print(f"data: {train_vqa}")
@@ -291,8 +299,6 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
         task_rows = torch.utils.data.ConcatDataset([train_vqa, train_cap])
     else:
         task_rows = train_vqa if stage.task == "vqa" else train_cap
-    model = build_vlm(stage)
-    processor = ImageProcessor.from_config(model.config.vit)
     prompts = PromptBuilder(model.num_image_tokens, model.config.gpt.block_size)
     collate = VQACollator(processor, prompts)
     if accelerator.is_main_process:
@@ -338,6 +344,19 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
         accelerator.print(f"model saved to {out / 'model'}")
     accelerator.end_training()
     return metrics
+
+
+def with_features(accelerator, run_cfg: RunConfig, model: VLM, processor: ImageProcessor, dataset):
+    """The dataset's rows with the frozen ViT's features in place of images (FeatureRows), or the
+    dataset itself when there is none or the features would not fit in memory."""
+    if dataset is None:
+        return None
+    rows = FeatureRows.compute(model, dataset, processor, device=accelerator.device, autocast=accelerator.autocast,
+                               progress=run_cfg.progress and accelerator.is_local_main_process)
+    accelerator.print(f"data: {rows}" if rows is not None else
+                      f"data: the ViT features of {len(dataset)} rows would not fit in "
+                      f"{FeatureRows.LIMIT_BYTES / 2**30:.0f} GiB; the ViT runs every step")
+    return dataset if rows is None else rows
 
 
 def final_evaluation(accelerator, stage: VQAStageConfig, model: VLM, eval_vqa, eval_cap, out: Path) -> dict:

@@ -1,0 +1,100 @@
+"""A frozen ViT's features computed once per image (training/features.py): each distinct image
+goes through the ViT once, every row gets its own image's features, and the collator batches
+them. Stage 2 with and without them, and its resume: tests/test_training.py."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmfusion import ViT, ViTConfig
+from mmfusion.config import AdapterConfig, GPTConfig
+from mmfusion.gpt import GPT
+from mmfusion.processing import ImageProcessor, PromptBuilder, VQACollator
+from mmfusion.vlm import VLM
+from training.common import Conversations
+from training.features import FeatureRows
+
+
+def tiny_vlm() -> VLM:
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(image_size=16, patch_size=4, n_layer=2, n_head=2, n_embd=32, num_classes=0))
+    gpt = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32))
+    return VLM.from_parts(vit, gpt, AdapterConfig(pixel_shuffle=2))
+
+
+def image(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+
+
+def qa_dataset(image_ids: list[int]) -> datasets.Dataset:
+    """One row per id; rows with the same id (>= 0) show the same image."""
+    return datasets.Dataset.from_dict(
+        {"image": [image(max(i, 0) * 100 + r * (i < 0)) for r, i in enumerate(image_ids)],
+         "question": [f"q{r}" for r in range(len(image_ids))], "answers": [[f"a{r}"] for r in range(len(image_ids))],
+         "answer_type": ["other"] * len(image_ids), "image_id": image_ids},
+        features=datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                    "answers": datasets.Sequence(datasets.Value("string")),
+                                    "answer_type": datasets.Value("string"), "image_id": datasets.Value("int64")}))
+
+
+def counted(model: VLM) -> list[int]:
+    """Batch sizes of every ViT forward from now on."""
+    seen: list[int] = []
+    model.vit.blocks[0].register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    return seen
+
+
+@pytest.mark.parametrize("ids, distinct", [([3, 1, 3, 3, 1, 2], 3), ([-1, -1, -1, -1], 4), ([5, -1, 5], 3)])
+def test_each_image_goes_through_the_vit_once_and_each_row_gets_its_own(ids, distinct):
+    model, ds = tiny_vlm(), qa_dataset(ids)
+    processor = ImageProcessor.from_config(model.config.vit)
+    seen = counted(model)
+    rows = FeatureRows.compute(model, ds, processor, batch_size=2, progress=False)
+    assert sum(seen) == distinct and len(rows.features) == distinct  # ids < 0 anywhere: one image per row
+    model.eval()
+    for r in range(len(ds)):
+        row = rows[r]
+        assert "image" not in row and row["question"] == f"q{r}" and row["image_id"] == ids[r]
+        alone = model.vit_features(processor([ds[r]["image"]]))[0]  # (1+N, Dv)
+        torch.testing.assert_close(row["image_features"], alone, atol=1e-5, rtol=1e-5)
+    assert rows["question"] == ds["question"]  # columns pass through (Conversations reads them)
+
+
+def test_features_that_do_not_fit_are_not_kept():
+    model, ds = tiny_vlm(), qa_dataset([0, 1, 2])
+    per_image = 17 * 32 * 4  # (1 + 16 patches) x width 32, fp32
+    processor = ImageProcessor.from_config(model.config.vit)
+    assert FeatureRows.compute(model, ds, processor, progress=False, limit_bytes=3 * per_image - 1) is None
+    assert len(FeatureRows.compute(model, ds, processor, progress=False, limit_bytes=3 * per_image).features) == 3
+
+
+def test_the_vit_is_left_in_the_mode_it_was_in():
+    model, ds = tiny_vlm(), qa_dataset([0, 1])
+    model.train()
+    FeatureRows.compute(model, ds, ImageProcessor.from_config(model.config.vit), progress=False)
+    assert model.vit.training
+
+
+def test_collator_batches_features_instead_of_pixels_and_refuses_a_mix():
+    model, ds = tiny_vlm(), qa_dataset([0, 1, 0])
+    processor = ImageProcessor.from_config(model.config.vit)
+    rows = FeatureRows.compute(model, ds, processor, progress=False)
+    collate = VQACollator(processor, PromptBuilder(model.num_image_tokens, 64))
+    batch = collate([rows[i] for i in range(3)])
+    assert "pixel_values" not in batch and batch["image_features"].shape == (3, 17, 32)
+    model.eval()
+    with_pixels = collate([ds[i] for i in range(3)])
+    # the same loss through either path: the features are what the ViT would have computed
+    a = model(**batch).loss
+    b = model(**with_pixels).loss
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="mixes rows"):
+        collate([rows[0], ds[1]])
+    conv = Conversations(rows, turns=2, seed=0)
+    assert all("image_features" in conv[i] and "image" not in conv[i] for i in range(len(conv)))
+    with pytest.raises(ValueError, match="exactly one of"):
+        model.encode_images()
