@@ -14,16 +14,21 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup run test lint bench strip clean
 
-$(VENV)/.installed: pyproject.toml
+# The main job needs only the package; the tests and notebooks add their tools (~20 s more).
+$(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==$(TORCH)"
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.core
 	$(PY) -m pip install --quiet -e ".[dev,notebooks]"
 	touch $@
 
 setup: $(VENV)/.installed
 
-run: setup
+run: $(VENV)/.core
 	$(VENV)/bin/mmfusion main --output-dir $(OUT)
 
 test: setup
