@@ -24,3 +24,7 @@ def test_main_job_writes_models_predictions_and_report(tmp_path, capsys):
     assert "| **all** | 9673 |" in report and report.strip() in out
     assert result["vqa"]["count"] == 9673 and 0.0 <= result["vqa"]["accuracy"] <= 1.0
     assert json.loads((tmp_path / "vit" / "metrics.json").read_text())["test_examples"] == 888
+    # stage 2 reads the stage-1 ViT and keeps its CLS token (the main job's choice, README)
+    stage = json.loads((tmp_path / "vqa" / "run_config.json").read_text())["stage"]
+    assert stage["vit"] == str(tmp_path / "vit" / "model") and stage["keep_cls"] is True
+    assert json.loads((tmp_path / "vqa" / "model" / "config.json").read_text())["config"]["adapter"]["keep_cls"] is True

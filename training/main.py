@@ -35,6 +35,8 @@ def parse(argv: list[str] | None):
     parser.add_argument("--vqa-max-steps", type=int, default=0)
     parser.add_argument("--vit-lr", type=float, default=None)
     parser.add_argument("--vqa-lr", type=float, default=None)
+    parser.add_argument("--keep-cls", action=argparse.BooleanOptionalAction, default=True,
+                        help="stage 2 feeds the ViT's CLS token to the adapter next to the patch tokens")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--examples", type=int, default=8, help="example answers to print")
     return parser.parse_args(argv)
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     vqa_stage, vqa_run = train_vqa.parse([])
     # The ViT's CLS token joins the 16 patch tokens: stage 1 trained it to name the shape and color,
     # and with it the yes/no questions are learned within 2.5 epochs on every ViT tried (README).
-    vqa_stage = replace(vqa_stage, vit=str(out / "vit" / "model"), keep_cls=True)
+    vqa_stage = replace(vqa_stage, vit=str(out / "vit" / "model"), keep_cls=args.keep_cls)
     vqa_run = stage_run(vqa_run, args, "vqa")
     print(f"== stage 2: VQA fine-tuning on {vqa_stage.dataset} -> {vqa_run.output_dir}", flush=True)
     vqa_metrics = train_vqa.run(vqa_stage, vqa_run)
