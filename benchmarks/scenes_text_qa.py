@@ -114,12 +114,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="give the true caption as text (--no-caption: the question alone)")
     parser.add_argument("--predictions", default=None, help="the image model's predictions.jsonl to compare with")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-std", type=float, default=None,
+                        help="a fresh GPT's initializer_range (default: the preset's, GPT-2's 0.02)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     train = examples("train", args.train_scenes, args.caption)
     test = examples("test", args.test_scenes, args.caption)
-    model = load_gpt(args.gpt, None)
+    model = load_gpt(args.gpt, None if args.init_std is None else {"initializer_range": args.init_std})
     model.train()
     optimizer = torch.optim.AdamW(param_groups(model.named_parameters(), args.lr, args.weight_decay),
                                   lr=args.lr, betas=(0.9, 0.99))

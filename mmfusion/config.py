@@ -156,9 +156,14 @@ class GPTConfig(_JSONMixin):
     layer_norm_eps: float = 1e-5
     activation: str = "gelu_tanh"
     bias: bool = True
+    # Std of the Normal init of a fresh GPT (transformers' GPT2Config.initializer_range). GPT-2's
+    # 0.02 suits width 768; the width-128 gpt-tiny learns the scenes captions far faster at 0.06.
+    initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+        if not (isinstance(self.initializer_range, (int, float)) and self.initializer_range > 0):
+            raise ConfigError(f"GPTConfig.initializer_range must be a positive number, got {self.initializer_range!r}")
         if self.intermediate_size is not None:
             _positive(self, "intermediate_size")
         _probability(self, "dropout")

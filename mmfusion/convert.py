@@ -342,7 +342,8 @@ def gpt_config_from_hf(hf_config: Any, dropout: float = 0.0) -> GPTConfig:
     return _make(GPTConfig, where, vocab_size=hf_config.vocab_size, block_size=hf_config.n_positions,
                  n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
                  intermediate_size=hf_config.n_inner, layer_norm_eps=hf_config.layer_norm_epsilon,
-                 activation=_activation(hf_config.activation_function, where), bias=True, dropout=dropout)
+                 activation=_activation(hf_config.activation_function, where), bias=True, dropout=dropout,
+                 initializer_range=getattr(hf_config, "initializer_range", 0.02))
 
 
 def _normalization(preprocessor: Path | None, num_channels: int) -> tuple[tuple[float, ...] | None, ...]:

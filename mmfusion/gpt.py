@@ -5,6 +5,8 @@ Notation: B batch, T tokens this call, S keys (cached + current), C width, V voc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -46,10 +48,12 @@ class GPT(PretrainedMixin, nn.Module):
         return gpt_from_hf(source, **kwargs)
 
     def _init_weights(self) -> None:
-        """GPT-2's scheme: Normal(0, 0.02) everywhere, zero biases, unit LayerNorms, and the
-        residual projections scaled by 1/sqrt(2L) so the residual stream's variance stays flat."""
-        self.apply(init_linear_and_norm)
-        scale_residual_projections(self.blocks, self.config.n_layer)
+        """GPT-2's scheme: Normal(0, initializer_range = 0.02) everywhere, zero biases, unit
+        LayerNorms, and the residual projections scaled by 1/sqrt(2L) so the residual stream's
+        variance stays flat."""
+        std = self.config.initializer_range
+        self.apply(functools.partial(init_linear_and_norm, std=std))
+        scale_residual_projections(self.blocks, self.config.n_layer, std=std)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for `batch_size` rows and up to `max_len` positions."""

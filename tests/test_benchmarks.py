@@ -134,7 +134,7 @@ def test_text_qa_runs_and_tables_both_models(tmp_path, capsys):
             {"question": "what shape is at the top left?", "prediction": "circle", "answers": ["circle"]}]
     predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = qa.main(["--steps", "4", "--eval-every", "2", "--train-scenes", "8", "--test-scenes", "4",
-                      "--batch-size", "4", "--predictions", str(predictions)])
+                      "--batch-size", "4", "--init-std", "0.1", "--predictions", str(predictions)])
     assert [s for s, _ in result["curve"]] == [2, 4]
     assert result["image_by_template"] == {"is there a C S?": {"accuracy": 0.5, "count": 2},
                                            "what shape is at the P?": {"accuracy": 1.0, "count": 1}}

@@ -19,6 +19,7 @@ from mmfusion.convert import (  # noqa: E402
     ConversionError,
     apply_table,
     gpt2_table,
+    gpt_config_from_hf,
     gpt_from_hf,
     vit_from_hf,
 )
@@ -353,3 +354,34 @@ def test_gpt2_names_the_pretrained_weights_not_a_fresh_preset(monkeypatch):
         load_gpt("gpt2", None)
     fresh = load_gpt("gpt-base", None).config
     assert (fresh.n_layer, fresh.n_embd, fresh.vocab_size, fresh.block_size) == (12, 768, 50257, 1024)
+
+
+@pytest.mark.parametrize("std", [0.02, 0.06])
+def test_fresh_gpt_init_matches_transformers_gpt2_init(std):
+    """A fresh GPT draws its weights like transformers' GPT-2 with the same initializer_range:
+    Normal(0, std) for embeddings and linear layers, std / sqrt(2 n_layer) for the residual
+    projections; the config field imports from a GPT2Config."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf_config = GPT2Config(n_embd=128, n_layer=4, n_head=4, n_positions=256, initializer_range=std)
+    assert gpt_config_from_hf(hf_config).initializer_range == std
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(hf_config).transformer
+    ours = GPT(gpt_config_from_hf(hf_config))
+    pairs = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "blocks.1.attn.qkv.weight": "h.1.attn.c_attn.weight",
+             "blocks.1.attn.proj.weight": "h.1.attn.c_proj.weight", "blocks.2.mlp.fc.weight": "h.2.mlp.c_fc.weight",
+             "blocks.2.mlp.proj.weight": "h.2.mlp.c_proj.weight"}
+    theirs, mine = dict(hf.named_parameters()), dict(ours.named_parameters())
+    for name, hf_name in pairs.items():
+        assert mine[name].std().item() == pytest.approx(theirs[hf_name].std().item(), rel=0.03), name
+    assert mine["blocks.2.mlp.proj.weight"].std().item() == pytest.approx(std / 8**0.5, rel=0.03)
+    assert torch.all(mine["blocks.1.attn.qkv.bias"] == 0) and torch.all(mine["blocks.0.ln1.weight"] == 1)
+
+
+def test_gpt_init_std_flag_reaches_a_fresh_gpt():
+    from training.train_vqa import VQAStageConfig, load_gpt
+
+    stage = VQAStageConfig(gpt="gpt-tiny", vit="vit-tiny", gpt_init_std=0.06, block_size=96)
+    gpt = load_gpt(stage.gpt, stage.gpt_overrides())
+    assert (gpt.config.initializer_range, gpt.config.block_size) == (0.06, 96)
+    assert gpt.wte.weight.std().item() == pytest.approx(0.06, rel=0.02)

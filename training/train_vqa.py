@@ -86,6 +86,8 @@ class VQAStageConfig:
         "help": f"a preset ({', '.join(GPT_PRESETS)}) for a fresh GPT, a saved GPT folder, "
                 "or transformers GPT-2 weights (a folder or hub id, e.g. gpt2)"})
     block_size: int | None = field(default=None, metadata={"help": "override a fresh GPT's context length"})
+    gpt_init_std: float | None = field(default=None, metadata={
+        "help": "override a fresh GPT's initializer_range, the std of its Normal init (GPT-2: 0.02)"})
     projection: str = field(default="mlp", metadata={"help": "adapter projection", "choices": ["linear", "mlp"]})
     adapter_layer: int = field(default=-1, metadata={"help": "ViT layer feeding the adapter (-1: last)"})
     keep_cls: bool = field(default=False, metadata={"help": "keep the ViT's CLS token as an image token"})
@@ -118,18 +120,25 @@ class VQAStageConfig:
                      "final_eval_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr_vit", "lr_adapter", "lr_gpt"):
+        for name in ("lr_vit", "lr_adapter", "lr_gpt", "gpt_init_std"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.max_bad_fraction <= 1.0 or self.align_epochs < 0:
             raise ConfigError("--max-bad-fraction must be in [0, 1] and --align-epochs >= 0")
         if self.block_size is not None and self.gpt not in GPT_PRESETS:
             raise ConfigError("--block-size applies only to a fresh GPT from a preset")
+        if self.gpt_init_std is not None and self.gpt not in GPT_PRESETS:
+            raise ConfigError(f"--gpt-init-std applies only to a fresh GPT from a preset, not {self.gpt!r}")
         if self.freeze_vit and self.freeze_adapter and self.freeze_gpt:
             raise ConfigError("every part is frozen: nothing to train")
         if self.vit in VIT_PRESETS and self.gpt in GPT_PRESETS:  # the whole model is known without reading files
-            gpt = gpt_preset(self.gpt, **({} if self.block_size is None else {"block_size": self.block_size}))
+            gpt = gpt_preset(self.gpt, **self.gpt_overrides())
             VLMConfig(vit=vit_preset(self.vit, num_classes=0), gpt=gpt, adapter=adapter, attention=self.attention)
+
+    def gpt_overrides(self) -> dict:
+        """The preset fields a fresh GPT's flags override."""
+        return {k: v for k, v in (("block_size", self.block_size), ("initializer_range", self.gpt_init_std))
+                if v is not None}
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(projection=self.projection, layer=self.adapter_layer, keep_cls=self.keep_cls,
@@ -151,16 +160,17 @@ def load_vit(spec: str) -> ViT:
     return ViT.from_hf(spec)
 
 
-def load_gpt(spec: str, block_size: int | None) -> GPT:
+def load_gpt(spec: str, overrides: dict | None = None) -> GPT:
+    """A fresh GPT from a preset (with `overrides` of its config fields), a saved folder or GPT-2."""
     if spec in GPT_PRESETS:
-        return GPT(gpt_preset(spec, **({"block_size": block_size} if block_size else {})))
-    if block_size:
-        raise ConfigError("--block-size applies only to a fresh GPT from a preset")
+        return GPT(gpt_preset(spec, **(overrides or {})))
+    if overrides:
+        raise ConfigError(f"{', '.join(overrides)} apply only to a fresh GPT from a preset, not {spec!r}")
     return GPT.from_pretrained(spec) if is_mmfusion_folder(spec) else GPT.from_hf(spec)
 
 
 def build_vlm(stage: VQAStageConfig) -> VLM:
-    model = VLM.from_parts(load_vit(stage.vit), load_gpt(stage.gpt, stage.block_size), stage.adapter_config(),
+    model = VLM.from_parts(load_vit(stage.vit), load_gpt(stage.gpt, stage.gpt_overrides()), stage.adapter_config(),
                            stage.attention)
     set_trainable(model, vit=not stage.freeze_vit, adapter=not stage.freeze_adapter, gpt=not stage.freeze_gpt)
     if not any(p.requires_grad for p in model.parameters()):
