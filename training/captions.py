@@ -7,8 +7,8 @@ Two stages with the scenes defaults below:
 1. `pretrain_vit` on scenes with a label per cell of the 2x2 grid (`label_grid=2`): the ViT
    learns what is where, into OUTPUT_DIR/vit/. `--vit DIR` skips it and uses a saved ViT.
 2. `train_vqa` on captions and questions mixed, with that ViT frozen, each 2x2 cell's
-   patches merged into one image token (pixel shuffle 4) and a fresh `gpt-tiny` initialized
-   with std 0.1 (`--gpt-init-std`), into OUTPUT_DIR (model/,
+   patches merged into one image token (pixel shuffle 4) and a fresh `gpt-tiny` (initialized
+   with std 0.1, see `--gpt-init-std`), into OUTPUT_DIR (model/,
    metrics.json, captions.jsonl, predictions.jsonl, logs/).
 
 results.md holds the table printed at the end. Stage-2 flags can be passed through after `--`:
@@ -34,14 +34,13 @@ from training.common import RunConfig  # noqa: E402
 # 15 minutes there. Stage 1 at lr 8e-3 labels 99.7% of test scenes right in every cell
 # (lr 2e-3: 86%, 4e-3: 96%, same steps). The GPT is fresh, so there is no pretrained GPT
 # for an adapter-only alignment phase to align to; --align-epochs is there for pretrained parts.
-# The fresh width-128 GPT starts from Normal(0, 0.1), not GPT-2's 0.02 (made for width 768):
+# The fresh gpt-tiny starts from Normal(0, 0.1) (its preset), not GPT-2's 0.02 (for width 768):
 # with 0.02 the questions that search the image for a color or shape stayed near chance
 # (VQA ~81% after 2,000 steps), with 0.1 they are learned (95.5% after 2,000 steps; README).
 VIT_ARGS = ["--dataset", "scenes", "--preset", "vit-tiny"]
 VIT_DEFAULTS = RunConfig(output_dir="runs/captions/vit", epochs=13, batch_size=64, lr=8e-3, warmup_steps=100,
                          weight_decay=0.05)
-STAGE_ARGS = ["--dataset", "scenes", "--task", "both", "--pixel-shuffle", "4", "--image-positions",
-              "--gpt-init-std", "0.1"]
+STAGE_ARGS = ["--dataset", "scenes", "--task", "both", "--pixel-shuffle", "4", "--image-positions"]
 RUN_DEFAULTS = RunConfig(output_dir="runs/captions", epochs=2.5, batch_size=32, lr=1e-3, warmup_steps=100,
                          weight_decay=0.05, eval_samples=300)
 

@@ -8,7 +8,7 @@ chosen for the accuracy targets on easy-VQA (offline, 2-core CPU); the job took 
 on 2026-11-24, 15 with setup (README, "Main job results").
 Any stage flag can be overridden: `--vit-epochs`, `--vqa-epochs`, `--vit-lr`, `--vqa-lr`, ...;
 `--no-keep-cls` feeds stage 2 the patch tokens without the ViT's CLS token; `--gpt-init-std`
-sets the fresh GPT's init (0.1; GPT-2's 0.02 learns the yes/no questions much later).
+sets the fresh GPT's init (gpt-tiny: 0.1; GPT-2's 0.02 learns the yes/no questions much later).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def parse(argv: list[str] | None):
     parser.add_argument("--vqa-lr", type=float, default=None)
     parser.add_argument("--keep-cls", action=argparse.BooleanOptionalAction, default=True,
                         help="stage 2 feeds the ViT's CLS token to the adapter next to the patch tokens")
-    parser.add_argument("--gpt-init-std", type=float, default=0.1,
-                        help="std of the fresh GPT's Normal init in stage 2 (GPT-2's is 0.02)")
+    parser.add_argument("--gpt-init-std", type=float, default=None,
+                        help="std of the fresh GPT's Normal init in stage 2 (default: gpt-tiny's 0.1; GPT-2's is 0.02)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--examples", type=int, default=8, help="example answers to print")
     return parser.parse_args(argv)
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     vqa_stage, vqa_run = train_vqa.parse([])
     # The ViT's CLS token joins the 16 patch tokens: stage 1 trained it to name the shape and color.
-    # The fresh width-128 GPT starts from std 0.1, not GPT-2's 0.02: with 0.02 the yes/no questions
-    # stayed near chance for 600-900 steps (or past the end), with 0.1 for about 300 (README).
+    # The fresh gpt-tiny starts from std 0.1 (its preset), not GPT-2's 0.02: with 0.02 the yes/no
+    # questions stayed near chance for 600-900 steps (or past the end), with 0.1 for about 300 (README).
     vqa_stage = replace(vqa_stage, vit=str(out / "vit" / "model"), keep_cls=args.keep_cls,
                         gpt_init_std=args.gpt_init_std)
     vqa_run = stage_run(vqa_run, args, "vqa")
