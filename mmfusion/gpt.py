@@ -48,7 +48,7 @@ class GPT(PretrainedMixin, nn.Module):
         return gpt_from_hf(source, **kwargs)
 
     def _init_weights(self) -> None:
-        """GPT-2's scheme: Normal(0, initializer_range = 0.02) everywhere, zero biases, unit
+        """GPT-2's scheme: Normal(0, initializer_range) everywhere (GPT-2: 0.02), zero biases, unit
         LayerNorms, and the residual projections scaled by 1/sqrt(2L) so the residual stream's
         variance stays flat."""
         std = self.config.initializer_range
