@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import generation
@@ -20,6 +19,7 @@ from .adapter import ViTAdapter
 from .config import AdapterConfig, VLMConfig
 from .generation import GenerationConfig
 from .gpt import GPT
+from .loss import linear_cross_entropy
 from .vit import ViT
 from .weights import PretrainedMixin
 
@@ -33,7 +33,7 @@ class SlotCountError(ValueError):
 @dataclass
 class VLMOutput:
     loss: torch.Tensor | None
-    logits: torch.Tensor | None  # (B, T, V) without labels; (K, V) for the K supervised tokens with labels
+    logits: torch.Tensor | None  # (B, T, V) without labels; None with labels (the loss is fused)
     num_tokens: int = 0  # supervised tokens behind `loss`
 
 
@@ -122,19 +122,20 @@ class VLM(PretrainedMixin, nn.Module):
 
         labels hold token ids where the model is supervised and -100 elsewhere, aligned with
         input_ids; the shift (position t predicts token t+1) happens here and nowhere else.
-        Only supervised positions go through the LM head, which saves the (T x V) logits.
+        The loss is the mean over all supervised tokens of the batch.
+        Only supervised positions go through the LM head, and `linear_cross_entropy` forms the
+        loss and its gradients without keeping logits: with labels, `logits` is None.
         """
         hidden = self.hidden_states(input_ids, pixel_values, attention_mask, image_features=image_features)  # (B, T, C)
         if labels is None:
             return VLMOutput(loss=None, logits=self.gpt.lm_head(hidden))
         targets = labels[:, 1:]  # (B, T-1)
         keep = targets != IGNORE_INDEX  # (B, T-1)
-        logits = self.gpt.lm_head(hidden[:, :-1][keep])  # (K, V)
         n = int(keep.sum())
         if n == 0:
             raise ValueError("no supervised tokens in this batch: every label is -100")
-        loss = F.cross_entropy(logits.float(), targets[keep])
-        return VLMOutput(loss=loss, logits=logits, num_tokens=n)
+        loss = linear_cross_entropy(hidden[:, :-1][keep], self.gpt.lm_head.weight, targets[keep])  # over K tokens
+        return VLMOutput(loss=loss, logits=None, num_tokens=n)
 
     # ---- generation -------------------------------------------------------------------------
 

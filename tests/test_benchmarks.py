@@ -147,3 +147,14 @@ def test_text_qa_runs_and_tables_both_models(tmp_path, capsys):
         bad.write_text(json.dumps({"caption": "x"}) + "\n")
         qa.main(["--steps", "1", "--train-scenes", "2", "--test-scenes", "1", "--batch-size", "2",
                  "--predictions", str(bad)])
+
+
+def test_loss_benchmark_runs_and_both_sides_agree():
+    spec = importlib.util.spec_from_file_location("mmfusion_bench_loss", ROOT / "benchmarks" / "loss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--smoke"])
+    assert [r["case"].split(",")[0] for r in rows] == ["loss fwd+bwd", "stage-2 training step (fwd+bwd+AdamW)"]
+    assert all(r["ref_s"] > 0 and r["ours_s"] > 0 for r in rows)
+    assert all(r["loss_diff"] < 1e-5 for r in rows)  # the same loss from the same weights
+    assert rows[0]["grad_diff"] < 1e-5
