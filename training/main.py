@@ -4,8 +4,8 @@
 
 Everything lands in one folder: vit/ (stage 1: model, metrics, logs), vqa/ (stage 2: model,
 metrics, predictions.jsonl, logs) and results.md (the table printed at the end). Defaults are
-chosen for the accuracy targets on easy-VQA (offline, 2-core CPU); the job took 13-14 minutes
-there on 2026-11-24, 15-16 with setup (README, "Main job results").
+chosen for the accuracy targets on easy-VQA (offline, 2-core CPU); the job took 12 minutes
+there on 2026-11-24, 13 min 37 s with setup (README, "Main job results").
 Any stage flag can be overridden: `--vit-epochs`, `--vqa-epochs`, `--vit-lr`, `--vqa-lr`, ...;
 `--no-keep-cls` feeds stage 2 the patch tokens without the ViT's CLS token; `--gpt-init-std`
 sets the fresh GPT's init (gpt-tiny: 0.1; GPT-2's 0.02 learns the yes/no questions much later).
