@@ -6,16 +6,14 @@
 Times forward + backward of the loss alone (hidden (K, C) and the weight (V, C) both need
 gradients, the weight tied to an embedding as in GPT-2, so its two gradients are summed), and a
 whole stage-2 training step of the main job's VLM shape (gpt-tiny, 17 image tokens + ~17 text tokens,
-batch 64, 2 supervised tokens a row) with either loss. Both sides alternate in one process; each
-prints the median, and the rows report the largest loss and gradient differences too.
+batch 64, 2 supervised tokens a row) with either loss. Both sides alternate in one process
+(run.py's `alternate`); each prints the median, and the rows report the largest loss and gradient differences too.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.run import alternate  # noqa: E402  (medians, sides interleaved, order flipped each repeat)
 from mmfusion.loss import linear_cross_entropy  # noqa: E402
 
 # (name, K supervised tokens, C width, V vocabulary)
@@ -87,19 +86,6 @@ def vlm_case(fused: bool, batch: int, smoke: bool):
         return loss.detach(), None
 
     return step
-
-
-def alternate(steps: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each side, the sides interleaved (one warm-up call each)."""
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for f in steps.values():
-        f()
-    for _ in range(repeats):
-        for k, f in steps.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
