@@ -164,17 +164,20 @@ def test_resume_matches_uninterrupted_run(image_folder, tmp_path):
 
 
 def test_two_process_ddp_matches_one_process(image_folder, tmp_path):
+    # Both runs on CPU processes (gloo), whatever accelerators this machine has: with one GPU a
+    # 2-process launch would leave rank 1 without a device.
     # AdamW's first updates are about lr * sign(g): with the default eps, fp rounding in near-zero
     # gradients (a different reduction order) flips signs and becomes lr-sized noise. A large eps
     # makes the update linear in the gradient, so this compares sharding and gradient averaging.
     common = ["--dataset", str(image_folder), "--max-steps", "4", "--warmup-steps", "1", "--no-hflip",
               "--adam-eps", "1e-2", *TINY_VIT, *QUIET]
-    run_stage("pretrain_vit", [*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")])
+    cpu_only = {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    run_stage("pretrain_vit", [*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")], env=cpu_only)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                 str(29500 + os.getpid() % 1000)]
     run_stage("pretrain_vit", [*common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")],
-              env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}, launcher=launcher)
+              env=cpu_only, launcher=launcher)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]

@@ -8,7 +8,6 @@ trained, unwrapped model.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from mmfusion.config import ConfigError
 from mmfusion.weights import CheckpointError
+from training.precision import PrecisionDecision, decide, model_step_timer, training_device
 
 log = logging.getLogger("mmfusion.training")
 
@@ -78,59 +78,43 @@ class RunConfig:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
-def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 matrix products beat fp32 here. GPUs with bf16 support: yes. CPUs: measured,
-    since CPUs without native bf16 (AVX2-only) run bf16 matmuls orders of magnitude slower.
-    The CPU answer is the best of 3 timings per dtype (one timing can be a preempted outlier on
-    a busy machine) and is measured once per process, so every stage of a job agrees."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    return _cpu_bf16_is_fast()
+def make_accelerator(run: RunConfig, log_name: str, precision: PrecisionDecision):
+    """An Accelerator with the decided precision, gradient accumulation and tensorboard.
 
-
-@functools.cache
-def _cpu_bf16_is_fast() -> bool:
-    a = torch.randn(256, 256)
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x = a.to(dtype)
-        x @ x
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            for _ in range(5):
-                x @ x
-            best = min(best, time.perf_counter() - start)
-        timings[dtype] = best
-    return timings[torch.bfloat16] < timings[torch.float32]
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    if requested != "auto":
-        return requested
-    return "bf16" if bf16_is_fast(device) else "no"
-
-
-def make_accelerator(run: RunConfig, log_name: str):
-    """An Accelerator with the resolved precision, gradient accumulation and tensorboard."""
+    accelerate keeps one AcceleratorState per process and refuses a second Accelerator with
+    another precision; a process that trains twice (a job's stages, a notebook, a test session)
+    may resolve differently each time, so that state is reset (the process group is kept)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration, set_seed
 
-    # The device type decides the precision before the Accelerator exists. Touching accelerate's
-    # shared state (PartialState) this early would freeze it without ACCELERATE_USE_CPU, and a
-    # multi-process CPU launch would silently train as independent single processes.
-    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    precision = resolve_precision(run.mixed_precision, torch.device("cpu" if on_cpu else "cuda"))
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", precision.resolved) != precision.resolved:
+        AcceleratorState._reset_state(reset_partial_state=False)
     project = ProjectConfiguration(project_dir=run.output_dir, logging_dir=str(Path(run.output_dir) / "logs"))
     trackers = ["tensorboard"] if _has_tensorboard() else []
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=run.grad_accum,
+    accelerator = Accelerator(mixed_precision=precision.resolved, gradient_accumulation_steps=run.grad_accum,
                               log_with=trackers or None, project_config=project)
     set_seed(run.seed)
     if trackers:
         accelerator.init_trackers(log_name)
+    accelerator.print(precision)
     return accelerator
+
+
+def choose_precision(run: RunConfig, model: torch.nn.Module, make_batch: Callable[[], Any],
+                     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]) -> PrecisionDecision:
+    """The run's precision (training/precision.py says who decides). `auto` may time a step of
+    `model` on make_batch(), loss_fn(model, batch) -> loss; nothing is built unless it is timed."""
+    device = training_device()
+    timer = None
+
+    def step_seconds(precision: str) -> float:
+        nonlocal timer
+        timer = timer or model_step_timer(model, make_batch(), loss_fn, device)
+        return timer(precision)
+
+    return decide(run.mixed_precision, device, step_timer=step_seconds)
 
 
 def _has_tensorboard() -> bool:

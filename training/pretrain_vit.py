@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
+from torch.utils.data import default_collate
 
 if __package__ in (None, ""):  # run as a plain script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,6 +39,7 @@ from training.args import parse_configs  # noqa: E402
 from training.common import (  # noqa: E402
     RunConfig,
     adamw,
+    choose_precision,
     example_generator,
     make_accelerator,
     param_groups,
@@ -196,14 +199,13 @@ def accuracies(model: ViT, dataset: ClassificationImages, limit: int | None = No
 def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     """Train and evaluate; returns the final metrics. The model lands in OUTPUT_DIR/model."""
     out = Path(run_cfg.output_dir)
-    accelerator = make_accelerator(run_cfg, "pretrain_vit")
+    set_seed(run_cfg.seed)
     train_ds, train_report = load_classification(stage.dataset, stage.train_split, image_column=stage.image_column,
                                                  label_column=stage.label_column,
                                                  max_bad_fraction=stage.max_bad_fraction)
     eval_ds, eval_report = load_classification(stage.dataset, stage.eval_split, image_column=stage.image_column,
                                                label_column=stage.label_column,
                                                max_bad_fraction=stage.max_bad_fraction)
-    accelerator.print(f"data: {train_report}\ndata: {eval_report}")
     class_names, label_grid = label_layout(train_ds)
     if stage.shift and label_grid > 1:
         raise ConfigError(f"--shift {stage.shift} could move shapes across the {label_grid}x{label_grid} label "
@@ -214,18 +216,25 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     train_set = ClassificationImages(train_ds, processor, hflip=stage.hflip, seed=run_cfg.seed,
                                      cache=stage.cache_images, shift=shift)
     eval_set = ClassificationImages(eval_ds, processor, cache=stage.cache_images)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_run_config(out, stage=stage, run=run_cfg, model=vit.config, precision=accelerator.mixed_precision)
-    accelerator.print(f"ViT: {sum(p.numel() for p in vit.parameters()) / 1e6:.2f}M parameters, "
-                      f"{len(class_names)} classes, precision {accelerator.mixed_precision}, "
-                      f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value})")
-    optimizer = adamw(param_groups(vit.named_parameters(), run_cfg.lr, run_cfg.weight_decay), run_cfg)
 
     def step(model, batch):
         x, y = batch
         logits = model(x).float()  # (B, K) or (B, g*g, K)
         return F.cross_entropy(logits.flatten(0, -2), y.flatten()), len(y)
+
+    def probe_batch():
+        return default_collate([train_set[i] for i in range(min(run_cfg.batch_size, len(train_set)))])
+
+    precision = choose_precision(run_cfg, vit, probe_batch, lambda m, b: step(m, b)[0])
+    accelerator = make_accelerator(run_cfg, "pretrain_vit", precision)
+    accelerator.print(f"data: {train_report}\ndata: {eval_report}")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_run_config(out, stage=stage, run=run_cfg, model=vit.config, precision=precision.to_dict())
+    accelerator.print(f"ViT: {sum(p.numel() for p in vit.parameters()) / 1e6:.2f}M parameters, "
+                      f"{len(class_names)} classes, precision {accelerator.mixed_precision}, "
+                      f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value})")
+    optimizer = adamw(param_groups(vit.named_parameters(), run_cfg.lr, run_cfg.weight_decay), run_cfg)
 
     def evaluate(model, full: bool) -> dict[str, float]:
         image, cell = accuracies(model, eval_set, None if full else run_cfg.eval_samples)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 
 if __package__ in (None, ""):  # run as a plain script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -52,6 +53,7 @@ from training.common import (  # noqa: E402
     Rows,
     RunConfig,
     adamw,
+    choose_precision,
     find_resume,
     make_accelerator,
     param_groups,
@@ -285,22 +287,48 @@ def align(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, model: VLM, ca
     return model
 
 
+def vqa_step(m, batch) -> tuple[torch.Tensor, int]:
+    """One micro-step's loss and its token count; `m` may be wrapped (DDP, compile)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(m)
+    for part in (inner.vit, inner.adapter, inner.gpt):
+        if not any(p.requires_grad for p in part.parameters()):
+            part.eval()  # a frozen part runs without dropout
+    output = m(**batch)
+    return output.loss, int(batch["attention_mask"].sum())
+
+
 def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     out = Path(run_cfg.output_dir)
     if stage.align_epochs < 0:
         raise ConfigError(f"--align-epochs must be >= 0, got {stage.align_epochs}")
-    accelerator = make_accelerator(run_cfg, "train_vqa")
     questions, captions = stage.task in ("vqa", "both"), stage.task in ("caption", "both") or stage.align_epochs > 0
     if captions and stage.dataset != "scenes":
         raise DatasetError(f"--task {stage.task}" + (f" --align-epochs {stage.align_epochs}" if stage.align_epochs else "")
                            + f" needs captions, which only the built-in 'scenes' dataset has; {stage.dataset!r} "
                            "has none: use --task vqa --align-epochs 0")
+    set_seed(run_cfg.seed)
     train_vqa, train_cap, reports = load_splits(stage, stage.train_split, captions, questions)
     eval_vqa, eval_cap, eval_reports = load_splits(stage, stage.eval_split, stage.task != "vqa", questions)
-    accelerator.print("\n".join(f"data: {r}" for r in reports + eval_reports))
     model = build_vlm(stage)
     processor = ImageProcessor.from_config(model.config.vit)
-    if stage.freeze_vit and stage.cache_features:
+    cached = stage.freeze_vit and stage.cache_features
+
+    def probe_batch() -> dict:
+        """A training batch as the step will see it (ViT features instead of images if cached)."""
+        rows = train_vqa if train_vqa is not None else train_cap
+        probe = VQACollator(processor, PromptBuilder(model.num_image_tokens, model.config.gpt.block_size))
+        batch = probe([rows[i] for i in range(min(run_cfg.batch_size, len(rows)))])
+        if cached:
+            with torch.no_grad():
+                batch["image_features"] = model.vit_features(batch.pop("pixel_values"))
+        return batch
+
+    precision = choose_precision(run_cfg, model, probe_batch, lambda m, b: vqa_step(m, b)[0])
+    accelerator = make_accelerator(run_cfg, "train_vqa", precision)
+    accelerator.print("\n".join(f"data: {r}" for r in reports + eval_reports))
+    if cached and stage.cache_features:
         train_vqa, train_cap = (with_features(accelerator, run_cfg, model, processor, ds) for ds in (train_vqa, train_cap))
     if questions and stage.turns > 1:
         train_vqa = Conversations(train_vqa, stage.turns, run_cfg.seed)
@@ -313,22 +341,14 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     collate = VQACollator(processor, prompts)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_run_config(out, stage=stage, run=run_cfg, model=model.config, precision=accelerator.mixed_precision)
+        write_run_config(out, stage=stage, run=run_cfg, model=model.config, precision=precision.to_dict())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator.print(f"VLM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
                       f"({trainable / 1e6:.2f}M trainable), {model.num_image_tokens} image tokens, "
                       f"precision {accelerator.mixed_precision}")
 
-    def step(m, batch):
-        for part in (accelerator.unwrap_model(m).vit, accelerator.unwrap_model(m).adapter,
-                     accelerator.unwrap_model(m).gpt):
-            if not any(p.requires_grad for p in part.parameters()):
-                part.eval()  # a frozen part runs without dropout
-        output = m(**batch)
-        return output.loss, int(batch["attention_mask"].sum())
-
     if stage.align_epochs > 0:
-        model = align(accelerator, stage, run_cfg, model, train_cap, collate, step)
+        model = align(accelerator, stage, run_cfg, model, train_cap, collate, vqa_step)
         set_trainable(model, vit=not stage.freeze_vit, adapter=not stage.freeze_adapter, gpt=not stage.freeze_gpt)
     optimizer = optimizer_for(model, stage, run_cfg)
 
@@ -343,7 +363,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
             metrics.update({f"caption_{k}": v for k, v in score_captions(rows).items() if k != "count"})
         return metrics
 
-    model = train(accelerator, run_cfg, model, optimizer, Rows(task_rows), collate, step, evaluate, unit="tok")
+    model = train(accelerator, run_cfg, model, optimizer, Rows(task_rows), collate, vqa_step, evaluate, unit="tok")
     metrics: dict = {}
     if accelerator.is_main_process:
         model.save_pretrained(out / "model")
