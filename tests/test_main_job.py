@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from training.main import main
+from training import pretrain_vit
+from training.main import main, parse, stage_run
 
 
 @pytest.mark.slow
@@ -22,6 +23,8 @@ def test_main_job_writes_models_predictions_and_report(tmp_path, capsys):
     assert set(json.loads(rows[0])) >= {"question", "prediction", "answers", "answer_type"}
     report = (tmp_path / "results.md").read_text()
     assert "| **all** | 9673 |" in report and report.strip() in out
+    assert result["vit"]["precision"] == result["vqa"]["precision"] == "no"  # auto, pinned to fp32 in tests
+    assert "| 888 images | no |" in report
     assert result["vqa"]["count"] == 9673 and 0.0 <= result["vqa"]["accuracy"] <= 1.0
     assert json.loads((tmp_path / "vit" / "metrics.json").read_text())["test_examples"] == 888
     # stage 2 reads the stage-1 ViT and keeps its CLS token (the main job's choice, README)
@@ -29,3 +32,10 @@ def test_main_job_writes_models_predictions_and_report(tmp_path, capsys):
     assert stage["vit"] == str(tmp_path / "vit" / "model") and stage["keep_cls"] is True
     config = json.loads((tmp_path / "vqa" / "model" / "config.json").read_text())["config"]
     assert config["adapter"]["keep_cls"] is True and config["gpt"]["initializer_range"] == 0.1
+
+
+def test_main_job_passes_its_precision_to_both_stages():
+    args = parse(["--mixed-precision", "bf16", "--seed", "2"])
+    run = stage_run(pretrain_vit.parse([])[1], args, "vit")
+    assert run.mixed_precision == "bf16" and run.seed == 2
+    assert stage_run(pretrain_vit.parse([])[1], parse([]), "vit").mixed_precision == "auto"

@@ -50,6 +50,8 @@ def parse(argv: list[str] | None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default=RUN_DEFAULTS.output_dir)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                        help="both stages' precision (default: auto, each stage's step timed; training/precision.py)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--examples", type=int, default=6, help="example captions to print")
     parser.add_argument("--vit", default=None,
@@ -65,7 +67,8 @@ def parse(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     out = Path(args.output_dir)
-    common = ["--seed", str(args.seed), *([] if args.progress else ["--no-progress"])]
+    common = ["--seed", str(args.seed), "--mixed-precision", args.mixed_precision,
+              *([] if args.progress else ["--no-progress"])]
     vit = args.vit or str(out / "vit" / "model")
     # Parse both stages before any work, so a bad flag for stage 2 does not cost a stage 1.
     stage, run_cfg = train_vqa.parse(

@@ -1,8 +1,8 @@
 """A frozen ViT's features, computed once per image instead of once per step.
 
 Stage 2 freezes the ViT by default and does not augment images, so an image's ViT features are
-the same in every epoch: easy-VQA asks ~10 questions about each image, so 2.5 epochs would
-decode and encode every image ~25 times. `FeatureRows` computes the features once, before
+the same in every epoch: easy-VQA asks ~10 questions about each image, so 3.5 epochs would
+decode and encode every image ~35 times. `FeatureRows` computes the features once, before
 training, for every distinct image of a dataset (by `image_id`, or by row where the source has
 none) and serves its rows with `image_features` in place of `image`; `VQACollator` then
 batches them and the VLM skips its ViT. The computation is the same in every run (same batches,

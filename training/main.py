@@ -3,9 +3,10 @@
     mmfusion main --output-dir runs/main
 
 Everything lands in one folder: vit/ (stage 1: model, metrics, logs), vqa/ (stage 2: model,
-metrics, predictions.jsonl, logs) and results.md (the table printed at the end). Defaults are
-chosen for the accuracy targets on easy-VQA (offline, 2-core CPU); the job took 12 minutes
-there on 2026-11-24, 13 min 37 s with setup (README, "Main job results").
+metrics, predictions.jsonl, logs) and results.md (the table printed at the end). The stages'
+defaults are the recipe, chosen for the accuracy targets on easy-VQA (offline, 2-core CPU); the
+README's "Main job results" has the measured accuracy and time per machine, precision and seed.
+`--mixed-precision` sets both stages' precision (default auto: each stage times its own step).
 Any stage flag can be overridden: `--vit-epochs`, `--vqa-epochs`, `--vit-lr`, `--vqa-lr`, ...;
 `--no-keep-cls` feeds stage 2 the patch tokens without the ViT's CLS token; `--gpt-init-std`
 sets the fresh GPT's init (gpt-tiny: 0.1; GPT-2's 0.02 learns the yes/no questions much later).
@@ -41,6 +42,8 @@ def parse(argv: list[str] | None):
                         help="stage 2 feeds the ViT's CLS token to the adapter next to the patch tokens")
     parser.add_argument("--gpt-init-std", type=float, default=None,
                         help="std of the fresh GPT's Normal init in stage 2 (default: gpt-tiny's 0.1; GPT-2's is 0.02)")
+    parser.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                        help="both stages' precision (default: auto, each stage's step timed; training/precision.py)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--examples", type=int, default=8, help="example answers to print")
     return parser.parse_args(argv)
@@ -49,6 +52,7 @@ def parse(argv: list[str] | None):
 def stage_run(run, args, name: str):
     """A stage's default RunConfig with the main job's output folder, seed and overrides."""
     return replace(run, output_dir=str(Path(args.output_dir) / name), seed=args.seed, progress=args.progress,
+                   mixed_precision=args.mixed_precision,
                    max_steps=getattr(args, f"{name}_max_steps"), epochs=getattr(args, f"{name}_epochs") or run.epochs,
                    lr=getattr(args, f"{name}_lr") or run.lr)
 
@@ -66,8 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     vqa_stage, vqa_run = train_vqa.parse([])
     # The ViT's CLS token joins the 16 patch tokens: stage 1 trained it to name the shape and color.
-    # The fresh gpt-tiny starts from std 0.1 (its preset), not GPT-2's 0.02: with 0.02 the yes/no
-    # questions stayed near chance for 600-900 steps (or past the end), with 0.1 for about 300 (README).
+    # The fresh gpt-tiny starts from std 0.1 (its preset), not GPT-2's 0.02, with which the yes/no
+    # questions stayed near chance for much longer (README).
     vqa_stage = replace(vqa_stage, vit=str(out / "vit" / "model"), keep_cls=args.keep_cls,
                         gpt_init_std=args.gpt_init_std)
     vqa_run = stage_run(vqa_run, args, "vqa")
@@ -80,12 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
     lines = [
         "# mmfusion main job",
         "",
-        "| stage | metric | test examples | wall time |",
-        "|---|---|---:|---:|",
+        "| stage | metric | test examples | precision | wall time |",
+        "|---|---|---:|---|---:|",
         f"| 1: ViT pretraining | top-1 accuracy {100 * vit_metrics['test_accuracy']:.2f}% | "
-        f"{vit_metrics['test_examples']} images | {t1 - t0:.0f}s |",
+        f"{vit_metrics['test_examples']} images | {vit_metrics['precision']} | {t1 - t0:.0f}s |",
         f"| 2: VQA fine-tuning | VQA accuracy {100 * vqa_metrics['accuracy']:.2f}% | "
-        f"{vqa_metrics['count']} questions | {t2 - t1:.0f}s |",
+        f"{vqa_metrics['count']} questions | {vqa_metrics['precision']} | {t2 - t1:.0f}s |",
         "",
         format_vqa_table(vqa_metrics),
         "",

@@ -101,10 +101,10 @@ def label_layout(dataset) -> tuple[list[str], int]:
     return inner.names, g
 
 
-# Measured on easy-VQA (README): 36 epochs without shifts gave 98.3-99.1% over seeds and
-# thread counts (small circles and squares confused); with 4-pixel shifts 30 epochs gave 99.55%,
-# 36 and 40 99.66%, 60 99.8-99.9%. 40 leaves the main job room for stage 2 within 15 minutes.
-STAGE_DEFAULTS = RunConfig(output_dir="runs/vit", epochs=40, batch_size=32, lr=2e-3, warmup_steps=100,
+# The main job's stage 1 (easy-VQA). Shifts fix small circle/square confusions; 40 epochs landed
+# at 99.44-99.89% across machines and precisions, too close to the 99.5% target, so 50
+# (docs/2026-11-30-portability.md).
+STAGE_DEFAULTS = RunConfig(output_dir="runs/vit", epochs=50, batch_size=32, lr=2e-3, warmup_steps=100,
                            weight_decay=0.05)
 
 
@@ -246,7 +246,8 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
         with accelerator.autocast():
             image, cell = accuracies(vit, eval_set)
             metrics = {"test_accuracy": image, "test_examples": len(eval_set),
-                       "train_examples": len(train_set), "classes": class_names, "shift": shift}
+                       "train_examples": len(train_set), "classes": class_names, "shift": shift,
+                       "precision": precision.resolved}
             if label_grid > 1:
                 metrics.update(test_cell_accuracy=cell, label_grid=label_grid)
         vit.save_pretrained(out / "model")
