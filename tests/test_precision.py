@@ -81,6 +81,16 @@ def test_auto_times_the_model_step_and_wants_a_margin(fp32, bf16, expected):
     assert "ms" in d.reason
 
 
+def test_each_decision_reports_its_own_timings():
+    # the CPU check's answer is cached per process: a second stage must not see the first's steps
+    cached = (True, {"matmul": 1.0})
+    first = decide("auto", CPU, step_timer=timer(0.05, 0.08), bf16_matmul_is_fast=lambda: cached, env={}, processes=1)
+    second = decide("auto", CPU, step_timer=timer(0.20, 0.10), bf16_matmul_is_fast=lambda: cached, env={}, processes=1)
+    assert (first.resolved, first.seconds["step_fp32"]) == ("no", 0.05)
+    assert (second.resolved, second.seconds["step_fp32"], second.seconds["step_bf16"]) == ("bf16", 0.20, 0.10)
+    assert cached[1] == {"matmul": 1.0}
+
+
 def test_several_processes_are_not_timed():
     d = decide("auto", CPU, step_timer=never, bf16_matmul_is_fast=never, env={}, processes=2)
     assert d.resolved == "no" and "not timed" in d.reason

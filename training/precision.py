@@ -110,7 +110,8 @@ def decide(requested: str, device: torch.device, step_timer: StepTimer | None = 
                                  f"{processes} processes: not timed (ranks must agree); {device.type} default")
     seconds: dict[str, float] = {}
     if device.type == "cpu":
-        fast, seconds = (bf16_matmul_is_fast or cpu_bf16_matmul_is_fast)()
+        fast, matmul = (bf16_matmul_is_fast or cpu_bf16_matmul_is_fast)()
+        seconds = dict(matmul)  # a copy: the check's answer is cached for the whole process
         if not fast:
             return PrecisionDecision(requested, "no", "auto", "bf16 matmuls are slower than fp32 on this CPU "
                                      "(no native bf16)", seconds)
