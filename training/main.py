@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     vqa_stage, vqa_run = train_vqa.parse([])
     # The ViT's CLS token joins the 16 patch tokens: stage 1 trained it to name the shape and color.
     # The fresh gpt-tiny starts from std 0.1 (its preset), not GPT-2's 0.02, with which the yes/no
-    # questions stayed near chance for much longer (README).
+    # questions stayed near chance for much longer (docs/2026-11-24-main-job-recipe.md).
     vqa_stage = replace(vqa_stage, vit=str(out / "vit" / "model"), keep_cls=args.keep_cls,
                         gpt_init_std=args.gpt_init_std)
     vqa_run = stage_run(vqa_run, args, "vqa")
