@@ -29,6 +29,7 @@ if __package__ in (None, ""):
 
 from training import pretrain_vit, train_vqa  # noqa: E402
 from training.common import RunConfig  # noqa: E402
+from training.precision import PRECISIONS  # noqa: E402
 
 # Chosen by measurement on the 2-core CPU (see the README): the whole job trains in under
 # 15 minutes there. Stage 1 at lr 8e-3 labels 99.7% of test scenes right in every cell
@@ -50,7 +51,7 @@ def parse(argv: list[str] | None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default=RUN_DEFAULTS.output_dir)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+    parser.add_argument("--mixed-precision", default="auto", choices=["auto", *PRECISIONS],
                         help="both stages' precision (default: auto, each stage's step timed; training/precision.py)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--examples", type=int, default=6, help="example captions to print")

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from mmfusion.config import ConfigError
 from mmfusion.weights import CheckpointError
-from training.precision import PrecisionDecision, decide, model_step_timer, training_device
+from training.precision import PRECISIONS, PrecisionDecision, decide, model_step_timer, training_device
 
 log = logging.getLogger("mmfusion.training")
 
@@ -50,7 +50,7 @@ class RunConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm; 0 disables"})
     mixed_precision: str = field(default="auto", metadata={
         "help": "auto (bf16 where it is faster than fp32 on this device), no, bf16 or fp16",
-        "choices": ["auto", "no", "bf16", "fp16"]})
+        "choices": ["auto", *PRECISIONS]})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps on eval_samples (0: only at the end)"})
     eval_samples: int = field(default=1000, metadata={"help": "examples in a periodic evaluation"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: none)"})

@@ -25,6 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training import pretrain_vit, train_vqa  # noqa: E402
+from training.precision import PRECISIONS  # noqa: E402
 
 
 def parse(argv: list[str] | None):
@@ -42,7 +43,7 @@ def parse(argv: list[str] | None):
                         help="stage 2 feeds the ViT's CLS token to the adapter next to the patch tokens")
     parser.add_argument("--gpt-init-std", type=float, default=None,
                         help="std of the fresh GPT's Normal init in stage 2 (default: gpt-tiny's 0.1; GPT-2's is 0.02)")
-    parser.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+    parser.add_argument("--mixed-precision", default="auto", choices=["auto", *PRECISIONS],
                         help="both stages' precision (default: auto, each stage's step timed; training/precision.py)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--examples", type=int, default=8, help="example answers to print")

@@ -30,6 +30,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
+from accelerate.utils import send_to_device
 
 from mmfusion.config import ConfigError
 
@@ -155,7 +156,7 @@ def model_step_timer(model: torch.nn.Module, batch, loss_fn: Callable[[torch.nn.
     them). The first call per precision is a warm-up and not counted; the global RNG state, the
     model's train/eval mode and its gradients are put back afterwards (no weight changes)."""
     model.to(device)
-    batch = _to(batch, device)
+    batch = send_to_device(batch, device)
     warmed: set[str] = set()
 
     def seconds(precision: str) -> float:
@@ -179,23 +180,7 @@ def model_step_timer(model: torch.nn.Module, batch, loss_fn: Callable[[torch.nn.
     return seconds
 
 
-def _to(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(v, device) for v in batch)
-    return batch
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
-def autocast_for(precision: str, device: torch.device):
-    """The autocast context for a resolved precision (nullcontext for fp32)."""
-    if precision == "no":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

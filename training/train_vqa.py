@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import extract_model_from_parallel, set_seed
 
 if __package__ in (None, ""):  # run as a plain script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -293,8 +293,6 @@ def align(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, model: VLM, ca
 
 def vqa_step(m, batch) -> tuple[torch.Tensor, int]:
     """One micro-step's loss and its token count; `m` may be wrapped (DDP, compile)."""
-    from accelerate.utils import extract_model_from_parallel
-
     inner = extract_model_from_parallel(m)
     for part in (inner.vit, inner.adapter, inner.gpt):
         if not any(p.requires_grad for p in part.parameters()):
@@ -332,7 +330,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     precision = choose_precision(run_cfg, model, probe_batch, lambda m, b: vqa_step(m, b)[0])
     accelerator = make_accelerator(run_cfg, "train_vqa", precision)
     accelerator.print("\n".join(f"data: {r}" for r in reports + eval_reports))
-    if cached and stage.cache_features:
+    if cached:
         train_vqa, train_cap = (with_features(accelerator, run_cfg, model, processor, ds) for ds in (train_vqa, train_cap))
     if questions and stage.turns > 1:
         train_vqa = Conversations(train_vqa, stage.turns, run_cfg.seed)
