@@ -7,22 +7,20 @@ Times forward + backward of the loss alone (hidden (K, C) and the weight (V, C) 
 gradients, the weight tied to an embedding as in GPT-2, so its two gradients are summed), and a
 whole stage-2 training step of the main job's VLM shape (gpt-tiny, 17 image tokens + ~17 text tokens,
 batch 64, 2 supervised tokens a row) with either loss. Both sides alternate in one process
-(run.py's `alternate`); each prints the median, and the rows report the largest loss and gradient differences too.
+(timing.py's `alternate`, as in run.py); each prints the median, and the rows report the largest loss
+and gradient differences too.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mmfusion.loss import IGNORE_INDEX, linear_cross_entropy
 
-from benchmarks.run import alternate  # noqa: E402  (medians, sides interleaved, order flipped each repeat)
-from mmfusion.loss import linear_cross_entropy  # noqa: E402
+from timing import alternate  # the sibling timing.py: medians, sides interleaved, order flipped each repeat
 
 # (name, K supervised tokens, C width, V vocabulary)
 SHAPES = [("stage 2 (gpt-tiny, batch 64)", 128, 128, 50257), ("GPT-2 small, 512 tokens", 512, 768, 50257)]
@@ -54,7 +52,7 @@ def vlm_case(fused: bool, batch: int, smoke: bool):
     from mmfusion.config import AdapterConfig, gpt_preset, vit_preset
     from mmfusion.gpt import GPT
     from mmfusion.vit import ViT
-    from mmfusion.vlm import IGNORE_INDEX, VLM
+    from mmfusion.vlm import VLM
 
     torch.manual_seed(0)
     vit_c = vit_preset("vit-tiny", num_classes=0, **({"image_size": 16, "n_layer": 1} if smoke else {}))

@@ -23,20 +23,18 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mmfusion.data.scenes import SPLIT_SEEDS, caption, make_scene, question_template, questions  # noqa: E402
-from mmfusion.processing import IGNORE_INDEX, pad_batch  # noqa: E402
-from mmfusion.tokenizer import EOT_ID, get_tokenizer  # noqa: E402
-from training.common import param_groups, warmup_cosine  # noqa: E402
-from training.train_vqa import load_gpt, score_by_template  # noqa: E402
+from mmfusion.data.scenes import SPLIT_SEEDS, caption, make_scene, question_template, questions
+from mmfusion.evaluation import score_by_template
+from mmfusion.loading import load_gpt
+from mmfusion.loss import IGNORE_INDEX
+from mmfusion.processing import pad_batch
+from mmfusion.tokenizer import EOT_ID, get_tokenizer
+from mmfusion.training.setup import param_groups, warmup_cosine
 
 
 def examples(split: str, num_scenes: int, with_caption: bool) -> list[dict]:
@@ -73,7 +71,7 @@ def loss_and_hits(model, rows: list[dict]) -> tuple[torch.Tensor, list[bool]]:
 
 
 def by_template(questions_: list[str], correct: list[bool]) -> dict[str, dict]:
-    """Accuracy and count per question template, shaped like train_vqa.score_by_template."""
+    """Accuracy and count per question template, shaped like mmfusion.evaluation.score_by_template."""
     groups: dict[str, list[bool]] = collections.defaultdict(list)
     for q, ok in zip(questions_, correct):
         groups[question_template(q)].append(bool(ok))

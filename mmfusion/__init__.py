@@ -1,11 +1,24 @@
 """mmfusion: a from-scratch ViT and GPT-2 joined by early fusion."""
 
+from . import convert  # noqa: F401  (attaches ViT.from_hf and GPT.from_hf)
 from .adapter import ViTAdapter
-from .config import AdapterConfig, ConfigError, GPTConfig, ViTConfig, VLMConfig
+from .config import AdapterConfig, GPTConfig, ViTConfig, VLMConfig
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    ConversionError,
+    DatasetError,
+    ImageError,
+    MMFusionError,
+    NonFiniteLossError,
+    PromptError,
+    SlotCountError,
+)
 from .gpt import GPT
 from .vit import ViT
 from .vlm import VLM
 
 __version__ = "0.1.0"
 __all__ = ["ViT", "GPT", "VLM", "ViTAdapter", "ViTConfig", "GPTConfig", "VLMConfig", "AdapterConfig",
-           "ConfigError", "__version__"]
+           "MMFusionError", "ConfigError", "CheckpointError", "ConversionError", "DatasetError", "ImageError",
+           "PromptError", "SlotCountError", "NonFiniteLossError", "__version__"]

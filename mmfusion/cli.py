@@ -6,6 +6,7 @@
     mmfusion train-vqa [flags]                    stage 2 (see --help)
     mmfusion eval --model DIR [--dataset easy-vqa|scenes|PATH] [--split test]   VQA accuracy (+ caption metrics)
     mmfusion generate --model DIR --image PATH [--question TEXT]
+    mmfusion --version
 
 Bad input ends with one line on stderr naming the problem, and exit code 2.
 """
@@ -23,16 +24,9 @@ from pathlib import Path
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input (not a bug), or a training stopped on a NaN/inf loss:
     shown as one line, exit code 2."""
-    from training.common import NonFiniteLossError
+    from .errors import MMFusionError
 
-    from .config import ConfigError
-    from .data import DatasetError
-    from .processing import ImageError, PromptError
-    from .vlm import SlotCountError
-    from .weights import CheckpointError
-
-    return (ConfigError, CheckpointError, DatasetError, ImageError, PromptError, SlotCountError,
-            NonFiniteLossError, FileNotFoundError, NotADirectoryError)
+    return (MMFusionError, FileNotFoundError, NotADirectoryError)
 
 
 def cmd_generate(argv: list[str]) -> None:
@@ -78,9 +72,18 @@ def cmd_eval(argv: list[str]) -> None:
     parser.add_argument("--output", default=None,
                         help="predictions JSON lines (default: next to the model); captions go to *_captions.jsonl")
     args = parser.parse_args(argv)
-    from training.train_vqa import predict, predict_captions, score, score_by_template, score_captions, write_jsonl
-
     from .data import BUILT_IN, SCENES, load_caption_dataset, load_vqa_dataset
+    from .evaluation import (
+        format_caption_table,
+        format_template_table,
+        format_vqa_table,
+        predict,
+        predict_captions,
+        score,
+        score_by_template,
+        score_captions,
+        write_jsonl,
+    )
     from .vlm import VLM
 
     task = args.task if args.task != "auto" else "both" if args.dataset == SCENES else "vqa"
@@ -111,37 +114,41 @@ def cmd_eval(argv: list[str]) -> None:
         print(f"{len(rows)} captions in {time.perf_counter() - start:.1f}s; written to {cap_out}")
 
 
-def format_vqa_table(metrics: dict) -> str:
-    lines = ["| answer type | questions | VQA accuracy |", "|---|---:|---:|"]
-    for kind, m in sorted(metrics["per_type"].items()):
-        lines.append(f"| {kind} | {m['count']} | {100 * m['accuracy']:.2f}% |")
-    lines.append(f"| **all** | {metrics['count']} | **{100 * metrics['accuracy']:.2f}%** |")
-    return "\n".join(lines)
-
-
-def format_template_table(per_template: dict) -> str:
-    """Scenes: VQA accuracy per question template, lookups first (the ones written with P)."""
-    lines = ["| question (C color, S shape, P position) | questions | VQA accuracy |", "|---|---:|---:|"]
-    for template, m in sorted(per_template.items(), key=lambda kv: ("P" not in kv[0], kv[0])):
-        lines.append(f"| {template} | {m['count']} | {100 * m['accuracy']:.2f}% |")
-    return "\n".join(lines)
-
-
-def format_caption_table(metrics: dict) -> str:
-    return "\n".join(["| captions | exact match | token F1 |", "|---:|---:|---:|",
-                      f"| {metrics['count']} | {100 * metrics['exact_match']:.2f}% | {metrics['token_f1']:.4f} |"])
-
-
 def _fail(message: str) -> int:
     print(f"mmfusion: error: {message}", file=sys.stderr)
     return 2
 
 
+# The jobs and stages are imported when their command runs: they pull in accelerate.
+def cmd_main(argv: list[str]) -> None:
+    from .training import main
+
+    main.main(argv)
+
+
+def cmd_captions(argv: list[str]) -> None:
+    from .training import captions
+
+    captions.main(argv)
+
+
+def cmd_pretrain_vit(argv: list[str]) -> None:
+    from .training import pretrain_vit
+
+    pretrain_vit.main(argv)
+
+
+def cmd_train_vqa(argv: list[str]) -> None:
+    from .training import train_vqa
+
+    train_vqa.main(argv)
+
+
 COMMANDS = {
-    "main": lambda argv: __import__("training.main", fromlist=["main"]).main(argv),
-    "captions": lambda argv: __import__("training.captions", fromlist=["main"]).main(argv),
-    "pretrain-vit": lambda argv: __import__("training.pretrain_vit", fromlist=["main"]).main(argv),
-    "train-vqa": lambda argv: __import__("training.train_vqa", fromlist=["main"]).main(argv),
+    "main": cmd_main,
+    "captions": cmd_captions,
+    "pretrain-vit": cmd_pretrain_vit,
+    "train-vqa": cmd_train_vqa,
     "eval": cmd_eval,
     "generate": cmd_generate,
 }
@@ -149,6 +156,11 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        from . import __version__
+
+        print(f"mmfusion {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         return 0 if not argv or argv[0] in ("-h", "--help") else _fail(f"unknown command {argv[0]!r}")

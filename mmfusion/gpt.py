@@ -21,6 +21,9 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class GPT(PretrainedMixin, nn.Module):
+    """`GPT.from_hf(source)` imports a transformers GPT-2 (instance, folder or hub id);
+    mmfusion.convert attaches it (the converter imports this module, not the other way round)."""
+
     config_class = GPTConfig
     model_type = "gpt"
 
@@ -39,13 +42,6 @@ class GPT(PretrainedMixin, nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
         self._init_weights()
-
-    @classmethod
-    def from_hf(cls, source, **kwargs) -> GPT:
-        """Import a transformers GPT-2 (instance, folder or hub id); see `mmfusion.convert.gpt_from_hf`."""
-        from .convert import gpt_from_hf  # lazy: convert imports this module
-
-        return gpt_from_hf(source, **kwargs)
 
     def _init_weights(self) -> None:
         """GPT-2's scheme: Normal(0, initializer_range) everywhere (GPT-2: 0.02), zero biases, unit
@@ -106,7 +102,7 @@ class GPT(PretrainedMixin, nn.Module):
 
         Computed as (W h^T)^T, which equals lm_head(h) up to summation order: with a few rows
         against the (V, C) weight, MKL runs `W @ h.T` as one streaming pass while nn.Linear's
-        `h @ W.T` was measured 1.5-2.4x slower at B = 8 on the AVX2 CPU (one row: the same kernel).
+        `h @ W.T` is slower for a few rows (benchmarks/NOTES.md).
         """
         return (self.lm_head.weight @ hidden.T).T  # (V, B) -> (B, V)
 

@@ -4,17 +4,20 @@ Training supervises K tokens (the answer tokens) against V = 50,257 vocabulary r
 `F.cross_entropy(lm_head(h), t)`, autograd materializes the (K, V) logits, their log-softmax, a
 zero-filled (K, V) gradient and its log-softmax backward, then a fresh (V, C) gradient for the tied
 weight that is added to the embedding's: seven passes over K x V or V x C floats, most into newly
-mapped memory. On the 2-core CPU that was about 190 ms of a 290 ms stage-2 step (profiled).
+mapped memory: most of a stage-2 step on a CPU (benchmarks/NOTES.md).
 
 `linear_cross_entropy` computes the logits transposed, (V, K) = W h^T (the layout MKL runs fastest
 with few rows, as in `GPT.row_logits`), turns them into softmax - onehot in place, and forms
 dL/dh and dL/dW right away; backward only scales them. Same loss and gradients as the reference up
-to summation order (tests/test_loss.py), about 22% less time per stage-2 step here.
+to summation order (tests/test_loss.py); the timing is in benchmarks/ (benchmarks/loss.py).
 """
 
 from __future__ import annotations
 
 import torch
+
+# The label of positions no loss is taken on (prompt, image slots, padding): PyTorch's default.
+IGNORE_INDEX = -100
 
 # Rows of logits formed at once: bounds the (V, rows) fp32 buffer to 256 MiB for any K.
 CHUNK_ELEMENTS = 2**26

@@ -33,9 +33,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import ViTConfig
+from .errors import ImageError, PromptError
+from .loss import IGNORE_INDEX
 from .tokenizer import EOT_ID, IMAGE_ID, Tokenizer, get_tokenizer
 
-IGNORE_INDEX = -100
 QUESTION_PREFIX = "Question:"
 ANSWER_PREFIX = "\nAnswer:"
 CAPTION_PROMPT = "Caption:"
@@ -44,14 +45,6 @@ CAPTION_PROMPT = "Caption:"
 MAX_IMAGE_PIXELS = 89_478_485
 
 logger = logging.getLogger(__name__)
-
-
-class ImageError(ValueError):
-    """An image cannot be read or converted to RGB."""
-
-
-class PromptError(ValueError):
-    """A question or answer is empty or cannot fit the context."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

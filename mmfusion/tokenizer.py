@@ -19,6 +19,8 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
+from .errors import TokenizerFilesError
+
 ENDOFTEXT = "<|endoftext|>"
 IMAGE = "<|image|>"
 EOT_ID = 50256
@@ -29,10 +31,6 @@ VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 # GPT-2's pre-tokenizer, as tiktoken writes it (equivalent to the original release's regex).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-
-
-class TokenizerFilesError(RuntimeError):
-    """GPT-2's BPE files are missing or do not match the published hashes."""
 
 
 def bpe_files() -> tuple[Path, Path]:

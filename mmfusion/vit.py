@@ -33,6 +33,9 @@ def sincos_positions(dim: int, grid: int) -> torch.Tensor:
 
 
 class ViT(PretrainedMixin, nn.Module):
+    """`ViT.from_hf(source)` imports a transformers ViT / CLIP vision tower (instance, folder or hub id);
+    mmfusion.convert attaches it (the converter imports this module, not the other way round)."""
+
     config_class = ViTConfig
     model_type = "vit"
 
@@ -54,20 +57,11 @@ class ViT(PretrainedMixin, nn.Module):
         self.head = nn.Linear(c.n_embd, c.num_classes) if c.num_classes else None
         self._init_weights()
 
-    @classmethod
-    def from_hf(cls, source, **kwargs) -> ViT:
-        """Import a transformers ViT / CLIP vision tower (instance, folder or hub id);
-        see `mmfusion.convert.vit_from_hf`."""
-        from .convert import vit_from_hf  # lazy: convert imports this module
-
-        return vit_from_hf(source, **kwargs)
-
     def _init_weights(self) -> None:
         """Normal(0, 0.02) for linear and conv weights, zero biases, unit LayerNorms;
         truncated normal 0.02 for the CLS token; the (still learned) position embedding starts
         as a 2D sin-cos table scaled by POS_INIT_SCALE, so relative geometry is there from step 0
-        (as in MAE). Measured on easy-VQA shapes (width 64, 1500 steps): 84.4% top-1 with the
-        table at scale 1, 87.3% at 0.1; at scale 1 it also drowns the patch content early on.
+        (as in MAE); at scale 1 it drowns the patch content early on (docs/experiments.md).
         Residual projections scaled by 1/sqrt(2L); a zero classifier so training starts from
         uniform logits."""
         self.apply(init_linear_and_norm)

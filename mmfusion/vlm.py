@@ -17,17 +17,12 @@ from torch import nn
 from . import generation
 from .adapter import ViTAdapter
 from .config import AdapterConfig, VLMConfig
+from .errors import SlotCountError
 from .generation import GenerationConfig
 from .gpt import GPT
-from .loss import linear_cross_entropy
+from .loss import IGNORE_INDEX, linear_cross_entropy
 from .vit import ViT
 from .weights import PretrainedMixin
-
-IGNORE_INDEX = -100
-
-
-class SlotCountError(ValueError):
-    """The number of `<|image|>` slots in a row differs from the image tokens the adapter yields."""
 
 
 @dataclass

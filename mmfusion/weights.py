@@ -16,13 +16,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import CheckpointError
+
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A saved model folder is missing, corrupt, or does not match the model asked for."""
 
 
 def atomic_write(path: str | Path, write) -> None:

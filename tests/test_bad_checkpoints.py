@@ -216,7 +216,7 @@ def test_an_unfinished_checkpoint_is_ignored_and_cleaned_up(trained, tmp_path, m
     """A crash mid-save leaves `.tmp_step_N` (no progress.json, never renamed): --resume latest
     takes the last complete checkpoint, and the next save removes the leftover. Every
     torch.load of the resume (optimizer and RNG state) runs with weights_only=True."""
-    from training.common import checkpoint_dirs
+    from mmfusion.training.loop import checkpoint_dirs
 
     weights_only, real_load = [], torch.load
 

@@ -11,7 +11,7 @@ import pytest
 from mmfusion.cli import main
 from mmfusion.config import AdapterConfig, ConfigError, GPTConfig, ViTConfig, VLMConfig
 from mmfusion.generation import GenerationConfig
-from training.common import RunConfig
+from mmfusion.training.setup import RunConfig
 
 TINY_VIT = ViTConfig(image_size=32, patch_size=8, n_layer=2, n_head=2, n_embd=32, num_classes=0)
 TINY_GPT = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)

@@ -15,15 +15,24 @@ from mmfusion.tokenizer import get_tokenizer
 
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_script(name: str):
+    """benchmarks/<name>.py as a module, loaded as `python benchmarks/<name>.py` runs it: with its
+    folder first on sys.path, since the scripts import their sibling modules (timing, models, ...)
+    by bare name. Those stay in sys.modules; the folder leaves sys.path again."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCHMARKS))
+        spec = importlib.util.spec_from_file_location(f"mmfusion_bench_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return module
 
 
 def load_runner():
-    spec = importlib.util.spec_from_file_location("mmfusion_bench_run", ROOT / "benchmarks" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("run")
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +43,7 @@ def smoke(tmp_path_factory):
     return bench, run, out
 
 
+@pytest.mark.slow
 def test_every_benchmark_produces_its_rows(smoke):
     _, run, _ = smoke
     by_section: dict[str, list] = {}
@@ -88,10 +98,7 @@ def test_only_picks_benchmarks_and_rejects_unknown_names(tmp_path):
 
 
 def load_text_qa():
-    spec = importlib.util.spec_from_file_location("mmfusion_scenes_text_qa", ROOT / "benchmarks" / "scenes_text_qa.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scenes_text_qa")
 
 
 class _Oracle(torch.nn.Module):
@@ -149,11 +156,9 @@ def test_text_qa_runs_and_tables_both_models(tmp_path, capsys):
                  "--predictions", str(bad)])
 
 
+@pytest.mark.slow
 def test_loss_benchmark_runs_and_both_sides_agree():
-    spec = importlib.util.spec_from_file_location("mmfusion_bench_loss", ROOT / "benchmarks" / "loss.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rows = module.main(["--smoke"])
+    rows = load_script("loss").main(["--smoke"])
     assert [r["case"].split(",")[0] for r in rows] == ["loss fwd+bwd", "stage-2 training step (fwd+bwd+AdamW)"]
     assert all(r["ref_s"] > 0 and r["ours_s"] > 0 for r in rows)
     assert all(r["loss_diff"] < 1e-5 for r in rows)  # the same loss from the same weights

@@ -13,10 +13,11 @@ from mmfusion.cli import main as cli_main
 from mmfusion.config import gpt_preset, vit_preset
 from mmfusion.data import scenes
 from mmfusion.data.scenes import question_template
+from mmfusion.evaluation import format_template_table, score_by_template
 from mmfusion.gpt import GPT
+from mmfusion.training import train_vqa
 from mmfusion.vit import ViT
 from mmfusion.vlm import VLM
-from training import train_vqa
 
 
 @pytest.fixture
@@ -86,6 +87,7 @@ def test_resume_skips_a_finished_alignment(small_scenes, parts, tmp_path, capsys
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
+@pytest.mark.slow
 def test_caption_only_training_learns_a_fixed_caption(small_scenes, parts, tmp_path):
     """Enough steps on captions to see the loss fall: the caption labels reach the model."""
     vit, gpt = parts
@@ -124,7 +126,7 @@ def test_eval_cli_prints_caption_metrics(small_scenes, parts, tmp_path, capsys):
 
 
 def test_captions_job_writes_a_report(small_scenes, tmp_path, capsys):
-    from training import captions
+    from mmfusion.training import captions
 
     result = captions.main(["--output-dir", str(tmp_path / "job"), "--no-progress", "--examples", "2",
                             "--vit-max-steps", "2", "--vit-batch-size", "16", "--",
@@ -146,7 +148,7 @@ def test_captions_job_writes_a_report(small_scenes, tmp_path, capsys):
     assert run_config["stage"]["vit"] == str(tmp_path / "job" / "vit" / "model")
     model = VLM.from_pretrained(tmp_path / "job" / "model")
     assert model.num_image_tokens == 4 and model.config.adapter.position_embedding
-    # the fresh gpt-tiny started from std 0.1, its preset's (README "Captions and scenes")
+    # the fresh gpt-tiny started from std 0.1, its preset's (docs/experiments.md: GPT init scale)
     assert model.config.gpt.initializer_range == 0.1
     for name, p in vit.state_dict().items():
         if not name.startswith("head."):
@@ -154,7 +156,7 @@ def test_captions_job_writes_a_report(small_scenes, tmp_path, capsys):
 
 
 def test_captions_job_takes_a_saved_vit_and_checks_stage_two_flags_first(small_scenes, parts, tmp_path, capsys):
-    from training import captions
+    from mmfusion.training import captions
 
     vit, _ = parts
     with pytest.raises(SystemExit):
@@ -172,10 +174,8 @@ def test_scenes_accuracy_by_question_template_by_hand():
             {"question": "is there a blue square?", "prediction": "Yes", "answers": ["no"]},
             {"question": "is there a green triangle?", "prediction": "No.", "answers": ["no"]},  # normalized
             {"question": "what shape is at the top left?", "prediction": "circle", "answers": ["circle"]}]
-    by = train_vqa.score_by_template(rows)
+    by = score_by_template(rows)
     assert by == {"is there a C S?": {"accuracy": 2 / 3, "count": 3}, "what shape is at the P?": {"accuracy": 1.0, "count": 1}}
-    from mmfusion.cli import format_template_table
-
     table = format_template_table(by).splitlines()
     assert table[2] == "| what shape is at the P? | 1 | 100.00% |"  # lookups first
     assert table[3] == "| is there a C S? | 3 | 66.67% |"

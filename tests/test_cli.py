@@ -66,3 +66,61 @@ def test_eval_writes_predictions_for_a_local_dataset(tiny_model, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and all(r["answers"] == ["yes"] * 10 for r in rows)
     assert "| **all** | 5 |" in capsys.readouterr().out
+
+
+def _help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def _default_shown(text: str, flag: str) -> str:
+    """The default the help text gives for `flag` (its entry under options, not the usage line)."""
+    entry = text[max(text.rfind(f"{flag} "), text.rfind(f"{flag},")):]
+    return entry.split("(default: ", 1)[1].split(")", 1)[0]
+
+
+def test_stage_help_shows_the_defaults_a_run_uses(capsys):
+    from mmfusion.training import pretrain_vit, train_vqa
+
+    text = _help("pretrain-vit", capsys)
+    stage, run = pretrain_vit.parse([])
+    for flag, value in [("--epochs", run.epochs), ("--batch-size", run.batch_size), ("--lr", run.lr),
+                        ("--warmup-steps", run.warmup_steps), ("--n-embd", stage.vit.n_embd),
+                        ("--image-size", stage.vit.image_size)]:
+        assert _default_shown(text, flag) == str(value), flag
+    assert (run.epochs, run.batch_size, run.lr) == (50, 32, 2e-3)  # the main job's stage 1, not RunConfig's
+    text = _help("train-vqa", capsys)
+    stage, run = train_vqa.parse([])
+    for flag, value in [("--epochs", run.epochs), ("--pixel-shuffle", stage.adapter.pixel_shuffle),
+                        ("--keep-cls", stage.adapter.keep_cls), ("--adapter-layer", stage.adapter.layer),
+                        ("--image-positions", stage.adapter.position_embedding)]:
+        assert _default_shown(text, flag) == str(value), flag
+
+
+def test_adapter_flags_fill_the_stage_adapter_config():
+    from mmfusion.training import train_vqa
+
+    stage, _ = train_vqa.parse(["--projection", "linear", "--adapter-layer", "1", "--keep-cls", "--pixel-shuffle", "4",
+                                "--merge", "mean", "--image-positions"])
+    assert stage.adapter == AdapterConfig(projection="linear", layer=1, keep_cls=True, pixel_shuffle=4, merge="mean",
+                                          position_embedding=True)
+
+
+def test_vit_size_flags_apply_on_top_of_the_preset():
+    from mmfusion.config import vit_preset
+    from mmfusion.training import pretrain_vit
+
+    stage, _ = pretrain_vit.parse(["--preset", "vit-small-patch16-224", "--n-layer", "2"])
+    assert stage.vit == vit_preset("vit-small-patch16-224", num_classes=0).replace(n_layer=2)
+    # two flags that are only valid together: the config is built once, with both
+    stage, _ = pretrain_vit.parse(["--n-embd", "30", "--n-head", "3"])
+    assert (stage.vit.n_embd, stage.vit.n_head) == (30, 3)
+
+
+def test_version(capsys):
+    from mmfusion import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"mmfusion {__version__}"

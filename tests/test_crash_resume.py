@@ -20,7 +20,9 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from training.common import NonFiniteLossError, RunConfig, checkpoint_dirs, train
+from mmfusion.errors import NonFiniteLossError
+from mmfusion.training.loop import checkpoint_dirs, train
+from mmfusion.training.setup import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL, SAVE_EVERY = 120, 4
@@ -105,6 +107,7 @@ def finish(proc: subprocess.Popen) -> str:
     return output
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_identical_weights(image_folder, tmp_path):
     import accelerate.utils.other
 

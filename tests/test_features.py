@@ -14,9 +14,9 @@ from mmfusion import ViT, ViTConfig
 from mmfusion.config import AdapterConfig, GPTConfig
 from mmfusion.gpt import GPT
 from mmfusion.processing import ImageProcessor, PromptBuilder, VQACollator
+from mmfusion.training.data import Conversations
+from mmfusion.training.features import FeatureRows
 from mmfusion.vlm import VLM
-from training.common import Conversations
-from training.features import FeatureRows
 
 
 def tiny_vlm() -> VLM:

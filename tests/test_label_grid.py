@@ -13,7 +13,7 @@ from mmfusion.config import vit_preset
 from mmfusion.data import load_classification
 from mmfusion.data import scenes as sc
 from mmfusion.processing import ImageProcessor
-from training import pretrain_vit
+from mmfusion.training import pretrain_vit
 
 
 def test_cell_head_classifies_the_mean_of_each_cells_patches():

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from training import pretrain_vit
-from training.main import main, parse, stage_run
+from mmfusion.training import pretrain_vit
+from mmfusion.training.main import main, parse, stage_run
 
 
 @pytest.mark.slow
@@ -27,15 +27,16 @@ def test_main_job_writes_models_predictions_and_report(tmp_path, capsys):
     assert "| 888 images | no |" in report
     assert result["vqa"]["count"] == 9673 and 0.0 <= result["vqa"]["accuracy"] <= 1.0
     assert json.loads((tmp_path / "vit" / "metrics.json").read_text())["test_examples"] == 888
-    # stage 2 reads the stage-1 ViT and keeps its CLS token (the main job's choice, README)
+    # stage 2 reads the stage-1 ViT and keeps its CLS token (docs/2026-11-24-main-job-recipe.md)
     stage = json.loads((tmp_path / "vqa" / "run_config.json").read_text())["stage"]
-    assert stage["vit"] == str(tmp_path / "vit" / "model") and stage["keep_cls"] is True
+    assert stage["vit"] == str(tmp_path / "vit" / "model") and stage["adapter"]["keep_cls"] is True
     config = json.loads((tmp_path / "vqa" / "model" / "config.json").read_text())["config"]
     assert config["adapter"]["keep_cls"] is True and config["gpt"]["initializer_range"] == 0.1
 
 
-def test_main_job_passes_its_precision_to_both_stages():
+def test_main_job_passes_its_precision_to_both_stages(tmp_path):
     args = parse(["--mixed-precision", "bf16", "--seed", "2"])
-    run = stage_run(pretrain_vit.parse([])[1], args, "vit")
-    assert run.mixed_precision == "bf16" and run.seed == 2
-    assert stage_run(pretrain_vit.parse([])[1], parse([]), "vit").mixed_precision == "auto"
+    run = stage_run(pretrain_vit.STAGE_DEFAULTS, args, tmp_path, args.vit_epochs, args.vit_max_steps, args.vit_lr)
+    assert run.mixed_precision == "bf16" and run.seed == 2 and run.epochs == pretrain_vit.STAGE_DEFAULTS.epochs
+    default = parse([])
+    assert stage_run(pretrain_vit.STAGE_DEFAULTS, default, tmp_path, None, 0, None).mixed_precision == "auto"

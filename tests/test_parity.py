@@ -13,16 +13,8 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from mmfusion import GPT, ViT  # noqa: E402
-from mmfusion.convert import (  # noqa: E402
-    CLIP_MEAN,
-    CLIP_STD,
-    ConversionError,
-    apply_table,
-    gpt2_table,
-    gpt_config_from_hf,
-    gpt_from_hf,
-    vit_from_hf,
-)
+from mmfusion.convert import ConversionError, apply_table, gpt2_table, gpt_from_hf, vit_from_hf  # noqa: E402
+from mmfusion.hf_checkpoint import CLIP_MEAN, CLIP_STD, gpt_config_from_hf  # noqa: E402
 from mmfusion.weights import CheckpointError  # noqa: E402
 
 ATOL = 1e-4
@@ -347,7 +339,7 @@ def test_gpt2_names_the_pretrained_weights_not_a_fresh_preset(monkeypatch):
     under the hub id's name; the fresh 124M preset is `gpt-base`."""
     import huggingface_hub.constants
 
-    from training.train_vqa import load_gpt
+    from mmfusion.loading import load_gpt
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConversionError, match="'gpt2' is not a local folder, so it was read as a Hugging Face Hub id"):
@@ -379,7 +371,8 @@ def test_fresh_gpt_init_matches_transformers_gpt2_init(std):
 
 
 def test_gpt_init_std_flag_reaches_a_fresh_gpt():
-    from training.train_vqa import VQAStageConfig, load_gpt
+    from mmfusion.loading import load_gpt
+    from mmfusion.training.train_vqa import VQAStageConfig
 
     stage = VQAStageConfig(gpt="gpt-tiny", vit="vit-tiny", gpt_init_std=0.06, block_size=96)
     gpt = load_gpt(stage.gpt, stage.gpt_overrides())

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from mmfusion.config import ConfigError
-from training import precision as P
-from training.precision import decide, model_step_timer
+from mmfusion.training import precision as P
+from mmfusion.training.precision import decide, model_step_timer
 
 CPU = torch.device("cpu")
 TINY = ["--image-size", "16", "--patch-size", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
@@ -136,7 +136,7 @@ def images(tmp_path_factory):
 
 
 def stage_one(images, out, *flags):
-    from training.pretrain_vit import parse, run
+    from mmfusion.training.pretrain_vit import parse, run
 
     run(*parse(["--dataset", str(images), "--output-dir", str(out), *TINY, *flags]))
     return json.loads((out / "run_config.json").read_text())["precision"]
@@ -171,7 +171,7 @@ def test_auto_on_a_cpu_with_slow_bf16_picks_fp32(images, tmp_path, monkeypatch):
     monkeypatch.delenv(P.LAUNCH_ENV, raising=False)
     monkeypatch.setattr(P, "cpu_bf16_matmul_is_fast", lambda: (False, {"matmul256_bf16": 9.0}))
     monkeypatch.setattr(P, "training_device", lambda: CPU)
-    monkeypatch.setattr("training.common.training_device", lambda: CPU)
+    monkeypatch.setattr("mmfusion.training.setup.training_device", lambda: CPU)
     decision = stage_one(images, tmp_path / "a")
     assert decision["resolved"] == "no" and "step_fp32" not in decision["seconds"]
 

@@ -98,6 +98,7 @@ def test_pretrain_vit_on_image_folder(image_folder, tmp_path):
     assert list((out / "logs").rglob("events.out.tfevents.*")), "tensorboard logs missing"
 
 
+@pytest.mark.slow
 def test_pretrain_vit_on_parquet_with_custom_columns(parquet_file, tmp_path):
     out = tmp_path / "vit"
     run_stage("pretrain_vit", ["--dataset", str(parquet_file), "--eval-split", "train", "--image-column", "img",
@@ -121,6 +122,7 @@ def tiny_vit_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_train_vqa_on_jsonl_with_one_or_many_answers(vqa_jsonl, tiny_vit_dir, tmp_path):
     out = tmp_path / "vqa"
     train_tiny_vqa(vqa_jsonl, tiny_vit_dir, out, "--max-steps", "30", "--lr", "3e-3", "--no-freeze-vit",
@@ -135,6 +137,7 @@ def test_train_vqa_on_jsonl_with_one_or_many_answers(vqa_jsonl, tiny_vit_dir, tm
     assert all(r["prediction"] in ("red", "blue") for r in rows), rows[:4]
 
 
+@pytest.mark.slow
 def test_frozen_vit_is_unchanged_by_stage_two(vqa_jsonl, tiny_vit_dir, tmp_path):
     out = tmp_path / "vqa"
     train_tiny_vqa(vqa_jsonl, tiny_vit_dir, out, "--max-steps", "3")
@@ -149,6 +152,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model" / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(image_folder, tmp_path):
     args = ["--dataset", str(image_folder), "--max-steps", "8", "--batch-size", "4", "--dropout", "0.1",
             "--warmup-steps", "2", *TINY_VIT, *QUIET]
@@ -163,6 +167,7 @@ def test_resume_matches_uninterrupted_run(image_folder, tmp_path):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(image_folder, tmp_path):
     # Both runs on CPU processes (gloo), whatever accelerators this machine has: with one GPU a
     # 2-process launch would leave rank 1 without a device.
@@ -185,7 +190,7 @@ def test_two_process_ddp_matches_one_process(image_folder, tmp_path):
 
 
 def test_optimizer_groups_and_schedule():
-    from training.common import param_groups, warmup_cosine
+    from mmfusion.training.setup import param_groups, warmup_cosine
 
     vit = ViT(ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=32, num_classes=2))
     groups = param_groups(vit.named_parameters(), lr=1e-3, weight_decay=0.1)
@@ -203,7 +208,7 @@ def test_optimizer_groups_and_schedule():
 
 def test_shift_augmentation_moves_the_image_within_bounds_repeatably():
     from mmfusion.processing import ImageProcessor
-    from training.pretrain_vit import ClassificationImages, ViTStageConfig
+    from mmfusion.training.pretrain_vit import ClassificationImages, ViTStageConfig
 
     arr = np.full((16, 16, 3), 250, np.uint8)
     arr[6:10, 6:10] = 0  # a dark 4x4 square on a light background
@@ -227,7 +232,7 @@ def test_shift_augmentation_moves_the_image_within_bounds_repeatably():
 
 
 def test_shift_is_refused_with_per_cell_labels(tmp_path):
-    from training import pretrain_vit
+    from mmfusion.training import pretrain_vit
 
     stage, run = pretrain_vit.parse(["--dataset", "scenes", "--preset", "vit-tiny", "--shift", "2",
                                      "--output-dir", str(tmp_path / "v"), *QUIET])
@@ -240,7 +245,7 @@ def test_shift_is_refused_with_per_cell_labels(tmp_path):
 def test_conversations_group_every_row_once_by_image():
     import datasets
 
-    from training.common import Conversations
+    from mmfusion.training.data import Conversations
 
     image_ids = [0, 1, 0, 2, 0, -1, 1, 0, 0, -1]
     ds = datasets.Dataset.from_dict({"image": [f"img{i}" for i in image_ids], "image_id": image_ids,
@@ -283,6 +288,7 @@ def test_train_vqa_on_parquet_with_imported_transformers_weights(tmp_path, vqa_j
     assert json.loads((out / "metrics.json").read_text())["count"] == 24
 
 
+@pytest.mark.slow
 def test_stage_two_trains_to_the_same_weights_with_or_without_precomputed_features(vqa_jsonl, tiny_vit_dir, tmp_path):
     cached = train_tiny_vqa(vqa_jsonl, tiny_vit_dir, tmp_path / "cached", "--max-steps", "6")
     plain = train_tiny_vqa(vqa_jsonl, tiny_vit_dir, tmp_path / "plain", "--max-steps", "6", "--no-cache-features")
@@ -295,6 +301,7 @@ def test_stage_two_trains_to_the_same_weights_with_or_without_precomputed_featur
     assert a["adapter.proj.0.bias"].abs().max() > 0  # zero-initialized: the runs did train
 
 
+@pytest.mark.slow
 def test_stage_two_resume_with_precomputed_features_is_exact(vqa_jsonl, tiny_vit_dir, tmp_path):
     args = ["--max-steps", "8"]  # 24 rows / batch 4: step 4 is mid-epoch; the resumed run crosses an epoch
     train_tiny_vqa(vqa_jsonl, tiny_vit_dir, tmp_path / "full", *args, "--save-every", "4")

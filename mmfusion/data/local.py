@@ -35,6 +35,7 @@ import datasets
 import PIL.Image
 
 from .. import processing
+from ..errors import DatasetError
 from ..metrics import normalize_answer
 
 logger = logging.getLogger(__name__)
@@ -43,10 +44,6 @@ SKIP_REASONS = ("missing_image", "unreadable_image", "empty_question", "empty_an
 ANSWER_TYPES = ("yes/no", "number", "other")
 _LOCAL_SUFFIXES = {".parquet", ".jsonl", ".json"}
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
-
-
-class DatasetError(ValueError):
-    """A dataset cannot be loaded as asked: missing column, wrong type, empty split, too many bad rows."""
 
 
 @dataclass(frozen=True)
@@ -351,6 +348,27 @@ def answer_type_of(answers: list[str]) -> str:
     return "other"
 
 
+def _vqa_columns(raw: datasets.Dataset, src: str, split: str, image_column: str, question_column: str,
+                 answer_column: str | None) -> tuple[str, list[str], bool, bool]:
+    """(answer column, columns to keep, whether the source's answer_type and image_id columns are
+    usable); raises DatasetError for missing columns, an empty split or wrong column types."""
+    if answer_column is None:
+        answer_column = "answers" if "answers" in raw.column_names else "answer"
+    _require_columns(raw, src, {"--image-column": image_column, "--question-column": question_column,
+                                "--answer-column": answer_column})
+    if len(raw) == 0:
+        raise DatasetError(f"{src}: split {split!r} is empty")
+    if not _is_text(raw.features[question_column]):
+        raise _wrong_type(src, question_column, raw.features[question_column], "question text", "--question-column")
+    _check_answer_feature(raw.features[answer_column], src, answer_column)
+    extra = [c for c in ("answer_type", "image_id") if c in raw.column_names and c not in
+             (image_column, question_column, answer_column)]
+    has_type = "answer_type" in extra and _is_text(raw.features["answer_type"])
+    has_id = "image_id" in extra and isinstance(raw.features["image_id"], datasets.Value) and \
+        raw.features["image_id"].dtype.startswith(("int", "uint"))
+    return answer_column, list(dict.fromkeys([image_column, question_column, answer_column, *extra])), has_type, has_id
+
+
 def load_vqa(
     source: str | Path,
     split: str,
@@ -375,21 +393,8 @@ def load_vqa(
     _check_fraction(max_bad_fraction)
     raw, base_dir = _load_raw(source, split, cache_dir)
     src = str(source)
-    if answer_column is None:
-        answer_column = "answers" if "answers" in raw.column_names else "answer"
-    _require_columns(raw, src, {"--image-column": image_column, "--question-column": question_column,
-                                "--answer-column": answer_column})
-    if len(raw) == 0:
-        raise DatasetError(f"{src}: split {split!r} is empty")
-    if not _is_text(raw.features[question_column]):
-        raise _wrong_type(src, question_column, raw.features[question_column], "question text", "--question-column")
-    _check_answer_feature(raw.features[answer_column], src, answer_column)
-    extra = [c for c in ("answer_type", "image_id") if c in raw.column_names and c not in
-             (image_column, question_column, answer_column)]
-    has_type = "answer_type" in extra and _is_text(raw.features["answer_type"])
-    has_id = "image_id" in extra and isinstance(raw.features["image_id"], datasets.Value) and \
-        raw.features["image_id"].dtype.startswith(("int", "uint"))
-    columns = list(dict.fromkeys([image_column, question_column, answer_column, *extra]))
+    answer_column, columns, has_type, has_id = _vqa_columns(raw, src, split, image_column, question_column,
+                                                            answer_column)
     raw = _prepare_image_column(raw.select_columns(columns), src, image_column)
     check = _ImageChecker(base_dir)
 

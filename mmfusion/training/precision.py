@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from accelerate.utils import send_to_device
 
-from mmfusion.config import ConfigError
+from ..config import ConfigError
 
 PRECISIONS = ("no", "bf16", "fp16")
 AUTO_ENV = "MMFUSION_AUTO_PRECISION"

@@ -15,6 +15,9 @@ from contextlib import nullcontext
 
 import torch
 
+# Past this, features (stage 2) or decoded images (stage 1) are not kept in memory: recomputed each step.
+MEMORY_LIMIT_BYTES = 2 * 1024**3
+
 
 class FeatureRows(torch.utils.data.Dataset):
     """The rows of a datasets.Dataset with `image_features` (1+N, Dv) in place of `image`.
@@ -23,7 +26,7 @@ class FeatureRows(torch.utils.data.Dataset):
     so `Conversations` can group these rows too.
     """
 
-    LIMIT_BYTES = 2 * 1024**3  # beyond this the features are not kept: the ViT runs every step
+    LIMIT_BYTES = MEMORY_LIMIT_BYTES
 
     def __init__(self, dataset, features: torch.Tensor, slots: list[int]) -> None:
         self.dataset = dataset

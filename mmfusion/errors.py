@@ -1,0 +1,49 @@
+"""Every exception mmfusion raises for bad input, in one place.
+
+Each one means "the input is wrong, here is how to fix it", not a bug: the `mmfusion` command
+prints its message as one line and exits with code 2. All derive from `MMFusionError`; each also
+derives from the built-in type callers would expect (`ValueError`, `RuntimeError`).
+"""
+
+from __future__ import annotations
+
+
+class MMFusionError(Exception):
+    """Base of every user-facing mmfusion error."""
+
+
+class ConfigError(MMFusionError, ValueError):
+    """A configuration value is impossible or inconsistent."""
+
+
+class CheckpointError(MMFusionError, ValueError):
+    """A saved model folder is missing, corrupt, or does not match the model asked for."""
+
+
+class ConversionError(CheckpointError):
+    """A transformers model cannot be imported exactly: unsupported architecture or option,
+    or source keys / shapes that do not match the key table."""
+
+
+class DatasetError(MMFusionError, ValueError):
+    """A dataset cannot be loaded as asked: missing column, wrong type, empty split, too many bad rows."""
+
+
+class ImageError(MMFusionError, ValueError):
+    """An image cannot be read or converted to RGB."""
+
+
+class PromptError(MMFusionError, ValueError):
+    """A question or answer is empty or cannot fit the context."""
+
+
+class SlotCountError(MMFusionError, ValueError):
+    """The number of `<|image|>` slots in a row differs from the image tokens the adapter yields."""
+
+
+class TokenizerFilesError(MMFusionError, RuntimeError):
+    """GPT-2's BPE files are missing or do not match the published hashes."""
+
+
+class NonFiniteLossError(MMFusionError, RuntimeError):
+    """The loss (or the weights) became NaN or infinite; the last good checkpoint is kept."""

@@ -1,0 +1,237 @@
+"""Reading a transformers checkpoint for import (mmfusion.convert): the model from an instance, a
+folder or a hub id, its config mapped onto ours (refusing options our models lack), and the
+image normalization its preprocessor_config.json gives.
+
+Any problem raises ConversionError naming the source and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .config import ConfigError, GPTConfig, ViTConfig
+from .errors import ConversionError
+from .weights import is_mmfusion_folder
+
+PREPROCESSOR_NAME = "preprocessor_config.json"
+# Normalization the checkpoints were trained with, used when no preprocessor_config.json is found.
+VIT_MEAN = VIT_STD = (0.5, 0.5, 0.5)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# transformers' `hidden_act` / `activation_function` -> ours. Anything else is refused:
+# "gelu_fast", "gelu_accurate" and friends are different approximations, not the same function.
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
+
+
+@dataclass(frozen=True)
+class Source:
+    family: str  # "vit", "clip" or "gpt2": which table
+    prefix: str  # where the tower's keys start in the source state dict
+    ignore: tuple[str, ...]
+
+
+# For a saved config without `architectures`: the class that loads every checkpoint of the type.
+DEFAULT_ARCHITECTURE = {"vit": "ViTModel", "clip": "CLIPModel", "clip_vision_model": "CLIPVisionModel",
+                        "gpt2": "GPT2LMHeadModel"}
+
+
+def key_list(keys: Iterable[Any], limit: int = 10) -> str:
+    keys = sorted(str(k) for k in keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def ignored(key: str, ignore: Iterable[str]) -> bool:
+    return any(re.fullmatch(pattern, key) for pattern in ignore)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _activation(name: Any, where: str) -> str:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ConversionError(
+            f"{where} uses activation {name!r}; mmfusion supports {sorted(ACTIVATIONS)} "
+            "(mapped to gelu, gelu_tanh, quick_gelu)"
+        )
+    return ACTIVATIONS[name]
+
+
+def _square(value: Any, name: str, where: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConversionError(f"{where}.{name}={value!r} is not square; mmfusion's ViT needs square images/patches")
+        value = value[0]
+    return int(value)
+
+
+def _make(kind: type, where: str, **fields: Any):
+    try:
+        return kind(**fields)
+    except ConfigError as e:
+        raise ConversionError(f"{where} does not map to a valid {kind.__name__}: {e}") from e
+
+
+def vit_config_from_hf(hf_config: Any, family: str, num_classes: int = 0,
+                       image_mean: tuple[float, ...] | None = None, image_std: tuple[float, ...] | None = None,
+                       dropout: float = 0.0) -> ViTConfig:
+    """A transformers ViTConfig (family "vit") or CLIPVisionConfig ("clip") -> our ViTConfig."""
+    where = type(hf_config).__name__
+    n_embd, n_head = hf_config.hidden_size, hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None)
+    if head_dim is not None and head_dim * n_head != n_embd:
+        raise ConversionError(f"{where}.head_dim={head_dim} * {n_head} heads != hidden_size {n_embd}; unsupported")
+    default_mean, default_std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (VIT_MEAN, VIT_STD)
+    fields = dict(
+        image_size=_square(hf_config.image_size, "image_size", where),
+        patch_size=_square(hf_config.patch_size, "patch_size", where),
+        num_channels=hf_config.num_channels, n_layer=hf_config.num_hidden_layers, n_head=n_head, n_embd=n_embd,
+        intermediate_size=hf_config.intermediate_size, num_classes=num_classes, dropout=dropout,
+        layer_norm_eps=hf_config.layer_norm_eps, activation=_activation(hf_config.hidden_act, where),
+        image_mean=tuple(image_mean or default_mean), image_std=tuple(image_std or default_std),
+    )
+    if family == "clip":
+        return _make(ViTConfig, where, **fields, qkv_bias=True, patch_bias=False, pre_norm=True, final_norm="cls")
+    return _make(ViTConfig, where, **fields, qkv_bias=bool(hf_config.qkv_bias))
+
+
+def gpt_config_from_hf(hf_config: Any, dropout: float = 0.0) -> GPTConfig:
+    """A transformers GPT2Config -> our GPTConfig; refuses options our GPT does not implement."""
+    where = type(hf_config).__name__
+    if getattr(hf_config, "add_cross_attention", False):
+        raise ConversionError(f"{where}.add_cross_attention=True: cross-attention blocks are not supported")
+    if not getattr(hf_config, "scale_attn_weights", True):
+        raise ConversionError(f"{where}.scale_attn_weights=False: unscaled attention is not supported")
+    if getattr(hf_config, "scale_attn_by_inverse_layer_idx", False):
+        raise ConversionError(f"{where}.scale_attn_by_inverse_layer_idx=True: per-layer scaling is not supported")
+    # reorder_and_upcast_attn only changes the precision of the attention scores, not the function.
+    return _make(GPTConfig, where, vocab_size=hf_config.vocab_size, block_size=hf_config.n_positions,
+                 n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
+                 intermediate_size=hf_config.n_inner, layer_norm_eps=hf_config.layer_norm_epsilon,
+                 activation=_activation(hf_config.activation_function, where), bias=True, dropout=dropout,
+                 initializer_range=getattr(hf_config, "initializer_range", 0.02))
+
+
+def normalization(preprocessor: Path | None, num_channels: int) -> tuple[tuple[float, ...] | None, ...]:
+    """image_mean/std from a preprocessor_config.json, or (None, None) when there is none."""
+    if preprocessor is None or not preprocessor.is_file():
+        return None, None
+    try:
+        data = json.loads(preprocessor.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{preprocessor} is not valid JSON ({e})") from e
+    if data.get("do_normalize", True) is False:  # pixels are fed as they are
+        return (0.0,) * num_channels, (1.0,) * num_channels
+
+    def per_channel(value: Any) -> tuple[float, ...] | None:
+        if value is None:
+            return None
+        return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * num_channels
+
+    return per_channel(data.get("image_mean")), per_channel(data.get("image_std"))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_checkpoint(source: Any, sources: dict[str, Source], fn: str) -> tuple[nn.Module, Path | None]:
+    """The transformers model for `source`, and the preprocessor_config.json that goes with it
+    (a path that may not exist), or None when there is no folder to look in."""
+    supported = ", ".join(sources)
+    _check_transformers_version()
+    if isinstance(source, nn.Module):
+        name = type(source).__name__
+        if name not in sources:
+            raise ConversionError(f"{fn} imports {supported}; got a {name}, which mmfusion cannot import")
+        origin = getattr(source, "name_or_path", "") or ""
+        return source, (Path(origin) / PREPROCESSOR_NAME if origin and Path(origin).is_dir() else None)
+    text, local = _folder_or_hub_id(source, fn)
+    import transformers
+
+    def failed(e: Exception) -> ConversionError:
+        if local.is_dir():
+            return ConversionError(f"transformers could not load the folder {text}: {e}")
+        return ConversionError(
+            f"{text!r} is not a local folder, so it was read as a Hugging Face Hub id, and transformers could not "
+            f"load it: {e}\nOffline (no network, or HF_HUB_OFFLINE=1) a hub id works only once it is cached; "
+            "otherwise download it where there is network, save it with save_pretrained, and pass that folder."
+        )
+
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(text)
+    except (OSError, ValueError, KeyError) as e:
+        raise failed(e) from e
+    listed = list(getattr(hf_config, "architectures", None) or [])
+    arch = next((a for a in listed if a in sources), None)
+    if arch is None and not listed:
+        arch = DEFAULT_ARCHITECTURE.get(hf_config.model_type)
+        arch = arch if arch in sources else None
+    if arch is None:
+        found = listed or [f"model_type {hf_config.model_type!r}"]
+        raise ConversionError(f"{text} holds {', '.join(found)}; {fn} imports only {supported}")
+    try:
+        model, info = getattr(transformers, arch).from_pretrained(text, output_loading_info=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise failed(e) from e
+    # A key transformers could not fill would be random; one it dropped would escape our table.
+    ignore = sources[arch].ignore
+    problems = {name: [k for k in info.get(name, ()) if not (isinstance(k, str) and ignored(k, ignore))]
+                for name in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    if any(problems.values()):
+        detail = "; ".join(f"{name} [{key_list(keys)}]" for name, keys in problems.items() if keys)
+        raise ConversionError(f"{text}: the checkpoint does not match {arch}: {detail}")
+    if local.is_dir():
+        return model, local / PREPROCESSOR_NAME
+    return model, _hub_preprocessor(text)
+
+
+def _folder_or_hub_id(source: Any, fn: str) -> tuple[str, Path]:
+    """(the text to hand transformers, the local path it may name); refuses what is neither a
+    transformers folder nor a plausible hub id."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"{fn} takes a transformers model, a folder or a hub id, not {type(source).__name__}")
+    text = os.fspath(source)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        if is_mmfusion_folder(local):
+            raise ConversionError(f"{local} is an mmfusion model folder, not a transformers one; "
+                                  "load it with ViT/GPT/VLM.from_pretrained")
+        return str(local), local
+    if local.exists() or isinstance(source, Path) or text.startswith(("/", "./", "../", "~", ".\\")):
+        raise ConversionError(f"{source} is not a folder; pass a folder written by save_pretrained, or a hub id")
+    return text, local
+
+
+def _check_transformers_version() -> None:
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    if major < 5:
+        raise ConversionError(
+            f"the key tables follow transformers 5.x parameter names (e.g. ViT's layers.N.attention.q_proj); "
+            f"transformers {transformers.__version__} is installed: pip install 'transformers>=5'"
+        )
+
+
+def _hub_preprocessor(repo_id: str) -> Path | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, PREPROCESSOR_NAME))
+    except LocalEntryNotFoundError:  # offline and not cached: subclass of EntryNotFoundError, so first
+        warnings.warn(f"could not fetch {repo_id}/{PREPROCESSOR_NAME}; using the family's default image_mean/std",
+                      stacklevel=3)
+        return None
+    except EntryNotFoundError:  # the repo has none
+        return None

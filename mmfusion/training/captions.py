@@ -1,0 +1,101 @@
+"""The captions job: train one VLM to caption and answer on the procedural scenes, evaluate, report.
+
+    mmfusion captions --output-dir runs/captions
+
+Two stages with the scenes defaults below:
+
+1. `pretrain_vit` on scenes with a label per cell of the 2x2 grid (`label_grid=2`): the ViT
+   learns what is where, into OUTPUT_DIR/vit/. `--vit DIR` skips it and uses a saved ViT.
+2. `train_vqa` on captions and questions mixed, with that ViT frozen, each 2x2 cell's
+   patches merged into one image token (pixel shuffle 4) and a fresh `gpt-tiny` (initialized
+   with std 0.1, see `--gpt-init-std`), into OUTPUT_DIR (model/,
+   metrics.json, captions.jsonl, predictions.jsonl, logs/).
+
+results.md holds the table printed at the end. Stage-2 flags can be passed through after `--`:
+
+    mmfusion captions --output-dir runs/c -- --epochs 1 --align-epochs 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..config import AdapterConfig
+from ..evaluation import format_caption_table, format_examples, format_template_table, format_vqa_table, read_jsonl
+from . import pretrain_vit, train_vqa
+from .precision import PRECISIONS
+from .setup import RunConfig
+
+# Chosen by measurement on the 2-core CPU: the whole job trains in under 15 minutes there; the
+# records (stage-1 learning rate, the GPT's init scale, pixel shuffle and image positions) are in
+# docs/experiments.md. The GPT is fresh, so there is no pretrained GPT for an adapter-only
+# alignment phase to align to; --align-epochs is there for pretrained parts.
+VIT_STAGE = pretrain_vit.ViTStageConfig(dataset="scenes")
+VIT_DEFAULTS = RunConfig(output_dir="runs/captions/vit", epochs=13, batch_size=64, lr=8e-3, warmup_steps=100,
+                         weight_decay=0.05)
+STAGE = train_vqa.VQAStageConfig(dataset="scenes", task="both",
+                                 adapter=AdapterConfig(pixel_shuffle=4, position_embedding=True))
+RUN_DEFAULTS = RunConfig(output_dir="runs/captions", epochs=2.5, batch_size=32, lr=1e-3, warmup_steps=100,
+                         weight_decay=0.05, eval_samples=300)
+
+
+def parse(argv: list[str] | None):
+    parser = argparse.ArgumentParser(prog="mmfusion captions", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--output-dir", default=RUN_DEFAULTS.output_dir, help="where both stages and results.md go (default: %(default)s)")
+    add("--seed", type=int, default=0, help="seed of both stages (default: %(default)s)")
+    add("--mixed-precision", default="auto", choices=["auto", *PRECISIONS],
+        help="both stages' precision (default: auto, each stage's step timed; mmfusion/training/precision.py)")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars (default: %(default)s)")
+    add("--examples", type=int, default=6, help="example captions to print (default: %(default)s)")
+    add("--vit", default=None, help="a saved ViT folder to use instead of stage 1 (default: train one into OUTPUT_DIR/vit)")
+    add("--vit-epochs", type=float, default=VIT_DEFAULTS.epochs, help="stage-1 epochs (default: %(default)s)")
+    add("--vit-max-steps", type=int, default=0, help="stage-1 step limit (default: 0, by epochs)")
+    add("--vit-batch-size", type=int, default=VIT_DEFAULTS.batch_size, help="stage-1 batch size (default: %(default)s)")
+    add("--vit-lr", type=float, default=VIT_DEFAULTS.lr, help="stage-1 peak learning rate (default: %(default)s)")
+    add("stage_args", nargs="*", help="stage-2 flags after --, e.g. -- --epochs 1 (see mmfusion train-vqa --help)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    out = Path(args.output_dir)
+    vit = args.vit or str(out / "vit" / "model")
+    common = {"seed": args.seed, "mixed_precision": args.mixed_precision, "progress": args.progress}
+    # Parse both stages before any work, so a bad flag for stage 2 does not cost a stage 1.
+    stage, run_cfg = train_vqa.parse(args.stage_args, stage=replace(STAGE, vit=vit),
+                                     run=replace(RUN_DEFAULTS, output_dir=str(out), **common))
+    vit_stage = VIT_STAGE
+    vit_run = replace(VIT_DEFAULTS, output_dir=str(out / "vit"), epochs=args.vit_epochs, max_steps=args.vit_max_steps,
+                      batch_size=args.vit_batch_size, lr=args.vit_lr, **common)
+    t0 = time.perf_counter()
+    vit_metrics = None
+    if args.vit is None:
+        print(f"== stage 1: ViT pretraining on {vit_stage.dataset} cells -> {vit_run.output_dir}", flush=True)
+        vit_metrics = pretrain_vit.run(vit_stage, vit_run)
+    t1 = time.perf_counter()
+    print(f"== stage 2: captions and questions on {stage.dataset} -> {out}", flush=True)
+    metrics = train_vqa.run(stage, run_cfg)
+    seconds = time.perf_counter() - t0
+
+    lines = ["# mmfusion captions job", "", f"Scenes test split, after {seconds:.0f}s of training and evaluation "
+             f"(stage 1: {t1 - t0:.0f}s, stage 2: {seconds - (t1 - t0):.0f}s).", ""]
+    if vit_metrics is not None:
+        lines += [f"Stage 1 (ViT, a label per cell): {100 * vit_metrics['test_accuracy']:.2f}% of test scenes right "
+                  f"in every cell, {100 * vit_metrics['test_cell_accuracy']:.2f}% of cells.", ""]
+    lines += [format_caption_table(metrics["captions"]), "", format_vqa_table(metrics), "",
+              format_template_table(metrics["per_template"]), "", "Example captions (test split):", "",
+              *format_examples(read_jsonl(out / "captions.jsonl"), args.examples),
+              "", f"Model: {out / 'model'}" + (f" (ViT: {vit})." if args.vit else ".")]
+    report = "\n".join(lines)
+    (out / "results.md").write_text(report + "\n")
+    print("\n" + report)
+    return {**metrics, "vit": vit_metrics, "seconds": seconds}
+
+
+if __name__ == "__main__":
+    main()

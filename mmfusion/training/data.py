@@ -1,0 +1,100 @@
+"""What the loop feeds on: a deterministic epoch sampler (exact resume), per-example
+generators for augmentation, and the dataset views both stages train on."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Sampler
+
+from ..errors import ConfigError
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh permutation per epoch from (seed, epoch) alone, so a resumed run replays the
+    exact order of an uninterrupted one. accelerate shards its batches across processes.
+
+    It yields *virtual* indices `epoch * n + i`: a dataset recovers the row with
+    `split_index` and can seed per-example augmentation from (epoch, row), which makes
+    augmentation independent of whatever else consumed the global RNG.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        offset = self.epoch * self.n
+        if not self.shuffle:
+            return iter(range(offset, offset + self.n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter((torch.randperm(self.n, generator=g) + offset).tolist())
+
+
+def split_index(virtual: int, n: int) -> tuple[int, int]:
+    """A virtual index from EpochSampler -> (epoch, row)."""
+    return divmod(virtual, n)
+
+
+def example_generator(seed: int, virtual: int) -> torch.Generator:
+    """A generator for one example's augmentation, a pure function of (seed, epoch, row)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + virtual)
+
+
+class Rows(torch.utils.data.Dataset):
+    """Serves rows of a datasets.Dataset by EpochSampler's virtual indices."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, virtual: int):
+        return self.dataset[split_index(virtual, len(self.dataset))[1]]
+
+
+class Conversations(torch.utils.data.Dataset):
+    """VQA rows grouped by image into conversations of up to `turns` questions.
+
+    Rows that share an `image_id` (>= 0) are grouped, in chunks of at most `turns`; rows with
+    image_id -1 (the source had none) stay alone. The turns of a group come in a seeded random
+    order, fixed per group, so the question a conversation opens with (the one seen exactly as
+    at evaluation) varies across images. Items: {"image" (or "image_features" from FeatureRows),
+    "turns": [(question, answers), ...]},
+    which `VQACollator` turns into one sequence. Nothing is dropped: every row is in one group.
+    """
+
+    def __init__(self, dataset, turns: int, seed: int) -> None:
+        if turns < 1:
+            raise ConfigError(f"turns must be >= 1, got {turns}")
+        self.dataset, self.turns = dataset, turns
+        self.questions, self.answers = list(dataset["question"]), list(dataset["answers"])
+        by_image: dict[int, list[int]] = {}
+        groups = []
+        for i, image_id in enumerate(dataset["image_id"]):
+            if image_id < 0:
+                groups.append([i])
+            else:
+                by_image.setdefault(image_id, []).append(i)
+        groups += [rows[k:k + turns] for rows in by_image.values() for k in range(0, len(rows), turns)]
+        groups.sort(key=lambda g: g[0])  # dataset order, independent of dict order
+        g = torch.Generator().manual_seed(seed)
+        self.groups = [[group[j] for j in torch.randperm(len(group), generator=g).tolist()] for group in groups]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __repr__(self) -> str:
+        return (f"{len(self.dataset)} questions in {len(self.groups)} conversations "
+                f"(up to {self.turns} questions about one image each)")
+
+    def __getitem__(self, index: int) -> dict:
+        group = self.groups[index]
+        first = self.dataset[group[0]]
+        image = {k: first[k] for k in ("image", "image_features") if k in first}  # FeatureRows: features
+        return {**image, "turns": [(self.questions[i], self.answers[i]) for i in group]}

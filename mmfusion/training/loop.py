@@ -1,0 +1,220 @@
+"""The training loop both stages share: a plain function over accelerate (no Trainer, no
+callbacks), checkpoints written atomically, and exact resume.
+
+A stage supplies a `step(model, batch) -> (loss, items)` and an `evaluate(model, full) -> dict`
+and gets back the trained, unwrapped model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..errors import CheckpointError, NonFiniteLossError
+from ..weights import fsync_dir, fsync_tree
+from .data import EpochSampler
+from .setup import RunConfig, warmup_cosine, write_json
+
+log = logging.getLogger("mmfusion.training")
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """The global RNG seed for one micro-step (dropout): resume replays it exactly."""
+    return (seed * 1_000_003 + step * 1009 + micro) * 131 + rank
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+PROGRESS_NAME = "progress.json"
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    root = Path(output_dir) / "checkpoints"
+    if not root.exists():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()
+            and (p / PROGRESS_NAME).exists()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int) -> None:
+    """accelerate's save_state into a temporary folder, fsync, then an atomic rename: a crash
+    mid-write leaves the earlier checkpoints intact (and a `.tmp_step_*` folder that the next save
+    removes). `progress.json` written last marks it complete."""
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"step_{step}"
+    tmp = root / f".tmp_step_{step}"
+    if accelerator.is_main_process and root.exists():
+        for stale in root.glob(".tmp_step_*"):  # left by a crash mid-write
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process has written its RNG state before the rename
+    if accelerator.is_main_process:
+        write_json(tmp / PROGRESS_NAME, {"step": step})
+        fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        for old in checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def find_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = checkpoint_dirs(output_dir)
+        if not found:
+            log.warning("--resume latest: no checkpoint in %s, starting fresh", output_dir)
+            return None
+        return found[-1]
+    path = Path(resume)
+    if not (path / PROGRESS_NAME).exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {PROGRESS_NAME}); pick one under "
+                                f"{Path(output_dir) / 'checkpoints'} or use --resume latest")
+    return path
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
+StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
+EvalFn = Callable[[torch.nn.Module, bool], dict[str, float]]
+
+
+def _non_finite(what: str, step: int, output_dir: str | Path) -> NonFiniteLossError:
+    found = checkpoint_dirs(output_dir)
+    kept = (f"the last good checkpoint, {found[-1]}, is kept: resume from it with --resume latest"
+            if found else "no checkpoint was saved before it (see --save-every)")
+    return NonFiniteLossError(f"{what} at step {step}; training stopped and {kept}. "
+                              "Lower --lr (or raise --warmup-steps), or check the data")
+
+
+def _check_finite_weights(model: torch.nn.Module, step: int, output_dir: str | Path) -> None:
+    """A finite loss can still come with non-finite gradients; never save such weights."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise _non_finite(f"weights became NaN or infinite ({', '.join(bad[:3])})", step, output_dir)
+
+
+def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          dataset, collate: Callable, step_fn: StepFn, evaluate: EvalFn | None = None,
+          unit: str = "ex", tag: str = "train") -> torch.nn.Module:
+    """Train `model` for the configured steps; returns the unwrapped model.
+
+    step_fn(model, batch) -> (mean loss, items in the batch), items counted for throughput
+    (`unit` names them). evaluate(model, full) -> metrics, called every `eval_every` steps
+    with full=False. `tag` prefixes the logged training scalars ("train/loss").
+    """
+    from tqdm.auto import tqdm
+
+    sampler = EpochSampler(len(dataset), run.seed)
+    loader = DataLoader(dataset, batch_size=run.batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=run.num_workers, drop_last=True,
+                        persistent_workers=run.num_workers > 0)
+    per_epoch = len(loader) // (run.grad_accum * accelerator.num_processes)
+    if per_epoch < 1:
+        raise ValueError(f"the dataset ({len(dataset)} examples) is smaller than one global batch "
+                         f"({run.batch_size} x {accelerator.num_processes} x {run.grad_accum}); lower --batch-size")
+    total = run.max_steps or max(1, math.ceil(run.epochs * per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, run.warmup_steps, run.min_lr_ratio))
+    # The scheduler stays unprepared: accelerate would step it once per process per optimizer
+    # step, which makes the schedule depend on the process count. It is a pure function of the
+    # step, so resume replays it instead of storing it.
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    step = _resume(accelerator, run, scheduler)
+
+    bar = tqdm(total=total, initial=step, disable=not (run.progress and accelerator.is_local_main_process),
+               desc=Path(run.output_dir).name, dynamic_ncols=True)
+    model.train()
+    seen, t0 = 0, time.perf_counter()
+    while step < total:
+        epoch, skip = divmod(step, per_epoch)
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip * run.grad_accum) if skip else loader
+        micro = 0
+        for batch in batches:
+            torch.manual_seed(step_seed(run.seed, step, micro % run.grad_accum, accelerator.process_index))
+            loss, items = _micro_step(accelerator, run, model, optimizer, scheduler, step_fn, batch, step)
+            seen += items * accelerator.num_processes
+            micro += 1
+            if micro % run.grad_accum:
+                continue
+            step += 1
+            rate = seen / (time.perf_counter() - t0)
+            _after_step(accelerator, run, model, scheduler, bar, evaluate, step, total, loss.item(), rate, unit, tag)
+            if step >= total or step % per_epoch == 0:
+                break
+    bar.close()
+    _check_finite_weights(model, step, run.output_dir)
+    accelerator.wait_for_everyone()
+    return accelerator.unwrap_model(model)
+
+
+def _resume(accelerator, run: RunConfig, scheduler) -> int:
+    """Load the checkpoint `run.resume` names (if any) and replay the schedule; its step, else 0."""
+    start_from = find_resume(run.resume, run.output_dir)
+    if start_from is None:
+        return 0
+    try:
+        accelerator.load_state(str(start_from))
+        step = json.loads((start_from / PROGRESS_NAME).read_text())["step"]
+    except Exception as e:  # accelerate, torch and safetensors raise many types for a bad folder
+        first_line = (str(e).splitlines() or [""])[0]
+        raise CheckpointError(
+            f"cannot resume from {start_from}: {type(e).__name__}: {first_line} (a checkpoint from a run "
+            "with other model flags, or a damaged one); resume with the same flags, or pick another "
+            "checkpoint with --resume PATH") from e
+    with warnings.catch_warnings():  # replaying the schedule: no optimizer step is missing
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        for _ in range(step):
+            scheduler.step()
+    accelerator.print(f"resumed from {start_from} at step {step}")
+    return step
+
+
+def _micro_step(accelerator, run: RunConfig, model, optimizer, scheduler, step_fn: StepFn, batch,
+                step: int) -> tuple[torch.Tensor, int]:
+    """Forward, backward and (on the last micro-step of an accumulation) clip and step."""
+    with accelerator.accumulate(model):
+        loss, items = step_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise _non_finite(f"loss is {loss.item()}", step + 1, run.output_dir)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and run.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), run.grad_clip)
+        optimizer.step()
+        if accelerator.sync_gradients:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss, items
+
+
+def _after_step(accelerator, run: RunConfig, model, scheduler, bar, evaluate: EvalFn | None, step: int,
+                total: int, loss: float, rate: float, unit: str, tag: str) -> None:
+    """Progress bar, tracker logging, periodic evaluation and checkpoints after optimizer step `step`."""
+    lr = scheduler.get_last_lr()[0]
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **{f"{unit}/s": f"{rate:.0f}"})
+    if step % run.log_every == 0 or step == total:
+        accelerator.log({f"{tag}/loss": loss, f"{tag}/lr": lr, f"{tag}/{unit}_per_s": rate}, step=step)
+    if evaluate is not None and run.eval_every and step % run.eval_every == 0 and step < total:
+        metrics = evaluate(accelerator.unwrap_model(model), False)
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        model.train()
+    if run.save_every and step % run.save_every == 0:
+        _check_finite_weights(model, step, run.output_dir)
+        save_checkpoint(accelerator, run.output_dir, step, run.keep_checkpoints)

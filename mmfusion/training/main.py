@@ -1,0 +1,106 @@
+"""The main job: pretrain the ViT, fine-tune the VLM on VQA, evaluate, report.
+
+    mmfusion main --output-dir runs/main
+
+Everything lands in one folder: vit/ (stage 1: model, metrics, logs), vqa/ (stage 2: model,
+metrics, predictions.jsonl, logs) and results.md (the table printed at the end). The stages'
+defaults are the recipe, chosen for the accuracy targets on easy-VQA (offline, 2-core CPU); the
+README's Results section has the measured accuracy and time per machine, precision and seed.
+`--mixed-precision` sets both stages' precision (default auto: each stage times its own step).
+Any stage flag can be overridden: `--vit-epochs`, `--vqa-epochs`, `--vit-lr`, `--vqa-lr`, ...;
+`--no-keep-cls` feeds stage 2 the patch tokens without the ViT's CLS token; `--gpt-init-std`
+sets the fresh GPT's init (gpt-tiny: 0.1; GPT-2's 0.02 learns the yes/no questions much later).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..evaluation import format_examples, format_vqa_table, read_jsonl
+from . import pretrain_vit, train_vqa
+from .precision import PRECISIONS
+from .setup import RunConfig
+
+
+def parse(argv: list[str] | None):
+    vit, vqa = pretrain_vit.STAGE_DEFAULTS, train_vqa.STAGE_DEFAULTS
+    parser = argparse.ArgumentParser(prog="mmfusion main", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--output-dir", default="runs/main", help="where both stages and results.md go (default: %(default)s)")
+    add("--seed", type=int, default=0, help="seed of both stages (default: %(default)s)")
+    add("--vit-epochs", type=float, default=None, help=f"stage-1 epochs (default: {vit.epochs:g})")
+    add("--vqa-epochs", type=float, default=None, help=f"stage-2 epochs (default: {vqa.epochs:g})")
+    add("--vit-max-steps", type=int, default=0, help="stage-1 step limit (default: 0, by epochs)")
+    add("--vqa-max-steps", type=int, default=0, help="stage-2 step limit (default: 0, by epochs)")
+    add("--vit-lr", type=float, default=None, help=f"stage-1 peak learning rate (default: {vit.lr:g})")
+    add("--vqa-lr", type=float, default=None, help=f"stage-2 peak learning rate (default: {vqa.lr:g})")
+    add("--keep-cls", action=argparse.BooleanOptionalAction, default=True,
+        help="stage 2 feeds the ViT's CLS token to the adapter next to the patch tokens (default: %(default)s)")
+    add("--gpt-init-std", type=float, default=None,
+        help="std of the fresh GPT's Normal init in stage 2 (default: gpt-tiny's 0.1; GPT-2's is 0.02)")
+    add("--mixed-precision", default="auto", choices=["auto", *PRECISIONS],
+        help="both stages' precision (default: auto, each stage's step timed; mmfusion/training/precision.py)")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars (default: %(default)s)")
+    add("--examples", type=int, default=8, help="example answers to print (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def stage_run(run: RunConfig, args, output_dir: Path, epochs: float | None, max_steps: int,
+              lr: float | None) -> RunConfig:
+    """A stage's default RunConfig with the main job's output folder, seed, precision and overrides."""
+    return replace(run, output_dir=str(output_dir), seed=args.seed, progress=args.progress,
+                   mixed_precision=args.mixed_precision, max_steps=max_steps, epochs=epochs or run.epochs,
+                   lr=lr or run.lr)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    out = Path(args.output_dir)
+    t0 = time.perf_counter()
+
+    vit_stage = pretrain_vit.ViTStageConfig()
+    vit_run = stage_run(pretrain_vit.STAGE_DEFAULTS, args, out / "vit", args.vit_epochs, args.vit_max_steps, args.vit_lr)
+    print(f"== stage 1: ViT pretraining on {vit_stage.dataset} -> {vit_run.output_dir}", flush=True)
+    vit_metrics = pretrain_vit.run(vit_stage, vit_run)
+    t1 = time.perf_counter()
+
+    # The ViT's CLS token joins the 16 patch tokens: stage 1 trained it to name the shape and color.
+    # The fresh gpt-tiny starts from std 0.1, its preset (docs/experiments.md: GPT init scale).
+    default = train_vqa.VQAStageConfig()
+    vqa_stage = replace(default, vit=str(out / "vit" / "model"), gpt_init_std=args.gpt_init_std,
+                        adapter=replace(default.adapter, keep_cls=args.keep_cls))
+    vqa_run = stage_run(train_vqa.STAGE_DEFAULTS, args, out / "vqa", args.vqa_epochs, args.vqa_max_steps, args.vqa_lr)
+    print(f"== stage 2: VQA fine-tuning on {vqa_stage.dataset} -> {vqa_run.output_dir}", flush=True)
+    vqa_metrics = train_vqa.run(vqa_stage, vqa_run)
+    t2 = time.perf_counter()
+
+    lines = [
+        "# mmfusion main job",
+        "",
+        "| stage | metric | test examples | precision | wall time |",
+        "|---|---|---:|---|---:|",
+        f"| 1: ViT pretraining | top-1 accuracy {100 * vit_metrics['test_accuracy']:.2f}% | "
+        f"{vit_metrics['test_examples']} images | {vit_metrics['precision']} | {t1 - t0:.0f}s |",
+        f"| 2: VQA fine-tuning | VQA accuracy {100 * vqa_metrics['accuracy']:.2f}% | "
+        f"{vqa_metrics['count']} questions | {vqa_metrics['precision']} | {t2 - t1:.0f}s |",
+        "",
+        format_vqa_table(vqa_metrics),
+        "",
+        "Example answers (test split):",
+        "",
+        *format_examples(read_jsonl(out / "vqa" / "predictions.jsonl"), args.examples),
+        "",
+        f"Total {t2 - t0:.0f}s. Models: {out / 'vit' / 'model'}, {out / 'vqa' / 'model'}.",
+    ]
+    report = "\n".join(lines)
+    (out / "results.md").write_text(report + "\n")
+    print("\n" + report)
+    return {"vit": vit_metrics, "vqa": vqa_metrics, "seconds": t2 - t0}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Setting up a training run: its config, accelerator (precision, trackers), optimizer and
+learning-rate schedule, and the resolved config written next to its outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..weights import atomic_write
+from .precision import PRECISIONS, PrecisionDecision, decide, model_step_timer, training_device
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings every stage shares. `batch_size` is per process and per micro-step; the
+    global batch is batch_size x processes x grad_accum."""
+
+    output_dir: str = field(default="runs/stage", metadata={"help": "where models, logs and checkpoints go"})
+    seed: int = field(default=0, metadata={"help": "seed for init, shuffling and augmentation"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training set (ignored if max_steps > 0)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 means derive from epochs"})
+    batch_size: int = field(default=64, metadata={"help": "examples per process per micro-step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.05, metadata={"help": "final LR as a fraction of the peak (cosine)"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW decay (never on norms, biases, embeddings)"})
+    beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm; 0 disables"})
+    mixed_precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 where it is faster than fp32 on this device), no, bf16 or fp16",
+        "choices": ["auto", *PRECISIONS]})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps on eval_samples (0: only at the end)"})
+    eval_samples: int = field(default=1000, metadata={"help": "examples in a periodic evaluation"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: none)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    resume: str | None = field(default=None, metadata={"help": "checkpoint folder, or 'latest' in output_dir"})
+    log_every: int = field(default=10, metadata={"help": "tracker logging interval in steps"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "keep_checkpoints", "eval_samples", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "num_workers", "epochs",
+                     "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.beta2 < 1 or self.adam_eps < 0:
+            raise ConfigError(f"--beta2 must be in [0, 1) and --adam-eps >= 0, got {self.beta2} and {self.adam_eps}")
+        if self.epochs <= 0 and self.max_steps == 0:
+            raise ConfigError("set --epochs > 0 or --max-steps > 0")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+def make_accelerator(run: RunConfig, log_name: str, precision: PrecisionDecision):
+    """An Accelerator with the decided precision, gradient accumulation and tensorboard.
+
+    accelerate keeps one AcceleratorState per process and refuses a second Accelerator with
+    another precision; a process that trains twice (a job's stages, a notebook, a test session)
+    may resolve differently each time, so that state is reset (the process group is kept)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", precision.resolved) != precision.resolved:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    project = ProjectConfiguration(project_dir=run.output_dir, logging_dir=str(Path(run.output_dir) / "logs"))
+    trackers = ["tensorboard"] if _has_tensorboard() else []
+    accelerator = Accelerator(mixed_precision=precision.resolved, gradient_accumulation_steps=run.grad_accum,
+                              log_with=trackers or None, project_config=project)
+    set_seed(run.seed)
+    if trackers:
+        accelerator.init_trackers(log_name)
+    accelerator.print(precision)
+    return accelerator
+
+
+def choose_precision(run: RunConfig, model: torch.nn.Module, make_batch: Callable[[], Any],
+                     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]) -> PrecisionDecision:
+    """The run's precision (mmfusion/training/precision.py says who decides). `auto` may time a step of
+    `model` on make_batch(), loss_fn(model, batch) -> loss; nothing is built unless it is timed."""
+    device = training_device()
+    timer = None
+
+    def step_seconds(precision: str) -> float:
+        nonlocal timer
+        timer = timer or model_step_timer(model, make_batch(), loss_fn, device)
+        return timer(precision)
+
+    return decide(run.mixed_precision, device, step_timer=step_seconds)
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "wte", "wpe")
+
+
+def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], lr: float,
+                 weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: matrices decay; norms, biases, embeddings and the CLS token do not."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(part in name.split(".") for part in NO_DECAY_NAMES)
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    return [g for g in groups if g["params"]]
+
+
+def adamw(groups: list[dict[str, Any]], run: RunConfig) -> torch.optim.AdamW:
+    """AdamW over param_groups, with the fused kernel: on CPU the default per-tensor loop costs
+    about ten times as much per step for stage 2's 7M trainable parameters (docs/experiments.md)."""
+    return torch.optim.AdamW(groups, lr=run.lr, betas=(0.9, run.beta2), eps=run.adam_eps, fused=True)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine down to `min_ratio` at `total_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"))
+
+
+def write_run_config(output_dir: str | Path, **configs: Any) -> None:
+    """The resolved configuration of a run, next to its outputs."""
+    resolved = {name: (asdict(c) if hasattr(c, "__dataclass_fields__") else c) for name, c in configs.items()}
+    write_json(Path(output_dir) / "run_config.json", resolved)

@@ -1,0 +1,345 @@
+"""Stage 2: fine-tune the fused model on visual question answering and/or captions.
+
+    python training/train_vqa.py --vit runs/vit/model --output-dir runs/vqa     # easy-VQA
+    accelerate launch training/train_vqa.py --vit runs/vit/model ...            # many processes
+    mmfusion train-vqa --dataset data.jsonl --answer-column answers --gpt gpt2  # imported GPT-2
+    mmfusion train-vqa --dataset scenes --task both --align-epochs 1 ...        # captions + questions
+
+`--task` picks the examples: questions (vqa), captions, or both mixed. `--align-epochs E`
+first trains only the adapter on captions for E epochs, with the ViT and the GPT frozen
+(LLaVA's feature alignment; worth it when both come pretrained), then trains the parts the
+freeze flags leave open on the task. Alignment writes OUTPUT_DIR/align/ (checkpoints, model).
+
+The ViT comes from a saved mmfusion folder, a preset name (fresh), or transformers ViT/CLIP
+weights; the GPT from a preset name (fresh), a saved folder, or transformers GPT-2 weights.
+The ViT is frozen by default. Writes OUTPUT_DIR/model (the whole VLM), metrics.json,
+predictions.jsonl (questions) and captions.jsonl (captions), run_config.json, logs/ and checkpoints/.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from accelerate.utils import extract_model_from_parallel, set_seed
+
+from ..config import (
+    GPT_PRESETS,
+    VIT_PRESETS,
+    AdapterConfig,
+    ConfigError,
+    VLMConfig,
+    gpt_preset,
+    vit_preset,
+)
+from ..data import BUILT_IN, SCENES, DatasetError, load_caption_dataset, load_vqa_dataset
+from ..evaluation import predict, predict_captions, score, score_by_template, score_captions, write_jsonl
+from ..loading import load_gpt, load_vit
+from ..processing import ImageProcessor, PromptBuilder, VQACollator
+from ..vlm import VLM
+from ..weights import is_mmfusion_folder
+from .args import parse_configs
+from .data import Conversations, Rows
+from .features import FeatureRows
+from .loop import find_resume, train
+from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_groups, write_json, write_run_config
+
+
+@dataclass(frozen=True)
+class VQAStageConfig:
+    dataset: str = field(default="easy-vqa", metadata={
+        "help": "easy-vqa, scenes (with captions), a parquet/JSONL file or folder, or a hub id"})
+    task: str = field(default="vqa", metadata={
+        "help": "train on questions, captions, or both mixed", "choices": ["vqa", "caption", "both"]})
+    turns: int = field(default=1, metadata={
+        "help": "questions per training example: up to N questions about one image in one sequence "
+                "(a conversation; the image is encoded once and every answer is supervised)"})
+    align_epochs: float = field(default=0.0, metadata={
+        "help": "first train only the adapter on captions for this many epochs (0: no alignment phase)"})
+    train_split: str = field(default="train", metadata={"help": "training split"})
+    eval_split: str = field(default="test", metadata={"help": "evaluation split"})
+    image_column: str = field(default="image", metadata={"help": "column holding the images"})
+    question_column: str = field(default="question", metadata={"help": "column holding the questions"})
+    answer_column: str | None = field(default=None, metadata={
+        "help": "column holding an answer or a list of answers (default: 'answers', else 'answer')"})
+    max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more rows than this are unusable"})
+    vit: str = field(default="runs/vit/model", metadata={
+        "help": f"saved ViT folder, a preset ({', '.join(VIT_PRESETS)}) or transformers ViT/CLIP weights"})
+    gpt: str = field(default="gpt-tiny", metadata={
+        "help": f"a preset ({', '.join(GPT_PRESETS)}) for a fresh GPT, a saved GPT folder, "
+                "or transformers GPT-2 weights (a folder or hub id, e.g. gpt2)"})
+    block_size: int | None = field(default=None, metadata={"help": "override a fresh GPT's context length"})
+    gpt_init_std: float | None = field(default=None, metadata={
+        "help": "override a fresh GPT's initializer_range, the std of its Normal init (GPT-2: 0.02)"})
+    adapter: AdapterConfig = field(default=AdapterConfig(pixel_shuffle=2), metadata={
+        "only": ("projection", "layer", "keep_cls", "pixel_shuffle", "merge", "position_embedding"),
+        "flags": {"layer": "adapter_layer", "position_embedding": "image_positions"}})
+    attention: str = field(default="prefix", metadata={
+        "help": "image tokens attend causally or bidirectionally (prefix)", "choices": ["causal", "prefix"]})
+    freeze_vit: bool = field(default=True, metadata={"help": "keep the ViT's weights fixed"})
+    cache_features: bool = field(default=True, metadata={
+        "help": "with a frozen ViT, compute each training image's ViT features once, before training "
+                "(the same numbers; saves the ViT and the image decoding every step)"})
+    freeze_adapter: bool = field(default=False, metadata={"help": "keep the adapter's weights fixed"})
+    freeze_gpt: bool = field(default=False, metadata={"help": "keep the GPT's weights fixed"})
+    lr_vit: float | None = field(default=None, metadata={"help": "ViT learning rate (default: --lr)"})
+    lr_adapter: float | None = field(default=None, metadata={"help": "adapter learning rate (default: --lr)"})
+    lr_gpt: float | None = field(default=None, metadata={"help": "GPT learning rate (default: --lr)"})
+    max_new_tokens: int = field(default=8, metadata={"help": "answer length limit at evaluation"})
+    caption_max_new_tokens: int = field(default=48, metadata={"help": "caption length limit at evaluation"})
+    final_eval_limit: int | None = field(default=None, metadata={
+        "help": "score only the first N questions and N captions at the end (default: the whole split)"})
+    eval_batch_size: int = field(default=256, metadata={"help": "batch size for evaluation"})
+
+    def __post_init__(self) -> None:
+        # Impossible values stop here, at parse time: before any data is read or any folder written.
+        for name in ("turns", "max_new_tokens", "caption_max_new_tokens", "eval_batch_size", "block_size",
+                     "final_eval_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_vit", "lr_adapter", "lr_gpt", "gpt_init_std"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0 or self.align_epochs < 0:
+            raise ConfigError("--max-bad-fraction must be in [0, 1] and --align-epochs >= 0")
+        if self.block_size is not None and self.gpt not in GPT_PRESETS:
+            raise ConfigError("--block-size applies only to a fresh GPT from a preset")
+        if self.gpt_init_std is not None and self.gpt not in GPT_PRESETS:
+            raise ConfigError(f"--gpt-init-std applies only to a fresh GPT from a preset, not {self.gpt!r}")
+        if self.freeze_vit and self.freeze_adapter and self.freeze_gpt:
+            raise ConfigError("every part is frozen: nothing to train")
+        if self.vit in VIT_PRESETS and self.gpt in GPT_PRESETS:  # the whole model is known without reading files
+            gpt = gpt_preset(self.gpt, **self.gpt_overrides())
+            VLMConfig(vit=vit_preset(self.vit, num_classes=0), gpt=gpt, adapter=self.adapter, attention=self.attention)
+
+    def gpt_overrides(self) -> dict:
+        """The preset fields a fresh GPT's flags override."""
+        return {k: v for k, v in (("block_size", self.block_size), ("initializer_range", self.gpt_init_std))
+                if v is not None}
+
+
+# The main job's stage 2 (easy-VQA): 3.5 epochs, because at 2.5 a rare negated question family
+# could still be unlearned at the end, depending on precision and machine (docs/experiments.md).
+STAGE_DEFAULTS = RunConfig(output_dir="runs/vqa", epochs=3.5, batch_size=64, lr=1e-3, warmup_steps=100,
+                           weight_decay=0.05, eval_samples=500)
+
+
+def build_vlm(stage: VQAStageConfig) -> VLM:
+    model = VLM.from_parts(load_vit(stage.vit), load_gpt(stage.gpt, stage.gpt_overrides()), stage.adapter,
+                           stage.attention)
+    set_trainable(model, vit=not stage.freeze_vit, adapter=not stage.freeze_adapter, gpt=not stage.freeze_gpt)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("every part is frozen: nothing to train")
+    return model
+
+
+def optimizer_for(model: VLM, stage: VQAStageConfig, run: RunConfig) -> torch.optim.Optimizer:
+    groups = []
+    for prefix, lr in (("vit", stage.lr_vit), ("adapter", stage.lr_adapter), ("gpt", stage.lr_gpt)):
+        part = getattr(model, prefix)
+        groups += param_groups(part.named_parameters(), lr or run.lr, run.weight_decay)
+    return adamw(groups, run)
+
+
+def load_splits(stage: VQAStageConfig, split: str, captions: bool, questions: bool):
+    """(questions, captions) datasets of one split (None where not wanted), and their reports."""
+    columns = {"image_column": stage.image_column, "question_column": stage.question_column,
+               "answer_column": stage.answer_column, "max_bad_fraction": stage.max_bad_fraction}
+    if stage.dataset in BUILT_IN:
+        columns = {}
+    vqa, cap, reports = None, None, []
+    if questions:
+        vqa, report = load_vqa_dataset(stage.dataset, split, **columns)
+        reports.append(report)
+    if captions:
+        cap, report = load_caption_dataset(stage.dataset, split)
+        reports.append(report)
+    return vqa, cap, reports
+
+
+def set_trainable(model: VLM, vit: bool, adapter: bool, gpt: bool) -> None:
+    for part, on in ((model.vit, vit), (model.adapter, adapter), (model.gpt, gpt)):
+        part.requires_grad_(on)
+
+
+def align(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, model: VLM, captions, collate, step) -> VLM:
+    """Phase 1: train only the adapter on captions (LLaVA's feature alignment).
+
+    Resume: a checkpoint of the main phase holds every weight, so alignment is skipped; a
+    finished alignment (align/model) is loaded instead of rerun; otherwise alignment resumes
+    from its own checkpoints under align/ (with --resume latest or a path inside align/).
+    """
+    out = Path(run_cfg.output_dir)
+    align_dir = out / "align"
+    inside = run_cfg.resume not in (None, "latest") and align_dir.resolve() in Path(run_cfg.resume).resolve().parents
+    if run_cfg.resume is not None and not inside and find_resume(run_cfg.resume, out) is not None:
+        accelerator.print("alignment: skipped (resuming the main phase)")
+        return model
+    if run_cfg.resume is not None and not inside and is_mmfusion_folder(align_dir / "model"):
+        model.load_state_dict(VLM.from_pretrained(align_dir / "model").state_dict())
+        accelerator.print(f"alignment: loaded the finished phase from {align_dir / 'model'}")
+        return model
+    set_trainable(model, vit=False, adapter=True, gpt=False)
+    optimizer = adamw(param_groups(model.adapter.named_parameters(), stage.lr_adapter or run_cfg.lr,
+                                   run_cfg.weight_decay), run_cfg)
+    phase = replace(run_cfg, output_dir=str(align_dir), epochs=stage.align_epochs, max_steps=0, eval_every=0,
+                    resume=run_cfg.resume if (inside or run_cfg.resume == "latest") else None)
+    accelerator.print(f"alignment: adapter only, {stage.align_epochs} epochs on {len(captions)} captions")
+    model = train(accelerator, phase, model, optimizer, Rows(captions), collate, step, unit="tok", tag="align")
+    if accelerator.is_main_process:
+        model.save_pretrained(align_dir / "model")
+    accelerator.free_memory()  # forget the phase's prepared model/optimizer, so save_state sees only the next
+    return model
+
+
+def vqa_step(m, batch) -> tuple[torch.Tensor, int]:
+    """One micro-step's loss and its token count; `m` may be wrapped (DDP, compile)."""
+    inner = extract_model_from_parallel(m)
+    for part in (inner.vit, inner.adapter, inner.gpt):
+        if not any(p.requires_grad for p in part.parameters()):
+            part.eval()  # a frozen part runs without dropout
+    output = m(**batch)
+    return output.loss, int(batch["attention_mask"].sum())
+
+
+def tasks(stage: VQAStageConfig) -> tuple[bool, bool]:
+    """(questions, captions): which kinds of rows the stage needs; refuses captions the data lacks."""
+    if stage.align_epochs < 0:
+        raise ConfigError(f"--align-epochs must be >= 0, got {stage.align_epochs}")
+    questions, captions = stage.task in ("vqa", "both"), stage.task in ("caption", "both") or stage.align_epochs > 0
+    if captions and stage.dataset != "scenes":
+        raise DatasetError(f"--task {stage.task}" + (f" --align-epochs {stage.align_epochs}" if stage.align_epochs else "")
+                           + f" needs captions, which only the built-in 'scenes' dataset has; {stage.dataset!r} "
+                           "has none: use --task vqa --align-epochs 0")
+    return questions, captions
+
+
+def probe_batch(model: VLM, processor: ImageProcessor, rows, batch_size: int, cached: bool) -> dict:
+    """A training batch as the step will see it (ViT features instead of images if cached)."""
+    probe = VQACollator(processor, PromptBuilder(model.num_image_tokens, model.config.gpt.block_size))
+    batch = probe([rows[i] for i in range(min(batch_size, len(rows)))])
+    if cached:
+        with torch.no_grad():
+            batch["image_features"] = model.vit_features(batch.pop("pixel_values"))
+    return batch
+
+
+def periodic_evaluation(stage: VQAStageConfig, run_cfg: RunConfig, eval_vqa, eval_cap, m: VLM,
+                        full: bool) -> dict[str, float]:
+    """The loop's evaluation: `eval_samples` rows of each eval split (all of them with full=True)."""
+    limit = None if full else run_cfg.eval_samples
+    metrics = {}
+    if eval_vqa is not None:
+        rows = predict(m, eval_vqa, limit, stage.eval_batch_size, stage.max_new_tokens)
+        metrics["vqa_accuracy"] = score(rows)["accuracy"]
+    if eval_cap is not None:
+        rows = predict_captions(m, eval_cap, limit, stage.eval_batch_size, stage.caption_max_new_tokens)
+        metrics.update({f"caption_{k}": v for k, v in score_captions(rows).items() if k != "count"})
+    return metrics
+
+
+def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
+    out = Path(run_cfg.output_dir)
+    questions, captions = tasks(stage)
+    set_seed(run_cfg.seed)
+    train_vqa, train_cap, reports = load_splits(stage, stage.train_split, captions, questions)
+    eval_vqa, eval_cap, eval_reports = load_splits(stage, stage.eval_split, stage.task != "vqa", questions)
+    model = build_vlm(stage)
+    processor = ImageProcessor.from_config(model.config.vit)
+    cached = stage.freeze_vit and stage.cache_features
+    probe = functools.partial(probe_batch, model, processor, train_vqa if train_vqa is not None else train_cap,
+                              run_cfg.batch_size, cached)
+    precision = choose_precision(run_cfg, model, probe, lambda m, b: vqa_step(m, b)[0])
+    accelerator = make_accelerator(run_cfg, "train_vqa", precision)
+    accelerator.print("\n".join(f"data: {r}" for r in reports + eval_reports))
+    if cached:
+        train_vqa, train_cap = (with_features(accelerator, run_cfg, model, processor, ds) for ds in (train_vqa, train_cap))
+    if questions and stage.turns > 1:
+        train_vqa = Conversations(train_vqa, stage.turns, run_cfg.seed)
+        accelerator.print(f"data: {train_vqa}")
+    if stage.task == "both":
+        task_rows = torch.utils.data.ConcatDataset([train_vqa, train_cap])
+    else:
+        task_rows = train_vqa if stage.task == "vqa" else train_cap
+    prompts = PromptBuilder(model.num_image_tokens, model.config.gpt.block_size)
+    collate = VQACollator(processor, prompts)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_run_config(out, stage=stage, run=run_cfg, model=model.config, precision=precision.to_dict())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accelerator.print(f"VLM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+                      f"({trainable / 1e6:.2f}M trainable), {model.num_image_tokens} image tokens, "
+                      f"precision {accelerator.mixed_precision}")
+
+    if stage.align_epochs > 0:
+        model = align(accelerator, stage, run_cfg, model, train_cap, collate, vqa_step)
+        set_trainable(model, vit=not stage.freeze_vit, adapter=not stage.freeze_adapter, gpt=not stage.freeze_gpt)
+    optimizer = optimizer_for(model, stage, run_cfg)
+
+    evaluate = functools.partial(periodic_evaluation, stage, run_cfg, eval_vqa, eval_cap)
+    model = train(accelerator, run_cfg, model, optimizer, Rows(task_rows), collate, vqa_step, evaluate, unit="tok")
+    metrics: dict = {}
+    if accelerator.is_main_process:
+        model.save_pretrained(out / "model")
+        metrics = final_evaluation(accelerator, stage, model, eval_vqa, eval_cap, out)
+        metrics["truncated_questions"] = prompts.truncated
+        metrics["dropped_turns"] = prompts.dropped_turns
+        metrics["precision"] = precision.resolved
+        write_json(out / "metrics.json", metrics)
+        accelerator.print(f"model saved to {out / 'model'}")
+    accelerator.end_training()
+    return metrics
+
+
+def with_features(accelerator, run_cfg: RunConfig, model: VLM, processor: ImageProcessor, dataset):
+    """The dataset's rows with the frozen ViT's features in place of images (FeatureRows), or the
+    dataset itself when there is none or the features would not fit in memory."""
+    if dataset is None:
+        return None
+    rows = FeatureRows.compute(model, dataset, processor, device=accelerator.device, autocast=accelerator.autocast,
+                               progress=run_cfg.progress and accelerator.is_local_main_process)
+    accelerator.print(f"data: {rows}" if rows is not None else
+                      f"data: the ViT features of {len(dataset)} rows would not fit in "
+                      f"{FeatureRows.LIMIT_BYTES / 2**30:.0f} GiB; the ViT runs every step")
+    return dataset if rows is None else rows
+
+
+def final_evaluation(accelerator, stage: VQAStageConfig, model: VLM, eval_vqa, eval_cap, out: Path) -> dict:
+    """Score the whole eval split; write predictions.jsonl / captions.jsonl. VQA metrics sit at the
+    top level (accuracy, count, per_type), caption metrics under "captions"."""
+    metrics: dict = {}
+    with accelerator.autocast():
+        if eval_vqa is not None:
+            rows = predict(model, eval_vqa, stage.final_eval_limit, stage.eval_batch_size, stage.max_new_tokens)
+            metrics.update(score(rows))
+            if stage.dataset == SCENES:
+                metrics["per_template"] = score_by_template(rows)
+            write_jsonl(out / "predictions.jsonl", rows)
+            accelerator.print(f"VQA accuracy {metrics['accuracy']:.4f} on {metrics['count']} questions")
+        if eval_cap is not None:
+            rows = predict_captions(model, eval_cap, stage.final_eval_limit, stage.eval_batch_size,
+                                    stage.caption_max_new_tokens)
+            metrics["captions"] = score_captions(rows)
+            write_jsonl(out / "captions.jsonl", rows)
+            m = metrics["captions"]
+            accelerator.print(f"captions: exact match {m['exact_match']:.4f}, token F1 {m['token_f1']:.4f} "
+                              f"on {m['count']} images")
+    return metrics
+
+
+def parse(argv: list[str] | None = None, stage: VQAStageConfig | None = None,
+          run: RunConfig = STAGE_DEFAULTS) -> tuple[VQAStageConfig, RunConfig]:
+    """The stage's configs from command-line flags over the defaults given (a job's, or the stage's)."""
+    defaults = {"data and model": stage or VQAStageConfig(), "training": run}
+    stage, run_cfg = parse_configs(argv, "mmfusion train-vqa", __doc__, defaults)
+    return stage, run_cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(*parse(argv))
+
+
+if __name__ == "__main__":
+    main()
