@@ -70,8 +70,10 @@ def test_a_cpu_without_fast_bf16_gets_fp32_without_timing_the_model():
     assert (d.resolved, d.source) == ("no", "auto") and d.seconds == {"matmul": 2.0}
 
 
-@pytest.mark.parametrize(("fp32", "bf16", "expected"), [(1.0, 0.5, "bf16"), (1.0, 0.89, "bf16"),
-                                                        (1.0, 0.95, "no"), (1.0, 1.6, "no")])
+# 0.84: the main job's stage 2 on an AVX512-BF16 CPU in one run (0.94 in another): within the
+# probe's noise, so fp32 both times, not a coin flip between runs
+@pytest.mark.parametrize(("fp32", "bf16", "expected"), [(1.0, 0.5, "bf16"), (1.0, 0.74, "bf16"),
+                                                        (1.0, 0.84, "no"), (1.0, 0.95, "no"), (1.0, 1.6, "no")])
 def test_auto_times_the_model_step_and_wants_a_margin(fp32, bf16, expected):
     t = timer(fp32, bf16)
     d = decide("auto", CPU, step_timer=t, bf16_matmul_is_fast=FAST, env={}, processes=1)
