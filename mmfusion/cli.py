@@ -52,6 +52,15 @@ def cmd_generate(argv: list[str]) -> None:
         print(model.answer(args.image, args.question, **config.__dict__))
 
 
+def _at_least_one(args: argparse.Namespace, *names: str) -> None:
+    """Integer flags that must be >= 1 (None: not given), refused before any model is loaded."""
+    from .config import check_number
+
+    for name in names:
+        if getattr(args, name) is not None:
+            check_number(f"--{name.replace('_', '-')}", getattr(args, name), 1, integer=True)
+
+
 def cmd_eval(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="mmfusion eval", description=(
         "Evaluate a saved VLM: VQA accuracy per answer type, and on a dataset with captions (scenes) "
@@ -86,6 +95,7 @@ def cmd_eval(argv: list[str]) -> None:
     )
     from .vlm import VLM
 
+    _at_least_one(args, "limit", "batch_size", "max_new_tokens", "caption_max_new_tokens")
     task = args.task if args.task != "auto" else "both" if args.dataset == SCENES else "vqa"
     model = VLM.from_pretrained(args.model).eval()
     out = Path(args.output) if args.output else Path(args.model).parent / f"predictions_{args.split}.jsonl"

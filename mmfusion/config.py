@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,32 @@ def _positive(cfg: Any, *names: str) -> None:
             raise ConfigError(f"{type(cfg).__name__}.{name} must be a positive integer, got {value!r}")
 
 
+def check_number(label: str, value: Any, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+    """Raise ConfigError unless `value` is a finite number (an int if `integer`; never a bool) in
+    the range. Every numeric setting goes through here: NaN fails `x < 0` and `x <= 0` alike, and
+    inf passes them, so range checks written as comparisons let both through."""
+    if low == 0 and low_open and high is None:
+        span = "positive"
+    elif high is None:
+        span = f"{'>' if low_open else '>='} {low}" if low is not None else ""
+    elif low is None:
+        span = f"{'<' if high_open else '<='} {high}"
+    else:
+        span = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        what = "an integer" if integer else "a finite number"
+        raise ConfigError(f"{label} must be {span + ' (' + what + ')' if span else what}, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise ConfigError(f"{label} must be {span}, got {value!r}")
+
+
 def _probability(cfg: Any, *names: str) -> None:
     for name in names:
-        value = getattr(cfg, name)
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"{type(cfg).__name__}.{name} must be in [0, 1), got {value!r}")
+        check_number(f"{type(cfg).__name__}.{name}", getattr(cfg, name), 0, 1, high_open=True)
 
 
 class _JSONMixin:
@@ -119,10 +141,13 @@ class ViTConfig(_JSONMixin):
             raise ConfigError(f"ViTConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.final_norm not in ("all", "cls"):
             raise ConfigError(f"ViTConfig.final_norm must be 'all' or 'cls', got {self.final_norm!r}")
-        if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
+        if not all(isinstance(v, (tuple, list)) for v in (self.image_mean, self.image_std)) or \
+                len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
             raise ConfigError("ViTConfig.image_mean and image_std need one value per channel")
-        if any(s <= 0 for s in self.image_std):
-            raise ConfigError(f"ViTConfig.image_std must be positive, got {self.image_std}")
+        for mean, std in zip(self.image_mean, self.image_std):
+            check_number("ViTConfig.image_mean", mean)
+            check_number("ViTConfig.image_std", std, 0, low_open=True)
+        check_number("ViTConfig.layer_norm_eps", self.layer_norm_eps, 0, low_open=True)
         if self.grid_size % self.label_grid:
             raise ConfigError(f"ViTConfig.label_grid={self.label_grid} does not divide the "
                               f"{self.grid_size}x{self.grid_size} patch grid")
@@ -160,8 +185,8 @@ class GPTConfig(_JSONMixin):
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
-        if not (isinstance(self.initializer_range, (int, float)) and self.initializer_range > 0):
-            raise ConfigError(f"GPTConfig.initializer_range must be a positive number, got {self.initializer_range!r}")
+        check_number("GPTConfig.initializer_range", self.initializer_range, 0, low_open=True)
+        check_number("GPTConfig.layer_norm_eps", self.layer_norm_eps, 0, low_open=True)
         if self.intermediate_size is not None:
             _positive(self, "intermediate_size")
         _probability(self, "dropout")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError
+from .config import check_number
 from .gpt import GPT
 from .tokenizer import EOT_ID, get_tokenizer
 
@@ -29,14 +29,14 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_number("max_new_tokens", self.max_new_tokens, 1, integer=True)
+        check_number("temperature", self.temperature, 0)
+        if self.top_k is not None:
+            check_number("top_k", self.top_k, 1, integer=True)
+        if self.top_p is not None:
+            check_number("top_p", self.top_p, 0, 1, low_open=True)
+        if self.seed is not None:
+            check_number("seed", self.seed, 0, 2**63 - 1, integer=True)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:

@@ -88,7 +88,7 @@ VIT_FLAGS = {
     "negative_save_every": (["--save-every", "-1"], "--save-every must be >= 0"),
     "zero_keep_checkpoints": (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
     "beta2_above_one": (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
-    "negative_adam_eps": (["--adam-eps", "-1"], "--adam-eps >= 0"),
+    "negative_adam_eps": (["--adam-eps", "-1"], "--adam-eps must be >= 0"),
     "negative_grad_clip": (["--grad-clip", "-1"], "--grad-clip must be >= 0"),
     # argparse's own errors: also one line
     "unknown_precision": (["--mixed-precision", "fp8"], "argument --mixed-precision: invalid choice: 'fp8'"),
@@ -111,7 +111,7 @@ VQA_FLAGS = {
     "zero_max_new_tokens": (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     "negative_part_lr": (["--lr-gpt", "-0.1"], "--lr-gpt must be positive"),
     "everything_frozen": (["--freeze-vit", "--freeze-adapter", "--freeze-gpt"], "every part is frozen"),
-    "negative_align_epochs": (["--align-epochs", "-1"], "--align-epochs >= 0"),
+    "negative_align_epochs": (["--align-epochs", "-1"], "--align-epochs must be >= 0"),
     "stage_one_flag_on_stage_two": (["--gpt", "gpt-tiny", "--n-embd", "30"], "unrecognized arguments: --n-embd 30"),
     "unknown_projection": (["--projection", "conv"], "argument --projection: invalid choice: 'conv'"),
     "unknown_attention": (["--attention", "full"], "argument --attention: invalid choice: 'full'"),

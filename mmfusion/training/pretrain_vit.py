@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch.utils.data import default_collate
 
-from ..config import VIT_PRESETS, ConfigError, ViTConfig, vit_preset
+from ..config import VIT_PRESETS, ConfigError, ViTConfig, check_number, vit_preset
 from ..data import load_classification
 from ..loading import load_vit
 from ..metrics import top1_accuracy
@@ -63,10 +63,9 @@ class ViTStageConfig:
 
     def __post_init__(self) -> None:
         # Impossible values stop here, at parse time: before any data is read or any folder written.
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ConfigError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
-        if self.shift is not None and (not isinstance(self.shift, int) or self.shift < 0):
-            raise ConfigError(f"--shift must be a number of pixels >= 0, got {self.shift}")
+        check_number("--max-bad-fraction", self.max_bad_fraction, 0, 1)
+        if self.shift is not None:
+            check_number("--shift", self.shift, 0, integer=True)
 
 
 def label_layout(dataset) -> tuple[list[str], int]:

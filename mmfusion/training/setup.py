@@ -12,9 +12,13 @@ from typing import Any
 
 import torch
 
+from ..config import check_number
 from ..errors import ConfigError
 from ..weights import atomic_write
 from .precision import PRECISIONS, PrecisionDecision, decide, model_step_timer, training_device
+
+# Seeds feed numpy (which takes < 2**32) and the per-step seeds derived from them (< 2**63).
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -48,21 +52,21 @@ class RunConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
+        def flag(name: str) -> str:
+            return "--" + name.replace("_", "-")
+
         for name in ("batch_size", "grad_accum", "keep_checkpoints", "eval_samples", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "num_workers", "epochs",
-                     "weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.beta2 < 1 or self.adam_eps < 0:
-            raise ConfigError(f"--beta2 must be in [0, 1) and --adam-eps >= 0, got {self.beta2} and {self.adam_eps}")
+            check_number(flag(name), getattr(self, name), 1, integer=True)
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "num_workers"):
+            check_number(flag(name), getattr(self, name), 0, integer=True)
+        for name in ("epochs", "weight_decay", "grad_clip", "adam_eps"):
+            check_number(flag(name), getattr(self, name), 0)
+        check_number("--seed", self.seed, 0, MAX_SEED, integer=True)
+        check_number("--beta2", self.beta2, 0, 1, high_open=True)
+        check_number("--lr", self.lr, 0, low_open=True)
+        check_number("--min-lr-ratio", self.min_lr_ratio, 0, 1)
         if self.epochs <= 0 and self.max_steps == 0:
             raise ConfigError("set --epochs > 0 or --max-steps > 0")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 def make_accelerator(run: RunConfig, log_name: str, precision: PrecisionDecision):

@@ -31,6 +31,7 @@ from ..config import (
     AdapterConfig,
     ConfigError,
     VLMConfig,
+    check_number,
     gpt_preset,
     vit_preset,
 )
@@ -97,13 +98,13 @@ class VQAStageConfig:
         # Impossible values stop here, at parse time: before any data is read or any folder written.
         for name in ("turns", "max_new_tokens", "caption_max_new_tokens", "eval_batch_size", "block_size",
                      "final_eval_limit"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+            if getattr(self, name) is not None:
+                check_number(f"--{name.replace('_', '-')}", getattr(self, name), 1, integer=True)
         for name in ("lr_vit", "lr_adapter", "lr_gpt", "gpt_init_std"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.max_bad_fraction <= 1.0 or self.align_epochs < 0:
-            raise ConfigError("--max-bad-fraction must be in [0, 1] and --align-epochs >= 0")
+            if getattr(self, name) is not None:
+                check_number(f"--{name.replace('_', '-')}", getattr(self, name), 0, low_open=True)
+        check_number("--max-bad-fraction", self.max_bad_fraction, 0, 1)
+        check_number("--align-epochs", self.align_epochs, 0)
         if self.block_size is not None and self.gpt not in GPT_PRESETS:
             raise ConfigError("--block-size applies only to a fresh GPT from a preset")
         if self.gpt_init_std is not None and self.gpt not in GPT_PRESETS:
