@@ -134,7 +134,7 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
     # step, which makes the schedule depend on the process count. It is a pure function of the
     # step, so resume replays it instead of storing it.
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    step = _resume(accelerator, run, scheduler)
+    step = _resume(accelerator, run, scheduler, total)
 
     bar = tqdm(total=total, initial=step, disable=not (run.progress and accelerator.is_local_main_process),
                desc=Path(run.output_dir).name, dynamic_ncols=True)
@@ -163,14 +163,17 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
     return accelerator.unwrap_model(model)
 
 
-def _resume(accelerator, run: RunConfig, scheduler) -> int:
+def _resume(accelerator, run: RunConfig, scheduler, total: int) -> int:
     """Load the checkpoint `run.resume` names (if any) and replay the schedule; its step, else 0."""
     start_from = find_resume(run.resume, run.output_dir)
     if start_from is None:
         return 0
     try:
-        accelerator.load_state(str(start_from))
         step = json.loads((start_from / PROGRESS_NAME).read_text())["step"]
+        # metadata is checked before it drives anything: a step of 1e9 would replay the schedule for hours
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total:
+            raise CheckpointError(f"its {PROGRESS_NAME} gives step {step!r}, not a step of this {total}-step run")
+        accelerator.load_state(str(start_from))
     except Exception as e:  # accelerate, torch and safetensors raise many types for a bad folder
         first_line = (str(e).splitlines() or [""])[0]
         raise CheckpointError(
