@@ -93,6 +93,8 @@ def load_image(image) -> Image.Image:
         path = Path(image)
         if not path.exists():
             raise ImageError(f"image file {path} does not exist; check the path")
+        if not path.is_file():  # a FIFO would block Image.open forever
+            raise ImageError(f"{path} is not a regular file (a folder, FIFO or device); pass an image file")
         try:
             with Image.open(path) as f:
                 _check_size(f, str(path))  # the header alone gives the size

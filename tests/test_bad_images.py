@@ -4,6 +4,8 @@ with an ImageError that names the file and the fix; through the CLI, one line an
 from __future__ import annotations
 
 import io
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -76,8 +78,29 @@ def test_missing_file_and_folder_raise_image_error(tmp_path):
     with pytest.raises(ImageError, match="does not exist; check the path"):
         load_image(tmp_path / "nope.png")
     (tmp_path / "folder.png").mkdir()
-    with pytest.raises(ImageError, match="not a readable image"):
+    with pytest.raises(ImageError, match="not a regular file"):
         load_image(tmp_path / "folder.png")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
+def test_a_fifo_is_refused_without_blocking(tmp_path, tiny_vlm, capsys):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(_raises(load_image, fifo)), daemon=True)
+    worker.start()
+    worker.join(timeout=20)  # Image.open on a FIFO with no writer blocks forever
+    assert outcome == ["not a regular file"], "load_image blocked on a FIFO or did not refuse it"
+    err = cli_error(capsys, ["generate", "--model", tiny_vlm, "--image", fifo, "--question", "what?"])
+    assert "not a regular file" in err and str(fifo) in err
+
+
+def _raises(fn, *args) -> str:
+    try:
+        fn(*args)
+    except ImageError as e:
+        return "not a regular file" if "not a regular file" in str(e) else str(e)
+    return "no error"
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
