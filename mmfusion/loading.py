@@ -32,7 +32,7 @@ def load_vit(spec: str, flag: str = "--vit") -> ViT:
     return vit_from_hf(spec)
 
 
-def load_gpt(spec: str, overrides: dict | None = None, flag: str = "--gpt") -> GPT:
+def load_gpt(spec: str, overrides: dict | None = None) -> GPT:
     """A fresh GPT from a preset (with `overrides` of its config fields), a saved mmfusion GPT,
     or transformers GPT-2 weights."""
     if spec in GPT_PRESETS:

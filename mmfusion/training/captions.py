@@ -69,14 +69,13 @@ def main(argv: list[str] | None = None) -> dict:
     # Parse both stages before any work, so a bad flag for stage 2 does not cost a stage 1.
     stage, run_cfg = train_vqa.parse(args.stage_args, stage=replace(STAGE, vit=vit),
                                      run=replace(RUN_DEFAULTS, output_dir=str(out), **common))
-    vit_stage = VIT_STAGE
     vit_run = replace(VIT_DEFAULTS, output_dir=str(out / "vit"), epochs=args.vit_epochs, max_steps=args.vit_max_steps,
                       batch_size=args.vit_batch_size, lr=args.vit_lr, **common)
     t0 = time.perf_counter()
     vit_metrics = None
     if args.vit is None:
-        print(f"== stage 1: ViT pretraining on {vit_stage.dataset} cells -> {vit_run.output_dir}", flush=True)
-        vit_metrics = pretrain_vit.run(vit_stage, vit_run)
+        print(f"== stage 1: ViT pretraining on {VIT_STAGE.dataset} cells -> {vit_run.output_dir}", flush=True)
+        vit_metrics = pretrain_vit.run(VIT_STAGE, vit_run)
     t1 = time.perf_counter()
     print(f"== stage 2: captions and questions on {stage.dataset} -> {out}", flush=True)
     metrics = train_vqa.run(stage, run_cfg)

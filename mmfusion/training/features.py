@@ -26,8 +26,6 @@ class FeatureRows(torch.utils.data.Dataset):
     so `Conversations` can group these rows too.
     """
 
-    LIMIT_BYTES = MEMORY_LIMIT_BYTES
-
     def __init__(self, dataset, features: torch.Tensor, slots: list[int]) -> None:
         self.dataset = dataset
         self.text = dataset.remove_columns("image")  # row access without decoding the image
@@ -49,7 +47,7 @@ class FeatureRows(torch.utils.data.Dataset):
 
     @classmethod
     def compute(cls, model, dataset, processor, batch_size: int = 256, device: torch.device | str = "cpu",
-                autocast=nullcontext, progress: bool = True, limit_bytes: int = LIMIT_BYTES) -> FeatureRows | None:
+                autocast=nullcontext, progress: bool = True, limit_bytes: int = MEMORY_LIMIT_BYTES) -> FeatureRows | None:
         """Run `model.vit_features` (a VLM's frozen ViT, in eval mode) once per distinct image of
         `dataset` (columns `image` and optionally `image_id`). Returns None when the features
         would take more than `limit_bytes`."""

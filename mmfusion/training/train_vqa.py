@@ -43,7 +43,7 @@ from ..vlm import VLM
 from ..weights import is_mmfusion_folder
 from .args import parse_configs
 from .data import Conversations, Rows
-from .features import FeatureRows
+from .features import MEMORY_LIMIT_BYTES, FeatureRows
 from .loop import find_resume, train
 from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_groups, write_json, write_run_config
 
@@ -207,8 +207,6 @@ def vqa_step(m, batch) -> tuple[torch.Tensor, int]:
 
 def tasks(stage: VQAStageConfig) -> tuple[bool, bool]:
     """(questions, captions): which kinds of rows the stage needs; refuses captions the data lacks."""
-    if stage.align_epochs < 0:
-        raise ConfigError(f"--align-epochs must be >= 0, got {stage.align_epochs}")
     questions, captions = stage.task in ("vqa", "both"), stage.task in ("caption", "both") or stage.align_epochs > 0
     if captions and stage.dataset != "scenes":
         raise DatasetError(f"--task {stage.task}" + (f" --align-epochs {stage.align_epochs}" if stage.align_epochs else "")
@@ -303,7 +301,7 @@ def with_features(accelerator, run_cfg: RunConfig, model: VLM, processor: ImageP
                                progress=run_cfg.progress and accelerator.is_local_main_process)
     accelerator.print(f"data: {rows}" if rows is not None else
                       f"data: the ViT features of {len(dataset)} rows would not fit in "
-                      f"{FeatureRows.LIMIT_BYTES / 2**30:.0f} GiB; the ViT runs every step")
+                      f"{MEMORY_LIMIT_BYTES / 2**30:.0f} GiB; the ViT runs every step")
     return dataset if rows is None else rows
 
 
