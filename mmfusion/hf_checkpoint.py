@@ -92,6 +92,13 @@ def vit_config_from_hf(hf_config: Any, family: str, num_classes: int = 0,
     if head_dim is not None and head_dim * n_head != n_embd:
         raise ConversionError(f"{where}.head_dim={head_dim} * {n_head} heads != hidden_size {n_embd}; unsupported")
     default_mean, default_std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (VIT_MEAN, VIT_STD)
+    channels = hf_config.num_channels
+    if channels != len(default_mean) and image_mean is None:
+        if family == "clip":
+            raise ConversionError(f"{where} has {channels} channels and no preprocessor_config.json; CLIP's "
+                                  "normalization is defined for 3. Save the image processor with the model")
+        # ViT's 0.5 / 0.5 is the same for every channel, so a grayscale ViT gets one of each
+        default_mean, default_std = (VIT_MEAN[0],) * channels, (VIT_STD[0],) * channels
     fields = dict(
         image_size=_square(hf_config.image_size, "image_size", where),
         patch_size=_square(hf_config.patch_size, "patch_size", where),

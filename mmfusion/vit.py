@@ -13,23 +13,8 @@ import torch
 from torch import nn
 
 from .config import ViTConfig
-from .layers import Block, init_linear_and_norm, scale_residual_projections
+from .layers import Block, init_linear_and_norm
 from .weights import PretrainedMixin
-
-POS_INIT_SCALE = 0.1
-
-
-def sincos_positions(dim: int, grid: int) -> torch.Tensor:
-    """(1, 1 + G*G, dim): zeros for CLS, then sin/cos of x and of y at dim/4 frequencies each.
-    Widths not divisible by 4 are zero-padded."""
-    q = dim // 4
-    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
-                          indexing="ij")  # (G, G) each
-    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float32) / max(q, 1))  # (q,)
-    x, y = x.flatten()[:, None] * omega, y.flatten()[:, None] * omega  # (N, q)
-    table = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)  # (N, 4q)
-    table = torch.nn.functional.pad(table, (0, dim - 4 * q))  # (N, dim)
-    return torch.cat([torch.zeros(1, dim), table])[None]  # (1, N+1, dim)
 
 
 class ViT(PretrainedMixin, nn.Module):
@@ -58,20 +43,14 @@ class ViT(PretrainedMixin, nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Normal(0, 0.02) for linear and conv weights, zero biases, unit LayerNorms;
-        truncated normal 0.02 for the CLS token; the (still learned) position embedding starts
-        as a 2D sin-cos table scaled by POS_INIT_SCALE, so relative geometry is there from step 0
-        (as in MAE); at scale 1 it drowns the patch content early on (docs/experiments.md).
-        Residual projections scaled by 1/sqrt(2L); a zero classifier so training starts from
-        uniform logits."""
+        """transformers' ViT init: Normal(0, 0.02) for every linear and conv weight, the
+        classifier included, zero biases, unit LayerNorms, truncated normal 0.02 for the CLS
+        token and the position table. Measured one difference at a time against it
+        (benchmarks/vit_learning.py, docs/experiments.md): a zero classifier, GPT-2's
+        1/sqrt(2L) residual scaling and a sin-cos position start each slowed learning."""
         self.apply(init_linear_and_norm)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_positions(self.config.n_embd, self.config.grid_size) * POS_INIT_SCALE)
-        scale_residual_projections(self.blocks, self.config.n_layer)
-        if self.head is not None:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N+1, C): patches, CLS first, positions added."""

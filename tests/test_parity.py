@@ -140,6 +140,17 @@ def test_vit_classifier_logits_match(shape):
     assert max_diff(hf.vit.layernorm(ref.hidden_states[-1]), feats) <= ATOL
 
 
+def test_grayscale_vit_classifier_converts_and_matches():
+    """A 1-channel transformers ViT (no preprocessor_config.json) gets ViT's 0.5 / 0.5 for its one
+    channel; this raised 'image_mean and image_std need one value per channel'."""
+    hf = hf_vit("ViTForImageClassification", num_channels=1, num_labels=3)
+    ours = vit_from_hf(hf).eval()
+    assert ours.config.num_channels == 1 and ours.config.image_mean == (0.5,) and ours.config.image_std == (0.5,)
+    x = pixels(hf.config)
+    with torch.no_grad():
+        assert max_diff(hf(x).logits, ours(x)) <= ATOL
+
+
 @pytest.mark.parametrize("shape", sorted(VIT_SHAPES))
 def test_vit_model_last_hidden_state_matches(shape):
     hf = hf_vit("ViTModel", shape, seed=3)

@@ -28,6 +28,7 @@ from torch.utils.data import default_collate
 
 from ..config import VIT_PRESETS, ConfigError, ViTConfig, check_number, vit_preset
 from ..data import load_classification
+from ..layers import init_linear_and_norm
 from ..loading import load_vit
 from ..metrics import top1_accuracy
 from ..processing import ImageProcessor
@@ -140,11 +141,10 @@ def build_vit(stage: ViTStageConfig, num_classes: int, label_grid: int = 1) -> V
         return ViT(stage.vit.replace(num_classes=num_classes, label_grid=label_grid))
     vit = load_vit(stage.init_from, flag="--init-from")
     if vit.config.num_classes != num_classes or vit.config.label_grid != label_grid:
-        # a new task: a fresh, zero-initialized head
+        # a new task: a fresh head, initialized as a new ViT's (a zero head learns slower)
         vit.config = vit.config.replace(num_classes=num_classes, label_grid=label_grid)
         vit.head = torch.nn.Linear(vit.config.n_embd, num_classes)
-        torch.nn.init.zeros_(vit.head.weight)
-        torch.nn.init.zeros_(vit.head.bias)
+        init_linear_and_norm(vit.head)
     return vit
 
 

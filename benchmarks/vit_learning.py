@@ -1,0 +1,222 @@
+"""Learning speed: mmfusion's ViT against transformers' ViTForImageClassification of the same
+shape, trained on the same data with the same loop, optimizer, schedule and seeds.
+
+    python benchmarks/vit_learning.py --dataset digits --epochs 20
+    python benchmarks/vit_learning.py --dataset easy-vqa --epochs 10 --variants ours,transformers
+    python benchmarks/vit_learning.py --dataset digits --variants ours,ours+zero-head,transformers
+
+Prints test accuracy after every epoch (mean over --seeds) and writes them as JSON (--out).
+`ours+X` applies an old choice of mmfusion's init to the current model, one at a time, so each
+difference can be measured alone (docs/experiments.md has the results):
+    zero-head         the classifier starts at zero (uniform logits)
+    scaled-residual   GPT-2's 1/sqrt(2L) init of the residual projections
+    sincos-pos        the position table starts as 0.1 x a 2D sin-cos table
+
+Datasets (nothing is downloaded): `digits`, scikit-learn's 1,797 8x8 grayscale digits at their
+native size (patch 2; a fixed 75/25 split, seed 1234); `easy-vqa`, the 24 shape x colour classes
+of the embedded default at 64x64 (patch 8, as the main job's stage 1); `synthetic`, ten noisy
+8x8 patterns (the CI regression test's task).
+The loop: AdamW (betas 0.9/0.99, weight decay on weight matrices only), linear warmup then
+cosine to 5%, gradient clipping 1.0; random flips and shifts (easy-vqa) drawn from the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmfusion import ViT
+from mmfusion.config import ViTConfig
+from mmfusion.layers import scale_residual_projections
+
+VARIANT_CHANGES = ("zero-head", "scaled-residual", "sincos-pos")
+POS_INIT_SCALE = 0.1  # the old sin-cos start's scale
+
+
+def sincos_positions(dim: int, grid: int) -> torch.Tensor:
+    """(1, 1 + G*G, dim): zeros for CLS, then sin/cos of x and of y at dim/4 frequencies each
+    (widths not divisible by 4 are zero-padded): the old position start."""
+    q = dim // 4
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                          indexing="ij")  # (G, G) each
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float32) / max(q, 1))  # (q,)
+    x, y = x.flatten()[:, None] * omega, y.flatten()[:, None] * omega  # (N, q)
+    table = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)  # (N, 4q)
+    table = F.pad(table, (0, dim - 4 * q))  # (N, dim)
+    return torch.cat([torch.zeros(1, dim), table])[None]  # (1, N+1, dim)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    train: tuple[torch.Tensor, torch.Tensor]  # (images (N, C, H, W) normalized to [-1, 1], labels (N,))
+    test: tuple[torch.Tensor, torch.Tensor]
+    num_classes: int
+    patch_size: int
+    shift: int  # augmentation: flips and shifts by up to this many pixels (0: no augmentation)
+
+
+def digits_task() -> Task:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise SystemExit("the digits task needs scikit-learn: pip install scikit-learn") from e
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0  # (1797, 1, 8, 8), 0..16 -> [-1, 1]
+    y = torch.tensor(d.target)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
+    cut = int(0.75 * len(x))
+    return Task("digits", (x[order[:cut]], y[order[:cut]]), (x[order[cut:]], y[order[cut:]]), 10, 2, 0)
+
+
+def easy_vqa_task() -> Task:
+    from mmfusion.data import load_classification
+    from mmfusion.processing import ImageProcessor
+
+    processor = ImageProcessor(64, (0.5,) * 3, (0.5,) * 3)
+
+    def tensors(split: str):
+        ds, _ = load_classification("easy-vqa", split)
+        return torch.stack([processor.to_tensor(im) for im in ds["image"]]), torch.tensor(ds["label"])
+
+    names = load_classification("easy-vqa", "train")[0].features["label"].names
+    return Task("easy-vqa", tensors("train"), tensors("test"), len(names), 8, 4)
+
+
+def synthetic_task(train_size: int = 600, test_size: int = 300, noise: float = 0.8) -> Task:
+    """Ten classes of 8x8 grayscale images: a fixed random +-1 pattern per class in Gaussian
+    noise. Generated from a fixed seed; needs nothing installed."""
+    gen = torch.Generator().manual_seed(0)
+    patterns = torch.randn(10, 1, 8, 8, generator=gen).sign()  # (10, 1, 8, 8)
+
+    def draw(n: int):
+        y = torch.randint(0, 10, (n,), generator=gen)
+        return (patterns[y] + noise * torch.randn(n, 1, 8, 8, generator=gen)).clamp(-1, 1), y
+
+    return Task("synthetic", draw(train_size), draw(test_size), 10, 2, 0)
+
+
+TASKS: dict[str, Callable[[], Task]] = {"digits": digits_task, "easy-vqa": easy_vqa_task, "synthetic": synthetic_task}
+
+
+def build(variant: str, task: Task, width: int, layers: int, heads: int, seed: int) -> tuple[nn.Module, Callable]:
+    """(model, forward pixel_values -> logits) for `transformers` or `ours[+change...]`."""
+    x = task.train[0]
+    torch.manual_seed(seed)
+    if variant == "transformers":
+        from transformers import ViTConfig as HFViTConfig
+        from transformers import ViTForImageClassification
+
+        hf = ViTForImageClassification(HFViTConfig(
+            image_size=x.shape[-1], patch_size=task.patch_size, num_channels=x.shape[1], hidden_size=width,
+            num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * width,
+            num_labels=task.num_classes, layer_norm_eps=1e-6))
+        return hf, lambda m, px: m(pixel_values=px).logits
+    name, *changes = variant.split("+")
+    if name != "ours" or set(changes) - set(VARIANT_CHANGES):
+        raise SystemExit(f"unknown variant {variant!r}: transformers, or ours[+{'|+'.join(VARIANT_CHANGES)}]")
+    config = ViTConfig(image_size=x.shape[-1], patch_size=task.patch_size, num_channels=x.shape[1], n_layer=layers,
+                       n_head=heads, n_embd=width, num_classes=task.num_classes, layer_norm_eps=1e-6,
+                       image_mean=(0.5,) * x.shape[1], image_std=(0.5,) * x.shape[1])
+    vit = ViT(config)
+    with torch.no_grad():
+        if "zero-head" in changes:
+            vit.head.weight.zero_()
+        if "scaled-residual" in changes:
+            scale_residual_projections(vit.blocks, layers)
+        if "sincos-pos" in changes:
+            vit.pos_embed.copy_(sincos_positions(width, config.grid_size) * POS_INIT_SCALE)
+    return vit, lambda m, px: m(px)
+
+
+def augment(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Random left-right flips and translations by up to `shift` pixels (edges replicated)."""
+    if not shift:
+        return x
+    flip = torch.rand(len(x), generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, len(x)), generator=gen)
+    padded = F.pad(x, (shift,) * 4, mode="replicate")
+    H, W = x.shape[-2:]
+    return torch.stack([p[:, a:a + H, b:b + W] for p, a, b in zip(padded, dy.tolist(), dx.tolist())])
+
+
+def train(variant: str, task: Task, args: argparse.Namespace, seed: int) -> dict:
+    model, forward = build(variant, task, args.width, args.layers, args.heads, seed)
+    decay = [p for p in model.parameters() if p.ndim in (2, 4)]  # linear and conv weights; not CLS / positions
+    rest = [p for p in model.parameters() if p.ndim not in (2, 4)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.99))
+    (x, y), (xt, yt) = task.train, task.test
+    per_epoch = math.ceil(len(x) / args.batch_size)
+    total = per_epoch * args.epochs
+    warmup = min(args.warmup, total // 5)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    gen = torch.Generator().manual_seed(seed)
+    accuracy, start = [], time.perf_counter()
+    for _ in range(args.epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(per_epoch):
+            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+            loss = F.cross_entropy(forward(model, augment(x[idx], task.shift, gen)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+        model.eval()
+        with torch.no_grad():
+            pred = torch.cat([forward(model, xt[i:i + 500]).argmax(-1) for i in range(0, len(xt), 500)])
+        accuracy.append((pred == yt).float().mean().item())
+    return {"accuracy": accuracy, "last_loss": loss.item(), "seconds": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset", choices=sorted(TASKS), default="digits")
+    p.add_argument("--variants", default="ours,transformers", help="comma-separated: transformers, ours[+change]")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; every number is their mean")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100, help="warmup steps (at most a fifth of the run)")
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    task = TASKS[args.dataset]()
+    results = {}
+    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        runs = [train(variant, task, args, seed) for seed in range(args.seeds)]
+        mean = [sum(r["accuracy"][e] for r in runs) / len(runs) for e in range(args.epochs)]
+        worst = [min(r["accuracy"][e] for r in runs) for e in range(args.epochs)]
+        results[variant] = {"mean_accuracy": mean, "worst_accuracy": worst, "runs": runs,
+                            "seconds": sum(r["seconds"] for r in runs) / len(runs)}
+        print(f"{variant:28s} " + " ".join(f"{a * 100:5.1f}" for a in mean)
+              + f"   {results[variant]['seconds']:.0f} s/run", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
