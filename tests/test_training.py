@@ -83,14 +83,38 @@ def run_stage(module: str, args: list[str], env: dict | None = None, launcher: l
     return result
 
 
+def test_upscale_note_names_the_native_size_flags():
+    import datasets
+
+    from mmfusion.training.pretrain_vit import upscale_note
+
+    def folder(w, h):
+        return datasets.Dataset.from_dict({"image": [Image.new("RGB", (w, h))]}, features=datasets.Features(
+            {"image": datasets.Image()}))
+
+    assert upscale_note(folder(8, 8), 64, 8) == (
+        "note: images are 8x8, upscaled to 64x64; for their own resolution pass --image-size 8 --patch-size 2")
+    assert upscale_note(folder(28, 20), 64, 8).endswith("--image-size 28 --patch-size 4")
+    assert upscale_note(folder(64, 64), 64, 8) is None and upscale_note(folder(100, 30), 64, 8) is None
+
+
+def test_small_images_are_upscaled_with_a_note(image_folder, tmp_path):
+    result = run_stage("pretrain_vit", ["--dataset", str(image_folder), "--output-dir", str(tmp_path / "vit"),
+                                        "--max-steps", "1", "--batch-size", "8", *TINY_VIT, "--image-size", "32",
+                                        *QUIET])
+    assert "note: images are 16x16, upscaled to 32x32; for their own resolution pass --image-size 16 " \
+           "--patch-size 4" in result.stdout
+
+
 def test_pretrain_vit_on_image_folder(image_folder, tmp_path):
     out = tmp_path / "vit"
-    run_stage("pretrain_vit", ["--dataset", str(image_folder), "--output-dir", str(out), "--max-steps", "20",
+    result = run_stage("pretrain_vit", ["--dataset", str(image_folder), "--output-dir", str(out), "--max-steps", "20",
                                "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2", *TINY_VIT, *QUIET])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["classes"] == ["blue", "red"] and metrics["test_examples"] == 8
     assert metrics["shift"] == 4  # the default for one label per image
     assert metrics["test_accuracy"] == 1.0  # color of a big square: trivially learnable in 20 steps
+    assert "upscaled" not in result.stdout  # 16x16 images at --image-size 16
     vit = ViT.from_pretrained(out / "model")
     assert vit.config.num_classes == 2 and vit.config.image_size == 16
     resolved = json.loads((out / "run_config.json").read_text())

@@ -135,6 +135,20 @@ class ClassificationImages(torch.utils.data.Dataset):
         return x, label
 
 
+def upscale_note(dataset, image_size: int, patch_size: int) -> str | None:
+    """A line saying the images are smaller than the ViT's input and will be upscaled (judged
+    from the first image), with the flags that train at their own size; None when they are not."""
+    if not len(dataset):
+        return None
+    width, height = dataset[0]["image"].size
+    if max(width, height) >= image_size:
+        return None
+    side = max(width, height)
+    patch = next((p for p in (patch_size, 4, 2) if side % p == 0 and side // p >= 4), 1)  # >= 4x4 patches
+    return (f"note: images are {width}x{height}, upscaled to {image_size}x{image_size}; for their own "
+            f"resolution pass --image-size {side} --patch-size {patch}")
+
+
 def build_vit(stage: ViTStageConfig, num_classes: int, label_grid: int = 1) -> ViT:
     """A fresh ViT of `stage.vit`, or one initialized from saved/imported weights (`--init-from`)."""
     if not stage.init_from:
@@ -200,6 +214,9 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     precision = choose_precision(run_cfg, vit, probe_batch, lambda m, b: step(m, b)[0])
     accelerator = make_accelerator(run_cfg, "pretrain_vit", precision)
     accelerator.print(f"data: {train_report}\ndata: {eval_report}")
+    note = upscale_note(train_ds, vit.config.image_size, vit.config.patch_size)
+    if note:
+        accelerator.print(note)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_run_config(out, stage=stage, run=run_cfg, model=vit.config, precision=precision.to_dict())
