@@ -33,6 +33,7 @@ from ..loading import load_vit
 from ..metrics import top1_accuracy
 from ..processing import ImageProcessor
 from ..vit import ViT
+from . import augment
 from .args import OneLineErrorParser, parse_configs
 from .data import example_generator, split_index
 from .features import MEMORY_LIMIT_BYTES
@@ -59,6 +60,14 @@ class ViTStageConfig:
     shift: int | None = field(default=None, metadata={
         "help": f"random translations by up to N pixels each way, edges replicated (default: {DEFAULT_SHIFT} "
                 "for one label per image, 0 with per-cell labels, which a shift could move across cells)"})
+    crop_area: float = field(default=1.0, metadata={
+        "help": "random-resized crops covering at least this fraction of the image, resized back (1: off)"})
+    mixup: float = field(default=0.0, metadata={
+        "help": "mixup: blend each image and its label with another's, weight ~ Beta(a, a) (0: off)"})
+    cutmix: float = field(default=0.0, metadata={
+        "help": "CutMix: paste a box of another image, area ~ Beta(a, a), labels by area (0: off; "
+                "with --mixup, half each)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "cross-entropy label smoothing (0: off)"})
     cache_images: bool = field(default=True, metadata={
         "help": "keep decoded, normalized images in memory after their first use (skipped past 2 GB)"})
 
@@ -67,6 +76,10 @@ class ViTStageConfig:
         check_number("--max-bad-fraction", self.max_bad_fraction, 0, 1)
         if self.shift is not None:
             check_number("--shift", self.shift, 0, integer=True)
+        check_number("--crop-area", self.crop_area, 0, 1, low_open=True)
+        check_number("--mixup", self.mixup, 0)
+        check_number("--cutmix", self.cutmix, 0)
+        check_number("--label-smoothing", self.label_smoothing, 0, 1, high_open=True)
 
 
 def label_layout(dataset) -> tuple[list[str], int]:
@@ -100,8 +113,12 @@ class ClassificationImages(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, processor: ImageProcessor, hflip: bool = False, seed: int = 0,
-                 cache: bool = False, shift: int = 0) -> None:
+                 cache: bool = False, shift: int = 0, crop_area: float = 1.0, mixup: float = 0.0,
+                 cutmix: float = 0.0, num_classes: int = 0) -> None:
         self.dataset, self.processor, self.hflip, self.seed, self.shift = dataset, processor, hflip, seed, shift
+        self.crop_area, self.mixup, self.cutmix, self.num_classes = crop_area, mixup, cutmix, num_classes
+        if (mixup or cutmix) and not num_classes:
+            raise ValueError("mixup and CutMix need num_classes for their soft labels")
         per_image = 3 * processor.image_size**2 * 4
         self.cache: dict[int, tuple[torch.Tensor, int]] | None = None
         if cache and len(dataset) * per_image <= MEMORY_LIMIT_BYTES:
@@ -110,17 +127,19 @@ class ClassificationImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, virtual: int):
-        i = split_index(virtual, len(self.dataset))[1]
+    def _load(self, i: int):
         if self.cache is not None and i in self.cache:
-            x, label = self.cache[i]
-        else:
-            row = self.dataset[i]
-            x, label = self.processor.to_tensor(row["image"]), row["label"]
-            if isinstance(label, list):
-                label = torch.tensor(label)  # (g*g,)
-            if self.cache is not None:
-                self.cache[i] = (x, label)
+            return self.cache[i]
+        row = self.dataset[i]
+        x, label = self.processor.to_tensor(row["image"]), row["label"]
+        if isinstance(label, list):
+            label = torch.tensor(label)  # (g*g,)
+        if self.cache is not None:
+            self.cache[i] = (x, label)
+        return x, label
+
+    def __getitem__(self, virtual: int):
+        x, label = self._load(split_index(virtual, len(self.dataset))[1])
         rng = example_generator(self.seed, virtual)
         if self.hflip and torch.rand((), generator=rng) < 0.5:
             x = x.flip(-1)  # (3, H, W) mirrored left-right; a new tensor, the cache is untouched
@@ -132,7 +151,13 @@ class ClassificationImages(torch.utils.data.Dataset):
             dy, dx = torch.randint(0, 2 * s + 1, (2,), generator=rng).tolist()
             padded = torch.nn.functional.pad(x[None], (s, s, s, s), mode="replicate")[0]  # (3, H+2s, W+2s)
             x = padded[:, dy:dy + x.shape[1], dx:dx + x.shape[2]]  # (3, H, W), moved by (s - dy, s - dx)
-        return x, label
+        if self.crop_area < 1:
+            x = augment.random_resized_crop(x, self.crop_area, rng)
+        if self.mixup or self.cutmix:  # with an unaugmented image drawn from the whole set
+            other, other_label = self._load(int(torch.randint(len(self.dataset), (), generator=rng)))
+            x, label = augment.mix(x, augment.one_hot(label, self.num_classes), other,
+                                   augment.one_hot(other_label, self.num_classes), self.mixup, self.cutmix, rng)
+        return x, label  # label: a class id, (g*g,) ids, or (K,) probabilities after mixing
 
 
 def upscale_note(dataset, image_size: int, patch_size: int) -> str | None:
@@ -196,17 +221,23 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     if stage.shift and label_grid > 1:
         raise ConfigError(f"--shift {stage.shift} could move shapes across the {label_grid}x{label_grid} label "
                           "cells of this dataset; use --shift 0 with per-cell labels")
+    spatial = {"--crop-area": stage.crop_area < 1, "--mixup": stage.mixup > 0, "--cutmix": stage.cutmix > 0}
+    if label_grid > 1 and any(spatial.values()):
+        raise ConfigError(f"{', '.join(k for k, on in spatial.items() if on)} would mix or move shapes across the "
+                          f"{label_grid}x{label_grid} label cells of this dataset; leave them off with per-cell labels")
     shift = (DEFAULT_SHIFT if label_grid == 1 else 0) if stage.shift is None else stage.shift
     vit = build_vit(stage, len(class_names), label_grid)
     processor = ImageProcessor.from_config(vit.config)
     train_set = ClassificationImages(train_ds, processor, hflip=stage.hflip, seed=run_cfg.seed,
-                                     cache=stage.cache_images, shift=shift)
+                                     cache=stage.cache_images, shift=shift, crop_area=stage.crop_area,
+                                     mixup=stage.mixup, cutmix=stage.cutmix, num_classes=len(class_names))
     eval_set = ClassificationImages(eval_ds, processor, cache=stage.cache_images)
 
     def step(model, batch):
         x, y = batch
         logits = model(x).float()  # (B, K) or (B, g*g, K)
-        return F.cross_entropy(logits.flatten(0, -2), y.flatten()), len(y)
+        target = y if y.is_floating_point() else y.flatten()  # mixed (B, K) probabilities, or class ids
+        return F.cross_entropy(logits.flatten(0, -2), target, label_smoothing=stage.label_smoothing), len(y)
 
     def probe_batch():
         return default_collate([train_set[i] for i in range(min(run_cfg.batch_size, len(train_set)))])
