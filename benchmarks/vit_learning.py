@@ -4,6 +4,7 @@ shape, trained on the same data with the same loop, optimizer, schedule and seed
     python benchmarks/vit_learning.py --dataset digits --epochs 20
     python benchmarks/vit_learning.py --dataset easy-vqa --epochs 10 --variants ours,transformers
     python benchmarks/vit_learning.py --dataset digits --variants ours,ours+zero-head,transformers
+    python benchmarks/vit_learning.py --write-digits-folder digits/  # for mmfusion pretrain-vit --dataset digits/
 
 Prints test accuracy after every epoch (mean over --seeds) and writes them as JSON (--out).
 `ours+X` applies an old choice of mmfusion's init to the current model, one at a time, so each
@@ -17,7 +18,8 @@ native size (patch 2; a fixed 75/25 split, seed 1234); `easy-vqa`, the 24 shape 
 of the embedded default at 64x64 (patch 8, as the main job's stage 1); `synthetic`, ten noisy
 8x8 patterns (the CI regression test's task).
 The loop: AdamW (betas 0.9/0.99, weight decay on weight matrices only), linear warmup then
-cosine to 5%, gradient clipping 1.0; random flips and shifts (easy-vqa) drawn from the seed.
+cosine to 5%, gradient clipping 1.0; random flips and shifts (easy-vqa) drawn from the seed, and
+pretrain-vit's --crop-area / --mixup / --cutmix / --label-smoothing when given, for both models.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import nn
 from mmfusion import ViT
 from mmfusion.config import ViTConfig
 from mmfusion.layers import scale_residual_projections
+from mmfusion.training import augment as aug
 
 VARIANT_CHANGES = ("zero-head", "scaled-residual", "sincos-pos")
 POS_INIT_SCALE = 0.1  # the old sin-cos start's scale
@@ -75,6 +78,23 @@ def digits_task() -> Task:
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
     cut = int(0.75 * len(x))
     return Task("digits", (x[order[:cut]], y[order[:cut]]), (x[order[cut:]], y[order[cut:]]), 10, 2, 0)
+
+
+def write_digits_folder(root: str) -> None:
+    """The digits task's split as an image folder (ROOT/{train,test}/{0..9}/N.png, 8x8 grayscale),
+    for `mmfusion pretrain-vit --dataset ROOT --image-size 8 --patch-size 2`."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    task = digits_task()
+    for split, (x, y) in (("train", task.train), ("test", task.test)):
+        for n, (image, label) in enumerate(zip(x, y.tolist())):
+            folder = Path(root) / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = ((image[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").save(folder / f"{n}.png")
+    print(f"wrote {len(task.train[1])} training and {len(task.test[1])} test images under {root}")
 
 
 def easy_vqa_task() -> Task:
@@ -137,16 +157,29 @@ def build(variant: str, task: Task, width: int, layers: int, heads: int, seed: i
     return vit, lambda m, px: m(px)
 
 
-def augment(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Random left-right flips and translations by up to `shift` pixels (edges replicated)."""
-    if not shift:
-        return x
-    flip = torch.rand(len(x), generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    dy, dx = torch.randint(0, 2 * shift + 1, (2, len(x)), generator=gen)
-    padded = F.pad(x, (shift,) * 4, mode="replicate")
-    H, W = x.shape[-2:]
-    return torch.stack([p[:, a:a + H, b:b + W] for p, a, b in zip(padded, dy.tolist(), dx.tolist())])
+def augment(x: torch.Tensor, y: torch.Tensor, task: Task, args: argparse.Namespace,
+            gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same augmentation for both models: flips and shifts by up to `task.shift` pixels (edges
+    replicated), then the stage's optional crops and mixing (mmfusion.training.augment), the
+    partner image drawn from the whole training set, as `mmfusion pretrain-vit` does."""
+    if task.shift:
+        flip = torch.rand(len(x), generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        dy, dx = torch.randint(0, 2 * task.shift + 1, (2, len(x)), generator=gen)
+        padded = F.pad(x, (task.shift,) * 4, mode="replicate")
+        H, W = x.shape[-2:]
+        x = torch.stack([p[:, a:a + H, b:b + W] for p, a, b in zip(padded, dy.tolist(), dx.tolist())])
+    if args.crop_area < 1:
+        x = torch.stack([aug.random_resized_crop(image, args.crop_area, gen) for image in x])
+    if args.mixup or args.cutmix:
+        images, labels = task.train
+        mixed = []
+        for image, label in zip(x, y.tolist()):
+            j = int(torch.randint(len(images), (), generator=gen))
+            mixed.append(aug.mix(image, aug.one_hot(label, task.num_classes), images[j],
+                                 aug.one_hot(int(labels[j]), task.num_classes), args.mixup, args.cutmix, gen))
+        x, y = torch.stack([m[0] for m in mixed]), torch.stack([m[1] for m in mixed])
+    return x, y
 
 
 def train(variant: str, task: Task, args: argparse.Namespace, seed: int) -> dict:
@@ -173,7 +206,8 @@ def train(variant: str, task: Task, args: argparse.Namespace, seed: int) -> dict
         order = torch.randperm(len(x), generator=gen)
         for i in range(per_epoch):
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-            loss = F.cross_entropy(forward(model, augment(x[idx], task.shift, gen)), y[idx])
+            images, target = augment(x[idx], y[idx], task, args, gen)
+            loss = F.cross_entropy(forward(model, images), target, label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -186,7 +220,7 @@ def train(variant: str, task: Task, args: argparse.Namespace, seed: int) -> dict
     return {"accuracy": accuracy, "last_loss": loss.item(), "seconds": time.perf_counter() - start}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", choices=sorted(TASKS), default="digits")
     p.add_argument("--variants", default="ours,transformers", help="comma-separated: transformers, ours[+change]")
@@ -198,9 +232,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--crop-area", type=float, default=1.0, help="as pretrain-vit's (1: off)")
+    p.add_argument("--mixup", type=float, default=0.0, help="as pretrain-vit's (0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="as pretrain-vit's (0: off)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="as pretrain-vit's (0: off)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="write the results as JSON here")
-    args = p.parse_args(argv)
+    p.add_argument("--write-digits-folder", metavar="DIR", help="only write the digits split as an image folder")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.write_digits_folder:
+        write_digits_folder(args.write_digits_folder)
+        return {}
     torch.set_num_threads(args.threads)
     task = TASKS[args.dataset]()
     results = {}

@@ -21,8 +21,8 @@ FLOORS = [
     {"hf_checkpoint", "convert", "loading"},
     {"data", "data.easy_vqa", "data.local", "data.scenes"},
     {"evaluation"},
-    {"training", "training.args", "training.augment", "training.precision", "training.data", "training.features", "training.setup",
-     "training.loop", "training.pretrain_vit", "training.train_vqa", "training.main", "training.captions"},
+    {"training", "training.args", "training.augment", "training.precision", "training.data", "training.features",
+     "training.setup", "training.loop", "training.pretrain_vit", "training.train_vqa", "training.main", "training.captions"},
     {"cli"},
 ]
 

@@ -4,7 +4,6 @@ of the same shape, trained on the same data with the same loop and seeds
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ def harness():
 def curves(harness):
     """Mean test accuracy after each epoch over SEEDS, per variant, on the synthetic task."""
     task = harness.synthetic_task()
-    args = argparse.Namespace(width=32, layers=2, heads=2, lr=2e-3, batch_size=32, epochs=6, warmup=20)
+    args = harness.parse_args("--width 32 --layers 2 --heads 2 --batch-size 32 --epochs 6 --warmup 20".split())
     out = {}
     for variant in ("ours", "transformers", OLD_INIT):
         runs = [harness.train(variant, task, args, seed)["accuracy"] for seed in SEEDS]
