@@ -33,6 +33,47 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 1009 + micro) * 131 + rank
 
 
+class WeightEMA:
+    """An exponential moving average of a model's floating-point weights (parameters and
+    buffers), updated after every optimizer step with decay min(decay, (1 + n) / (10 + n)) at
+    update n, so the first averages do not cling to the initial weights. Kept in fp32 on the
+    weights' device; checkpoints store it as `ema.safetensors`."""
+
+    FILE = "ema.safetensors"
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay, self.updates = decay, 0
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                v.copy_(self.shadow[k].to(v.dtype))
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(folder / self.FILE))
+
+    def load(self, folder: Path, updates: int) -> None:
+        from safetensors.torch import load_file
+
+        device = next(iter(self.shadow.values())).device if self.shadow else "cpu"
+        saved = load_file(str(folder / self.FILE), device=str(device))
+        if saved.keys() != self.shadow.keys() or any(saved[k].shape != v.shape for k, v in self.shadow.items()):
+            raise CheckpointError(f"{folder / self.FILE} does not match this model's weights")
+        self.shadow, self.updates = {k: v.float() for k, v in saved.items()}, updates
+
+
 # ---- checkpoints ----------------------------------------------------------------------------
 
 PROGRESS_NAME = "progress.json"
@@ -47,7 +88,7 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int) -> None:
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int, ema: WeightEMA | None = None) -> None:
     """accelerate's save_state into a temporary folder, fsync, then an atomic rename: a crash
     mid-write leaves the earlier checkpoints intact (and a `.tmp_step_*` folder that the next save
     removes). `progress.json` written last marks it complete."""
@@ -61,6 +102,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int) -
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()  # every process has written its RNG state before the rename
     if accelerator.is_main_process:
+        if ema is not None:
+            ema.save(tmp)
         write_json(tmp / PROGRESS_NAME, {"step": step})
         fsync_tree(tmp)
         if final.exists():
@@ -111,12 +154,14 @@ def _check_finite_weights(model: torch.nn.Module, step: int, output_dir: str | P
 
 def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           dataset, collate: Callable, step_fn: StepFn, evaluate: EvalFn | None = None,
-          unit: str = "ex", tag: str = "train") -> torch.nn.Module:
+          unit: str = "ex", tag: str = "train", ema_decay: float = 0.0) -> torch.nn.Module:
     """Train `model` for the configured steps; returns the unwrapped model.
 
     step_fn(model, batch) -> (mean loss, items in the batch), items counted for throughput
     (`unit` names them). evaluate(model, full) -> metrics, called every `eval_every` steps
     with full=False. `tag` prefixes the logged training scalars ("train/loss").
+    With `ema_decay` > 0 the returned model holds the moving average of the weights (WeightEMA);
+    periodic evaluations see the raw weights.
     """
     from tqdm.auto import tqdm
 
@@ -134,7 +179,8 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
     # step, which makes the schedule depend on the process count. It is a pure function of the
     # step, so resume replays it instead of storing it.
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    step = _resume(accelerator, run, scheduler, total)
+    ema = WeightEMA(accelerator.unwrap_model(model), ema_decay) if ema_decay > 0 else None
+    step = _resume(accelerator, run, scheduler, total, ema)
 
     bar = tqdm(total=total, initial=step, disable=not (run.progress and accelerator.is_local_main_process),
                desc=Path(run.output_dir).name, dynamic_ncols=True)
@@ -153,17 +199,24 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
             if micro % run.grad_accum:
                 continue
             step += 1
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model))
             rate = seen / (time.perf_counter() - t0)
-            _after_step(accelerator, run, model, scheduler, bar, evaluate, step, total, loss.item(), rate, unit, tag)
+            _after_step(accelerator, run, model, scheduler, bar, evaluate, step, total, loss.item(), rate, unit, tag,
+                        ema)
             if step >= total or step % per_epoch == 0:
                 break
     bar.close()
     _check_finite_weights(model, step, run.output_dir)
     accelerator.wait_for_everyone()
-    return accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.copy_to(unwrapped)
+        _check_finite_weights(unwrapped, step, run.output_dir)
+    return unwrapped
 
 
-def _resume(accelerator, run: RunConfig, scheduler, total: int) -> int:
+def _resume(accelerator, run: RunConfig, scheduler, total: int, ema: WeightEMA | None = None) -> int:
     """Load the checkpoint `run.resume` names (if any) and replay the schedule; its step, else 0."""
     start_from = find_resume(run.resume, run.output_dir)
     if start_from is None:
@@ -173,7 +226,13 @@ def _resume(accelerator, run: RunConfig, scheduler, total: int) -> int:
         # metadata is checked before it drives anything: a step of 1e9 would replay the schedule for hours
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total:
             raise CheckpointError(f"its {PROGRESS_NAME} gives step {step!r}, not a step of this {total}-step run")
+        has_ema = (start_from / WeightEMA.FILE).is_file()
+        if has_ema != (ema is not None):
+            raise CheckpointError("it was saved " + ("with" if has_ema else "without") + " an average of the "
+                                  "weights (--ema), this run is " + ("not" if has_ema else "averaging"))
         accelerator.load_state(str(start_from))
+        if ema is not None:
+            ema.load(start_from, step)
     except Exception as e:  # accelerate, torch and safetensors raise many types for a bad folder
         first_line = (str(e).splitlines() or [""])[0]
         raise CheckpointError(
@@ -206,7 +265,7 @@ def _micro_step(accelerator, run: RunConfig, model, optimizer, scheduler, step_f
 
 
 def _after_step(accelerator, run: RunConfig, model, scheduler, bar, evaluate: EvalFn | None, step: int,
-                total: int, loss: float, rate: float, unit: str, tag: str) -> None:
+                total: int, loss: float, rate: float, unit: str, tag: str, ema: WeightEMA | None = None) -> None:
     """Progress bar, tracker logging, periodic evaluation and checkpoints after optimizer step `step`."""
     lr = scheduler.get_last_lr()[0]
     bar.update(1)
@@ -220,4 +279,4 @@ def _after_step(accelerator, run: RunConfig, model, scheduler, bar, evaluate: Ev
         model.train()
     if run.save_every and step % run.save_every == 0:
         _check_finite_weights(model, step, run.output_dir)
-        save_checkpoint(accelerator, run.output_dir, step, run.keep_checkpoints)
+        save_checkpoint(accelerator, run.output_dir, step, run.keep_checkpoints, ema)

@@ -68,6 +68,8 @@ class ViTStageConfig:
         "help": "CutMix: paste a box of another image, area ~ Beta(a, a), labels by area (0: off; "
                 "with --mixup, half each)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "cross-entropy label smoothing (0: off)"})
+    ema: float = field(default=0.0, metadata={
+        "help": "keep a moving average of the weights with this decay (e.g. 0.999) and save it as the model (0: off)"})
     cache_images: bool = field(default=True, metadata={
         "help": "keep decoded, normalized images in memory after their first use (skipped past 2 GB)"})
 
@@ -80,6 +82,7 @@ class ViTStageConfig:
         check_number("--mixup", self.mixup, 0)
         check_number("--cutmix", self.cutmix, 0)
         check_number("--label-smoothing", self.label_smoothing, 0, 1, high_open=True)
+        check_number("--ema", self.ema, 0, 1, high_open=True)
 
 
 def label_layout(dataset) -> tuple[list[str], int]:
@@ -260,7 +263,7 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
         image, cell = accuracies(model, eval_set, None if full else run_cfg.eval_samples)
         return {"accuracy": image, **({"cell_accuracy": cell} if label_grid > 1 else {})}
 
-    vit = train(accelerator, run_cfg, vit, optimizer, train_set, None, step, evaluate, unit="img")
+    vit = train(accelerator, run_cfg, vit, optimizer, train_set, None, step, evaluate, unit="img", ema_decay=stage.ema)
     metrics = {}
     if accelerator.is_main_process:
         with accelerator.autocast():
