@@ -19,12 +19,13 @@ of the embedded default at 64x64 (patch 8, as the main job's stage 1); `syntheti
 8x8 patterns (the CI regression test's task).
 The loop: AdamW (betas 0.9/0.99, weight decay on weight matrices only), linear warmup then
 cosine to 5%, gradient clipping 1.0; random flips and shifts (easy-vqa) drawn from the seed, and
-pretrain-vit's --crop-area / --mixup / --cutmix / --label-smoothing when given, for both models.
+pretrain-vit's --crop-area / --mixup / --cutmix / --label-smoothing / --ema when given, for both models.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -39,6 +40,7 @@ from mmfusion import ViT
 from mmfusion.config import ViTConfig
 from mmfusion.layers import scale_residual_projections
 from mmfusion.training import augment as aug
+from mmfusion.training.loop import WeightEMA
 
 VARIANT_CHANGES = ("zero-head", "scaled-residual", "sincos-pos")
 POS_INIT_SCALE = 0.1  # the old sin-cos start's scale
@@ -199,6 +201,7 @@ def train(variant: str, task: Task, args: argparse.Namespace, seed: int) -> dict
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    ema = WeightEMA(model, args.ema) if args.ema else None
     gen = torch.Generator().manual_seed(seed)
     accuracy, start = [], time.perf_counter()
     for _ in range(args.epochs):
@@ -213,9 +216,15 @@ def train(variant: str, task: Task, args: argparse.Namespace, seed: int) -> dict
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-        model.eval()
+            if ema is not None:
+                ema.update(model)
+        judged = model
+        if ema is not None:  # evaluate the average, as the stage saves it
+            judged = copy.deepcopy(model)
+            ema.copy_to(judged)
+        judged.eval()
         with torch.no_grad():
-            pred = torch.cat([forward(model, xt[i:i + 500]).argmax(-1) for i in range(0, len(xt), 500)])
+            pred = torch.cat([forward(judged, xt[i:i + 500]).argmax(-1) for i in range(0, len(xt), 500)])
         accuracy.append((pred == yt).float().mean().item())
     return {"accuracy": accuracy, "last_loss": loss.item(), "seconds": time.perf_counter() - start}
 
@@ -236,6 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixup", type=float, default=0.0, help="as pretrain-vit's (0: off)")
     p.add_argument("--cutmix", type=float, default=0.0, help="as pretrain-vit's (0: off)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="as pretrain-vit's (0: off)")
+    p.add_argument("--ema", type=float, default=0.0, help="as pretrain-vit's; each epoch evaluates the average (0: off)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--write-digits-folder", metavar="DIR", help="only write the digits split as an image folder")

@@ -26,6 +26,18 @@ def _positive(cfg: Any, *names: str) -> None:
             raise ConfigError(f"{type(cfg).__name__}.{name} must be a positive integer, got {value!r}")
 
 
+# A config whose weights would not fit in any machine's memory is refused before anything is
+# allocated (a block_size of 1e12 would otherwise fail deep inside torch, or swap for minutes).
+MAX_PARAMETERS = 20_000_000_000  # 80 GB in fp32; the largest preset (ViT-B, GPT-2 small) is ~0.1B
+
+
+def _check_size(cfg: Any, sizes: str) -> None:
+    n = cfg.parameter_count
+    if n > MAX_PARAMETERS:
+        raise ConfigError(f"{type(cfg).__name__} would hold about {n:.3g} parameters ({4 * n / 1e9:.3g} GB in fp32; "
+                          f"at most {MAX_PARAMETERS:.0e} are allowed): {sizes}; check these sizes")
+
+
 def check_number(label: str, value: Any, low: float | None = None, high: float | None = None, *,
                  low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
     """Raise ConfigError unless `value` is a finite number (an int if `integer`; never a bool) in
@@ -151,6 +163,8 @@ class ViTConfig(_JSONMixin):
         if self.grid_size % self.label_grid:
             raise ConfigError(f"ViTConfig.label_grid={self.label_grid} does not divide the "
                               f"{self.grid_size}x{self.grid_size} patch grid")
+        _check_size(self, f"image_size={self.image_size}, patch_size={self.patch_size}, n_embd={self.n_embd}, "
+                          f"n_layer={self.n_layer}, intermediate_size={self.mlp_dim}, num_classes={self.num_classes}")
 
     @property
     def grid_size(self) -> int:
@@ -163,6 +177,13 @@ class ViTConfig(_JSONMixin):
     @property
     def mlp_dim(self) -> int:
         return self.intermediate_size or 4 * self.n_embd
+
+    @property
+    def parameter_count(self) -> int:
+        """Weights, biases and norms left out: (patches + CLS) positions, patch projection, blocks, head."""
+        c = self.n_embd
+        return ((self.num_patches + 1) * c + self.num_channels * self.patch_size**2 * c
+                + self.n_layer * (4 * c * c + 2 * c * self.mlp_dim) + c * self.num_classes)
 
 
 @dataclass(frozen=True)
@@ -197,6 +218,14 @@ class GPTConfig(_JSONMixin):
             )
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"GPTConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        _check_size(self, f"vocab_size={self.vocab_size}, block_size={self.block_size}, n_embd={self.n_embd}, "
+                          f"n_layer={self.n_layer}, intermediate_size={self.mlp_dim}")
+
+    @property
+    def parameter_count(self) -> int:
+        """Weights only (tied head): token and position tables and the blocks."""
+        c = self.n_embd
+        return (self.vocab_size + self.block_size) * c + self.n_layer * (4 * c * c + 2 * c * self.mlp_dim)
 
     @property
     def mlp_dim(self) -> int:

@@ -63,6 +63,13 @@ def impossible(meta):
     (config["gpt"] if "gpt" in config else config)["n_head"] = 3  # 32 is not divisible by 3
 
 
+def huge(meta):
+    """Sizes that lie: a context (or image) that would need petabytes, refused before allocating."""
+    config = meta["config"]
+    for part in (config[k] for k in ("vit", "gpt") if k in config) if "gpt" in config else [config]:
+        part.update(block_size=10**12) if "block_size" in part else part.update(image_size=8 * 10**6)
+
+
 def unknown_field(meta):
     meta["config"]["rotary_base"] = 10000.0  # a field from some future version
 
@@ -89,6 +96,7 @@ DEFECTS = {
                                ["model, not a", "load it with the matching class"]),
     "config_impossible_values": (lambda f: edit_meta(f, impossible), ["holds an invalid", "not divisible by n_head"]),
     "config_unknown_field": (lambda f: edit_meta(f, unknown_field), ["holds an invalid", "rotary_base"]),
+    "config_huge_sizes": (lambda f: edit_meta(f, huge), ["holds an invalid", "parameters", "check these sizes"]),
     "newer_format_version": (lambda f: edit_meta(f, lambda m: m.update(format_version=FORMAT_VERSION + 1)),
                              [f"newer mmfusion (format {FORMAT_VERSION + 1} > {FORMAT_VERSION})", "upgrade mmfusion"]),
     "format_version_not_a_number": (lambda f: edit_meta(f, lambda m: m.update(format_version="2")),
