@@ -70,7 +70,7 @@ def test_impossible_values_are_refused(flag, value, message):
         ViTStageConfig(**{flag: value})
 
 
-def test_the_stage_trains_with_every_augmentation_and_records_them(tmp_path):
+def test_the_stage_trains_with_every_augmentation_and_records_them(tmp_path, capsys):
     root = tmp_path / "images"
     for split in ("train", "test"):
         for k, color in enumerate(((250, 0, 0), (0, 0, 250))):
@@ -83,6 +83,8 @@ def test_the_stage_trains_with_every_augmentation_and_records_them(tmp_path):
                                      "--label-smoothing", "0.1", *TINY, *QUIET])
     metrics = pretrain_vit.run(stage, run)
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert ("augmentation (recipe none): flips on, shift 4, crop area 0.5, mixup 0.2, cutmix 1, label smoothing 0.1, "
+            "ema 0\n") in capsys.readouterr().out
     saved = json.loads((out / "run_config.json").read_text())["stage"]
     assert (saved["crop_area"], saved["mixup"], saved["cutmix"], saved["label_smoothing"]) == (0.5, 0.2, 1.0, 0.1)
 
@@ -93,3 +95,18 @@ def test_mixing_and_crops_are_refused_with_per_cell_labels(tmp_path):
     with pytest.raises(ConfigError, match="--crop-area, --mixup would mix or move shapes across the 2x2 label cells"):
         pretrain_vit.run(stage, run)
     assert not (tmp_path / "v" / "model").exists()
+
+
+def test_a_recipe_sets_the_flags_and_explicit_flags_win(capsys):
+    stage = pretrain_vit.parse(["--recipe", "small-data"])[0]
+    assert stage.recipe == "small-data"
+    for name, value in pretrain_vit.RECIPES["small-data"].items():
+        assert getattr(stage, name) == value
+    assert pretrain_vit.parse(["--recipe", "small-data", "--mixup", "0"])[0].mixup == 0.0
+    assert pretrain_vit.parse(["--mixup", "0.3", "--recipe", "small-data"])[0].mixup == 0.3  # order does not matter
+    plain = pretrain_vit.parse([])[0]
+    assert plain.recipe == "none" and (plain.crop_area, plain.mixup, plain.cutmix, plain.label_smoothing,
+                                       plain.ema) == (1.0, 0.0, 0.0, 0.0, 0.0)
+    with pytest.raises(SystemExit):
+        pretrain_vit.parse(["--recipe", "big"])
+    assert "invalid choice: 'big'" in capsys.readouterr().err

@@ -44,6 +44,15 @@ DEFAULT_SHIFT = 4  # pixels; see STAGE_DEFAULTS
 DEFAULT_PRESET = "vit-tiny"
 
 
+# Named sets of the augmentation flags; a flag given on the command line still wins.
+# "small-data": the ones that helped a small ViT on 8x8 digits; crops and EMA did not
+# (docs/experiments.md, 2026-11-30, stage-1 augmentations).
+RECIPES: dict[str, dict[str, float]] = {
+    "none": {},
+    "small-data": {"label_smoothing": 0.1, "mixup": 0.2, "cutmix": 1.0},
+}
+
+
 @dataclass(frozen=True)
 class ViTStageConfig:
     dataset: str = field(default="easy-vqa", metadata={"help": "easy-vqa, a parquet/JSONL file, an image folder or a hub id"})
@@ -60,6 +69,9 @@ class ViTStageConfig:
     shift: int | None = field(default=None, metadata={
         "help": f"random translations by up to N pixels each way, edges replicated (default: {DEFAULT_SHIFT} "
                 "for one label per image, 0 with per-cell labels, which a shift could move across cells)"})
+    recipe: str = field(default="none", metadata={
+        "help": "a named set of the augmentation flags below (none, small-data); explicit flags override it",
+        "choices": list(RECIPES)})
     crop_area: float = field(default=1.0, metadata={
         "help": "random-resized crops covering at least this fraction of the image, resized back (1: off)"})
     mixup: float = field(default=0.0, metadata={
@@ -248,6 +260,9 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     precision = choose_precision(run_cfg, vit, probe_batch, lambda m, b: step(m, b)[0])
     accelerator = make_accelerator(run_cfg, "pretrain_vit", precision)
     accelerator.print(f"data: {train_report}\ndata: {eval_report}")
+    accelerator.print(f"augmentation (recipe {stage.recipe}): flips {'on' if stage.hflip else 'off'}, shift {shift}, "
+                      f"crop area {stage.crop_area:g}, mixup {stage.mixup:g}, cutmix {stage.cutmix:g}, "
+                      f"label smoothing {stage.label_smoothing:g}, ema {stage.ema:g}")
     note = upscale_note(train_ds, vit.config.image_size, vit.config.patch_size)
     if note:
         accelerator.print(note)
@@ -288,9 +303,12 @@ def parse(argv: list[str] | None = None, stage: ViTStageConfig | None = None,
     stage = stage or ViTStageConfig()
     presets = OneLineErrorParser(prog="mmfusion pretrain-vit", add_help=False)
     presets.add_argument("--preset")
-    preset = presets.parse_known_args(argv)[0].preset
-    if preset is not None:
-        stage = replace(stage, vit=vit_preset(preset, num_classes=0))
+    presets.add_argument("--recipe", choices=list(RECIPES))
+    first = presets.parse_known_args(argv)[0]
+    if first.preset is not None:
+        stage = replace(stage, vit=vit_preset(first.preset, num_classes=0))
+    if first.recipe is not None:  # the recipe's values become the defaults the flags then override
+        stage = replace(stage, recipe=first.recipe, **RECIPES[first.recipe])
 
     def preset_flag(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"architecture preset ({', '.join(VIT_PRESETS)}); "
