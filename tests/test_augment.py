@@ -89,14 +89,6 @@ def test_the_stage_trains_with_every_augmentation_and_records_them(tmp_path, cap
     assert (saved["crop_area"], saved["mixup"], saved["cutmix"], saved["label_smoothing"]) == (0.5, 0.2, 1.0, 0.1)
 
 
-def test_mixing_and_crops_are_refused_with_per_cell_labels(tmp_path):
-    stage, run = pretrain_vit.parse(["--dataset", "scenes", "--mixup", "0.2", "--crop-area", "0.5",
-                                     "--output-dir", str(tmp_path / "v"), *QUIET])
-    with pytest.raises(ConfigError, match="--crop-area, --mixup would mix or move shapes across the 2x2 label cells"):
-        pretrain_vit.run(stage, run)
-    assert not (tmp_path / "v" / "model").exists()
-
-
 def test_a_recipe_sets_the_flags_and_explicit_flags_win(capsys):
     stage = pretrain_vit.parse(["--recipe", "small-data"])[0]
     assert stage.recipe == "small-data"

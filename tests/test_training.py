@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -255,12 +256,16 @@ def test_shift_augmentation_moves_the_image_within_bounds_repeatably():
         ViTStageConfig(shift=-1)
 
 
-def test_shift_is_refused_with_per_cell_labels(tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--shift", "2"], "--shift 2 could move shapes across the 2x2 label cells"),
+    (["--mixup", "0.2", "--crop-area", "0.5"], "--crop-area, --mixup would mix or move shapes across the 2x2 label cells"),
+    (["--cutmix", "1"], "--cutmix would mix or move shapes across the 2x2 label cells")])
+def test_moving_augmentations_are_refused_with_per_cell_labels(tmp_path, flags, message):
     from mmfusion.training import pretrain_vit
 
-    stage, run = pretrain_vit.parse(["--dataset", "scenes", "--preset", "vit-tiny", "--shift", "2",
+    stage, run = pretrain_vit.parse(["--dataset", "scenes", "--preset", "vit-tiny", *flags,
                                      "--output-dir", str(tmp_path / "v"), *QUIET])
-    with pytest.raises(ConfigError, match="could move shapes across the 2x2 label cells"):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         pretrain_vit.run(stage, run)
     assert not (tmp_path / "v" / "model").exists()
     assert pretrain_vit.parse(["--shift", "3"])[0].shift == 3 and pretrain_vit.parse([])[0].shift is None
