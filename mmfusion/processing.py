@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .config import ViTConfig
 from .errors import ImageError, PromptError
@@ -53,7 +53,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     range is known: 16-bit ("I;16", and "I" holding values in [0, 65535], which is how
     Pillow reads 16-bit PNG/TIFF) by 255/65535, float "F" in [0, 1] by 255; other "I"/"F"
     values are rescaled from their min..max."""
-    image = ImageOps.exif_transpose(image)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as e:  # corrupt EXIF makes Pillow raise SyntaxError, ValueError, struct.error, ...
+        raise ImageError(f"the image's EXIF metadata is corrupt ({type(e).__name__}: {e}), so its orientation "
+                         "is unknown; re-save the image without EXIF (or fix its orientation tag)") from e
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -83,6 +87,28 @@ def _check_size(image: Image.Image, name: str) -> None:
             "or raise the limit if you trust the file")
 
 
+def open_image(fp, name: str) -> Image.Image:
+    """A file path or binary file object -> an RGB image, decoded in full. Everything Pillow can
+    raise for a bad file (truncated pixel data, corrupt EXIF, a zTXt chunk that decompresses too
+    far, a decompression bomb) becomes one ImageError naming `name`: the one guarded open that
+    both `load_image` and the dataset row check use, so a row that passes the check decodes."""
+    try:
+        with Image.open(fp) as f:
+            _check_size(f, name)  # the header alone gives the size
+            f.load()
+            image = to_rgb(f)  # orientation, alpha and modes, still under the guard
+            return f.copy() if image is f else image
+    except ImageError as e:
+        if str(e).startswith(name):
+            raise
+        raise ImageError(f"{name}: {e}") from e
+    except Image.DecompressionBombError as e:  # Pillow's own limit, when set lower than ours
+        raise ImageError(f"{name} is too large to decode safely ({e}); downscale it, or raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from e
+    except Exception as e:  # noqa: BLE001 -- Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error...
+        raise ImageError(f"{name} is not a readable image ({e}); re-save it as PNG or JPEG, or leave it out") from e
+
+
 def load_image(image) -> Image.Image:
     """A PIL image, a path, a numpy array (H, W[, C], uint8 or float in [0, 1]) or a tensor
     (C, H, W) / (H, W) in [0, 1] -> an RGB PIL image (see `to_rgb` for the conversions).
@@ -95,17 +121,8 @@ def load_image(image) -> Image.Image:
             raise ImageError(f"image file {path} does not exist; check the path")
         if not path.is_file():  # a FIFO would block Image.open forever
             raise ImageError(f"{path} is not a regular file (a folder, FIFO or device); pass an image file")
-        try:
-            with Image.open(path) as f:
-                _check_size(f, str(path))  # the header alone gives the size
-                f.load()
-                image = f.copy()
-        except Image.DecompressionBombError as e:  # Pillow's own limit, when set lower than ours
-            raise ImageError(f"{path} is too large to decode safely ({e}); downscale it, or raise "
-                             "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from e
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ImageError(f"{path} is not a readable image ({e}); re-save it as PNG or JPEG, or leave it out") from e
-    elif isinstance(image, torch.Tensor):
+        return open_image(path, str(path))
+    if isinstance(image, torch.Tensor):
         t = image.detach().cpu()
         if t.ndim == 3 and t.shape[0] in (1, 3, 4):
             t = t.permute(1, 2, 0)  # (H, W, C)

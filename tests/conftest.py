@@ -5,7 +5,37 @@ bf16; tests/test_precision.py unpins it to exercise every branch of the decision
 
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MMFUSION_AUTO_PRECISION", "no")
+
+
+def _bad_image_files() -> dict[str, bytes]:
+    """Image files that open (their headers are fine) but cannot be used: the decode, or the
+    EXIF orientation read, fails. `Image.verify()` passes the first one."""
+    import io
+
+    import numpy as np
+    from PIL import Image, PngImagePlugin
+
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    jpeg = io.BytesIO()
+    noise.save(jpeg, format="JPEG")
+    corrupt_exif = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(corrupt_exif, format="PNG", exif=b"garbage, not a TIFF header")
+    bomb = io.BytesIO()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * (4 * PngImagePlugin.MAX_TEXT_CHUNK), zip=True)  # ~4 KB that inflates to 4 MB
+    Image.new("RGB", (8, 8)).save(bomb, format="PNG", pnginfo=info)
+    assert len(bomb.getvalue()) < 64 * 1024  # the point of a bomb: small on disk
+    return {"truncated_jpeg_rows": jpeg.getvalue()[: len(jpeg.getvalue()) // 2],
+            "png_corrupt_exif": corrupt_exif.getvalue(),
+            "png_ztxt_bomb": bomb.getvalue()}
+
+
+@pytest.fixture(scope="session")
+def bad_image_files() -> dict[str, bytes]:
+    return _bad_image_files()

@@ -143,6 +143,29 @@ def test_a_bad_row_among_good_ones_is_skipped_and_counted(bad_row, reason, tmp_p
         load_image_classification(path, "train", max_bad_fraction=0.1, cache_dir=str(tmp_path / "c"))
 
 
+@pytest.mark.parametrize("case", ["truncated_jpeg_rows", "png_corrupt_exif", "png_ztxt_bomb"])
+def test_an_image_that_opens_but_does_not_decode_is_skipped_and_counted(case, tmp_path, bad_image_files):
+    """verify() passed a JPEG whose pixel rows are cut off: counted good, it crashed the feature cache."""
+    (tmp_path / "bad.img").write_bytes(bad_image_files[case])
+    path = write_source(tmp_path, "mixed", GOOD + [{"image": "bad.img", "label": "red"}])
+    ds, report = load_image_classification(path, "train", max_bad_fraction=0.2, cache_dir=str(tmp_path / "c"))
+    assert report.skipped == {"unreadable_image": 1} and len(ds) == 8
+    assert all(image.size == (8, 8) for image in ds["image"])  # every kept row decodes
+
+
+def test_a_truncated_jpeg_row_is_skipped_when_training(tmp_path, bad_image_files, capsys):
+    """Through train-vqa with the frozen ViT's feature cache, which the row used to crash."""
+    (tmp_path / "cut.jpg").write_bytes(bad_image_files["truncated_jpeg_rows"])
+    rows = [{"image": "ok.png", "question": "what color?", "answers": ["red"]}] * 9
+    path = write_source(tmp_path, "vqa", [*rows, {"image": "cut.jpg", "question": "what color?", "answers": ["red"]}])
+    code = main(["train-vqa", "--vit", "vit-tiny", "--dataset", str(path), "--output-dir", str(tmp_path / "out"),
+                 "--max-steps", "1", "--batch-size", "4", "--no-progress", "--mixed-precision", "no",
+                 "--max-bad-fraction", "0.2", "--final-eval-limit", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "kept 9 of 10 rows, skipped 1 (unreadable_image=1)" in captured.out + captured.err
+
+
 def test_an_image_over_the_pixel_limit_is_skipped_as_unreadable(tmp_path, monkeypatch):
     Image.new("RGB", (20, 20)).save(tmp_path / "huge.png")
     path = write_source(tmp_path, "bomb", GOOD + [{"image": "huge.png", "label": "red"}])

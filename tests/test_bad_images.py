@@ -180,6 +180,30 @@ def test_tiny_and_thin_images_become_model_sized_tensors(size):
     assert torch.allclose(x, torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 16, 16))
 
 
+# Files whose header opens: the failure comes from the pixel data or the metadata, which the
+# old loader read outside its guard (corrupt EXIF, a zTXt bomb) or not at all (verify()).
+OPENABLE = {"truncated_jpeg_rows": "is not a readable image", "png_ztxt_bomb": "is not a readable image",
+            "png_corrupt_exif": "EXIF metadata is corrupt"}
+
+
+@pytest.mark.parametrize("case", sorted(OPENABLE))
+def test_bad_pixels_or_metadata_raise_image_error(case, tmp_path, bad_image_files, tiny_vlm, capsys):
+    path = tmp_path / f"{case}.png"
+    path.write_bytes(bad_image_files[case])
+    with pytest.raises(ImageError, match=OPENABLE[case]) as info:
+        load_image(path)
+    assert str(path) in str(info.value) and "re-save" in str(info.value)
+    err = cli_error(capsys, ["generate", "--model", tiny_vlm, "--image", path, "--question", "what?"])
+    assert OPENABLE[case] in err and str(path) in err
+
+
+def test_corrupt_exif_on_an_image_object_is_an_image_error(bad_image_files):
+    with Image.open(io.BytesIO(bad_image_files["png_corrupt_exif"])) as image:
+        image.load()
+        with pytest.raises(ImageError, match="EXIF metadata is corrupt.*re-save the image without EXIF"):
+            ImageProcessor(16, (0.5,) * 3, (0.5,) * 3)([image])
+
+
 # ---- EXIF orientation: applied -----------------------------------------------------------------
 
 def exif_photo(path, orientation: int) -> None:

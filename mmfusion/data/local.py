@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import PIL.Image
 
 from .. import processing
-from ..errors import DatasetError
+from ..errors import DatasetError, ImageError
 from ..metrics import normalize_answer
 
 logger = logging.getLogger(__name__)
@@ -152,9 +151,10 @@ def _prepare_image_column(ds: datasets.Dataset, source: str, column: str) -> dat
 class _ImageChecker:
     """Turn one raw image value into `({bytes, path}, None)` or `(None, skip reason)`.
 
-    Relative paths are resolved against `base_dir`. Each file is opened and
-    `verify()`-ed once (PIL checks the structure and PNG checksums without
-    decoding pixels); verdicts are cached by path, since VQA sets repeat images.
+    Relative paths are resolved against `base_dir`. Each file is decoded in full once, by the
+    same guarded open training uses (`verify()` alone passes a JPEG whose pixel rows are cut
+    off, which then crashed the feature cache); verdicts are cached by path, since VQA sets
+    repeat images.
     """
 
     def __init__(self, base_dir: Path | None):
@@ -164,11 +164,8 @@ class _ImageChecker:
     @staticmethod
     def _verify(fp: Any) -> str | None:
         try:
-            with PIL.Image.open(fp) as image:
-                if image.width * image.height > processing.MAX_IMAGE_PIXELS:
-                    return "unreadable_image"  # a decompression-bomb guard, as in processing.load_image
-                image.verify()
-        except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError):
+            processing.open_image(fp, "image")
+        except ImageError:
             return "unreadable_image"
         return None
 
