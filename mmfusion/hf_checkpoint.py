@@ -7,7 +7,6 @@ Any problem raises ConversionError naming the source and what to do.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -20,7 +19,7 @@ from torch import nn
 
 from .config import ConfigError, GPTConfig, ViTConfig
 from .errors import ConversionError
-from .weights import is_mmfusion_folder
+from .weights import is_mmfusion_folder, read_json
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 # Normalization the checkpoints were trained with, used when no preprocessor_config.json is found.
@@ -133,19 +132,22 @@ def normalization(preprocessor: Path | None, num_channels: int) -> tuple[tuple[f
     """image_mean/std from a preprocessor_config.json, or (None, None) when there is none."""
     if preprocessor is None or not preprocessor.is_file():
         return None, None
-    try:
-        data = json.loads(preprocessor.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{preprocessor} is not valid JSON ({e})") from e
+    data = read_json(preprocessor, ConversionError)
+    if not isinstance(data, dict):
+        raise ConversionError(f"{preprocessor} holds a JSON {type(data).__name__}, not an object; "
+                              "save the image processor again")
     if data.get("do_normalize", True) is False:  # pixels are fed as they are
         return (0.0,) * num_channels, (1.0,) * num_channels
 
-    def per_channel(value: Any) -> tuple[float, ...] | None:
+    def per_channel(value: Any, key: str) -> tuple[float, ...] | None:
         if value is None:
             return None
-        return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * num_channels
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ConversionError(f"{preprocessor}: {key} must be a number or a list of numbers, got {value!r}")
+        return tuple(float(v) for v in values) if isinstance(value, (list, tuple)) else (float(value),) * num_channels
 
-    return per_channel(data.get("image_mean")), per_channel(data.get("image_std"))
+    return per_channel(data.get("image_mean"), "image_mean"), per_channel(data.get("image_std"), "image_std")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -166,12 +168,13 @@ def load_checkpoint(source: Any, sources: dict[str, Source], fn: str) -> tuple[n
     import transformers
 
     def failed(e: Exception) -> ConversionError:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]  # the CLI prints one line
         if local.is_dir():
-            return ConversionError(f"transformers could not load the folder {text}: {e}")
+            return ConversionError(f"transformers could not load the folder {text}: {reason}")
         return ConversionError(
             f"{text!r} is not a local folder, so it was read as a Hugging Face Hub id, and transformers could not "
-            f"load it: {e}\nOffline (no network, or HF_HUB_OFFLINE=1) a hub id works only once it is cached; "
-            "otherwise download it where there is network, save it with save_pretrained, and pass that folder."
+            f"load it ({reason}). Offline (no network, or HF_HUB_OFFLINE=1) a hub id works only once it is cached; "
+            "otherwise download it where there is network, save it with save_pretrained, and pass that folder"
         )
 
     try:
@@ -213,9 +216,15 @@ def _folder_or_hub_id(source: Any, fn: str) -> tuple[str, Path]:
         if is_mmfusion_folder(local):
             raise ConversionError(f"{local} is an mmfusion model folder, not a transformers one; "
                                   "load it with ViT/GPT/VLM.from_pretrained")
+        config = local / "config.json"
+        if config.exists() or config.is_symlink():  # transformers would block on a FIFO, or recurse without end
+            read_json(config, ConversionError)
         return str(local), local
-    if local.exists() or isinstance(source, Path) or text.startswith(("/", "./", "../", "~", ".\\")):
-        raise ConversionError(f"{source} is not a folder; pass a folder written by save_pretrained, or a hub id")
+    # A hub id is "name" or "owner/name"; more slashes (or a leading one) can only be a path.
+    if (local.exists() or isinstance(source, Path) or text.startswith(("/", "./", "../", "~", ".\\"))
+            or text.count("/") > 1 or "\\" in text):
+        what = "is not a folder" if local.exists() else "does not exist"
+        raise ConversionError(f"{source} {what}; pass a folder written by save_pretrained, or a hub id")
     return text, local
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from .errors import CheckpointError
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# Metadata files are small; anything larger is not one of ours (and is not read into memory).
+MAX_JSON_BYTES = 16 * 2**20
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -75,6 +78,35 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def read_json(path: str | Path, error: type[Exception] = CheckpointError) -> Any:
+    """The contents of a small JSON metadata file, or one `error` naming the file and the fix.
+
+    Refused before reading: a path that is not a regular file (a folder, or a FIFO that would
+    block), a file over MAX_JSON_BYTES. Then: bytes that are not UTF-8, invalid JSON, and
+    nesting deep enough to exhaust Python's recursion limit."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError as e:
+        raise error(f"{path} cannot be read ({e.strerror or e}); check the path") from e
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{path} is not a regular file (a folder, FIFO or device); it should be a JSON file")
+    if info.st_size > MAX_JSON_BYTES:
+        raise error(f"{path} is {info.st_size} bytes, too large for a metadata file (limit {MAX_JSON_BYTES}); "
+                    "it is not a file mmfusion wrote")
+    try:
+        text = path.read_bytes().decode("utf-8")
+        return json.loads(text)
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); it is damaged or not a JSON file") from e
+    except json.JSONDecodeError as e:
+        raise error(f"{path} is not valid JSON ({e}); restore it from a copy or save again") from e
+    except RecursionError as e:
+        raise error(f"{path} is nested too deeply to be a metadata file; it is damaged or not one of ours") from e
+    except OSError as e:
+        raise error(f"{path} cannot be read ({e.strerror or e})") from e
+
+
 def read_config(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
@@ -82,10 +114,7 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.exists():
         raise CheckpointError(f"{path} is missing; was this folder written by save_pretrained?")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+    data = read_json(path)
     if not isinstance(data, dict) or "model_type" not in data or "config" not in data:
         raise CheckpointError(f"{path} is not an mmfusion config (no model_type/config keys)")
     version = data.get("format_version", 0)
@@ -103,8 +132,8 @@ def is_mmfusion_folder(folder: str | Path) -> bool:
     config.json and a model.safetensors, so the file names alone do not tell)."""
     path = Path(folder) / CONFIG_NAME
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = read_json(path)
+    except CheckpointError:
         return False
     return isinstance(data, dict) and "model_type" in data and "config" in data and "format_version" in data
 

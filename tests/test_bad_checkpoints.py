@@ -6,7 +6,9 @@ each raise CheckpointError naming the file and the fix, or end the CLI with one 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,11 @@ def unknown_field(meta):
     meta["config"]["rotary_base"] = 10000.0  # a field from some future version
 
 
+def string_for_float(meta):
+    config = meta["config"]
+    (config["vit"] if "vit" in config else config)["layer_norm_eps"] = "1e-5"
+
+
 def foreign_weights(folder: Path) -> None:
     kind = json.loads((folder / CONFIG_NAME).read_text())["model_type"]
     shutil.copy(folder.parent / OTHER_KIND[kind] / WEIGHTS_NAME, folder / WEIGHTS_NAME)
@@ -102,6 +109,13 @@ DEFECTS = {
     "format_version_not_a_number": (lambda f: edit_meta(f, lambda m: m.update(format_version="2")),
                                     ["format_version must be an integer"]),
     "not_a_folder": (lambda f: (shutil.rmtree(f), f.write_text("x")), ["is not a folder"]),
+    "config_binary_garbage": (lambda f: (f / CONFIG_NAME).write_bytes(bytes(range(256)) * 8), ["not UTF-8 text"]),
+    "config_is_a_folder": (lambda f: ((f / CONFIG_NAME).unlink(), (f / CONFIG_NAME).mkdir()),
+                           ["is not a regular file"]),
+    "config_nested_100k_deep": (lambda f: (f / CONFIG_NAME).write_text("[" * 100_000 + "]" * 100_000),
+                                ["nested too deeply"]),
+    "config_oversized": (lambda f: (f / CONFIG_NAME).write_bytes(b" " * (17 * 2**20) + b"{}"), ["too large"]),
+    "config_string_for_float": (lambda f: edit_meta(f, string_for_float), ["holds an invalid", "layer_norm_eps must be"]),
 }
 
 
@@ -166,6 +180,31 @@ def test_bad_saved_model_through_cli_is_one_line(saved, tmp_path, capsys, kind, 
             assert all(f in line for f in DEFECTS[defect][1]), line
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_fifo_config_is_refused_without_blocking(saved, tmp_path, capsys, kind):
+    """Reading a FIFO with no writer blocks forever, so it runs in a thread with a timeout."""
+    shutil.copytree(saved, tmp_path / "models")
+    folder = tmp_path / "models" / kind
+    (folder / CONFIG_NAME).unlink()
+    os.mkfifo(folder / CONFIG_NAME)
+    outcome = []
+
+    def load():
+        try:
+            KINDS[kind][0].from_pretrained(folder)
+        except CheckpointError as e:
+            outcome.append(str(e))
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert len(outcome) == 1 and "is not a regular file" in outcome[0], "blocked on a FIFO config.json, or no error"
+    for args in cli_commands(tmp_path / "models", kind, folder):  # ViT/GPT flags try transformers' loader too
+        line = one_line_error(capsys, args)
+        assert "is not a regular file" in line and str(folder) in line, line
+
+
 # ---- training checkpoints (--resume) --------------------------------------------------------------
 
 TINY = ["--image-size", "16", "--patch-size", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
@@ -211,6 +250,17 @@ RESUME_DEFECTS = {
                                ["cannot resume from", "gives step -1"]),
     "progress_not_an_object": (lambda c: (c / "step_2" / "progress.json").write_text("[2]"), [],
                                ["cannot resume from", "step_2"]),
+    "progress_is_a_folder": (lambda c: ((c / "step_2" / "progress.json").unlink(),
+                                        (c / "step_2" / "progress.json").mkdir()), [],
+                             ["cannot resume from", "progress.json is not a regular file"]),
+    "progress_nested_100k_deep": (lambda c: (c / "step_2" / "progress.json").write_text("[" * 100_000), [],
+                                  ["cannot resume from", "nested too deeply"]),
+    "rng_state_garbage": (lambda c: (c / "step_2" / "random_states_0.pkl").write_bytes(b"junk"), [],
+                          ["cannot resume from", "random_states_0.pkl cannot be loaded"]),
+    "rng_state_missing": (lambda c: (c / "step_2" / "random_states_0.pkl").unlink(), [],
+                          ["cannot resume from", "random_states_0.pkl is missing"]),
+    "rng_state_not_states": (lambda c: torch.save({"step": 2}, c / "step_2" / "random_states_0.pkl"), [],
+                             ["cannot resume from", "does not hold the random states"]),
     "other_model_flags": (lambda c: None, ["--n-embd", "64"], ["cannot resume from", "step_2", "with the same flags"]),
     "named_checkpoint_incomplete": (lambda c: (c / "step_1" / "progress.json").unlink(),
                                     ["--resume", "{ckpt}/step_1"], ["is not a complete checkpoint", "--resume latest"]),
