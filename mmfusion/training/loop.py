@@ -7,7 +7,6 @@ and gets back the trained, unwrapped model.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -20,8 +19,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ..errors import CheckpointError, NonFiniteLossError
-from ..weights import fsync_dir, fsync_tree
+from ..errors import CheckpointError, ConfigError, NonFiniteLossError
+from ..weights import fsync_dir, fsync_tree, read_json
 from .data import EpochSampler
 from .setup import RunConfig, warmup_cosine, write_json
 
@@ -169,10 +168,7 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
     loader = DataLoader(dataset, batch_size=run.batch_size, sampler=sampler, collate_fn=collate,
                         num_workers=run.num_workers, drop_last=True,
                         persistent_workers=run.num_workers > 0)
-    per_epoch = len(loader) // (run.grad_accum * accelerator.num_processes)
-    if per_epoch < 1:
-        raise ValueError(f"the dataset ({len(dataset)} examples) is smaller than one global batch "
-                         f"({run.batch_size} x {accelerator.num_processes} x {run.grad_accum}); lower --batch-size")
+    per_epoch = steps_per_epoch(len(dataset), run, accelerator.num_processes)
     total = run.max_steps or max(1, math.ceil(run.epochs * per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, run.warmup_steps, run.min_lr_ratio))
     # The scheduler stays unprepared: accelerate would step it once per process per optimizer
@@ -216,13 +212,41 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
     return unwrapped
 
 
+def steps_per_epoch(examples: int, run: RunConfig, processes: int, what: str = "the training set") -> int:
+    """Optimizer steps in one pass (last partial batch dropped); a ConfigError if not even one.
+    The stages call it before they create their output folder, so the refusal leaves nothing."""
+    per_epoch = examples // run.batch_size // (run.grad_accum * processes)
+    if per_epoch < 1:
+        raise ConfigError(f"{what} ({examples} examples) is smaller than one global batch ({run.batch_size} x "
+                          f"{processes} process(es) x {run.grad_accum} accumulation); lower --batch-size")
+    return per_epoch
+
+
+def _check_rng_state(folder: Path, process_index: int) -> None:
+    """accelerate skips an RNG-state file it cannot load (one log line), so a resumed run would
+    silently draw other dropout masks and augmentations; check it loads (weights_only) first."""
+    from accelerate.utils import load
+
+    path = folder / f"random_states_{process_index}.pkl"
+    if not path.is_file():
+        raise CheckpointError(f"{path.name} is missing or not a regular file")
+    try:
+        states = load(path, map_location="cpu")
+    except Exception as e:  # torch.load raises many types for a damaged file
+        raise CheckpointError(f"{path.name} cannot be loaded ({type(e).__name__})") from e
+    needed = ("random_state", "numpy_random_seed", "torch_manual_seed")
+    if not isinstance(states, dict) or any(k not in states for k in needed):
+        raise CheckpointError(f"{path.name} does not hold the random states accelerate saves")
+
+
 def _resume(accelerator, run: RunConfig, scheduler, total: int, ema: WeightEMA | None = None) -> int:
     """Load the checkpoint `run.resume` names (if any) and replay the schedule; its step, else 0."""
     start_from = find_resume(run.resume, run.output_dir)
     if start_from is None:
         return 0
     try:
-        step = json.loads((start_from / PROGRESS_NAME).read_text())["step"]
+        progress = read_json(start_from / PROGRESS_NAME)
+        step = progress.get("step") if isinstance(progress, dict) else None
         # metadata is checked before it drives anything: a step of 1e9 would replay the schedule for hours
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total:
             raise CheckpointError(f"its {PROGRESS_NAME} gives step {step!r}, not a step of this {total}-step run")
@@ -230,6 +254,7 @@ def _resume(accelerator, run: RunConfig, scheduler, total: int, ema: WeightEMA |
         if has_ema != (ema is not None):
             raise CheckpointError("it was saved " + ("with" if has_ema else "without") + " an average of the "
                                   "weights (--ema), this run is " + ("not" if has_ema else "averaging"))
+        _check_rng_state(start_from, accelerator.process_index)
         accelerator.load_state(str(start_from))
         if ema is not None:
             ema.load(start_from, step)
