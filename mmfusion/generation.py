@@ -9,7 +9,8 @@ Notation: B batch, T prompt tokens, C width, V vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import codecs
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -133,23 +134,59 @@ def generate(gpt: GPT, *, config: GenerationConfig = GenerationConfig(), **promp
 
 
 def stream_text(gpt: GPT, *, config: GenerationConfig = GenerationConfig(), **prompt) -> Iterator[str]:
-    """Text pieces for a single prompt (B = 1) as they are generated, stop strings honoured.
-    A piece is emitted only once its bytes form complete UTF-8 characters."""
+    """Text pieces for a single prompt (B = 1) as they are generated. Joined, they are exactly the
+    text `answer` returns for the same tokens (`final_text`): stop strings cut, whitespace
+    stripped, a character cut off by max_new_tokens kept as U+FFFD."""
+    def ids() -> Iterator[int]:
+        for token in decode_stream(gpt, config=config, **prompt):
+            yield int(token[0])
+
+    yield from stream_pieces(ids(), config.stop_strings)
+
+
+def final_text(ids: list[int], stop_strings: tuple[str, ...]) -> str:
+    """The text of generated ids as `answer` gives it: decoded (bytes that are no complete
+    character become U+FFFD), cut before the first stop string, stripped."""
+    return _cut_at_stop(get_tokenizer().decode(ids), stop_strings)[0].strip()
+
+
+def stream_pieces(tokens: Iterable[int], stop_strings: tuple[str, ...] = ()) -> Iterator[str]:
+    """Text pieces for a stream of generated token ids, ending at `<|endoftext|>`, a stop string
+    or the end of `tokens`: same stopping rule as `generate`, and the pieces join to `final_text`.
+
+    A piece goes out only once no later token can change it: held back are bytes of an
+    incomplete character, a tail that may be the start of a stop string, and trailing whitespace
+    (stripped if the text ends there)."""
     tokenizer = get_tokenizer()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     ids: list[int] = []
+    sure = ""  # characters whose bytes are complete
     sent = ""
-    for token in decode_stream(gpt, config=config, **prompt):
-        t = int(token[0])
+    for t in tokens:
         if t == EOT_ID:
             break
         ids.append(t)
-        text = tokenizer.decode_bytes(ids).decode("utf-8", errors="replace")
-        text, stop = _cut_at_stop(text, config.stop_strings)
-        if not text.endswith("\ufffd") and len(text) > len(sent):
-            yield text[len(sent):]
-            sent = text
-        if stop:
-            break
+        if stop_strings and _cut_at_stop(tokenizer.decode(ids), stop_strings)[1]:
+            break  # the decision `generate` makes, on the same text
+        sure += decoder.decode(tokenizer.decode_bytes([t]))
+        safe = sure[:len(sure) - _stop_prefix_length(sure, stop_strings)].strip()
+        if len(safe) > len(sent):
+            yield safe[len(sent):]
+            sent = safe
+    text = final_text(ids, stop_strings)
+    if len(text) > len(sent):
+        yield text[len(sent):]
+
+
+def _stop_prefix_length(text: str, stop_strings: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that a stop string starts with (0 if none)."""
+    longest = 0
+    for s in stop_strings:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
 
 
 def vlm_prompts(vlm, images, questions: list[str | None]) -> dict[str, torch.Tensor]:
@@ -170,6 +207,5 @@ def vlm_prompts(vlm, images, questions: list[str | None]) -> dict[str, torch.Ten
 
 def vlm_generate_text(vlm, images, questions: list[str | None], config: GenerationConfig) -> list[str]:
     """Answers (or captions, where the question is None) for a batch of images."""
-    tokenizer = get_tokenizer()
     rows = vlm.generate(**vlm_prompts(vlm, images, questions), config=config)
-    return [_cut_at_stop(tokenizer.decode(r), config.stop_strings)[0].strip() for r in rows]
+    return [final_text(r, config.stop_strings) for r in rows]

@@ -104,3 +104,86 @@ def test_stop_strings_and_finished_rows(gpt):
     assert stop not in get_tokenizer().decode(cut[:-1])
     steps = list(decode_stream(gpt, input_ids=ids, config=GenerationConfig(max_new_tokens=3)))
     assert len(steps) == 3 and all(s.shape == (1,) for s in steps)
+
+
+# ---- streaming: the pieces join to the answer's text -----------------------------------------
+
+def _bytes_tokens() -> list[int]:
+    """Tokens that make streaming hard: parts of multi-byte characters, lone UTF-8 bytes (lead and
+    continuation), whitespace and newlines, words, and the end of text."""
+    from mmfusion.tokenizer import get_tokenizer
+
+    enc = get_tokenizer().enc
+    pool = [t for s in [" Hello world", "🙂", "日本", " é", "  \n", "lo", " wor", "ld!", "\u00a0"] for t in enc.encode(s)]
+    pool += [enc.encode_single_token(bytes([b])) for b in (0xF0, 0x9F, 0xE6, 0xA5, 0xC3, 0x80)]
+    return sorted(set(pool)) + [EOT_ID]
+
+
+STREAM_TOKENS = _bytes_tokens()
+
+
+def stream_and_answer(monkeypatch, tokens: list[int], stops: tuple[str, ...]) -> tuple[str, str]:
+    """The streamed text and the answer's text for one token sequence, through the real
+    `stream_text` and `generate` (as `answer` calls it): only the model is replaced."""
+    import mmfusion.generation as generation
+
+    monkeypatch.setattr(generation, "decode_stream", lambda gpt, config, **prompt: (torch.tensor([t]) for t in tokens))
+    config = GenerationConfig(max_new_tokens=max(1, len(tokens)), stop_strings=stops)
+    streamed = "".join(generation.stream_text(None, config=config))
+    answer = generation.final_text(generation.generate(None, config=config)[0], stops)
+    return streamed, answer
+
+
+@pytest.mark.parametrize("tokens, stops, expected", [
+    ([18435, 995], ("lo wor",), "Hel"),               # the stop string spans two tokens
+    ([18435, 995], ("o w", "ld"), "Hell"),            # the earliest of several
+    ([8582, 25081, 8582], (), "🙂\ufffd"),             # cut inside a character by max_new_tokens
+    ([220, 220, 18435, 220, 198], (), "Hello"),       # whitespace around: stripped, as the answer is
+    ([18435, EOT_ID, 995], (), "Hello"),              # end of text
+    ([33768, 98, 17312, 105], ("本",), "日"),          # a stop string made of a multi-byte character
+])
+def test_stream_equals_answer_examples(monkeypatch, tokens, stops, expected):
+    streamed, answer = stream_and_answer(monkeypatch, tokens, stops)
+    assert streamed == answer == expected
+
+
+def test_stream_equals_answer_for_any_tokens_and_stop_strings(monkeypatch):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from mmfusion.tokenizer import get_tokenizer
+
+    texts = st.lists(st.sampled_from(STREAM_TOKENS), min_size=1, max_size=12)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(tokens=texts, data=st.data())
+    def check(tokens, data):
+        text = get_tokenizer().decode([t for t in tokens if t != EOT_ID])
+        # stop strings taken from the text itself (so they do occur), plus arbitrary ones
+        spans = st.tuples(st.integers(0, len(text)), st.integers(1, 4)).map(lambda p: text[p[0]:p[0] + p[1]])
+        stops = tuple(data.draw(st.lists(spans | st.text(min_size=1, max_size=3), max_size=3)))
+        streamed, answer = stream_and_answer(monkeypatch, tokens, tuple(s for s in stops if s))
+        assert streamed == answer
+
+    check()
+
+
+def test_vlm_stream_equals_vlm_answer_on_a_real_model():
+    import numpy as np
+
+    from mmfusion import VLM, ViTConfig, VLMConfig
+    from mmfusion.config import AdapterConfig
+
+    torch.manual_seed(0)
+    vlm = VLM(VLMConfig(vit=ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=32, num_classes=0),
+                        gpt=GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64),
+                        adapter=AdapterConfig())).eval()
+    image = np.random.default_rng(0).random((16, 16, 3))
+    for n in (1, 2, 5, 9):
+        answer = vlm.answer(image, "what is it?", max_new_tokens=n)
+        assert "".join(vlm.stream(image, "what is it?", max_new_tokens=n)) == answer
+        if len(answer) > 2:  # a stop string from inside the answer
+            stop = (answer[1:3],)
+            assert "".join(vlm.stream(image, "what is it?", max_new_tokens=n, stop_strings=stop)) == \
+                vlm.answer(image, "what is it?", max_new_tokens=n, stop_strings=stop)
+    assert "".join(vlm.stream(image, None, max_new_tokens=6)) == vlm.caption(image, max_new_tokens=6)
