@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import GPT_PRESETS, VIT_PRESETS, gpt_preset, vit_preset
 from .convert import gpt_from_hf, vit_from_hf
-from .errors import ConfigError
+from .errors import ConfigError, ConversionError
 from .gpt import GPT
 from .vit import ViT
 from .weights import CONFIG_NAME, is_mmfusion_folder
@@ -22,6 +22,11 @@ def _check_folder(spec: str, flag: str) -> None:
         raise FileNotFoundError(f"{flag} {spec}: no {CONFIG_NAME} there; train that stage first or pass a preset")
 
 
+def _name_the_options(spec: str, flag: str, presets, error: ConversionError) -> ConversionError:
+    """The converter's error, with the flag and the presets a mistyped name may have meant."""
+    return ConversionError(f"{flag} {spec}: not a preset ({', '.join(presets)}), and {error}")
+
+
 def load_vit(spec: str, flag: str = "--vit") -> ViT:
     """A fresh headless ViT from a preset, a saved mmfusion ViT, or transformers ViT/CLIP weights."""
     if spec in VIT_PRESETS:
@@ -29,7 +34,10 @@ def load_vit(spec: str, flag: str = "--vit") -> ViT:
     if is_mmfusion_folder(spec):
         return ViT.from_pretrained(spec)
     _check_folder(spec, flag)
-    return vit_from_hf(spec)
+    try:
+        return vit_from_hf(spec)
+    except ConversionError as e:
+        raise (e if Path(spec).is_dir() else _name_the_options(spec, flag, VIT_PRESETS, e)) from e
 
 
 def load_gpt(spec: str, overrides: dict | None = None) -> GPT:
@@ -41,4 +49,7 @@ def load_gpt(spec: str, overrides: dict | None = None) -> GPT:
         raise ConfigError(f"{', '.join(overrides)} apply only to a fresh GPT from a preset, not {spec!r}")
     if is_mmfusion_folder(spec):
         return GPT.from_pretrained(spec)
-    return gpt_from_hf(spec)
+    try:
+        return gpt_from_hf(spec)
+    except ConversionError as e:
+        raise (e if Path(spec).is_dir() else _name_the_options(spec, "--gpt", GPT_PRESETS, e)) from e

@@ -4,6 +4,7 @@ before reading data or creating the output folder. (More config cases: tests/tes
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,47 @@ def test_impossible_flag_is_rejected_before_any_work(stage, case, tmp_path: Path
     assert err.startswith(("mmfusion: error: ", f"mmfusion {stage}: error: ")) and message in err, err
     # Rejected at parse time: the dataset (which does not exist) was never opened, nothing was written.
     assert "no-data-needed" not in err and not out.exists()
+
+
+# Refusals that need the data or the model first: still one line, still no output folder.
+def _late_refusals(root: Path) -> dict[str, tuple[list[str], str]]:
+    cls, qa = str(root / "cls.jsonl"), str(root / "qa.jsonl")
+    quiet = ["--no-progress", "--mixed-precision", "no", "--eval-split", "train"]
+    return {
+        "pretrain_batch_larger_than_data": (["pretrain-vit", "--dataset", cls, "--batch-size", "64", *quiet],
+                                            "the training set (8 examples) is smaller than one global batch"),
+        "vqa_batch_larger_than_data": (["train-vqa", "--vit", "vit-tiny", "--dataset", qa, "--batch-size", "64", *quiet],
+                                       "the training set (8 examples) is smaller than one global batch"),
+        "vit_name_mistyped": (["train-vqa", "--vit", "vit-tinny", "--dataset", qa, *quiet],
+                              "--vit vit-tinny: not a preset (vit-tiny, "),
+        "vit_folder_missing": (["train-vqa", "--vit", str(root / "runs/vit/model"), "--dataset", qa, *quiet],
+                               "runs/vit/model does not exist"),
+        "gpt_name_mistyped": (["train-vqa", "--vit", "vit-tiny", "--gpt", "gpt-tinny", "--dataset", qa, *quiet],
+                              "--gpt gpt-tinny: not a preset (gpt-tiny, "),
+        "mixup_with_cell_labels": (["pretrain-vit", "--dataset", "scenes", "--mixup", "0.2", *quiet],
+                                   "--mixup would mix or move shapes across the 2x2 label cells"),
+        "main_zero_vit_epochs": (["main", "--vit-epochs", "0"], "--vit-epochs must be positive, got 0.0"),
+        "main_nan_vqa_lr": (["main", "--vqa-lr", "nan"], "--vqa-lr must be positive (a finite number), got nan"),
+        "captions_negative_vit_batch": (["captions", "--vit-batch-size", "-4"], "--vit-batch-size must be positive"),
+    }
+
+
+LATE = sorted(_late_refusals(Path(".")))
+
+
+@pytest.mark.parametrize("case", LATE)
+def test_a_refusal_after_loading_leaves_no_folder(case, tmp_path: Path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "img.png")
+    (tmp_path / "cls.jsonl").write_text("".join(json.dumps({"image": "img.png", "label": "ab"[i % 2]}) + "\n"
+                                                for i in range(8)))
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"image": "img.png", "question": "what?", "answers": ["a"]})
+                                               + "\n" for _ in range(8)))
+    args, message = _late_refusals(tmp_path)[case]
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, [*args, "--output-dir", str(out)])
+    errors = [line for line in err.splitlines() if line.startswith("mmfusion")]
+    assert code == 2 and len(errors) == 1 and err.rstrip("\n").endswith(errors[0]) and "Traceback" not in err, err
+    assert message in errors[0], err
+    assert not out.exists(), f"{case}: refused, but {out} was created"

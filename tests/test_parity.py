@@ -251,14 +251,19 @@ def test_clip_from_local_folder_defaults_to_openai_stats(tmp_path):
 
 
 def test_missing_folder_and_offline_hub_id_raise_clear_errors(tmp_path, monkeypatch):
-    with pytest.raises(ConversionError, match="is not a folder"):
+    with pytest.raises(ConversionError, match="nope does not exist"):
         gpt_from_hf(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConversionError, match="file is not a folder"):
+        gpt_from_hf(tmp_path / "file")
+    with pytest.raises(ConversionError, match="runs/gpt/model does not exist"):  # not a hub id: two slashes
+        gpt_from_hf("runs/gpt/model")
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConversionError, match="Hugging Face Hub id") as info:
         gpt_from_hf("mmfusion-tests/certainly-not-cached")
-    assert "save_pretrained" in str(info.value)
+    assert "save_pretrained" in str(info.value) and "\n" not in str(info.value)  # the CLI prints one line
     assert isinstance(info.value, CheckpointError)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from ..config import AdapterConfig
 from ..evaluation import format_caption_table, format_examples, format_template_table, format_vqa_table, read_jsonl
 from . import pretrain_vit, train_vqa
+from .main import check_stage_flags
 from .precision import PRECISIONS
 from .setup import RunConfig
 
@@ -58,7 +59,9 @@ def parse(argv: list[str] | None):
     add("--vit-batch-size", type=int, default=VIT_DEFAULTS.batch_size, help="stage-1 batch size (default: %(default)s)")
     add("--vit-lr", type=float, default=VIT_DEFAULTS.lr, help="stage-1 peak learning rate (default: %(default)s)")
     add("stage_args", nargs="*", help="stage-2 flags after --, e.g. -- --epochs 1 (see mmfusion train-vqa --help)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_stage_flags(args, "vit")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

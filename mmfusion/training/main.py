@@ -19,6 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..config import check_number
 from ..evaluation import format_examples, format_vqa_table, read_jsonl
 from . import pretrain_vit, train_vqa
 from .precision import PRECISIONS
@@ -46,15 +47,30 @@ def parse(argv: list[str] | None):
         help="both stages' precision (default: auto, each stage's step timed; mmfusion/training/precision.py)")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars (default: %(default)s)")
     add("--examples", type=int, default=8, help="example answers to print (default: %(default)s)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_stage_flags(args, "vit", "vqa")
+    return args
+
+
+def check_stage_flags(args, *stages: str) -> None:
+    """The per-stage overrides checked under their own names, before any work (the stage's own
+    check would name --epochs for --vit-epochs)."""
+    # flag: (must be > 0 rather than >= 0, an integer)
+    rules = {"epochs": (True, False), "lr": (True, False), "max_steps": (False, True), "batch_size": (True, True)}
+    for s in stages:
+        for flag, (positive, integer) in rules.items():
+            value = getattr(args, f"{s}_{flag}", None)
+            if value is not None:
+                check_number(f"--{s}-{flag.replace('_', '-')}", value, 0, low_open=positive, integer=integer)
+    check_number("--examples", args.examples, 0, integer=True)
 
 
 def stage_run(run: RunConfig, args, output_dir: Path, epochs: float | None, max_steps: int,
               lr: float | None) -> RunConfig:
     """A stage's default RunConfig with the main job's output folder, seed, precision and overrides."""
     return replace(run, output_dir=str(output_dir), seed=args.seed, progress=args.progress,
-                   mixed_precision=args.mixed_precision, max_steps=max_steps, epochs=epochs or run.epochs,
-                   lr=lr or run.lr)
+                   mixed_precision=args.mixed_precision, max_steps=max_steps,
+                   epochs=run.epochs if epochs is None else epochs, lr=run.lr if lr is None else lr)
 
 
 def main(argv: list[str] | None = None) -> dict:

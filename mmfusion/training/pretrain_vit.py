@@ -37,8 +37,8 @@ from . import augment
 from .args import OneLineErrorParser, parse_configs
 from .data import example_generator, split_index
 from .features import MEMORY_LIMIT_BYTES
-from .loop import train
-from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_groups, write_json, write_run_config
+from .loop import steps_per_epoch, train
+from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_groups, start_run_folder, write_json
 
 DEFAULT_SHIFT = 4  # pixels; see STAGE_DEFAULTS
 DEFAULT_PRESET = "vit-tiny"
@@ -258,7 +258,7 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
         return default_collate([train_set[i] for i in range(min(run_cfg.batch_size, len(train_set)))])
 
     precision = choose_precision(run_cfg, vit, probe_batch, lambda m, b: step(m, b)[0])
-    accelerator = make_accelerator(run_cfg, "pretrain_vit", precision)
+    accelerator = make_accelerator(run_cfg, precision)
     accelerator.print(f"data: {train_report}\ndata: {eval_report}")
     accelerator.print(f"augmentation (recipe {stage.recipe}): flips {'on' if stage.hflip else 'off'}, shift {shift}, "
                       f"crop area {stage.crop_area:g}, mixup {stage.mixup:g}, cutmix {stage.cutmix:g}, "
@@ -266,9 +266,9 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     note = upscale_note(train_ds, vit.config.image_size, vit.config.patch_size)
     if note:
         accelerator.print(note)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_run_config(out, stage=stage, run=run_cfg, model=vit.config, precision=precision.to_dict())
+    steps_per_epoch(len(train_set), run_cfg, accelerator.num_processes)
+    start_run_folder(accelerator, out, "pretrain_vit", stage=stage, run=run_cfg, model=vit.config,
+                     precision=precision.to_dict())
     accelerator.print(f"ViT: {sum(p.numel() for p in vit.parameters()) / 1e6:.2f}M parameters, "
                       f"{len(class_names)} classes, precision {accelerator.mixed_precision}, "
                       f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value})")

@@ -69,7 +69,7 @@ class RunConfig:
             raise ConfigError("set --epochs > 0 or --max-steps > 0")
 
 
-def make_accelerator(run: RunConfig, log_name: str, precision: PrecisionDecision):
+def make_accelerator(run: RunConfig, precision: PrecisionDecision):
     """An Accelerator with the decided precision, gradient accumulation and tensorboard.
 
     accelerate keeps one AcceleratorState per process and refuses a second Accelerator with
@@ -87,10 +87,18 @@ def make_accelerator(run: RunConfig, log_name: str, precision: PrecisionDecision
     accelerator = Accelerator(mixed_precision=precision.resolved, gradient_accumulation_steps=run.grad_accum,
                               log_with=trackers or None, project_config=project)
     set_seed(run.seed)
-    if trackers:
-        accelerator.init_trackers(log_name)
     accelerator.print(precision)
     return accelerator
+
+
+def start_run_folder(accelerator, out: Path, log_name: str, **run_config) -> None:
+    """Create the output folder, write run_config.json and start the trackers (which write under
+    out/logs): called once every check has passed, so a refused run leaves no folder behind."""
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_run_config(out, **run_config)
+    if accelerator.log_with:
+        accelerator.init_trackers(log_name)
 
 
 def choose_precision(run: RunConfig, model: torch.nn.Module, make_batch: Callable[[], Any],

@@ -44,8 +44,8 @@ from ..weights import is_mmfusion_folder
 from .args import parse_configs
 from .data import Conversations, Rows
 from .features import MEMORY_LIMIT_BYTES, FeatureRows
-from .loop import find_resume, train
-from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_groups, write_json, write_run_config
+from .loop import find_resume, steps_per_epoch, train
+from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_groups, start_run_folder, write_json
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     probe = functools.partial(probe_batch, model, processor, train_vqa if train_vqa is not None else train_cap,
                               run_cfg.batch_size, cached)
     precision = choose_precision(run_cfg, model, probe, lambda m, b: vqa_step(m, b)[0])
-    accelerator = make_accelerator(run_cfg, "train_vqa", precision)
+    accelerator = make_accelerator(run_cfg, precision)
     accelerator.print("\n".join(f"data: {r}" for r in reports + eval_reports))
     if cached:
         train_vqa, train_cap = (with_features(accelerator, run_cfg, model, processor, ds) for ds in (train_vqa, train_cap))
@@ -264,9 +264,11 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
         task_rows = train_vqa if stage.task == "vqa" else train_cap
     prompts = PromptBuilder(model.num_image_tokens, model.config.gpt.block_size)
     collate = VQACollator(processor, prompts)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_run_config(out, stage=stage, run=run_cfg, model=model.config, precision=precision.to_dict())
+    steps_per_epoch(len(task_rows), run_cfg, accelerator.num_processes)
+    if stage.align_epochs > 0:
+        steps_per_epoch(len(train_cap), run_cfg, accelerator.num_processes, "the alignment captions")
+    start_run_folder(accelerator, out, "train_vqa", stage=stage, run=run_cfg, model=model.config,
+                     precision=precision.to_dict())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator.print(f"VLM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
                       f"({trainable / 1e6:.2f}M trainable), {model.num_image_tokens} image tokens, "
