@@ -94,11 +94,14 @@ def cmd_eval(argv: list[str]) -> None:
         write_jsonl,
     )
     from .vlm import VLM
+    from .weights import check_writable
 
     _at_least_one(args, "limit", "batch_size", "max_new_tokens", "caption_max_new_tokens")
     task = args.task if args.task != "auto" else "both" if args.dataset == SCENES else "vqa"
     model = VLM.from_pretrained(args.model).eval()
     out = Path(args.output) if args.output else Path(args.model).parent / f"predictions_{args.split}.jsonl"
+    for path in (out, out.with_name(out.stem + "_captions.jsonl")):  # before the predictions, not after
+        check_writable(path, "--output", folder=False)
     if task in ("caption", "both"):
         captions, report = load_caption_dataset(args.dataset, args.split)
         print(f"data: {report}")
@@ -180,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[argv[0]](argv[1:])
     except _user_errors() as e:
         return _fail(str(e))
+    except OSError as e:  # the machine, not the code: a read-only or full disk, a permission
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(f"{where}{e.strerror or e}; check the path, the free space and the permissions")
     except KeyboardInterrupt:
         return _fail("interrupted")
     return 0

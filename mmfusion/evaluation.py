@@ -17,6 +17,7 @@ from .data.scenes import question_template
 from .generation import GenerationConfig
 from .metrics import caption_metrics, vqa_accuracy
 from .vlm import VLM
+from .weights import atomic_write
 
 
 @torch.no_grad()
@@ -70,9 +71,8 @@ def score_captions(rows: list[dict]) -> dict:
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    """Written whole or not at all (a temporary name, then a rename)."""
+    atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import check_number
+from .errors import PromptError
 from .gpt import GPT
 from .tokenizer import EOT_ID, get_tokenizer
 
@@ -76,7 +77,8 @@ def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_emb
     B, T = prompt.shape[:2]
     room = gpt.config.block_size - T
     if room < 1:
-        raise ValueError(f"prompt of {T} tokens leaves no room in the context of {gpt.config.block_size}")
+        raise PromptError(f"a prompt of {T} tokens leaves no room to generate in the context of "
+                          f"{gpt.config.block_size}; shorten the prompt or use a model with a larger block_size")
     steps = min(config.max_new_tokens, room)
     device = prompt.device
     generator = None

@@ -215,6 +215,10 @@ class PromptBuilder:
         `reserve` tokens are kept free after the prompt (for the answer)."""
         slots = [IMAGE_ID] * self.num_image_tokens
         if question is None:
+            if len(slots) + len(self._caption_prompt) + reserve > self.max_length:
+                raise PromptError(f"no room for a caption: {self.num_image_tokens} image tokens + the caption "
+                                  f"prompt + {reserve} caption tokens exceed the context of {self.max_length}; "
+                                  "use a model with a larger block_size or fewer image tokens")
             return slots + self._caption_prompt
         q = self._question_tokens(question)
         budget = self.max_length - len(slots) - len(self._question_prefix) - len(self._answer_prefix) - reserve

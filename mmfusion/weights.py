@@ -17,13 +17,23 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Metadata files are small; anything larger is not one of ours (and is not read into memory).
 MAX_JSON_BYTES = 16 * 2**20
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+# mkstemp makes its file private (0600); the saved file gets what open() would have given it.
+FILE_MODE = _file_mode()
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -33,6 +43,7 @@ def atomic_write(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)  # after: a writer may replace the file it was given
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -76,6 +87,24 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         seen.add(key)
         out[name] = tensor.detach().to("cpu").contiguous()
     return out
+
+
+def check_writable(path: str | Path, flag: str, folder: bool) -> None:
+    """Refuse, before any work, an output `path` (a folder, or a file when `folder` is False) that
+    exists as the other kind, or whose nearest existing parent cannot be written (read-only)."""
+    path = Path(path).expanduser()
+    if path.exists() and (not path.is_dir() if folder else not path.is_file()):
+        kind = "folder" if folder else "regular file"
+        raise ConfigError(f"{flag} {path} exists and is not a {kind}; name a {'folder' if folder else 'file'}")
+    parent = path if folder else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:  # a real write: os.access says yes to root on a read-only mount, and to /proc
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: {parent} cannot be written ({e.strerror or e}); "
+                          "pass a path you can write to") from e
 
 
 def read_json(path: str | Path, error: type[Exception] = CheckpointError) -> Any:

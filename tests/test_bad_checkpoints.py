@@ -376,3 +376,11 @@ def test_package_never_loads_pickles():
     assert len(files) > 20
     problems = {str(f.relative_to(root)): unsafe_loading(f.read_text()) for f in files}
     assert {f: p for f, p in problems.items() if p} == {}
+
+
+def test_saved_files_get_the_usual_permissions(saved):
+    """Atomic writes go through mkstemp, whose files are private (0600); saved models are shared."""
+    from mmfusion.weights import FILE_MODE
+
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (saved / "gpt" / name).stat().st_mode & 0o777 == FILE_MODE

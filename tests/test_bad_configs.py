@@ -161,6 +161,10 @@ def _late_refusals(root: Path) -> dict[str, tuple[list[str], str]]:
         "main_zero_vit_epochs": (["main", "--vit-epochs", "0"], "--vit-epochs must be positive, got 0.0"),
         "main_nan_vqa_lr": (["main", "--vqa-lr", "nan"], "--vqa-lr must be positive (a finite number), got nan"),
         "captions_negative_vit_batch": (["captions", "--vit-batch-size", "-4"], "--vit-batch-size must be positive"),
+        "output_dir_is_a_file": (["main", "--output-dir", str(root / "qa.jsonl")],
+                                 "qa.jsonl exists and is not a folder"),
+        "output_dir_unwritable": (["train-vqa", "--vit", "vit-tiny", "--dataset", qa, "--output-dir",
+                                   "/proc/mmfusion-test/run", *quiet], "/proc cannot be written"),
     }
 
 
@@ -178,8 +182,38 @@ def test_a_refusal_after_loading_leaves_no_folder(case, tmp_path: Path, capsys):
                                                + "\n" for _ in range(8)))
     args, message = _late_refusals(tmp_path)[case]
     out = tmp_path / "out"
-    code, err = run_cli(capsys, [*args, "--output-dir", str(out)])
+    if "--output-dir" not in args:
+        args = [*args, "--output-dir", str(out)]
+    code, err = run_cli(capsys, args)
     errors = [line for line in err.splitlines() if line.startswith("mmfusion")]
     assert code == 2 and len(errors) == 1 and err.rstrip("\n").endswith(errors[0]) and "Traceback" not in err, err
     assert message in errors[0], err
     assert not out.exists(), f"{case}: refused, but {out} was created"
+
+
+def test_eval_output_is_checked_before_any_prediction(tmp_path: Path, capsys, monkeypatch):
+    """A folder as --output was found only after every prediction was computed (a traceback)."""
+    import torch
+
+    import mmfusion.evaluation
+
+    def no_predictions(*args, **kwargs):
+        raise AssertionError("predictions were computed before --output was checked")
+
+    monkeypatch.setattr(mmfusion.evaluation, "predict", no_predictions)
+    from PIL import Image
+
+    from mmfusion import VLM
+
+    torch.manual_seed(0)
+    config = VLMConfig(vit=TINY_VIT, gpt=GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64),
+                       adapter=AdapterConfig())
+    VLM(config).save_pretrained(tmp_path / "model")
+    Image.new("RGB", (16, 16)).save(tmp_path / "img.png")
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"image": "img.png", "question": "q?", "answers": ["a"]}) + "\n")
+    (tmp_path / "folder").mkdir()
+    for output, message in ((tmp_path / "folder", "exists and is not a regular file"),
+                            (Path("/proc/predictions.jsonl"), "/proc cannot be written")):
+        code, err = run_cli(capsys, ["eval", "--model", str(tmp_path / "model"), "--dataset",
+                                     str(tmp_path / "qa.jsonl"), "--split", "train", "--output", str(output)])
+        assert code == 2 and message in err and "Traceback" not in err, err

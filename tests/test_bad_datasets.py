@@ -179,3 +179,26 @@ def test_impossible_bad_fraction_raises(fraction, tmp_path):
     path = write_source(tmp_path, "good", GOOD)
     with pytest.raises(DatasetError, match=r"max_bad_fraction must be in \[0, 1\]"):
         load_image_classification(path, "train", max_bad_fraction=fraction)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 2**20])
+def test_a_line_that_is_not_utf8_is_named(tmp_path, chunk):
+    """pyarrow read such a file and failed at the first access to the row, a traceback."""
+    from mmfusion.data.local import _check_utf8
+
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"image": "ok.png", "question": "é?", "answers": ["ü"]}, ensure_ascii=False) + "\n"
+    path.write_bytes(good.encode() * 3 + b'{"image": "ok.png", "question": "what\xff?"}\n')
+    offset = len(good.encode()) * 3 + len(b'{"image": "ok.png", "question": "what')
+    with pytest.raises(DatasetError, match=rf"line 4 is not UTF-8 text \(byte {offset}: invalid start byte\)"):
+        _check_utf8(path, chunk)
+
+
+def test_a_dataset_line_that_is_not_utf8_through_cli_is_one_line(tmp_path, capsys):
+    path = write_source(tmp_path, "vqa", [{"image": "ok.png", "question": "what?", "answers": ["red"]}] * 4)
+    path.write_bytes(path.read_bytes() + b'{"image": "ok.png", "question": "\xc3(", "answers": ["red"]}\n')
+    code = main(["train-vqa", "--vit", "vit-tiny", "--dataset", str(path), "--output-dir", str(tmp_path / "out"),
+                 "--no-progress", "--mixed-precision", "no"])
+    err = capsys.readouterr().err
+    assert code == 2 and "line 5 is not UTF-8 text" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

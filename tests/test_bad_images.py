@@ -271,3 +271,21 @@ def test_image_over_the_limit_through_cli_is_one_line(tmp_path, monkeypatch, tin
     Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
     err = cli_error(capsys, ["generate", "--model", tiny_vlm, "--image", tmp_path / "big.png"])
     assert "more than the limit of 100" in err
+
+
+def test_a_caption_prompt_with_no_room_is_a_prompt_error(tmp_path, capsys):
+    """16 image tokens + "Caption:" fill a context of 19: a ValueError traceback from the decoder."""
+    from mmfusion.errors import PromptError
+
+    config = VLMConfig(vit=ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=32, num_classes=0),
+                       gpt=GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=19), adapter=AdapterConfig())
+    vlm = VLM(config)
+    image = Image.new("RGB", (16, 16))
+    with pytest.raises(PromptError, match="no room for a caption: 16 image tokens"):
+        vlm.caption(image)
+    with pytest.raises(PromptError, match="no room for a caption"):
+        list(vlm.stream(image))
+    vlm.save_pretrained(tmp_path / "model")
+    image.save(tmp_path / "img.png")
+    err = cli_error(capsys, ["generate", "--model", tmp_path / "model", "--image", tmp_path / "img.png"])
+    assert "no room for a caption" in err

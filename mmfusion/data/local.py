@@ -23,6 +23,7 @@ whose message names the fix (a command-line flag such as `--image-column`).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import logging
@@ -83,6 +84,8 @@ def _load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[da
                 raise DatasetError(f"{source}: the file is empty, so split {split!r} has no rows")
             if suffix == ".parquet" and _parquet_rows(path) == 0:  # `datasets` fails on it with an arrow error
                 raise DatasetError(f"{source}: split {split!r} is empty (the parquet file has no rows)")
+            if suffix != ".parquet":
+                _check_utf8(path)  # pyarrow reads invalid UTF-8 in and fails later, on first access to the row
             builder = "parquet" if suffix == ".parquet" else "json"
             # A single file is exactly one split: name it as asked.
             ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
@@ -103,6 +106,28 @@ def _load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[da
     except Exception as e:  # datasets raises many types here: offline, not found, malformed files
         where = "" if path.exists() else " (not a local file or folder, so it was looked up on the Hugging Face Hub)"
         raise DatasetError(f"{source}: could not load split {split!r}{where}: {type(e).__name__}: {e}") from e
+
+
+def _check_utf8(path: Path, chunk: int = 2**20) -> None:
+    """A DatasetError naming the line and byte when a JSON file is not UTF-8 text."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = lines = 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                at = e.start - pending  # in `data`; negative when the cut character is the bad one
+                bad = offset + at
+                line = lines + data[:max(at, 0)].count(b"\n") + 1
+                raise DatasetError(f"{path}: line {line} is not UTF-8 text (byte {bad}: {e.reason}); re-save the "
+                                   "file as UTF-8, or fix or remove that line") from e
+            if not data:
+                return
+            offset += len(data)
+            lines += data.count(b"\n")
 
 
 def _parquet_rows(path: Path) -> int | None:

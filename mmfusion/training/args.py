@@ -17,6 +17,8 @@ import typing
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..weights import check_writable
+
 
 def _base_type(annotation: Any) -> tuple[type, bool]:
     """(the scalar type, whether None is allowed) for annotations like `int | None`."""
@@ -126,4 +128,7 @@ def parse_configs(argv: list[str] | None, prog: str, description: str, defaults:
             if value != _get(config, flag.path):
                 changes[flag.path] = value
         configs.append(_replace(config, changes))
+    for config in configs:
+        if hasattr(config, "output_dir"):
+            check_writable(config.output_dir, "--output-dir", folder=True)
     return configs

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..config import AdapterConfig
 from ..evaluation import format_caption_table, format_examples, format_template_table, format_vqa_table, read_jsonl
+from ..weights import check_writable
 from . import pretrain_vit, train_vqa
 from .main import check_stage_flags
 from .precision import PRECISIONS
@@ -61,6 +62,7 @@ def parse(argv: list[str] | None):
     add("stage_args", nargs="*", help="stage-2 flags after --, e.g. -- --epochs 1 (see mmfusion train-vqa --help)")
     args = parser.parse_args(argv)
     check_stage_flags(args, "vit")
+    check_writable(args.output_dir, "--output-dir", folder=True)
     return args
 
 

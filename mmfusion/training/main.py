@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..config import check_number
 from ..evaluation import format_examples, format_vqa_table, read_jsonl
+from ..weights import check_writable
 from . import pretrain_vit, train_vqa
 from .precision import PRECISIONS
 from .setup import RunConfig
@@ -49,6 +50,7 @@ def parse(argv: list[str] | None):
     add("--examples", type=int, default=8, help="example answers to print (default: %(default)s)")
     args = parser.parse_args(argv)
     check_stage_flags(args, "vit", "vqa")
+    check_writable(args.output_dir, "--output-dir", folder=True)
     return args
 
 
