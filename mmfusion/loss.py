@@ -25,7 +25,8 @@ CHUNK_ELEMENTS = 2**26
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                token_weights: torch.Tensor | None = None) -> torch.Tensor:
         k, vocab = hidden.shape[0], weight.shape[0]
         ctx.dtypes = hidden.dtype, weight.dtype  # the gradients go back in these, under autocast too
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -42,9 +43,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             top = logits.amax(0)  # (n,)
             probs = logits.sub_(top).exp_()  # unnormalized, in place
             norm = probs.sum(0)  # (n,)
-            total += (norm.log() + top - target_logit).sum()
-            probs.mul_((norm * k).reciprocal())  # softmax / K: the mean over all K tokens
-            probs[t, cols] -= 1.0 / k  # (softmax - onehot) / K = dL/dlogits, transposed
+            if token_weights is None:
+                total += (norm.log() + top - target_logit).sum()
+                probs.mul_((norm * k).reciprocal())  # softmax / K: the mean over all K tokens
+                probs[t, cols] -= 1.0 / k  # (softmax - onehot) / K = dL/dlogits, transposed
+            else:
+                w = token_weights[s:s + rows].to(acc)  # (n,), summing to 1 over all K
+                total += (w * (norm.log() + top - target_logit)).sum()
+                probs.mul_(w / norm)
+                probs[t, cols] -= w
             g = probs.to(hidden.dtype)
             if need_h:
                 grad_h[s:s + rows] = torch.mm(g.t(), weight)  # (n, V) @ (V, C)
@@ -52,7 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 part = torch.mm(g, h)  # (V, n) @ (n, C)
                 grad_w = part if grad_w is None else grad_w.add_(part)
         ctx.save_for_backward(grad_h, grad_w)
-        return total / k
+        return total / k if token_weights is None else total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -61,12 +68,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # In place: the saved gradients are used once, and the weight's then becomes .grad
         # without a copy (or is added to the tied embedding's).
         return (None if grad_h is None else grad_h.mul_(grad_loss).to(ctx.dtypes[0]),
-                None if grad_w is None else grad_w.mul_(grad_loss).to(ctx.dtypes[1]), None)
+                None if grad_w is None else grad_w.mul_(grad_loss).to(ctx.dtypes[1]), None, None)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, like
-    `F.cross_entropy(F.linear(hidden, weight), targets)` without keeping the logits.
+    `F.cross_entropy(F.linear(hidden, weight), targets)` without keeping the logits; with
+    `token_weights` (K,), non-negative and summing to 1, the weighted sum instead.
 
     hidden (K, C), weight (V, C), targets (K,) in [0, V). The softmax runs in fp32 (fp64 for fp64
     inputs); under autocast the products run in its dtype. Not twice differentiable.
@@ -79,4 +88,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if bool(((targets < 0) | (targets >= weight.shape[0])).any()):
         raise ValueError(f"targets must lie in [0, {weight.shape[0]}); got values from {int(targets.min())} "
                          f"to {int(targets.max())}")
-    return _LinearCrossEntropy.apply(hidden, weight, targets)
+    if token_weights is not None and token_weights.shape != targets.shape:
+        raise ValueError(f"token_weights must have the targets' shape {tuple(targets.shape)}, "
+                         f"got {tuple(token_weights.shape)}")
+    return _LinearCrossEntropy.apply(hidden, weight, targets, token_weights)

@@ -111,13 +111,14 @@ class VLM(PretrainedMixin, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None) -> VLMOutput:
+                image_features: torch.Tensor | None = None, loss_per: str = "token") -> VLMOutput:
         """input_ids (B, T), pixel_values (B, 3, H, W) or image_features (B, 1+N, Dv) (see
         `vit_features`), attention_mask (B, T), labels (B, T).
 
         labels hold token ids where the model is supervised and -100 elsewhere, aligned with
         input_ids; the shift (position t predicts token t+1) happens here and nowhere else.
-        The loss is the mean over all supervised tokens of the batch.
+        The loss is the mean over all supervised tokens of the batch (`loss_per="token"`), or
+        over rows of each row's mean (`"example"`: a one-word answer counts as much as a caption).
         Only supervised positions go through the LM head, and `linear_cross_entropy` forms the
         loss and its gradients without keeping logits: with labels, `logits` is None.
         """
@@ -129,7 +130,15 @@ class VLM(PretrainedMixin, nn.Module):
         n = int(keep.sum())
         if n == 0:
             raise ValueError("no supervised tokens in this batch: every label is -100")
-        loss = linear_cross_entropy(hidden[:, :-1][keep], self.gpt.lm_head.weight, targets[keep])  # over K tokens
+        weights = None
+        if loss_per == "example":
+            per_row = keep.sum(1, keepdim=True)  # (B, 1)
+            rows = (per_row > 0).sum()
+            weights = (1.0 / (per_row.clamp_min(1) * rows)).expand_as(keep)[keep]  # (K,), summing to 1
+        elif loss_per != "token":
+            raise ValueError(f"loss_per must be 'token' or 'example', got {loss_per!r}")
+        loss = linear_cross_entropy(hidden[:, :-1][keep], self.gpt.lm_head.weight, targets[keep],
+                                    weights)  # over K tokens
         return VLMOutput(loss=loss, logits=None, num_tokens=n)
 
     # ---- generation -------------------------------------------------------------------------

@@ -103,3 +103,48 @@ def test_under_bf16_autocast_the_loss_is_close_and_gradients_keep_the_input_dtyp
 def test_bad_inputs_raise_one_clear_error(bad, match):
     with pytest.raises(ValueError, match=match):
         linear_cross_entropy(*bad(*inputs()))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 50])  # 3: chunks that split the weights
+def test_token_weights_give_the_weighted_loss_and_gradients(monkeypatch, rows):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 50 * rows)
+    hidden, weight, targets = inputs()
+    w = torch.rand(len(targets), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    w = w / w.sum()
+    h, wt = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = (F.cross_entropy(F.linear(h, wt), targets, reduction="none") * w).sum()
+    ref.backward()
+    loss = linear_cross_entropy(hidden, weight, targets, w)
+    loss.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hidden.grad, h.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(weight.grad, wt.grad, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="token_weights must have the targets' shape"):
+        linear_cross_entropy(hidden, weight, targets, w[:-1])
+
+
+def test_vlm_loss_per_example_averages_each_rows_mean():
+    """A caption of many tokens and a one-word answer: per example, each row counts once."""
+    from mmfusion import VLM, ViTConfig, VLMConfig
+    from mmfusion.config import AdapterConfig, GPTConfig
+    from mmfusion.loss import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    vlm = VLM(VLMConfig(vit=ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=32, num_classes=0),
+                        gpt=GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64), adapter=AdapterConfig()))
+    m = vlm.num_image_tokens
+    ids = torch.randint(0, 1000, (2, m + 12))
+    ids[:, :m] = vlm.config.image_token_id
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, m + 2:] = ids[0, m + 2:]  # 10 supervised tokens
+    labels[1, -1] = ids[1, -1]  # 1
+    pixels = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        logits = vlm(ids, pixels).logits[:, :-1]
+        per_token = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none")  # 0 where ignored
+        mask = labels[:, 1:] != IGNORE_INDEX
+        by_row = (per_token * mask).sum(1) / mask.sum(1)
+        assert torch.allclose(vlm(ids, pixels, labels=labels, loss_per="example").loss, by_row.mean(), atol=1e-5)
+        assert torch.allclose(vlm(ids, pixels, labels=labels).loss, per_token[mask].mean(), atol=1e-5)
+    with pytest.raises(ValueError, match="loss_per must be 'token' or 'example'"):
+        vlm(ids, pixels, labels=labels, loss_per="row")

@@ -54,6 +54,9 @@ class VQAStageConfig:
         "help": "easy-vqa, scenes (with captions), a parquet/JSONL file or folder, or a hub id"})
     task: str = field(default="vqa", metadata={
         "help": "train on questions, captions, or both mixed", "choices": ["vqa", "caption", "both"]})
+    loss_per: str = field(default="token", metadata={
+        "help": "average the loss over every supervised token of a batch, or per example first (a one-word "
+                "answer then weighs as much as a caption)", "choices": ["token", "example"]})
     turns: int = field(default=1, metadata={
         "help": "questions per training example: up to N questions about one image in one sequence "
                 "(a conversation; the image is encoded once and every answer is supervised)"})
@@ -195,13 +198,13 @@ def align(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, model: VLM, ca
     return model
 
 
-def vqa_step(m, batch) -> tuple[torch.Tensor, int]:
+def vqa_step(m, batch, loss_per: str = "token") -> tuple[torch.Tensor, int]:
     """One micro-step's loss and its token count; `m` may be wrapped (DDP, compile)."""
     inner = extract_model_from_parallel(m)
     for part in (inner.vit, inner.adapter, inner.gpt):
         if not any(p.requires_grad for p in part.parameters()):
             part.eval()  # a frozen part runs without dropout
-    output = m(**batch)
+    output = m(**batch, loss_per=loss_per)
     return output.loss, int(batch["attention_mask"].sum())
 
 
@@ -250,7 +253,8 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     cached = stage.freeze_vit and stage.cache_features
     probe = functools.partial(probe_batch, model, processor, train_vqa if train_vqa is not None else train_cap,
                               run_cfg.batch_size, cached)
-    precision = choose_precision(run_cfg, model, probe, lambda m, b: vqa_step(m, b)[0])
+    step = functools.partial(vqa_step, loss_per=stage.loss_per)
+    precision = choose_precision(run_cfg, model, probe, lambda m, b: step(m, b)[0])
     accelerator = make_accelerator(run_cfg, precision)
     accelerator.print("\n".join(f"data: {r}" for r in reports + eval_reports))
     if cached:
@@ -275,12 +279,12 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
                       f"precision {accelerator.mixed_precision}")
 
     if stage.align_epochs > 0:
-        model = align(accelerator, stage, run_cfg, model, train_cap, collate, vqa_step)
+        model = align(accelerator, stage, run_cfg, model, train_cap, collate, step)
         set_trainable(model, vit=not stage.freeze_vit, adapter=not stage.freeze_adapter, gpt=not stage.freeze_gpt)
     optimizer = optimizer_for(model, stage, run_cfg)
 
     evaluate = functools.partial(periodic_evaluation, stage, run_cfg, eval_vqa, eval_cap)
-    model = train(accelerator, run_cfg, model, optimizer, Rows(task_rows), collate, vqa_step, evaluate, unit="tok")
+    model = train(accelerator, run_cfg, model, optimizer, Rows(task_rows), collate, step, evaluate, unit="tok")
     metrics: dict = {}
     if accelerator.is_main_process:
         model.save_pretrained(out / "model")
