@@ -162,7 +162,7 @@ def build(variant: str, task: Task, width: int, layers: int, heads: int, seed: i
 def augment(x: torch.Tensor, y: torch.Tensor, task: Task, args: argparse.Namespace,
             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The same augmentation for both models: flips and shifts by up to `task.shift` pixels (edges
-    replicated), then the stage's optional crops and mixing (mmfusion.training.augment), the
+    replicated), then the stage's optional TrivialAugment, crops and mixing (mmfusion.training.augment), the
     partner image drawn from the whole training set, as `mmfusion pretrain-vit` does."""
     if task.shift:
         flip = torch.rand(len(x), generator=gen) < 0.5
@@ -171,6 +171,9 @@ def augment(x: torch.Tensor, y: torch.Tensor, task: Task, args: argparse.Namespa
         padded = F.pad(x, (task.shift,) * 4, mode="replicate")
         H, W = x.shape[-2:]
         x = torch.stack([p[:, a:a + H, b:b + W] for p, a, b in zip(padded, dy.tolist(), dx.tolist())])
+    if args.trivial_augment:  # images are normalized with mean 0.5, std 0.5, as the stage's
+        half = torch.full((x.shape[1], 1, 1), 0.5)
+        x = torch.stack([aug.trivial_augment(image, half, half, gen) for image in x])
     if args.crop_area < 1:
         x = torch.stack([aug.random_resized_crop(image, args.crop_area, gen) for image in x])
     if args.mixup or args.cutmix:
@@ -241,6 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--trivial-augment", action="store_true", help="as pretrain-vit's")
     p.add_argument("--crop-area", type=float, default=1.0, help="as pretrain-vit's (1: off)")
     p.add_argument("--mixup", type=float, default=0.0, help="as pretrain-vit's (0: off)")
     p.add_argument("--cutmix", type=float, default=0.0, help="as pretrain-vit's (0: off)")

@@ -1,4 +1,5 @@
-"""Stage 1's optional augmentations: random-resized crops, mixup, CutMix, label smoothing."""
+"""Stage 1's optional augmentations: TrivialAugment (its pixel operations checked against
+Pillow's), random-resized crops, mixup, CutMix, label smoothing."""
 
 from __future__ import annotations
 
@@ -79,14 +80,15 @@ def test_the_stage_trains_with_every_augmentation_and_records_them(tmp_path, cap
                 Image.fromarray(np.full((16, 16, 3), color, np.uint8)).save(root / split / f"c{k}" / f"{i}.png")
     out = tmp_path / "vit"
     stage, run = pretrain_vit.parse(["--dataset", str(root), "--output-dir", str(out), "--max-steps", "3",
-                                     "--batch-size", "4", "--crop-area", "0.5", "--mixup", "0.2", "--cutmix", "1",
-                                     "--label-smoothing", "0.1", *TINY, *QUIET])
+                                     "--batch-size", "4", "--trivial-augment", "--crop-area", "0.5", "--mixup", "0.2",
+                                     "--cutmix", "1", "--label-smoothing", "0.1", *TINY, *QUIET])
     metrics = pretrain_vit.run(stage, run)
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
-    assert ("augmentation (recipe none): flips on, shift 4, crop area 0.5, mixup 0.2, cutmix 1, label smoothing 0.1, "
-            "ema 0\n") in capsys.readouterr().out
+    assert ("augmentation (recipe none): flips on, shift 4, trivial augment on, crop area 0.5, mixup 0.2, cutmix 1, "
+            "label smoothing 0.1, ema 0\n") in capsys.readouterr().out
     saved = json.loads((out / "run_config.json").read_text())["stage"]
     assert (saved["crop_area"], saved["mixup"], saved["cutmix"], saved["label_smoothing"]) == (0.5, 0.2, 1.0, 0.1)
+    assert saved["trivial_augment"] is True
 
 
 def test_a_recipe_sets_the_flags_and_explicit_flags_win(capsys):
@@ -102,3 +104,88 @@ def test_a_recipe_sets_the_flags_and_explicit_flags_win(capsys):
     with pytest.raises(SystemExit):
         pretrain_vit.parse(["--recipe", "big"])
     assert "invalid choice: 'big'" in capsys.readouterr().err
+
+
+# ---- TrivialAugment ----------------------------------------------------------------------------
+
+def photo(seed: int = 0, size: int = 24) -> tuple[Image.Image, torch.Tensor]:
+    """A random RGB image with smooth and sharp parts, as PIL and as a (3, H, W) tensor in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(30, 220, size)[None, :, None] * np.ones((size, 1, 3))
+    pixels = (ramp + rng.integers(-30, 30, (size, size, 3))).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(pixels), torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+
+
+def as_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+ENHANCE = {"brightness": "Brightness", "color": "Color", "contrast": "Contrast", "sharpness": "Sharpness"}
+
+
+@pytest.mark.parametrize("op", sorted(ENHANCE))
+@pytest.mark.parametrize("strength, sign", [(0.0, 1.0), (0.4, 1.0), (0.7, -1.0), (1.0, -1.0)])
+def test_enhance_operations_match_pillow(op, strength, sign):
+    from PIL import ImageEnhance
+
+    image, x = photo()
+    ours = augment.TRIVIAL_OPS[op](x, strength, sign)
+    factor = 1 + sign * strength * 0.9
+    theirs = as_tensor(getattr(ImageEnhance, ENHANCE[op])(image).enhance(factor))
+    assert (ours - theirs).abs().max() <= 2.5 / 255  # Pillow rounds to 8 bits at each step
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_level_operations_match_pillow_exactly(seed):
+    from PIL import ImageOps
+
+    image, x = photo(seed)
+    assert torch.equal(augment._equalize(x), as_tensor(ImageOps.equalize(image)))
+    for bits in (4, 6, 8):
+        assert torch.equal(augment._posterize(x, bits), as_tensor(ImageOps.posterize(image, bits)))
+    for threshold in (1, 100, 200, 256):  # Pillow inverts levels >= threshold
+        strength = 1 - (threshold - 0.5) / 255
+        assert torch.allclose(augment.TRIVIAL_OPS["solarize"](x, strength, 1.0),
+                              as_tensor(ImageOps.solarize(image, threshold)), atol=1e-6)
+    assert (augment._autocontrast(x) - as_tensor(ImageOps.autocontrast(image))).abs().max() <= 1.5 / 255
+
+
+def test_geometric_operations_move_the_image_as_named():
+    x = torch.zeros(3, 16, 16)
+    x[:, 4:6, 4:6] = 1.0  # a bright 2x2 square, up and left of the centre
+    for name in ("shear_x", "shear_y", "translate_x", "translate_y", "rotate"):
+        assert torch.allclose(augment.TRIVIAL_OPS[name](x, 0.0, 1.0), x, atol=1e-6), name  # strength 0: unchanged
+    four_pixels = 4 / 8 / 0.9  # strength 1 shifts by 0.9 half-widths (45% of the side); a half-width is 8 px
+    right = augment.TRIVIAL_OPS["translate_x"](x, four_pixels, -1.0)  # the content moves right by 4 px
+    down = augment.TRIVIAL_OPS["translate_y"](x, four_pixels, -1.0)
+    assert torch.allclose(right[:, 4:6, 8:10], torch.ones(3, 2, 2), atol=1e-5)
+    assert torch.allclose(down[:, 8:10, 4:6], torch.ones(3, 2, 2), atol=1e-5)
+    turned = augment.TRIVIAL_OPS["rotate"](torch.ones(3, 16, 16), 1.0, 1.0)
+    assert torch.allclose(turned, torch.ones(3, 16, 16))  # edges replicated: no black corners
+
+
+def test_trivial_augment_draws_every_operation_and_keeps_the_normalization(monkeypatch):
+    drawn = []
+
+    def recording(name, op):
+        return lambda x, s, sign: (drawn.append((name, s, sign)), op(x, s, sign))[1]
+
+    monkeypatch.setattr(augment, "TRIVIAL_OPS", {n: recording(n, op) for n, op in augment.TRIVIAL_OPS.items()})
+    processor = ImageProcessor(24, (0.5,) * 3, (0.5,) * 3)
+    _, pixels = photo()
+    x = (pixels - processor.mean) / processor.std
+    outs = [augment.trivial_augment(x, processor.mean, processor.std, gen(seed)) for seed in range(400)]
+    assert all(o.shape == x.shape and o.min() >= -1 - 1e-6 and o.max() <= 1 + 1e-6 for o in outs)
+    assert torch.equal(outs[7], augment.trivial_augment(x, processor.mean, processor.std, gen(7)))  # pure
+    names = [n for n, _, _ in drawn[:400]]
+    assert set(names) == set(augment.TRIVIAL_OPS) and max(names.count(n) for n in set(names)) < 50  # uniform
+    strengths = sorted(s for _, s, _ in drawn[:400])
+    assert strengths[0] < 0.02 and strengths[-1] > 0.98 and {sign for _, _, sign in drawn} == {1.0, -1.0}
+
+
+def test_trivial_augment_is_refused_with_cell_labels(tmp_path):
+    stage, run = pretrain_vit.parse(["--dataset", "scenes", "--trivial-augment", "--output-dir", str(tmp_path / "v"),
+                                     "--max-steps", "1", *QUIET])
+    with pytest.raises(ConfigError, match="--trivial-augment would mix or move shapes across the 2x2 label cells"):
+        pretrain_vit.run(stage, run)
+    assert not (tmp_path / "v").exists()

@@ -72,6 +72,9 @@ class ViTStageConfig:
     recipe: str = field(default="none", metadata={
         "help": "a named set of the augmentation flags below (none, small-data); explicit flags override it",
         "choices": list(RECIPES)})
+    trivial_augment: bool = field(default=False, metadata={
+        "help": "TrivialAugment: one of 14 operations (rotate, shear, translate, color, contrast, equalize, ...) "
+                "per image at a random strength"})
     crop_area: float = field(default=1.0, metadata={
         "help": "random-resized crops covering at least this fraction of the image, resized back (1: off)"})
     mixup: float = field(default=0.0, metadata={
@@ -121,16 +124,18 @@ STAGE_DEFAULTS = RunConfig(output_dir="runs/vit", epochs=50, batch_size=32, lr=2
 class ClassificationImages(torch.utils.data.Dataset):
     """A datasets.Dataset with `image` and `label` -> (pixel_values (3, H, W), label).
 
-    Indices may be EpochSampler's virtual indices; a flip and a shift (up to `shift` pixels
-    each way, edge pixels replicated into the gap) are drawn from (seed, epoch, row).
+    Indices may be EpochSampler's virtual indices; a flip, a shift (up to `shift` pixels
+    each way, edge pixels replicated into the gap), a TrivialAugment operation, a crop and a
+    partner for mixing are drawn from (seed, epoch, row), in that order.
     A list label (one class per cell of a g x g grid, reading order) becomes a (g*g,) tensor,
     mirrored along with the image.
     """
 
     def __init__(self, dataset, processor: ImageProcessor, hflip: bool = False, seed: int = 0,
                  cache: bool = False, shift: int = 0, crop_area: float = 1.0, mixup: float = 0.0,
-                 cutmix: float = 0.0, num_classes: int = 0) -> None:
+                 cutmix: float = 0.0, num_classes: int = 0, trivial: bool = False) -> None:
         self.dataset, self.processor, self.hflip, self.seed, self.shift = dataset, processor, hflip, seed, shift
+        self.trivial = trivial
         self.crop_area, self.mixup, self.cutmix, self.num_classes = crop_area, mixup, cutmix, num_classes
         if (mixup or cutmix) and not num_classes:
             raise ValueError("mixup and CutMix need num_classes for their soft labels")
@@ -166,6 +171,8 @@ class ClassificationImages(torch.utils.data.Dataset):
             dy, dx = torch.randint(0, 2 * s + 1, (2,), generator=rng).tolist()
             padded = torch.nn.functional.pad(x[None], (s, s, s, s), mode="replicate")[0]  # (3, H+2s, W+2s)
             x = padded[:, dy:dy + x.shape[1], dx:dx + x.shape[2]]  # (3, H, W), moved by (s - dy, s - dx)
+        if self.trivial:
+            x = augment.trivial_augment(x, self.processor.mean, self.processor.std, rng)
         if self.crop_area < 1:
             x = augment.random_resized_crop(x, self.crop_area, rng)
         if self.mixup or self.cutmix:  # with an unaugmented image drawn from the whole set
@@ -236,7 +243,8 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     if stage.shift and label_grid > 1:
         raise ConfigError(f"--shift {stage.shift} could move shapes across the {label_grid}x{label_grid} label "
                           "cells of this dataset; use --shift 0 with per-cell labels")
-    spatial = {"--crop-area": stage.crop_area < 1, "--mixup": stage.mixup > 0, "--cutmix": stage.cutmix > 0}
+    spatial = {"--trivial-augment": stage.trivial_augment, "--crop-area": stage.crop_area < 1,
+               "--mixup": stage.mixup > 0, "--cutmix": stage.cutmix > 0}
     if label_grid > 1 and any(spatial.values()):
         raise ConfigError(f"{', '.join(k for k, on in spatial.items() if on)} would mix or move shapes across the "
                           f"{label_grid}x{label_grid} label cells of this dataset; leave them off with per-cell labels")
@@ -244,7 +252,8 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     vit = build_vit(stage, len(class_names), label_grid)
     processor = ImageProcessor.from_config(vit.config)
     train_set = ClassificationImages(train_ds, processor, hflip=stage.hflip, seed=run_cfg.seed,
-                                     cache=stage.cache_images, shift=shift, crop_area=stage.crop_area,
+                                     cache=stage.cache_images, shift=shift, trivial=stage.trivial_augment,
+                                     crop_area=stage.crop_area,
                                      mixup=stage.mixup, cutmix=stage.cutmix, num_classes=len(class_names))
     eval_set = ClassificationImages(eval_ds, processor, cache=stage.cache_images)
 
@@ -261,8 +270,9 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     accelerator = make_accelerator(run_cfg, precision)
     accelerator.print(f"data: {train_report}\ndata: {eval_report}")
     accelerator.print(f"augmentation (recipe {stage.recipe}): flips {'on' if stage.hflip else 'off'}, shift {shift}, "
-                      f"crop area {stage.crop_area:g}, mixup {stage.mixup:g}, cutmix {stage.cutmix:g}, "
-                      f"label smoothing {stage.label_smoothing:g}, ema {stage.ema:g}")
+                      f"trivial augment {'on' if stage.trivial_augment else 'off'}, crop area {stage.crop_area:g}, "
+                      f"mixup {stage.mixup:g}, cutmix {stage.cutmix:g}, label smoothing {stage.label_smoothing:g}, "
+                      f"ema {stage.ema:g}")
     note = upscale_note(train_ds, vit.config.image_size, vit.config.patch_size)
     if note:
         accelerator.print(note)
