@@ -1,7 +1,8 @@
-"""Property tests (hypothesis) for bad input: whatever a saved config.json holds, whatever bytes a
-metadata file or an image file holds, the answer is the value, a converted image, or one
-mmfusion error -- never another exception. (Numbers: tests/test_bad_numbers.py; streams:
-tests/test_generation.py.)"""
+"""Property tests (hypothesis) for bad input: whatever a saved config.json or a checkpoint's
+progress.json holds, whatever bytes a metadata file or an image file holds, whatever text a
+numeric flag gets, the answer is the value, a converted image, or one mmfusion error (exit code
+2 on the command line, no folder) -- never another exception. (Numbers one by one:
+tests/test_bad_numbers.py; streams: tests/test_generation.py.)"""
 
 from __future__ import annotations
 
@@ -123,3 +124,64 @@ def test_any_damage_to_an_image_file_is_rgb_or_an_image_error(fmt, cut, flips, t
         assert str(path) in str(e) and "re-save" in str(e), str(e)
         return
     assert image.mode == "RGB" and image.width >= 1 and image.height >= 1
+
+
+@FUZZ
+@given(progress=json_values | st.fixed_dictionaries({"step": json_values}), total=st.integers(1, 10**6))
+def test_any_progress_json_gives_a_step_of_the_run_or_a_checkpoint_error(progress, total):
+    from mmfusion.training.loop import checked_step
+
+    try:
+        step = checked_step(progress, total)
+    except CheckpointError as e:
+        assert "progress.json gives step" in str(e)
+        return
+    assert type(step) is int and 0 <= step <= total and step == progress["step"]
+
+
+# What a user might type for a number: every spelling Python's float() or int() takes, and not.
+flag_texts = st.sampled_from(["nan", "NaN", "inf", "-inf", "1e400", "-1e400", "1e-400", "-0", "0", "-1", "0x10",
+                              "1_000", "\u0663", " 7 ", "", "1e18", "9" * 40, "2.5", "-2.5", "true"]) | st.text(max_size=6)
+
+
+def _numeric_flags() -> list[tuple[str, str]]:
+    from mmfusion.training import pretrain_vit, train_vqa
+    from mmfusion.training.args import config_flags
+    from mmfusion.training.setup import RunConfig
+
+    out = []
+    for command, config in (("pretrain-vit", pretrain_vit.ViTStageConfig), ("train-vqa", train_vqa.VQAStageConfig)):
+        for cls in (config, RunConfig):
+            out += [(command, "--" + f.name.replace("_", "-")) for f in config_flags(cls) if f.kind in (int, float)]
+    return out
+
+
+NUMERIC_FLAGS = _numeric_flags()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(flag=st.sampled_from(NUMERIC_FLAGS), text=flag_texts)
+def test_any_text_for_a_numeric_flag_parses_or_is_refused_in_one_line(flag, text):
+    """Parse only (the stage's own parse, as the CLI runs it): a value either makes a valid
+    configuration or is refused with exit code 2 / a ConfigError -- and no folder appears."""
+    import contextlib
+    import tempfile
+
+    from mmfusion.config import ConfigError
+    from mmfusion.training import pretrain_vit, train_vqa
+
+    command, option = flag
+    parse = pretrain_vit.parse if command == "pretrain-vit" else train_vqa.parse
+    with tempfile.TemporaryDirectory() as root:
+        out = Path(root) / "out"
+        argv = ["--output-dir", str(out), f"{option}={text}"]
+        if command == "train-vqa":
+            argv += ["--vit", "vit-tiny"]
+        try:
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                parse(argv)
+        except SystemExit as e:  # argparse: not a number of that type
+            assert e.code == 2 and "error:" in err.getvalue() and "Traceback" not in err.getvalue()
+        except ConfigError as e:  # a number, but impossible: named
+            assert option in str(e) or option.lstrip("-").replace("-", "_") in str(e), str(e)
+        assert not out.exists()

@@ -222,6 +222,15 @@ def steps_per_epoch(examples: int, run: RunConfig, processes: int, what: str = "
     return per_epoch
 
 
+def checked_step(progress, total: int) -> int:
+    """The step a progress.json holds, checked before it drives anything (a step of 1e9 would
+    replay the schedule for hours): an integer in [0, total], else a CheckpointError."""
+    step = progress.get("step") if isinstance(progress, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total:
+        raise CheckpointError(f"its {PROGRESS_NAME} gives step {step!r}, not a step of this {total}-step run")
+    return step
+
+
 def _check_rng_state(folder: Path, process_index: int) -> None:
     """accelerate skips an RNG-state file it cannot load (one log line), so a resumed run would
     silently draw other dropout masks and augmentations; check it loads (weights_only) first."""
@@ -245,11 +254,7 @@ def _resume(accelerator, run: RunConfig, scheduler, total: int, ema: WeightEMA |
     if start_from is None:
         return 0
     try:
-        progress = read_json(start_from / PROGRESS_NAME)
-        step = progress.get("step") if isinstance(progress, dict) else None
-        # metadata is checked before it drives anything: a step of 1e9 would replay the schedule for hours
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total:
-            raise CheckpointError(f"its {PROGRESS_NAME} gives step {step!r}, not a step of this {total}-step run")
+        step = checked_step(read_json(start_from / PROGRESS_NAME), total)
         has_ema = (start_from / WeightEMA.FILE).is_file()
         if has_ema != (ema is not None):
             raise CheckpointError("it was saved " + ("with" if has_ema else "without") + " an average of the "
