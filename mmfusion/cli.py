@@ -34,11 +34,14 @@ def cmd_generate(argv: list[str]) -> None:
     parser.add_argument("--model", required=True, help="a saved VLM folder (e.g. runs/main/vqa/model)")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--question", default=None, help="question; without it the model captions the image")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="length limit of the generated text (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 means greedy (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="sample among the most likely tokens reaching probability p (default: all)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: unseeded)")
     args = parser.parse_args(argv)
     from .generation import GenerationConfig
     from .vlm import VLM
@@ -67,17 +70,19 @@ def cmd_eval(argv: list[str]) -> None:
         "caption exact match and token F1."))
     parser.add_argument("--model", required=True, help="a saved VLM folder")
     parser.add_argument("--dataset", default="easy-vqa",
-                        help="easy-vqa, scenes, a parquet/JSONL file or folder, or a hub id")
+                        help="easy-vqa, scenes, a parquet/JSONL file or folder, or a hub id (default: %(default)s)")
     parser.add_argument("--task", default="auto", choices=["auto", "vqa", "caption", "both"],
-                        help="what to evaluate (auto: both where the dataset has captions, else vqa)")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--image-column", default="image")
-    parser.add_argument("--question-column", default="question")
-    parser.add_argument("--answer-column", default=None)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit")
-    parser.add_argument("--caption-max-new-tokens", type=int, default=48, help="caption length limit")
+                        help="what to evaluate (default: auto, both where the dataset has captions, else vqa)")
+    parser.add_argument("--split", default="test", help="the split to evaluate (default: %(default)s)")
+    parser.add_argument("--image-column", default="image", help="column holding the images in your data (default: %(default)s)")
+    parser.add_argument("--question-column", default="question",
+                        help="column holding the questions in your data (default: %(default)s)")
+    parser.add_argument("--answer-column", default=None,
+                        help="column holding the answers in your data (default: 'answers', else 'answer')")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions (default: all)")
+    parser.add_argument("--batch-size", type=int, default=256, help="prompts generated at once (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default: %(default)s)")
+    parser.add_argument("--caption-max-new-tokens", type=int, default=48, help="caption length limit (default: %(default)s)")
     parser.add_argument("--output", default=None,
                         help="predictions JSON lines (default: next to the model); captions go to *_captions.jsonl")
     args = parser.parse_args(argv)

@@ -124,3 +124,13 @@ def test_version(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"mmfusion {__version__}"
+
+
+def test_eval_and_generate_help_show_their_defaults(capsys):
+    text = _help("generate", capsys)
+    for flag, value in [("--max-new-tokens", "32"), ("--temperature", "0.0")]:
+        assert _default_shown(text, flag) == value, flag
+    text = _help("eval", capsys)
+    for flag, value in [("--dataset", "easy-vqa"), ("--split", "test"), ("--batch-size", "256"),
+                        ("--max-new-tokens", "8"), ("--caption-max-new-tokens", "48")]:
+        assert _default_shown(text, flag) == value, flag
