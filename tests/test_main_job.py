@@ -40,3 +40,17 @@ def test_main_job_passes_its_precision_to_both_stages(tmp_path):
     assert run.mixed_precision == "bf16" and run.seed == 2 and run.epochs == pretrain_vit.STAGE_DEFAULTS.epochs
     default = parse([])
     assert stage_run(pretrain_vit.STAGE_DEFAULTS, default, tmp_path, None, 0, None).mixed_precision == "auto"
+
+
+def test_the_stage_commands_repeat_the_main_job():
+    """`mmfusion pretrain-vit` then `mmfusion train-vqa --vit OUT/vit/model` with the same seed and
+    folders train what `mmfusion main` trains (train-vqa dropped the CLS token the job keeps)."""
+    from mmfusion.training import train_vqa
+    from mmfusion.training.main import stage_configs
+
+    vit_stage, vit_run, vqa_stage, vqa_run = stage_configs(parse(["--output-dir", "runs/m", "--seed", "3"]))
+    precision = ["--mixed-precision", "auto"]
+    assert (vit_stage, vit_run) == pretrain_vit.parse(["--output-dir", "runs/m/vit", "--seed", "3", *precision])
+    assert (vqa_stage, vqa_run) == train_vqa.parse(["--vit", "runs/m/vit/model", "--output-dir", "runs/m/vqa",
+                                                    "--seed", "3", *precision])
+    assert vqa_stage.adapter.keep_cls

@@ -75,23 +75,29 @@ def stage_run(run: RunConfig, args, output_dir: Path, epochs: float | None, max_
                    epochs=run.epochs if epochs is None else epochs, lr=run.lr if lr is None else lr)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse(argv)
+def stage_configs(args) -> tuple:
+    """(stage-1 config, its run, stage-2 config, its run): the stage commands' defaults, so
+    `mmfusion pretrain-vit` then `mmfusion train-vqa --vit DIR/model` repeat this job (tested)."""
     out = Path(args.output_dir)
-    t0 = time.perf_counter()
-
     vit_stage = pretrain_vit.ViTStageConfig()
     vit_run = stage_run(pretrain_vit.STAGE_DEFAULTS, args, out / "vit", args.vit_epochs, args.vit_max_steps, args.vit_lr)
-    print(f"== stage 1: ViT pretraining on {vit_stage.dataset} -> {vit_run.output_dir}", flush=True)
-    vit_metrics = pretrain_vit.run(vit_stage, vit_run)
-    t1 = time.perf_counter()
-
-    # The ViT's CLS token joins the 16 patch tokens: stage 1 trained it to name the shape and color.
     # The fresh gpt-tiny starts from std 0.1, its preset (docs/experiments.md: GPT init scale).
     default = train_vqa.VQAStageConfig()
     vqa_stage = replace(default, vit=str(out / "vit" / "model"), gpt_init_std=args.gpt_init_std,
                         adapter=replace(default.adapter, keep_cls=args.keep_cls))
     vqa_run = stage_run(train_vqa.STAGE_DEFAULTS, args, out / "vqa", args.vqa_epochs, args.vqa_max_steps, args.vqa_lr)
+    return vit_stage, vit_run, vqa_stage, vqa_run
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    out = Path(args.output_dir)
+    t0 = time.perf_counter()
+
+    vit_stage, vit_run, vqa_stage, vqa_run = stage_configs(args)
+    print(f"== stage 1: ViT pretraining on {vit_stage.dataset} -> {vit_run.output_dir}", flush=True)
+    vit_metrics = pretrain_vit.run(vit_stage, vit_run)
+    t1 = time.perf_counter()
     print(f"== stage 2: VQA fine-tuning on {vqa_stage.dataset} -> {vqa_run.output_dir}", flush=True)
     vqa_metrics = train_vqa.run(vqa_stage, vqa_run)
     t2 = time.perf_counter()

@@ -77,7 +77,8 @@ class VQAStageConfig:
     block_size: int | None = field(default=None, metadata={"help": "override a fresh GPT's context length"})
     gpt_init_std: float | None = field(default=None, metadata={
         "help": "override a fresh GPT's initializer_range, the std of its Normal init (GPT-2: 0.02)"})
-    adapter: AdapterConfig = field(default=AdapterConfig(pixel_shuffle=2), metadata={
+    # The main job's stage 2 adapter: CLS kept (stage 1 trained it to name the shape and color).
+    adapter: AdapterConfig = field(default=AdapterConfig(pixel_shuffle=2, keep_cls=True), metadata={
         "only": ("projection", "layer", "keep_cls", "pixel_shuffle", "merge", "position_embedding"),
         "flags": {"layer": "adapter_layer", "position_embedding": "image_positions"}})
     attention: str = field(default="prefix", metadata={
