@@ -202,3 +202,25 @@ def test_a_dataset_line_that_is_not_utf8_through_cli_is_one_line(tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and "line 5 is not UTF-8 text" in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_save_to_disk_folders_load_as_datasets(tmp_path):
+    """A Dataset.save_to_disk folder ("use load_from_disk" before) is one split, as a single file
+    is; a DatasetDict's has its splits; both with an Image column holding the pixels."""
+    import datasets
+
+    from mmfusion.data import load_vqa
+
+    images = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(4)]
+    rows = {"image": images, "question": ["what?"] * 4, "answers": [["red"]] * 4}
+    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                  "answers": datasets.Sequence(datasets.Value("string"))})
+    one = datasets.Dataset.from_dict(rows, features=features)
+    one.save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": one, "validation": one.select([0, 1])}).save_to_disk(str(tmp_path / "two"))
+    ds, report = load_vqa(str(tmp_path / "one"), "train")
+    assert report.kept == 4 and ds[3]["image"].getpixel((0, 0)) == (120, 0, 0)
+    ds, report = load_vqa(str(tmp_path / "two"), "validation")
+    assert report.kept == 2
+    with pytest.raises(DatasetError, match=r"no split 'test'; it has \['train', 'validation'\]"):
+        load_vqa(str(tmp_path / "two"), "test")

@@ -91,6 +91,14 @@ def _load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[da
             ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
             return ds, path.parent.resolve()
         if path.is_dir():
+            if (path / "state.json").is_file():  # Dataset.save_to_disk: one split, like a single file
+                return datasets.load_from_disk(str(path)), path.resolve()
+            if (path / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: memory-mapped, no copy
+                splits = datasets.load_from_disk(str(path))
+                if split not in splits:
+                    raise DatasetError(f"{source}: no split {split!r}; it has {sorted(splits)}. Pass one of those "
+                                       "as the split")
+                return splits[split], path.resolve()
             ds = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)
             return ds, path.resolve()
         if path.suffix.lower() in _LOCAL_SUFFIXES or str(source).startswith((".", "/", "~")):
