@@ -153,7 +153,8 @@ def one_line_error(capsys, args: list) -> str:
 
 def cli_commands(root: Path, kind: str, folder: Path) -> list[list]:
     """Every CLI flag that reads a saved model of `kind`."""
-    quiet = ["--max-steps", "1", "--no-progress", "--mixed-precision", "no", "--output-dir", root / "out"]
+    quiet = ["--max-steps", "1", "--no-progress", "--mixed-precision", "no", "--holdout", "0",
+             "--output-dir", root / "out"]
     if kind == "vlm":
         return [["generate", "--model", folder, "--image", root / "img.png", "--question", "what?"],
                 ["eval", "--model", folder, "--dataset", root / "qa.jsonl", "--split", "test"]]
@@ -208,7 +209,7 @@ def test_a_fifo_config_is_refused_without_blocking(saved, tmp_path, capsys, kind
 # ---- training checkpoints (--resume) --------------------------------------------------------------
 
 TINY = ["--image-size", "16", "--patch-size", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
-        "--batch-size", "4", "--warmup-steps", "1", "--no-progress", "--mixed-precision", "no"]
+        "--batch-size", "4", "--warmup-steps", "1", "--no-progress", "--mixed-precision", "no", "--holdout", "0"]
 
 
 @pytest.fixture(scope="module")

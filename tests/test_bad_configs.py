@@ -108,7 +108,7 @@ VQA_FLAGS = {
     "adapter_layer_past_the_vit": (["--adapter-layer", "9"], "layer=9 but the ViT has only 4 layers"),
     "zero_block_size": (["--block-size", "0"], "--block-size must be >= 1"),
     "huge_block_size": (["--block-size", str(10**12)], "block_size=1000000000000, n_embd=128"),
-    "image_tokens_fill_context": (["--block-size", "16"], "16 image tokens do not fit the GPT context of 16"),
+    "image_tokens_fill_context": (["--block-size", "16"], "17 image tokens do not fit the GPT context of 16"),
     "block_size_for_a_loaded_gpt": (["--gpt", "some/saved/gpt", "--block-size", "64"],
                                     "--block-size applies only to a fresh GPT from a preset"),
     "init_std_for_a_loaded_gpt": (["--gpt", "some/saved/gpt", "--gpt-init-std", "0.06"],
@@ -144,7 +144,7 @@ def test_impossible_flag_is_rejected_before_any_work(stage, case, tmp_path: Path
 # Refusals that need the data or the model first: still one line, still no output folder.
 def _late_refusals(root: Path) -> dict[str, tuple[list[str], str]]:
     cls, qa = str(root / "cls.jsonl"), str(root / "qa.jsonl")
-    quiet = ["--no-progress", "--mixed-precision", "no", "--eval-split", "train"]
+    quiet = ["--no-progress", "--mixed-precision", "no", "--eval-split", "train", "--holdout", "0"]
     return {
         "pretrain_batch_larger_than_data": (["pretrain-vit", "--dataset", cls, "--batch-size", "64", *quiet],
                                             "the training set (8 examples) is smaller than one global batch"),

@@ -160,7 +160,7 @@ def test_a_truncated_jpeg_row_is_skipped_when_training(tmp_path, bad_image_files
     path = write_source(tmp_path, "vqa", [*rows, {"image": "cut.jpg", "question": "what color?", "answers": ["red"]}])
     code = main(["train-vqa", "--vit", "vit-tiny", "--dataset", str(path), "--output-dir", str(tmp_path / "out"),
                  "--max-steps", "1", "--batch-size", "4", "--no-progress", "--mixed-precision", "no",
-                 "--max-bad-fraction", "0.2", "--final-eval-limit", "2"])
+                 "--max-bad-fraction", "0.2", "--final-eval-limit", "2", "--holdout", "0"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "kept 9 of 10 rows, skipped 1 (unreadable_image=1)" in captured.out + captured.err

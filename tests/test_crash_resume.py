@@ -27,7 +27,7 @@ from mmfusion.training.setup import RunConfig
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL, SAVE_EVERY = 120, 4
 TINY = ["--image-size", "16", "--patch-size", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
-        "--batch-size", "4", "--no-progress", "--mixed-precision", "no"]
+        "--batch-size", "4", "--no-progress", "--mixed-precision", "no", "--holdout", "0"]
 ARGS = [*TINY, "--max-steps", str(TOTAL), "--save-every", str(SAVE_EVERY), "--keep-checkpoints", "2",
         "--warmup-steps", "5", "--dropout", "0.1"]
 

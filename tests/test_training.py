@@ -308,7 +308,7 @@ def test_train_vqa_on_parquet_with_imported_transformers_weights(tmp_path, vqa_j
                          intermediate_size=64)).save_pretrained(tmp_path / "hf_vit")
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(tmp_path / "hf_gpt2")
     out = tmp_path / "vqa"
-    run_stage("train_vqa", ["--dataset", str(tmp_path / "qa.parquet"), "--eval-split", "train",
+    run_stage("train_vqa", ["--dataset", str(tmp_path / "qa.parquet"), "--eval-split", "train", "--holdout", "0",
                             "--vit", str(tmp_path / "hf_vit"), "--gpt", str(tmp_path / "hf_gpt2"),
                             "--output-dir", str(out), "--batch-size", "4", "--max-steps", "2",
                             "--max-new-tokens", "2", *QUIET])

@@ -1,7 +1,10 @@
 """What the loop feeds on: a deterministic epoch sampler (exact resume), per-example
-generators for augmentation, and the dataset views both stages train on."""
+generators for augmentation, the dataset views both stages train on, and which rows evaluate."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -98,3 +101,29 @@ class Conversations(torch.utils.data.Dataset):
         first = self.dataset[group[0]]
         image = {k: first[k] for k in ("image", "image_features") if k in first}  # FeatureRows: features
         return {**image, "turns": [(self.questions[i], self.answers[i]) for i in group]}
+
+
+DEFAULT_HOLDOUT = 0.1
+
+
+def evaluation_rows(dataset: str, train_split: str, eval_dataset: str | None, eval_split: str,
+                    holdout: float | None, train_rows, load_eval: Callable[[str], Any]):
+    """Which rows evaluate a run: (training rows, held-out rows or None, load_eval's result or
+    None, a line saying which). The evaluation split of `eval_dataset or dataset` is loaded by
+    load_eval(source); a held-out share of the training images is taken instead with --holdout,
+    and by default when the two would be the same rows (a single file has one split)."""
+    from ..data.splits import hold_out, same_rows
+
+    reuse = same_rows(dataset, train_split, eval_dataset, eval_split)
+    fraction = (DEFAULT_HOLDOUT if reuse else 0.0) if holdout is None else holdout
+    if fraction > 0 and train_rows is not None:
+        train_rows, held = hold_out(train_rows, fraction, f"{dataset} [{train_split}]")
+        why = " (a single file or saved Dataset has one split; --eval-dataset names other data)" if holdout is None else ""
+        return train_rows, held, None, (f"evaluation: {len(held)} of the {len(held) + len(train_rows)} rows of "
+                                        f"{dataset} held out of training by image (--holdout {fraction:g}){why}")
+    source = eval_dataset or dataset
+    line = f"evaluation: {source} [{eval_split}]"
+    if reuse and train_rows is not None:
+        line = (f"WARNING: evaluating on the training rows ({source} [{eval_split}], --holdout 0): the accuracy "
+                "says how well the model fits them, not how it does on new data")
+    return train_rows, None, load_eval(source), line

@@ -28,6 +28,7 @@ from torch.utils.data import default_collate
 
 from ..config import VIT_PRESETS, ConfigError, ViTConfig, check_number, vit_preset
 from ..data import load_classification
+from ..data.splits import align_labels
 from ..layers import init_linear_and_norm
 from ..loading import load_vit
 from ..metrics import top1_accuracy
@@ -35,7 +36,7 @@ from ..processing import ImageProcessor
 from ..vit import ViT
 from . import augment
 from .args import OneLineErrorParser, parse_configs
-from .data import example_generator, split_index
+from .data import evaluation_rows, example_generator, split_index
 from .features import MEMORY_LIMIT_BYTES
 from .loop import steps_per_epoch, train
 from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_groups, start_run_folder, write_json
@@ -58,6 +59,12 @@ class ViTStageConfig:
     dataset: str = field(default="easy-vqa", metadata={"help": "easy-vqa, a parquet/JSONL file, an image folder or a hub id"})
     train_split: str = field(default="train", metadata={"help": "training split"})
     eval_split: str = field(default="test", metadata={"help": "evaluation split"})
+    eval_dataset: str | None = field(default=None, metadata={
+        "help": "evaluate on this source instead of --dataset (a file, folder or hub id; its --eval-split)"})
+    holdout: float | None = field(default=None, metadata={
+        "help": "evaluate on this share of the training images, kept out of training (default: 0.1 when the "
+                "evaluation rows would be the training rows -- a single file or saved Dataset, or --eval-split "
+                "equal to --train-split -- else 0: the evaluation split)"})
     image_column: str = field(default="image", metadata={"help": "column holding the images"})
     label_column: str = field(default="label", metadata={"help": "column holding the class labels"})
     max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more rows than this are unusable"})
@@ -91,6 +98,10 @@ class ViTStageConfig:
     def __post_init__(self) -> None:
         # Impossible values stop here, at parse time: before any data is read or any folder written.
         check_number("--max-bad-fraction", self.max_bad_fraction, 0, 1)
+        if self.holdout is not None:
+            check_number("--holdout", self.holdout, 0, 1, high_open=True)
+            if self.holdout > 0 and self.eval_dataset is not None:
+                raise ConfigError("--holdout and --eval-dataset both choose the evaluation rows; pass one")
         if self.shift is not None:
             check_number("--shift", self.shift, 0, integer=True)
         check_number("--crop-area", self.crop_area, 0, 1, low_open=True)
@@ -233,13 +244,15 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     """Train and evaluate; returns the final metrics. The model lands in OUTPUT_DIR/model."""
     out = Path(run_cfg.output_dir)
     set_seed(run_cfg.seed)
-    train_ds, train_report = load_classification(stage.dataset, stage.train_split, image_column=stage.image_column,
-                                                 label_column=stage.label_column,
-                                                 max_bad_fraction=stage.max_bad_fraction)
-    eval_ds, eval_report = load_classification(stage.dataset, stage.eval_split, image_column=stage.image_column,
-                                               label_column=stage.label_column,
-                                               max_bad_fraction=stage.max_bad_fraction)
+    columns = {"image_column": stage.image_column, "label_column": stage.label_column,
+               "max_bad_fraction": stage.max_bad_fraction}
+    train_ds, train_report = load_classification(stage.dataset, stage.train_split, **columns)
+    train_ds, held, loaded, eval_line = evaluation_rows(
+        stage.dataset, stage.train_split, stage.eval_dataset, stage.eval_split, stage.holdout, train_ds,
+        lambda source: load_classification(source, stage.eval_split, **columns))
+    eval_ds, eval_report = (held, f"{len(held)} held-out rows") if loaded is None else loaded
     class_names, label_grid = label_layout(train_ds)
+    eval_ds = align_labels(eval_ds, class_names, f"{stage.eval_dataset or stage.dataset} [{stage.eval_split}]")
     if stage.shift and label_grid > 1:
         raise ConfigError(f"--shift {stage.shift} could move shapes across the {label_grid}x{label_grid} label "
                           "cells of this dataset; use --shift 0 with per-cell labels")
@@ -268,7 +281,7 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
 
     precision = choose_precision(run_cfg, vit, probe_batch, lambda m, b: step(m, b)[0])
     accelerator = make_accelerator(run_cfg, precision)
-    accelerator.print(f"data: {train_report}\ndata: {eval_report}")
+    accelerator.print(f"data: {train_report}\ndata: {eval_report}\n{eval_line}")
     accelerator.print(f"augmentation (recipe {stage.recipe}): flips {'on' if stage.hflip else 'off'}, shift {shift}, "
                       f"trivial augment {'on' if stage.trivial_augment else 'off'}, crop area {stage.crop_area:g}, "
                       f"mixup {stage.mixup:g}, cutmix {stage.cutmix:g}, label smoothing {stage.label_smoothing:g}, "
@@ -295,6 +308,7 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
             image, cell = accuracies(vit, eval_set)
             metrics = {"test_accuracy": image, "test_examples": len(eval_set),
                        "train_examples": len(train_set), "classes": class_names, "shift": shift,
+                       "evaluation": eval_line,
                        "precision": precision.resolved}
             if label_grid > 1:
                 metrics.update(test_cell_accuracy=cell, label_grid=label_grid)

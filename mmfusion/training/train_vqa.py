@@ -42,7 +42,7 @@ from ..processing import ImageProcessor, PromptBuilder, VQACollator
 from ..vlm import VLM
 from ..weights import is_mmfusion_folder
 from .args import parse_configs
-from .data import Conversations, Rows
+from .data import Conversations, Rows, evaluation_rows
 from .features import MEMORY_LIMIT_BYTES, FeatureRows
 from .loop import find_resume, steps_per_epoch, train
 from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_groups, start_run_folder, write_json
@@ -64,6 +64,12 @@ class VQAStageConfig:
         "help": "first train only the adapter on captions for this many epochs (0: no alignment phase)"})
     train_split: str = field(default="train", metadata={"help": "training split"})
     eval_split: str = field(default="test", metadata={"help": "evaluation split"})
+    eval_dataset: str | None = field(default=None, metadata={
+        "help": "evaluate on this source instead of --dataset (a file, folder or hub id; its --eval-split)"})
+    holdout: float | None = field(default=None, metadata={
+        "help": "evaluate on this share of the training images, kept out of training (default: 0.1 when the "
+                "evaluation rows would be the training rows -- a single file or saved Dataset, or --eval-split "
+                "equal to --train-split -- else 0: the evaluation split)"})
     image_column: str = field(default="image", metadata={"help": "column holding the images"})
     question_column: str = field(default="question", metadata={"help": "column holding the questions"})
     answer_column: str | None = field(default=None, metadata={
@@ -108,6 +114,10 @@ class VQAStageConfig:
             if getattr(self, name) is not None:
                 check_number(f"--{name.replace('_', '-')}", getattr(self, name), 0, low_open=True)
         check_number("--max-bad-fraction", self.max_bad_fraction, 0, 1)
+        if self.holdout is not None:
+            check_number("--holdout", self.holdout, 0, 1, high_open=True)
+            if self.holdout > 0 and self.eval_dataset is not None:
+                raise ConfigError("--holdout and --eval-dataset both choose the evaluation rows; pass one")
         check_number("--align-epochs", self.align_epochs, 0)
         if self.block_size is not None and self.gpt not in GPT_PRESETS:
             raise ConfigError("--block-size applies only to a fresh GPT from a preset")
@@ -148,20 +158,37 @@ def optimizer_for(model: VLM, stage: VQAStageConfig, run: RunConfig) -> torch.op
     return adamw(groups, run)
 
 
-def load_splits(stage: VQAStageConfig, split: str, captions: bool, questions: bool):
-    """(questions, captions) datasets of one split (None where not wanted), and their reports."""
+def load_splits(stage: VQAStageConfig, source: str, split: str, captions: bool, questions: bool):
+    """(questions, captions) datasets of one split of `source` (None where not wanted), and their reports."""
     columns = {"image_column": stage.image_column, "question_column": stage.question_column,
                "answer_column": stage.answer_column, "max_bad_fraction": stage.max_bad_fraction}
-    if stage.dataset in BUILT_IN:
+    if source in BUILT_IN:
         columns = {}
     vqa, cap, reports = None, None, []
     if questions:
-        vqa, report = load_vqa_dataset(stage.dataset, split, **columns)
+        vqa, report = load_vqa_dataset(source, split, **columns)
         reports.append(report)
     if captions:
-        cap, report = load_caption_dataset(stage.dataset, split)
+        cap, report = load_caption_dataset(source, split)
         reports.append(report)
     return vqa, cap, reports
+
+
+def load_all(stage: VQAStageConfig, captions: bool, questions: bool):
+    """Training and evaluation rows: (train questions, train captions, eval questions, eval
+    captions, report lines). Evaluation questions are a held-out share of the training images
+    where the two would otherwise be the same rows (data.evaluation_rows)."""
+    train_vqa, train_cap, reports = load_splits(stage, stage.dataset, stage.train_split, captions, questions)
+    eval_captions = stage.task != "vqa"
+    train_vqa, held, loaded, line = evaluation_rows(
+        stage.dataset, stage.train_split, stage.eval_dataset, stage.eval_split, stage.holdout, train_vqa,
+        lambda source: load_splits(stage, source, stage.eval_split, eval_captions, questions))
+    if loaded is None:  # questions held out; captions (the built-in scenes) still from their split
+        eval_vqa = held
+        _, eval_cap, eval_reports = load_splits(stage, stage.dataset, stage.eval_split, eval_captions, False)
+    else:
+        eval_vqa, eval_cap, eval_reports = loaded
+    return train_vqa, train_cap, eval_vqa, eval_cap, [f"data: {r}" for r in reports + eval_reports] + [line]
 
 
 def set_trainable(model: VLM, vit: bool, adapter: bool, gpt: bool) -> None:
@@ -247,8 +274,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     out = Path(run_cfg.output_dir)
     questions, captions = tasks(stage)
     set_seed(run_cfg.seed)
-    train_vqa, train_cap, reports = load_splits(stage, stage.train_split, captions, questions)
-    eval_vqa, eval_cap, eval_reports = load_splits(stage, stage.eval_split, stage.task != "vqa", questions)
+    train_vqa, train_cap, eval_vqa, eval_cap, data_lines = load_all(stage, captions, questions)
     model = build_vlm(stage)
     processor = ImageProcessor.from_config(model.config.vit)
     cached = stage.freeze_vit and stage.cache_features
@@ -257,7 +283,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     step = functools.partial(vqa_step, loss_per=stage.loss_per)
     precision = choose_precision(run_cfg, model, probe, lambda m, b: step(m, b)[0])
     accelerator = make_accelerator(run_cfg, precision)
-    accelerator.print("\n".join(f"data: {r}" for r in reports + eval_reports))
+    accelerator.print("\n".join(data_lines))
     if cached:
         train_vqa, train_cap = (with_features(accelerator, run_cfg, model, processor, ds) for ds in (train_vqa, train_cap))
     if questions and stage.turns > 1:
@@ -293,6 +319,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
         metrics["truncated_questions"] = prompts.truncated
         metrics["dropped_turns"] = prompts.dropped_turns
         metrics["precision"] = precision.resolved
+        metrics["evaluation"] = data_lines[-1]
         write_json(out / "metrics.json", metrics)
         accelerator.print(f"model saved to {out / 'model'}")
     accelerator.end_training()

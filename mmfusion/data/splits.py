@@ -1,0 +1,87 @@
+"""Evaluation rows that are not training rows.
+
+A single file (or a `Dataset.save_to_disk` folder) has one split: asked for "train" and for
+"test" it gives the same rows, so a run would report its accuracy on what it trained on.
+`same_rows` says when that would happen; `hold_out` then takes a share of the rows out of
+training, by image (a VQA set asks several questions about one image: they go to the same
+side), with a choice that depends on the data only -- not on the seed, not on row order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import datasets
+
+from .local import DatasetError
+
+BUILT_IN_SPLITS = ("easy-vqa", "scenes")
+
+
+def single_split(source: str) -> bool:
+    """Whether every split name gives the same rows of `source`: a single file or a saved Dataset."""
+    if source in BUILT_IN_SPLITS:
+        return False
+    path = Path(source).expanduser()
+    return path.is_file() or (path.is_dir() and (path / "state.json").is_file())
+
+
+def same_rows(source: str, train_split: str, eval_source: str | None, eval_split: str) -> bool:
+    """Whether evaluating on (eval_source or source, eval_split) would reuse the training rows."""
+    if eval_source is not None and eval_source != source:
+        return False
+    return train_split == eval_split or single_split(source)
+
+
+def image_keys(ds: datasets.Dataset, column: str = "image") -> list[str]:
+    """One key per row naming its image: the file path, else a digest of the image's bytes."""
+    raw = ds.select_columns([column])
+    if isinstance(raw.features[column], datasets.Image):
+        raw = raw.cast_column(column, datasets.Image(decode=False))  # paths and bytes, nothing decoded
+    keys = []
+    for batch in raw.iter(batch_size=1000):  # a batch of bytes at a time, not the whole set
+        for value in batch[column]:
+            path = value.get("path") if isinstance(value, dict) else None
+            data = value.get("bytes") if isinstance(value, dict) else value
+            keys.append(f"path:{path}" if path else "sha256:" + hashlib.sha256(data or b"").hexdigest())
+    return keys
+
+
+def align_labels(ds: datasets.Dataset, names: list[str], what: str) -> datasets.Dataset:
+    """`ds`'s class labels renumbered to `names` (the training set's classes), by name: another
+    file's ids follow its own classes. A class the training set lacks is a DatasetError."""
+    feature = ds.features["label"]
+    inner = getattr(feature, "feature", feature)  # a list of labels per cell, or one
+    if list(inner.names) == list(names):
+        return ds
+    unknown = sorted(set(inner.names) - set(names))
+    if unknown:
+        raise DatasetError(f"{what} has classes the training data lacks: {unknown[:5]}; a model cannot be scored on "
+                           "them. Evaluate on data with the training classes")
+    new_id = [names.index(n) for n in inner.names]
+    target = datasets.ClassLabel(names=list(names))
+    features = ds.features.copy()
+    features["label"] = target if inner is feature else datasets.Sequence(target)
+
+    def renumber(batch):
+        batch["label"] = [[new_id[i] for i in v] if isinstance(v, list) else new_id[v] for v in batch["label"]]
+        return batch
+
+    return ds.map(renumber, batched=True, features=features, desc="matching classes")
+
+
+def hold_out(ds: datasets.Dataset, fraction: float, what: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(training rows, held-out rows): the images whose key hashes lowest, about `fraction` of
+    the distinct images (at least one), with every row of each; `what` names the data in errors."""
+    keys = image_keys(ds)
+    images = sorted(set(keys), key=lambda k: hashlib.sha256(k.encode()).digest())
+    n = max(1, round(fraction * len(images)))
+    if n >= len(images):
+        raise DatasetError(f"{what}: {len(images)} distinct image(s) cannot be split into training and held-out "
+                           "rows; name evaluation data with --eval-dataset, or pass --holdout 0 to evaluate on "
+                           "the training rows knowingly")
+    held = set(images[:n])
+    out = [i for i, k in enumerate(keys) if k in held]
+    kept = [i for i, k in enumerate(keys) if k not in held]
+    return ds.select(kept), ds.select(out)

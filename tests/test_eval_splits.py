@@ -1,0 +1,104 @@
+"""Evaluation rows are not training rows: a single file's split is held out by image (by
+default), --eval-dataset names other data (classes matched by name), --holdout 0 evaluates on
+the training rows only knowingly, with a warning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+from PIL import Image
+
+from mmfusion.config import ConfigError
+from mmfusion.data import DatasetError, load_image_classification, load_vqa
+from mmfusion.data.splits import align_labels, hold_out, same_rows, single_split
+from mmfusion.training import pretrain_vit, train_vqa
+
+QUIET = ["--no-progress", "--mixed-precision", "no", "--max-steps", "1", "--batch-size", "4"]
+TINY = ["--image-size", "16", "--patch-size", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "16"]
+
+
+def vqa_file(folder: Path, images: int, questions: int = 3, name: str = "qa.jsonl") -> Path:
+    rows = []
+    for i in range(images):
+        Image.new("RGB", (16, 16), (10 * i, 0, 0)).save(folder / f"img{i}.png")
+        rows += [{"image": f"img{i}.png", "question": f"q{j}?", "answers": [f"a{i}"]} for j in range(questions)]
+    path = folder / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def cls_file(folder: Path, labels: list[str], name: str) -> Path:
+    rows = []
+    for i, label in enumerate(labels):
+        Image.new("RGB", (16, 16), (0, 20 * i, 0)).save(folder / f"{name}{i}.png")
+        rows.append({"image": f"{name}{i}.png", "label": label})
+    path = folder / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_which_sources_reuse_the_training_rows(tmp_path):
+    path = vqa_file(tmp_path, 2)
+    assert single_split(str(path)) and not single_split("easy-vqa") and not single_split("scenes")
+    assert same_rows(str(path), "train", None, "test")  # a file is one split, whatever the names
+    assert not same_rows(str(path), "train", str(tmp_path / "other.jsonl"), "test")
+    assert not same_rows("easy-vqa", "train", None, "test") and same_rows("easy-vqa", "train", None, "train")
+
+
+def test_holdout_takes_whole_images_and_depends_on_the_data_only(tmp_path):
+    ds, _ = load_vqa(str(vqa_file(tmp_path, 20)), "train")
+    train, held = hold_out(ds, 0.1, "qa")
+    images = lambda d: {row["image"].getpixel((0, 0)) for row in d}  # noqa: E731 -- the image's color is its name
+    assert len(images(held)) == 2 and len(held) == 6 and len(train) == 54
+    assert not images(held) & images(train)  # no image on both sides
+    shuffled = ds.shuffle(seed=7)
+    assert images(hold_out(shuffled, 0.1, "qa")[1]) == images(held)  # not the row order, not a seed
+    with pytest.raises(DatasetError, match="1 distinct image.*--eval-dataset, or pass --holdout 0"):
+        hold_out(ds.filter(lambda r: r["answers"] == ["a0"]), 0.1, "qa")
+
+
+def test_classes_of_other_data_are_matched_by_name(tmp_path):
+    train, _ = load_image_classification(str(cls_file(tmp_path, ["cat", "dog", "emu"] * 2, "train")), "train")
+    other, _ = load_image_classification(str(cls_file(tmp_path, ["emu", "cat"], "other")), "train")
+    assert other.features["label"].names == ["cat", "emu"]  # its own ids: emu would be 1, dog's id
+    aligned = align_labels(other, train.features["label"].names, "other")
+    assert aligned.features["label"].names == ["cat", "dog", "emu"] and aligned["label"] == [2, 0]
+    stranger, _ = load_image_classification(str(cls_file(tmp_path, ["cat", "yak"], "stranger")), "train")
+    with pytest.raises(DatasetError, match=r"classes the training data lacks: \['yak'\]"):
+        align_labels(stranger, train.features["label"].names, "stranger")
+
+
+def test_a_single_file_is_evaluated_on_held_out_images(tmp_path, capsys):
+    path = vqa_file(tmp_path, 20)
+    metrics = train_vqa.run(*train_vqa.parse(["--vit", "vit-tiny", "--dataset", str(path), "--output-dir",
+                                              str(tmp_path / "out"), *QUIET]))
+    out = capsys.readouterr().out
+    assert "evaluation: 6 of the 60 rows of" in out and "held out of training by image (--holdout 0.1)" in out
+    assert metrics["count"] == 6 and "held out" in metrics["evaluation"]
+    assert "for 54 rows" in out  # training saw the rows of the other 18 images only
+
+
+def test_holdout_zero_warns_and_eval_dataset_is_used(tmp_path, capsys):
+    path = vqa_file(tmp_path, 4)
+    train_vqa.run(*train_vqa.parse(["--vit", "vit-tiny", "--dataset", str(path), "--holdout", "0",
+                                    "--output-dir", str(tmp_path / "a"), *QUIET]))
+    assert "WARNING: evaluating on the training rows" in capsys.readouterr().out
+    other = vqa_file(tmp_path, 2, questions=1, name="other.jsonl")
+    metrics = train_vqa.run(*train_vqa.parse(["--vit", "vit-tiny", "--dataset", str(path), "--eval-dataset",
+                                              str(other), "--output-dir", str(tmp_path / "b"), *QUIET]))
+    assert metrics["count"] == 2 and metrics["evaluation"] == f"evaluation: {other} [test]"
+    with pytest.raises(ConfigError, match="--holdout and --eval-dataset both choose"):
+        train_vqa.parse(["--eval-dataset", str(other), "--holdout", "0.2"])
+
+
+def test_pretrain_vit_scores_other_data_by_class_name(tmp_path, capsys):
+    train = cls_file(tmp_path, ["cat", "dog", "emu"] * 4, "train")
+    other = cls_file(tmp_path, ["emu", "cat"], "other")
+    metrics = pretrain_vit.run(*pretrain_vit.parse(["--dataset", str(train), "--eval-dataset", str(other),
+                                                    "--output-dir", str(tmp_path / "vit"), *TINY, *QUIET]))
+    assert metrics["test_examples"] == 2 and metrics["classes"] == ["cat", "dog", "emu"]
+    assert f"evaluation: {other} [test]" in capsys.readouterr().out
+    assert datasets  # the module under test builds on it
