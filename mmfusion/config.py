@@ -17,6 +17,7 @@ from typing import Any
 from .errors import ConfigError
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+RESAMPLE_FILTERS = ("bicubic", "bilinear")
 
 
 def _positive(cfg: Any, *names: str) -> None:
@@ -130,9 +131,25 @@ class ViTConfig(_JSONMixin):
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     label_grid: int = 1  # 1: one label per image (from CLS); g > 1: one label per cell of a g x g grid
+    # How images reach image_size x image_size, as the weights were trained: "square" resizes the
+    # whole image (ViT's processor); "shortest_edge" resizes the short side to resize_size (None:
+    # image_size) keeping the aspect ratio, then crops the centre (CLIP's). The resampling filter
+    # is the processor's: bicubic (mmfusion's own models, CLIP) or bilinear (ViT).
+    resize: str = "square"
+    resize_size: int | None = None
+    resample: str = "bicubic"
 
     def __post_init__(self) -> None:
         _positive(self, "image_size", "patch_size", "num_channels", "n_layer", "n_head", "n_embd", "label_grid")
+        if self.resize not in ("square", "shortest_edge"):
+            raise ConfigError(f"ViTConfig.resize must be 'square' or 'shortest_edge', got {self.resize!r}")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ConfigError(f"ViTConfig.resample must be one of {sorted(RESAMPLE_FILTERS)}, got {self.resample!r}")
+        if self.resize_size is not None:
+            _positive(self, "resize_size")
+            # at least the crop; at most 4x it (processors use 1-1.15x), which bounds the resized image
+            check_number("ViTConfig.resize_size", self.resize_size, self.image_size, 4 * self.image_size,
+                         integer=True)
         if self.intermediate_size is not None:
             _positive(self, "intermediate_size")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:

@@ -29,7 +29,16 @@ from torch import nn
 from .config import GPTConfig, ViTConfig
 from .errors import ConversionError
 from .gpt import GPT
-from .hf_checkpoint import Source, gpt_config_from_hf, ignored, key_list, load_checkpoint, normalization, vit_config_from_hf
+from .hf_checkpoint import (
+    Source,
+    gpt_config_from_hf,
+    ignored,
+    key_list,
+    load_checkpoint,
+    normalization,
+    resizing,
+    vit_config_from_hf,
+)
 from .vit import ViT
 
 # ----------------------------------------------------------------------------- key tables
@@ -245,7 +254,8 @@ def vit_from_hf(source: Any, *, dropout: float = 0.0) -> ViT:
     (its vision tower) as an mmfusion ViT.
 
     source: a model instance, a folder written by save_pretrained, or a hub id.
-    image_mean/std come from the folder's preprocessor_config.json when there is one, else the
+    image_mean/std and the resizing (bilinear squares for ViT; CLIP's short side + centre crop,
+    bicubic) come from the folder's preprocessor_config.json when there is one, else the
     family's defaults (ViT: 0.5; CLIP: OpenAI's). A classifier's `num_labels` becomes
     `num_classes`; the other sources give `num_classes=0`.
     Raises ConversionError for unsupported architectures or options, and for any key or shape
@@ -257,7 +267,8 @@ def vit_from_hf(source: Any, *, dropout: float = 0.0) -> ViT:
     hf_config = hf.config.vision_config if arch == "CLIPModel" else hf.config
     num_classes = hf.config.num_labels if arch == "ViTForImageClassification" else 0
     mean, std = normalization(preprocessor, hf_config.num_channels)
-    config = vit_config_from_hf(hf_config, spec.family, num_classes, mean, std, dropout)
+    resize = resizing(preprocessor, spec.family, hf_config)
+    config = vit_config_from_hf(hf_config, spec.family, num_classes, mean, std, dropout, resize)
     if spec.family == "clip":
         table = clip_vision_table(config, spec.prefix)
     else:

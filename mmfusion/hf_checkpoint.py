@@ -83,8 +83,9 @@ def _make(kind: type, where: str, **fields: Any):
 
 def vit_config_from_hf(hf_config: Any, family: str, num_classes: int = 0,
                        image_mean: tuple[float, ...] | None = None, image_std: tuple[float, ...] | None = None,
-                       dropout: float = 0.0) -> ViTConfig:
-    """A transformers ViTConfig (family "vit") or CLIPVisionConfig ("clip") -> our ViTConfig."""
+                       dropout: float = 0.0, resizing: dict | None = None) -> ViTConfig:
+    """A transformers ViTConfig (family "vit") or CLIPVisionConfig ("clip") -> our ViTConfig.
+    `resizing` (resize, resize_size, resample; see `resizing`) defaults to the family's processor's."""
     where = type(hf_config).__name__
     n_embd, n_head = hf_config.hidden_size, hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None)
@@ -105,6 +106,7 @@ def vit_config_from_hf(hf_config: Any, family: str, num_classes: int = 0,
         intermediate_size=hf_config.intermediate_size, num_classes=num_classes, dropout=dropout,
         layer_norm_eps=hf_config.layer_norm_eps, activation=_activation(hf_config.hidden_act, where),
         image_mean=tuple(image_mean or default_mean), image_std=tuple(image_std or default_std),
+        **(resizing or FAMILY_RESIZING[family]),
     )
     if family == "clip":
         return _make(ViTConfig, where, **fields, qkv_bias=True, patch_bias=False, pre_norm=True, final_norm="cls")
@@ -128,14 +130,74 @@ def gpt_config_from_hf(hf_config: Any, dropout: float = 0.0) -> GPTConfig:
                  initializer_range=getattr(hf_config, "initializer_range", 0.02))
 
 
-def normalization(preprocessor: Path | None, num_channels: int) -> tuple[tuple[float, ...] | None, ...]:
-    """image_mean/std from a preprocessor_config.json, or (None, None) when there is none."""
-    if preprocessor is None or not preprocessor.is_file():
-        return None, None
+# How each family's image processor resizes, when a checkpoint comes without preprocessor_config.json.
+FAMILY_RESIZING = {"vit": {"resize": "square", "resize_size": None, "resample": "bilinear"},
+                   "clip": {"resize": "shortest_edge", "resize_size": None, "resample": "bicubic"}}
+# transformers stores `resample` as PIL's enum value
+PIL_FILTERS = {2: "bilinear", 3: "bicubic"}
+
+
+def _read_preprocessor(preprocessor: Path) -> dict:
     data = read_json(preprocessor, ConversionError)
     if not isinstance(data, dict):
         raise ConversionError(f"{preprocessor} holds a JSON {type(data).__name__}, not an object; "
                               "save the image processor again")
+    return data
+
+
+def _side(value: Any, key: str, where: Path, shortest: bool = False) -> int:
+    """A processor size (an int, or a dict with height = width, or shortest_edge) as one side."""
+    if isinstance(value, dict):
+        value = value.get("shortest_edge") if shortest else (value.get("height") if value.get("height") ==
+                                                              value.get("width") else None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConversionError(f"{where}: {key} must be a positive size (or a square height/width), got {value!r}")
+    return value
+
+
+def resizing(preprocessor: Path | None, family: str, hf_config: Any) -> dict:
+    """ViTConfig's resize, resize_size and resample from a preprocessor_config.json, so imported
+    weights see the pixels transformers' processor gives them; the family's defaults without one.
+    Settings whose output is not image_size x image_size are refused."""
+    out = dict(FAMILY_RESIZING[family])
+    if preprocessor is None or not preprocessor.is_file():
+        return out
+    image_size = _square(hf_config.image_size, "image_size", type(hf_config).__name__)
+    data = _read_preprocessor(preprocessor)
+    if "resample" in data:
+        if data["resample"] not in PIL_FILTERS:
+            raise ConversionError(f"{preprocessor}: resample {data['resample']!r} is not supported (mmfusion "
+                                  f"resizes with {sorted(PIL_FILTERS.values())}, PIL's {sorted(PIL_FILTERS)})")
+        out["resample"] = PIL_FILTERS[data["resample"]]
+    size = data.get("size")
+    crop = data.get("do_center_crop", False)
+    if isinstance(size, dict) and "shortest_edge" in size:
+        out["resize"], short = "shortest_edge", _side(size, "size", preprocessor, shortest=True)
+        out["resize_size"] = None if short == image_size else short
+        if not crop:
+            raise ConversionError(f"{preprocessor}: resizing the short side without a centre crop gives "
+                                  "non-square images; mmfusion's ViT takes squares")
+        size_out = _side(data.get("crop_size", image_size), "crop_size", preprocessor)
+    elif size is not None:
+        out["resize"], size_out = "square", _side(size, "size", preprocessor)
+        if crop:
+            size_out = _side(data.get("crop_size", size_out), "crop_size", preprocessor)
+            if size_out != _side(size, "size", preprocessor):
+                raise ConversionError(f"{preprocessor}: a square resize followed by a smaller centre crop is not "
+                                      "supported")
+    else:
+        return out
+    if size_out != image_size:
+        raise ConversionError(f"{preprocessor}: the processor gives {size_out}x{size_out} images, the model "
+                              f"takes {image_size}x{image_size}")
+    return out
+
+
+def normalization(preprocessor: Path | None, num_channels: int) -> tuple[tuple[float, ...] | None, ...]:
+    """image_mean/std from a preprocessor_config.json, or (None, None) when there is none."""
+    if preprocessor is None or not preprocessor.is_file():
+        return None, None
+    data = _read_preprocessor(preprocessor)
     if data.get("do_normalize", True) is False:  # pixels are fed as they are
         return (0.0,) * num_channels, (1.0,) * num_channels
 

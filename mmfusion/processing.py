@@ -147,24 +147,44 @@ def load_image(image) -> Image.Image:
 
 
 class ImageProcessor:
-    """RGB, resize to (size, size) with bicubic resampling, scale to [0, 1], normalize."""
+    """RGB (or grayscale for a 1-channel ViT), resized as the weights were trained (the whole
+    image to (size, size), or the short side to `resize_size` and the centre cropped; bicubic or
+    bilinear), scaled to [0, 1], normalized. With a transformers checkpoint's settings it gives
+    the pixels its image processor gives (tests/test_processing.py)."""
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.image_size = image_size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], resize: str = "square",
+                 resize_size: int | None = None, resample: str = "bicubic") -> None:
+        self.image_size, self.resize, self.resize_size = image_size, resize, resize_size or image_size
+        self.filter = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[resample]
+        self.channels = len(mean)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     @classmethod
     def from_config(cls, config: ViTConfig) -> ImageProcessor:
-        return cls(config.image_size, config.image_mean, config.image_std)
+        return cls(config.image_size, config.image_mean, config.image_std, config.resize, config.resize_size,
+                   config.resample)
+
+    def _resize(self, image: Image.Image) -> Image.Image:
+        size = self.image_size
+        if self.resize == "square":
+            return image if image.size == (size, size) else image.resize((size, size), self.filter)
+        w, h = image.size
+        short = self.resize_size
+        # the short side to `short`, the long one in proportion (truncated, as transformers does)
+        new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        if new != image.size:
+            image = image.resize(new, self.filter)
+        left, top = (new[0] - size) // 2, (new[1] - size) // 2  # transformers' centre: the floor
+        return image.crop((left, top, left + size, top + size))
 
     def to_tensor(self, image) -> torch.Tensor:
-        """One image of any supported kind -> (3, H, W) float32, normalized."""
-        image = load_image(image)
-        if image.size != (self.image_size, self.image_size):
-            image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
-        x = x.permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
+        """One image of any supported kind -> (C, H, W) float32, normalized."""
+        image = self._resize(load_image(image))
+        if self.channels == 1:
+            image = image.convert("L")
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W[, 3])
+        x = (x[..., None] if x.ndim == 2 else x).permute(2, 0, 1).float().div_(255.0)  # (C, H, W)
         return (x - self.mean) / self.std
 
     def __call__(self, images) -> torch.Tensor:

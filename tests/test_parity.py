@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -15,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from mmfusion import GPT, ViT  # noqa: E402
 from mmfusion.convert import ConversionError, apply_table, gpt2_table, gpt_from_hf, vit_from_hf  # noqa: E402
 from mmfusion.hf_checkpoint import CLIP_MEAN, CLIP_STD, gpt_config_from_hf  # noqa: E402
+from mmfusion.processing import ImageProcessor  # noqa: E402
 from mmfusion.weights import CheckpointError  # noqa: E402
 
 ATOL = 1e-4
@@ -146,6 +149,13 @@ def test_grayscale_vit_classifier_converts_and_matches():
     hf = hf_vit("ViTForImageClassification", num_channels=1, num_labels=3)
     ours = vit_from_hf(hf).eval()
     assert ours.config.num_channels == 1 and ours.config.image_mean == (0.5,) and ours.config.image_std == (0.5,)
+    gray = Image.fromarray(np.arange(40 * 40, dtype=np.uint8).reshape(40, 40) % 200, "L")
+    x = ImageProcessor.from_config(ours.config)(gray)  # a 3-channel view would not fit the model
+    assert x.shape == (1, 1, 32, 32)
+    assert max_diff(x[0, 0], torch.as_tensor(np.asarray(gray.resize((32, 32), Image.Resampling.BILINEAR),
+                                                          dtype=np.float32)) / 127.5 - 1) <= 1e-5
+    with torch.no_grad():
+        assert ours(x).shape == (1, 3)
     x = pixels(hf.config)
     with torch.no_grad():
         assert max_diff(hf(x).logits, ours(x)) <= ATOL
@@ -394,3 +404,73 @@ def test_gpt_init_std_flag_reaches_a_fresh_gpt():
     gpt = load_gpt(stage.gpt, stage.gpt_overrides())
     assert (gpt.config.initializer_range, gpt.config.block_size) == (0.06, 96)
     assert gpt.wte.weight.std().item() == pytest.approx(0.06, rel=0.02)
+
+
+# ----------------------------------------------------------------------------- pixels
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A landscape or portrait photo stand-in: smooth gradients (where resampling filters differ
+    most) and noise."""
+    rng = np.random.default_rng(seed)
+    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
+    base = np.stack([x * 255, y * 255, (1 - x) * y * 255], -1) + rng.normal(0, 20, (height, width, 3))
+    return Image.fromarray(base.clip(0, 255).astype(np.uint8))
+
+
+def theirs(processor, image: Image.Image) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(processor(images=image, return_tensors="np")["pixel_values"][0]))
+
+
+@pytest.mark.parametrize("size", [(600, 400), (300, 500), (32, 32), (17, 90)])
+def test_imported_vit_sees_the_pixels_vit_image_processor_gives(tmp_path, size):
+    """ViTImageProcessor resizes the whole image bilinearly (we used bicubic: up to 0.196 apart)."""
+    hf = hf_vit("ViTModel")
+    hf.save_pretrained(tmp_path)
+    processor = transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6],
+                                                  image_std=[0.2, 0.3, 0.25])
+    processor.save_pretrained(tmp_path)
+    ours = ViT.from_hf(tmp_path)
+    assert (ours.config.resize, ours.config.resample) == ("square", "bilinear")
+    image = photo(*size)
+    assert max_diff(ImageProcessor.from_config(ours.config)(image)[0], theirs(processor, image)) <= 1e-5
+    assert ViT.from_hf(hf).config.resample == "bilinear"  # the family's default, without the file
+
+
+@pytest.mark.parametrize("size", [(600, 400), (300, 500), (33, 32), (40, 101)])
+def test_imported_clip_sees_the_pixels_clip_image_processor_gives(tmp_path, size):
+    """CLIPImageProcessor resizes the short side and crops the centre (we squashed the whole image
+    to a square: mean 0.56, max 3.59 apart on a 600x400 photo)."""
+    hf = hf_clip_vision("32px-p8")
+    hf.save_pretrained(tmp_path)
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(tmp_path)
+    ours = vit_from_hf(tmp_path)
+    assert (ours.config.resize, ours.config.resample) == ("shortest_edge", "bicubic")
+    image = photo(*size, seed=1)
+    assert max_diff(ImageProcessor.from_config(ours.config)(image)[0], theirs(processor, image)) <= 1e-5
+
+
+def test_a_larger_resize_then_crop_is_followed(tmp_path):
+    hf = hf_clip_vision("32px-p8")
+    hf.save_pretrained(tmp_path)
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},
+                                                   resample=2)
+    processor.save_pretrained(tmp_path)
+    ours = vit_from_hf(tmp_path)
+    assert (ours.config.resize_size, ours.config.resample) == (40, "bilinear")
+    image = photo(70, 50, seed=2)
+    assert max_diff(ImageProcessor.from_config(ours.config)(image)[0], theirs(processor, image)) <= 1e-5
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"resample": 1}, "resample 1 is not supported"),
+    ({"size": {"height": 48, "width": 48}}, "the processor gives 48x48 images, the model takes 32x32"),
+    ({"size": {"shortest_edge": 32}, "do_center_crop": False}, "without a centre crop"),
+    ({"size": {"height": 32, "width": 40}}, "size must be a positive size"),
+])
+def test_processor_settings_the_model_cannot_follow_are_refused(tmp_path, settings, message):
+    hf = hf_vit("ViTModel")
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
+    with pytest.raises(ConversionError, match=message):
+        ViT.from_hf(tmp_path)
