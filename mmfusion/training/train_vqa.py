@@ -45,6 +45,7 @@ from .args import parse_configs
 from .data import Conversations, Rows, evaluation_rows
 from .features import MEMORY_LIMIT_BYTES, FeatureRows
 from .loop import find_resume, steps_per_epoch, train
+from .lora import TARGETS, add_lora, merge_lora
 from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_groups, start_run_folder, write_json
 
 
@@ -95,6 +96,10 @@ class VQAStageConfig:
                 "(the same numbers; saves the ViT and the image decoding every step)"})
     freeze_adapter: bool = field(default=False, metadata={"help": "keep the adapter's weights fixed"})
     freeze_gpt: bool = field(default=False, metadata={"help": "keep the GPT's weights fixed"})
+    lora_rank: int = field(default=0, metadata={
+        "help": "train rank-R LoRA updates of the GPT's attention and MLP layers instead of its weights, merged "
+                "into them at the end (0: off; needs peft)"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scale numerator (default: 2 x rank)"})
     lr_vit: float | None = field(default=None, metadata={"help": "ViT learning rate (default: --lr)"})
     lr_adapter: float | None = field(default=None, metadata={"help": "adapter learning rate (default: --lr)"})
     lr_gpt: float | None = field(default=None, metadata={"help": "GPT learning rate (default: --lr)"})
@@ -114,6 +119,9 @@ class VQAStageConfig:
             if getattr(self, name) is not None:
                 check_number(f"--{name.replace('_', '-')}", getattr(self, name), 0, low_open=True)
         check_number("--max-bad-fraction", self.max_bad_fraction, 0, 1)
+        check_number("--lora-rank", self.lora_rank, 0, integer=True)
+        if self.lora_alpha is not None:
+            check_number("--lora-alpha", self.lora_alpha, 0, low_open=True)
         if self.holdout is not None:
             check_number("--holdout", self.holdout, 0, 1, high_open=True)
             if self.holdout > 0 and self.eval_dataset is not None:
@@ -123,7 +131,7 @@ class VQAStageConfig:
             raise ConfigError("--block-size applies only to a fresh GPT from a preset")
         if self.gpt_init_std is not None and self.gpt not in GPT_PRESETS:
             raise ConfigError(f"--gpt-init-std applies only to a fresh GPT from a preset, not {self.gpt!r}")
-        if self.freeze_vit and self.freeze_adapter and self.freeze_gpt:
+        if self.freeze_vit and self.freeze_adapter and self.freeze_gpt and not self.lora_rank:
             raise ConfigError("every part is frozen: nothing to train")
         if self.vit in VIT_PRESETS and self.gpt in GPT_PRESETS:  # the whole model is known without reading files
             gpt = gpt_preset(self.gpt, **self.gpt_overrides())
@@ -145,9 +153,19 @@ def build_vlm(stage: VQAStageConfig) -> VLM:
     model = VLM.from_parts(load_vit(stage.vit), load_gpt(stage.gpt, stage.gpt_overrides()), stage.adapter,
                            stage.attention)
     set_trainable(model, vit=not stage.freeze_vit, adapter=not stage.freeze_adapter, gpt=not stage.freeze_gpt)
-    if not any(p.requires_grad for p in model.parameters()):
+    if not any(p.requires_grad for p in model.parameters()) and not stage.lora_rank:
         raise ConfigError("every part is frozen: nothing to train")
     return model
+
+
+def set_trainable_parts(model: VLM, stage: VQAStageConfig) -> None:
+    """The flags' choice of trainable parts; with LoRA the GPT's own weights stay fixed and only
+    its LoRA matrices train."""
+    set_trainable(model, vit=not stage.freeze_vit, adapter=not stage.freeze_adapter,
+                  gpt=not stage.freeze_gpt and not stage.lora_rank)
+    if stage.lora_rank:
+        for name, p in model.gpt.named_parameters():
+            p.requires_grad_(".lora_" in name)
 
 
 def optimizer_for(model: VLM, stage: VQAStageConfig, run: RunConfig) -> torch.optim.Optimizer:
@@ -276,6 +294,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     set_seed(run_cfg.seed)
     train_vqa, train_cap, eval_vqa, eval_cap, data_lines = load_all(stage, captions, questions)
     model = build_vlm(stage)
+    set_trainable_parts(model, stage)
     processor = ImageProcessor.from_config(model.config.vit)
     cached = stage.freeze_vit and stage.cache_features
     probe = functools.partial(probe_batch, model, processor, train_vqa if train_vqa is not None else train_cap,
@@ -307,11 +326,20 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
 
     if stage.align_epochs > 0:
         model = align(accelerator, stage, run_cfg, model, train_cap, collate, step)
-        set_trainable(model, vit=not stage.freeze_vit, adapter=not stage.freeze_adapter, gpt=not stage.freeze_gpt)
+    # after alignment, whose saved model stays a plain VLM
+    lora = add_lora(model.gpt, stage.lora_rank, stage.lora_alpha) if stage.lora_rank else None
+    set_trainable_parts(model, stage)
+    if lora is not None:
+        updates = sum(p.numel() for n, p in model.gpt.named_parameters() if ".lora_" in n)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        accelerator.print(f"LoRA: rank {stage.lora_rank} updates of the GPT's {', '.join(sorted(TARGETS))} layers, "
+                          f"{updates / 1e6:.3f}M parameters; {trainable / 1e6:.3f}M trainable in all")
     optimizer = optimizer_for(model, stage, run_cfg)
 
     evaluate = functools.partial(periodic_evaluation, stage, run_cfg, eval_vqa, eval_cap)
     model = train(accelerator, run_cfg, model, optimizer, Rows(task_rows), collate, step, evaluate, unit="tok")
+    if lora is not None:
+        merge_lora(lora)  # the saved model is a plain VLM
     metrics: dict = {}
     if accelerator.is_main_process:
         model.save_pretrained(out / "model")
