@@ -6,6 +6,7 @@
     mmfusion train-vqa [flags]                    stage 2 (see --help)
     mmfusion eval --model DIR [--dataset easy-vqa|scenes|PATH] [--split test]   VQA accuracy (+ caption metrics)
     mmfusion generate --model DIR --image PATH [--question TEXT]
+    mmfusion export --model DIR --output OUT     as transformers models (GPT2LMHeadModel, ViT/CLIP) + tokenizer
     mmfusion --version
 
 Bad input ends with one line on stderr naming the problem, and exit code 2.
@@ -162,6 +163,31 @@ def cmd_train_vqa(argv: list[str]) -> None:
     train_vqa.main(argv)
 
 
+def cmd_export(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="mmfusion export", description=(
+        "Write a saved model as transformers models: a GPT as GPT2LMHeadModel with GPT-2's tokenizer, a ViT as "
+        "ViTModel / ViTForImageClassification / CLIPVisionModel with its image processor config, a VLM as both "
+        "(OUT/gpt2, OUT/vit) plus its adapter and a model card. transformers has no class for a whole VLM."))
+    parser.add_argument("--model", required=True, help="a saved mmfusion VLM, GPT or ViT folder")
+    parser.add_argument("--output", required=True, help="the folder to write")
+    args = parser.parse_args(argv)
+    from .errors import CheckpointError
+    from .export import export
+    from .gpt import GPT
+    from .vit import ViT
+    from .vlm import VLM
+    from .weights import read_config
+
+    kinds = {cls.model_type: cls for cls in (VLM, GPT, ViT)}
+    kind = read_config(args.model)["model_type"]
+    if kind not in kinds:
+        raise CheckpointError(f"{args.model} holds a {kind!r} model; export takes {sorted(kinds)}")
+    notes = export(kinds[kind].from_pretrained(args.model), args.output, source=args.model)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"exported {kind} to {args.output}")
+
+
 COMMANDS = {
     "main": cmd_main,
     "captions": cmd_captions,
@@ -169,6 +195,7 @@ COMMANDS = {
     "train-vqa": cmd_train_vqa,
     "eval": cmd_eval,
     "generate": cmd_generate,
+    "export": cmd_export,
 }
 
 

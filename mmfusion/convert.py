@@ -46,11 +46,13 @@ from .vit import ViT
 
 @dataclass(frozen=True)
 class From:
-    """How one of our tensors is made: `fn` applied to the source tensors named in `keys`."""
+    """How one of our tensors is made: `fn` applied to the source tensors named in `keys`; and
+    back (export): `back(ours, source_shapes)` gives those source tensors."""
 
     keys: tuple[str, ...]
     fn: Callable[..., torch.Tensor]
     how: str  # for error messages
+    back: Callable[[torch.Tensor, list[torch.Size]], tuple[torch.Tensor, ...]] = lambda t, shapes: (t,)
 
 
 def take(key: str) -> From:
@@ -59,17 +61,17 @@ def take(key: str) -> From:
 
 def transposed(key: str) -> From:
     """GPT-2's Conv1D stores its weight as (in, out); nn.Linear wants (out, in)."""
-    return From((key,), lambda t: t.t(), "transpose")
+    return From((key,), lambda t: t.t(), "transpose", lambda t, shapes: (t.t(),))
 
 
 def stacked(q: str, k: str, v: str) -> From:
     """Separate q, k, v projections -> our fused `attn.qkv`, stacked along the output features
     in q, k, v order: (C, C) x 3 -> (3C, C), or (C,) x 3 -> (3C,)."""
-    return From((q, k, v), lambda *t: torch.cat(t, dim=0), "concatenate q, k, v")
+    return From((q, k, v), lambda *t: torch.cat(t, dim=0), "concatenate q, k, v", lambda t, shapes: t.chunk(3))
 
 
 def reshaped(key: str, *shape: int) -> From:
-    return From((key,), lambda t: t.reshape(shape), f"reshape to {shape}")
+    return From((key,), lambda t: t.reshape(shape), f"reshape to {shape}", lambda t, shapes: (t.reshape(shapes[0]),))
 
 
 def tied_to(key: str, twin: str) -> From:
@@ -83,7 +85,7 @@ def tied_to(key: str, twin: str) -> From:
             )
         return a
 
-    return From((key, twin), check, f"equal to {twin} (tied)")
+    return From((key, twin), check, f"equal to {twin} (tied)", lambda t, shapes: (t, t))
 
 
 def vit_table(config: ViTConfig, p: str, classifier: str | None) -> dict[str, From]:

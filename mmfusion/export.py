@@ -1,0 +1,191 @@
+"""Export to transformers: the inverse of `mmfusion.convert`, through the same key tables.
+
+- a GPT -> `GPT2LMHeadModel` (+ GPT-2's tokenizer files),
+- a ViT -> `ViTModel` / `ViTForImageClassification`, or `CLIPVisionModel` for a CLIP tower
+  (+ `preprocessor_config.json` giving the pixels mmfusion gives it),
+- a VLM -> both of those, its adapter (safetensors + JSON) and a model card. transformers has no
+  class for the whole model (a GPT-2 fed image tokens through this adapter), so the VLM itself
+  loads with `VLM.from_pretrained` on the mmfusion folder; the exported parts serve, share and
+  evaluate with the tools that take GPT-2 and ViT.
+
+Every tensor is checked: the transformers model must take exactly the tensors the table gives
+(tests/test_export.py compares outputs too). Anything without a transformers equivalent (a
+per-cell head, a GPT without biases) is refused or left out, and the caller is told which.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import GPTConfig, ViTConfig
+from .convert import clip_vision_table, gpt2_table, vit_table
+from .errors import ConversionError
+from .gpt import GPT
+from .vit import ViT
+from .weights import atomic_write, check_writable, unique_state_dict
+
+# our activation -> transformers' name for the same function
+GPT2_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "quick_gelu": "quick_gelu"}
+VIT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
+PIL_FILTER_IDS = {"bilinear": 2, "bicubic": 3}
+
+
+def _fill(hf_model: torch.nn.Module, table: dict, ours: dict[str, torch.Tensor], optional: tuple[str, ...] = ()) -> None:
+    """Load `ours` into `hf_model` through `table` run backwards; every hf key must be filled
+    (except buffers named in `optional`) and every shape must match."""
+    target = hf_model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for key, rule in table.items():
+        shapes = [target[k].shape if k in target else None for k in rule.keys]
+        for k, t in zip(rule.keys, rule.back(ours[key], shapes)):
+            if k not in target:
+                raise ConversionError(f"export: {type(hf_model).__name__} has no {k} (from our {key})")
+            if t.shape != target[k].shape:
+                raise ConversionError(f"export: {k} would get shape {tuple(t.shape)}, the model has "
+                                      f"{tuple(target[k].shape)}")
+            state[k] = t.detach().clone().to(target[k].dtype)
+    missing = [k for k in target if k not in state and not any(k.endswith(o) for o in optional)]
+    if missing:
+        raise ConversionError(f"export: {type(hf_model).__name__} keys the table does not fill: {missing[:5]}")
+    hf_model.load_state_dict(state, strict=False)
+
+
+def gpt_to_hf(gpt: GPT):
+    """Our GPT as a transformers GPT2LMHeadModel with the same weights (LM head tied)."""
+    import transformers
+
+    c: GPTConfig = gpt.config
+    if not c.bias:
+        raise ConversionError("export: GPT-2 has biases everywhere; a GPT with bias=False has no transformers twin")
+    config = transformers.GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+        n_inner=c.intermediate_size, activation_function=GPT2_ACTIVATIONS[c.activation],
+        layer_norm_epsilon=c.layer_norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        initializer_range=c.initializer_range, tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256)
+    hf = transformers.GPT2LMHeadModel(config)
+    _fill(hf, gpt2_table(c, "transformer.", lm_head=True), unique_state_dict(gpt) | {"lm_head.weight": gpt.wte.weight},
+          optional=("attn.bias", "attn.masked_bias"))
+    hf.tie_weights()
+    return hf.eval()
+
+
+def _vit_family(c: ViTConfig) -> str:
+    if not c.pre_norm and c.final_norm == "all" and c.patch_bias:
+        return "vit"
+    if c.pre_norm and c.final_norm == "cls" and not c.patch_bias and c.qkv_bias:
+        return "clip"
+    raise ConversionError("export: this ViT mixes ViT's and CLIP's layouts (pre_norm, final_norm, patch_bias); "
+                          "no transformers class matches it")
+
+
+def vit_to_hf(vit: ViT) -> tuple[torch.nn.Module, list[str]]:
+    """Our ViT as transformers ViTModel / ViTForImageClassification / CLIPVisionModel, and notes on
+    what had no place there (a per-cell head)."""
+    import transformers
+
+    c: ViTConfig = vit.config
+    ours = unique_state_dict(vit)
+    notes = []
+    head = c.num_classes > 0
+    if head and (c.label_grid > 1 or _vit_family(c) == "clip"):
+        notes.append(f"the {'per-cell ' if c.label_grid > 1 else ''}classifier head ({c.num_classes} classes) has no "
+                     "transformers class: the backbone is exported without it")
+        head = False
+        ours = {k: v for k, v in ours.items() if not k.startswith("head.")}
+    common = dict(image_size=c.image_size, patch_size=c.patch_size, num_channels=c.num_channels,
+                  hidden_size=c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                  intermediate_size=c.mlp_dim, hidden_act=VIT_ACTIVATIONS[c.activation], layer_norm_eps=c.layer_norm_eps)
+    if _vit_family(c) == "clip":
+        hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common))
+        _fill(hf, clip_vision_table(c, ""), ours, optional=("position_ids",))
+    elif head:
+        hf = transformers.ViTForImageClassification(transformers.ViTConfig(**common, qkv_bias=c.qkv_bias,
+                                                                           num_labels=c.num_classes))
+        _fill(hf, vit_table(c, "vit.", "classifier"), ours)
+    else:
+        hf = transformers.ViTModel(transformers.ViTConfig(**common, qkv_bias=c.qkv_bias), add_pooling_layer=False)
+        _fill(hf, vit_table(c, "", None), ours)
+    return hf.eval(), notes
+
+
+def processor_config(c: ViTConfig) -> dict:
+    """preprocessor_config.json for transformers' image processor that gives our pixels."""
+    side = {"height": c.image_size, "width": c.image_size}
+    base = {"do_convert_rgb": c.num_channels == 3, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": list(c.image_mean), "image_std": list(c.image_std),
+            "resample": PIL_FILTER_IDS[c.resample], "do_resize": True}
+    if c.resize == "shortest_edge":
+        return {**base, "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": c.resize_size
+                or c.image_size}, "do_center_crop": True, "crop_size": side}
+    return {**base, "image_processor_type": "ViTImageProcessor", "size": side}
+
+
+def save_tokenizer(folder: Path) -> None:
+    """GPT-2's tokenizer (vocab.json, merges.txt and its config) from the hash-checked files
+    mmfusion's own tokenizer is built from."""
+    from transformers import GPT2Tokenizer
+
+    from .tokenizer import bpe_files
+
+    vocab_bpe, encoder_json = bpe_files()
+    vocab = json.loads(encoder_json.read_text(encoding="utf-8"))
+    merges = [tuple(line.split()) for line in vocab_bpe.read_text(encoding="utf-8").split("\n")[1:] if line.strip()]
+    GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(str(folder))
+
+
+def export(model, folder: str | Path, source: str | None = None) -> list[str]:
+    """Write `model` (a VLM, GPT or ViT) as transformers folders under `folder`; returns notes on
+    what was left out. A VLM gives folder/gpt2, folder/vit, folder/adapter and folder/README.md."""
+    from .vlm import VLM
+
+    folder = Path(folder)
+    check_writable(folder, "--output", folder=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, GPT):
+        gpt_to_hf(model).save_pretrained(folder)
+        save_tokenizer(folder)
+        return []
+    if isinstance(model, ViT):
+        hf, notes = vit_to_hf(model)
+        hf.save_pretrained(folder)
+        (folder / "preprocessor_config.json").write_text(json.dumps(processor_config(model.config), indent=2) + "\n")
+        return notes
+    if not isinstance(model, VLM):
+        raise ConversionError(f"export takes a VLM, GPT or ViT, not {type(model).__name__}")
+    notes = export(model.gpt, folder / "gpt2") + export(model.vit, folder / "vit")
+    (folder / "adapter").mkdir(exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.adapter.state_dict().items()}
+    atomic_write(folder / "adapter" / "model.safetensors", lambda p: save_file(tensors, p))
+    meta = {"adapter": model.config.adapter.to_dict(), "image_token_id": model.config.image_token_id,
+            "attention": model.config.attention, "num_image_tokens": model.num_image_tokens}
+    (folder / "adapter" / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (folder / "README.md").write_text(model_card(model, source, notes))
+    return notes
+
+
+def model_card(model, source: str | None, notes: list[str]) -> str:
+    c = model.config
+    lines = [
+        "# mmfusion VLM, exported", "",
+        f"A vision-language model trained with mmfusion{f' (from `{source}`)' if source else ''}: a ViT "
+        f"({c.vit.n_layer} layers, width {c.vit.n_embd}, {c.vit.image_size}px, patch {c.vit.patch_size}), an adapter "
+        f"giving {model.num_image_tokens} image tokens, and a GPT-2 ({c.gpt.n_layer} layers, width {c.gpt.n_embd}) "
+        "reading them in place of `<|image|>` slots at the start of the prompt.", "",
+        "| folder | what | loads with |", "|---|---|---|",
+        "| `gpt2/` | the language model and GPT-2's tokenizer | `transformers.GPT2LMHeadModel`, `AutoTokenizer` |",
+        "| `vit/` | the vision tower and its image processor | `transformers.AutoModel` (a ViT: "
+        "`ViTModel.from_pretrained(path, add_pooling_layer=False)`, it has no pooler), `AutoImageProcessor` |",
+        "| `adapter/` | ViT hidden states -> image tokens (safetensors + JSON) | mmfusion's `ViTAdapter` |", "",
+        "transformers has no class for the whole model, so the parts are separate; to run the VLM, load the "
+        "mmfusion folder it was exported from with `mmfusion.VLM.from_pretrained`.", "",
+        "Prompt format: M `<|image|>` slots, then `Question: {question}\\nAnswer:` (the answer follows after a "
+        "space and ends with `<|endoftext|>`), or `Caption:` for a caption. mmfusion's tokenizer reads a typed "
+        "`<|endoftext|>` as plain text; transformers' GPT-2 tokenizer reads it as the special token.",
+    ]
+    if notes:
+        lines += ["", "Left out: " + "; ".join(notes) + "."]
+    return "\n".join(lines) + "\n"
