@@ -15,6 +15,7 @@ Bad input ends with one line on stderr naming the problem, and exit code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -65,6 +66,22 @@ def _at_least_one(args: argparse.Namespace, *names: str) -> None:
             check_number(f"--{name.replace('_', '-')}", getattr(args, name), 1, integer=True)
 
 
+def _training_rows_warning(model: Path, dataset: str, split: str) -> str | None:
+    """A warning when the model's own run_config.json says it trained on these rows."""
+    from .data.splits import single_split
+
+    try:
+        stage = json.loads((model.parent / "run_config.json").read_text())["stage"]
+        source, train_split = stage["dataset"], stage["train_split"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no record of the training data: nothing to compare
+    same = source == dataset or (Path(source).exists() and Path(source).resolve() == Path(dataset).resolve())
+    if same and (split == train_split or single_split(dataset)):
+        return (f"WARNING: {model} was trained on {source} [{train_split}]; these rows include its training rows, "
+                "so the accuracy says how well it fits them (its own held-out score is in its metrics.json)")
+    return None
+
+
 def cmd_eval(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="mmfusion eval", description=(
         "Evaluate a saved VLM: VQA accuracy per answer type, and on a dataset with captions (scenes) "
@@ -103,6 +120,9 @@ def cmd_eval(argv: list[str]) -> None:
     from .weights import check_writable
 
     _at_least_one(args, "limit", "batch_size", "max_new_tokens", "caption_max_new_tokens")
+    trained_on = _training_rows_warning(Path(args.model), args.dataset, args.split)
+    if trained_on:
+        print(trained_on)
     task = args.task if args.task != "auto" else "both" if args.dataset == SCENES else "vqa"
     model = VLM.from_pretrained(args.model).eval()
     out = Path(args.output) if args.output else Path(args.model).parent / f"predictions_{args.split}.jsonl"

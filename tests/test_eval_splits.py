@@ -102,3 +102,18 @@ def test_pretrain_vit_scores_other_data_by_class_name(tmp_path, capsys):
     assert metrics["test_examples"] == 2 and metrics["classes"] == ["cat", "dog", "emu"]
     assert f"evaluation: {other} [test]" in capsys.readouterr().out
     assert datasets  # the module under test builds on it
+
+
+def test_eval_warns_when_the_rows_are_the_models_training_rows(tmp_path, capsys):
+    from mmfusion.cli import main
+
+    path = vqa_file(tmp_path, 10)
+    train_vqa.run(*train_vqa.parse(["--vit", "vit-tiny", "--dataset", str(path), "--output-dir",
+                                    str(tmp_path / "out"), *QUIET]))
+    capsys.readouterr()
+    model = str(tmp_path / "out" / "model")
+    assert main(["eval", "--model", model, "--dataset", str(path), "--limit", "2"]) == 0
+    assert f"WARNING: {model} was trained on {path} [train]" in capsys.readouterr().out
+    other = vqa_file(tmp_path, 2, name="other.jsonl")
+    assert main(["eval", "--model", model, "--dataset", str(other), "--limit", "2"]) == 0
+    assert "WARNING" not in capsys.readouterr().out
