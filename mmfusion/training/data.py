@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from ..config import check_number
 from ..errors import ConfigError
 
 
@@ -104,6 +105,18 @@ class Conversations(torch.utils.data.Dataset):
 
 
 DEFAULT_HOLDOUT = 0.1
+# Both stages' --eval-dataset and --holdout flags (field metadata) and their check.
+EVAL_DATASET_FIELD = {"help": "evaluate on this source instead of --dataset (a file, folder or hub id; its --eval-split)"}
+HOLDOUT_FIELD = {"help": "evaluate on this share of the training images, kept out of training (default: 0.1 when "
+                         "the evaluation rows would be the training rows -- a single file or saved Dataset, or "
+                         "--eval-split equal to --train-split -- else 0: the evaluation split)"}
+
+
+def check_eval_choice(eval_dataset: str | None, holdout: float | None) -> None:
+    if holdout is not None:
+        check_number("--holdout", holdout, 0, 1, high_open=True)
+        if holdout > 0 and eval_dataset is not None:
+            raise ConfigError("--holdout and --eval-dataset both choose the evaluation rows; pass one")
 
 
 def evaluation_rows(dataset: str, train_split: str, eval_dataset: str | None, eval_split: str,

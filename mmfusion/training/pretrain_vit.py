@@ -36,7 +36,7 @@ from ..processing import ImageProcessor
 from ..vit import ViT
 from . import augment
 from .args import OneLineErrorParser, parse_configs
-from .data import evaluation_rows, example_generator, split_index
+from .data import EVAL_DATASET_FIELD, HOLDOUT_FIELD, check_eval_choice, evaluation_rows, example_generator, split_index
 from .features import MEMORY_LIMIT_BYTES
 from .loop import steps_per_epoch, train
 from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_groups, start_run_folder, write_json
@@ -59,12 +59,8 @@ class ViTStageConfig:
     dataset: str = field(default="easy-vqa", metadata={"help": "easy-vqa, a parquet/JSONL file, an image folder or a hub id"})
     train_split: str = field(default="train", metadata={"help": "training split"})
     eval_split: str = field(default="test", metadata={"help": "evaluation split"})
-    eval_dataset: str | None = field(default=None, metadata={
-        "help": "evaluate on this source instead of --dataset (a file, folder or hub id; its --eval-split)"})
-    holdout: float | None = field(default=None, metadata={
-        "help": "evaluate on this share of the training images, kept out of training (default: 0.1 when the "
-                "evaluation rows would be the training rows -- a single file or saved Dataset, or --eval-split "
-                "equal to --train-split -- else 0: the evaluation split)"})
+    eval_dataset: str | None = field(default=None, metadata=EVAL_DATASET_FIELD)
+    holdout: float | None = field(default=None, metadata=HOLDOUT_FIELD)
     image_column: str = field(default="image", metadata={"help": "column holding the images"})
     label_column: str = field(default="label", metadata={"help": "column holding the class labels"})
     max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more rows than this are unusable"})
@@ -98,10 +94,7 @@ class ViTStageConfig:
     def __post_init__(self) -> None:
         # Impossible values stop here, at parse time: before any data is read or any folder written.
         check_number("--max-bad-fraction", self.max_bad_fraction, 0, 1)
-        if self.holdout is not None:
-            check_number("--holdout", self.holdout, 0, 1, high_open=True)
-            if self.holdout > 0 and self.eval_dataset is not None:
-                raise ConfigError("--holdout and --eval-dataset both choose the evaluation rows; pass one")
+        check_eval_choice(self.eval_dataset, self.holdout)
         if self.shift is not None:
             check_number("--shift", self.shift, 0, integer=True)
         check_number("--crop-area", self.crop_area, 0, 1, low_open=True)

@@ -42,7 +42,7 @@ from ..processing import ImageProcessor, PromptBuilder, VQACollator
 from ..vlm import VLM
 from ..weights import is_mmfusion_folder
 from .args import parse_configs
-from .data import Conversations, Rows, evaluation_rows
+from .data import EVAL_DATASET_FIELD, HOLDOUT_FIELD, Conversations, Rows, check_eval_choice, evaluation_rows
 from .features import MEMORY_LIMIT_BYTES, FeatureRows
 from .loop import find_resume, steps_per_epoch, train
 from .lora import TARGETS, add_lora, merge_lora
@@ -65,12 +65,8 @@ class VQAStageConfig:
         "help": "first train only the adapter on captions for this many epochs (0: no alignment phase)"})
     train_split: str = field(default="train", metadata={"help": "training split"})
     eval_split: str = field(default="test", metadata={"help": "evaluation split"})
-    eval_dataset: str | None = field(default=None, metadata={
-        "help": "evaluate on this source instead of --dataset (a file, folder or hub id; its --eval-split)"})
-    holdout: float | None = field(default=None, metadata={
-        "help": "evaluate on this share of the training images, kept out of training (default: 0.1 when the "
-                "evaluation rows would be the training rows -- a single file or saved Dataset, or --eval-split "
-                "equal to --train-split -- else 0: the evaluation split)"})
+    eval_dataset: str | None = field(default=None, metadata=EVAL_DATASET_FIELD)
+    holdout: float | None = field(default=None, metadata=HOLDOUT_FIELD)
     image_column: str = field(default="image", metadata={"help": "column holding the images"})
     question_column: str = field(default="question", metadata={"help": "column holding the questions"})
     answer_column: str | None = field(default=None, metadata={
@@ -122,10 +118,7 @@ class VQAStageConfig:
         check_number("--lora-rank", self.lora_rank, 0, integer=True)
         if self.lora_alpha is not None:
             check_number("--lora-alpha", self.lora_alpha, 0, low_open=True)
-        if self.holdout is not None:
-            check_number("--holdout", self.holdout, 0, 1, high_open=True)
-            if self.holdout > 0 and self.eval_dataset is not None:
-                raise ConfigError("--holdout and --eval-dataset both choose the evaluation rows; pass one")
+        check_eval_choice(self.eval_dataset, self.holdout)
         check_number("--align-epochs", self.align_epochs, 0)
         if self.block_size is not None and self.gpt not in GPT_PRESETS:
             raise ConfigError("--block-size applies only to a fresh GPT from a preset")
