@@ -134,7 +134,7 @@ def test_pretrain_vit_on_parquet_with_custom_columns(parquet_file, tmp_path):
 
 def train_tiny_vqa(vqa_jsonl: Path, vit_dir: Path, out: Path, *extra: str):
     return run_stage("train_vqa", ["--dataset", str(vqa_jsonl), "--train-split", "train", "--eval-split", "train",
-                                   "--vit", str(vit_dir), "--gpt", "gpt-tiny", "--block-size", "64",
+                                   "--holdout", "0", "--vit", str(vit_dir), "--gpt", "gpt-tiny", "--block-size", "64",
                                    "--output-dir", str(out), "--batch-size", "4", "--warmup-steps", "2",
                                    "--max-new-tokens", "3", *QUIET, *extra])
 
@@ -157,7 +157,7 @@ def test_train_vqa_on_jsonl_with_one_or_many_answers(vqa_jsonl, tiny_vit_dir, tm
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and {len(r["answers"]) for r in rows} == {1, 10}
     model = VLM.from_pretrained(out / "model")
-    assert model.config.vit.num_classes == 0 and model.num_image_tokens == 4
+    assert model.config.vit.num_classes == 0 and model.num_image_tokens == 5  # 4 merged patch tokens + CLS
     # 30 steps on a two-answer task: the model must at least have learned the answer vocabulary.
     assert all(r["prediction"] in ("red", "blue") for r in rows), rows[:4]
 
