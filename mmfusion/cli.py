@@ -15,7 +15,6 @@ Bad input ends with one line on stderr naming the problem, and exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -69,12 +68,17 @@ def _at_least_one(args: argparse.Namespace, *names: str) -> None:
 def _training_rows_warning(model: Path, dataset: str, split: str) -> str | None:
     """A warning when the model's own run_config.json says it trained on these rows."""
     from .data.splits import single_split
+    from .errors import CheckpointError
+    from .weights import read_json
 
-    try:
-        stage = json.loads((model.parent / "run_config.json").read_text())["stage"]
-        source, train_split = stage["dataset"], stage["train_split"]
-    except (OSError, ValueError, KeyError, TypeError):
+    record = model.parent / "run_config.json"
+    if not record.exists():
         return None  # no record of the training data: nothing to compare
+    try:
+        stage = read_json(record)["stage"]
+        source, train_split = stage["dataset"], stage["train_split"]
+    except (CheckpointError, KeyError, TypeError):
+        return None  # an unreadable record says nothing either
     same = source == dataset or (Path(source).exists() and Path(source).resolve() == Path(dataset).resolve())
     if same and (split == train_split or single_split(dataset)):
         return (f"WARNING: {model} was trained on {source} [{train_split}]; these rows include its training rows, "

@@ -180,11 +180,9 @@ def resizing(preprocessor: Path | None, family: str, hf_config: Any) -> dict:
         size_out = _side(data.get("crop_size", image_size), "crop_size", preprocessor)
     elif size is not None:
         out["resize"], size_out = "square", _side(size, "size", preprocessor)
-        if crop:
-            size_out = _side(data.get("crop_size", size_out), "crop_size", preprocessor)
-            if size_out != _side(size, "size", preprocessor):
-                raise ConversionError(f"{preprocessor}: a square resize followed by a smaller centre crop is not "
-                                      "supported")
+        if crop and _side(data.get("crop_size", size_out), "crop_size", preprocessor) != size_out:
+            raise ConversionError(f"{preprocessor}: a square resize followed by a smaller centre crop is not "
+                                  "supported")
     else:
         return out
     if size_out != image_size:

@@ -70,6 +70,11 @@ class LoadReport:
 # Reading the source
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` (one split; a DatasetDict's has dataset_dict.json)."""
+    return path.is_dir() and (path / "state.json").is_file()
+
+
 def _load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[datasets.Dataset, Path | None]:
     """Load one split of `source`; return it and the folder that relative image paths are relative to."""
     path = Path(source).expanduser()
@@ -91,7 +96,7 @@ def _load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[da
             ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
             return ds, path.parent.resolve()
         if path.is_dir():
-            if (path / "state.json").is_file():  # Dataset.save_to_disk: one split, like a single file
+            if is_saved_dataset(path):  # one split, like a single file
                 return datasets.load_from_disk(str(path)), path.resolve()
             if (path / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: memory-mapped, no copy
                 splits = datasets.load_from_disk(str(path))

@@ -14,17 +14,16 @@ from pathlib import Path
 
 import datasets
 
-from .local import DatasetError
-
-BUILT_IN_SPLITS = ("easy-vqa", "scenes")
+from . import BUILT_IN
+from .local import DatasetError, is_saved_dataset
 
 
 def single_split(source: str) -> bool:
     """Whether every split name gives the same rows of `source`: a single file or a saved Dataset."""
-    if source in BUILT_IN_SPLITS:
+    if source in BUILT_IN:
         return False
     path = Path(source).expanduser()
-    return path.is_file() or (path.is_dir() and (path / "state.json").is_file())
+    return path.is_file() or is_saved_dataset(path)
 
 
 def same_rows(source: str, train_split: str, eval_source: str | None, eval_split: str) -> bool:

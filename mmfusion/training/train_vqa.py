@@ -145,7 +145,7 @@ STAGE_DEFAULTS = RunConfig(output_dir="runs/vqa", epochs=3.5, batch_size=64, lr=
 def build_vlm(stage: VQAStageConfig) -> VLM:
     model = VLM.from_parts(load_vit(stage.vit), load_gpt(stage.gpt, stage.gpt_overrides()), stage.adapter,
                            stage.attention)
-    set_trainable(model, vit=not stage.freeze_vit, adapter=not stage.freeze_adapter, gpt=not stage.freeze_gpt)
+    set_trainable_parts(model, stage)
     if not any(p.requires_grad for p in model.parameters()) and not stage.lora_rank:
         raise ConfigError("every part is frozen: nothing to train")
     return model
@@ -287,7 +287,6 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     set_seed(run_cfg.seed)
     train_vqa, train_cap, eval_vqa, eval_cap, data_lines = load_all(stage, captions, questions)
     model = build_vlm(stage)
-    set_trainable_parts(model, stage)
     processor = ImageProcessor.from_config(model.config.vit)
     cached = stage.freeze_vit and stage.cache_features
     probe = functools.partial(probe_batch, model, processor, train_vqa if train_vqa is not None else train_cap,
