@@ -88,19 +88,23 @@ def _training_rows_warning(model: Path, dataset: str, split: str) -> str | None:
 
 def cmd_eval(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="mmfusion eval", description=(
-        "Evaluate a saved VLM: VQA accuracy per answer type, and on a dataset with captions (scenes) "
-        "caption exact match and token F1."))
+        "Evaluate a saved VLM: VQA accuracy per answer type, and on a dataset with captions (scenes, or your "
+        "data with a caption column) caption exact match, token F1, BLEU-4 and CIDEr-D."))
     parser.add_argument("--model", required=True, help="a saved VLM folder")
     parser.add_argument("--dataset", default="easy-vqa",
                         help="easy-vqa, scenes, a parquet/JSONL file or folder, or a hub id (default: %(default)s)")
     parser.add_argument("--task", default="auto", choices=["auto", "vqa", "caption", "both"],
-                        help="what to evaluate (default: auto, both where the dataset has captions, else vqa)")
+                        help="what to evaluate (default: auto: questions where the data has a question column, "
+                             "captions where it has a caption column, both where it has both)")
     parser.add_argument("--split", default="test", help="the split to evaluate (default: %(default)s)")
     parser.add_argument("--image-column", default="image", help="column holding the images in your data (default: %(default)s)")
     parser.add_argument("--question-column", default="question",
                         help="column holding the questions in your data (default: %(default)s)")
     parser.add_argument("--answer-column", default=None,
                         help="column holding the answers in your data (default: 'answers', else 'answer')")
+    parser.add_argument("--caption-column", default=None,
+                        help="column holding a caption or a list of captions per image in your data "
+                             "(default: 'captions', else 'caption')")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions (default: all)")
     parser.add_argument("--batch-size", type=int, default=256, help="prompts generated at once (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default: %(default)s)")
@@ -127,13 +131,15 @@ def cmd_eval(argv: list[str]) -> None:
     trained_on = _training_rows_warning(Path(args.model), args.dataset, args.split)
     if trained_on:
         print(trained_on)
-    task = args.task if args.task != "auto" else "both" if args.dataset == SCENES else "vqa"
+    task = args.task if args.task != "auto" else _auto_task(args)
     model = VLM.from_pretrained(args.model).eval()
     out = Path(args.output) if args.output else Path(args.model).parent / f"predictions_{args.split}.jsonl"
     for path in (out, out.with_name(out.stem + "_captions.jsonl")):  # before the predictions, not after
         check_writable(path, "--output", folder=False)
     if task in ("caption", "both"):
-        captions, report = load_caption_dataset(args.dataset, args.split)
+        columns = {} if args.dataset in BUILT_IN else {"image_column": args.image_column,
+                                                       "caption_column": args.caption_column}
+        captions, report = load_caption_dataset(args.dataset, args.split, **columns)
         print(f"data: {report}")
     if task in ("vqa", "both"):
         columns = {} if args.dataset in BUILT_IN else {"image_column": args.image_column,
@@ -154,7 +160,25 @@ def cmd_eval(argv: list[str]) -> None:
         cap_out = out.with_name(out.stem + "_captions.jsonl")
         write_jsonl(cap_out, rows)
         print(format_caption_table(score_captions(rows)))
-        print(f"{len(rows)} captions in {time.perf_counter() - start:.1f}s; written to {cap_out}")
+        print(f"{len(rows)} images captioned in {time.perf_counter() - start:.1f}s; written to {cap_out}")
+
+
+def _auto_task(args) -> str:
+    """eval's --task auto: what the data holds (scenes: both; easy-vqa: questions; your data: by its columns)."""
+    from .data import EASY_VQA, SCENES, DatasetError
+    from .data.captions import CAPTION_COLUMNS
+    from .data.local import load_raw
+
+    if args.dataset in (EASY_VQA, SCENES):
+        return "both" if args.dataset == SCENES else "vqa"
+    columns = load_raw(args.dataset, args.split, None)[0].column_names
+    questions = args.question_column in columns
+    captions = (args.caption_column in columns) if args.caption_column else any(c in columns for c in CAPTION_COLUMNS)
+    if not questions and not captions:
+        raise DatasetError(f"{args.dataset} [{args.split}] has neither a question column ({args.question_column!r}) "
+                           f"nor a caption column ({args.caption_column or ' or '.join(map(repr, CAPTION_COLUMNS))}); "
+                           f"its columns are {columns}. Name them with --question-column / --caption-column")
+    return "both" if questions and captions else "vqa" if questions else "caption"
 
 
 def _fail(message: str) -> int:

@@ -3,7 +3,7 @@
 Used by the training stages (final evaluation), the `mmfusion eval` command, the jobs' reports
 and the benchmarks. Rows are plain dicts, written one per line to JSON lines files:
 questions {question, prediction, answers, answer_type, image_id}; captions {image_id,
-prediction, caption}.
+prediction, captions} (every reference caption of the image).
 """
 
 from __future__ import annotations
@@ -40,15 +40,15 @@ def predict(model: VLM, dataset, limit: int | None = None, batch_size: int = 256
 @torch.no_grad()
 def predict_captions(model: VLM, dataset, limit: int | None = None, batch_size: int = 256,
                      max_new_tokens: int = 48) -> list[dict]:
-    """Greedy captions for the first `limit` rows: dicts with image_id, prediction and caption."""
+    """Greedy captions for the first `limit` images: dicts with image_id, prediction and captions."""
     model.eval()
     n = len(dataset) if limit is None else min(limit, len(dataset))
     rows = []
     for start in range(0, n, batch_size):
         batch = dataset[start:min(n, start + batch_size)]
         preds = model.caption_batch(batch["image"], max_new_tokens=max_new_tokens)
-        rows += [{"image_id": i, "prediction": p, "caption": c}
-                 for i, p, c in zip(batch["image_id"], preds, batch["caption"])]
+        rows += [{"image_id": i, "prediction": p, "captions": c}
+                 for i, p, c in zip(batch["image_id"], preds, batch["captions"])]
     return rows
 
 
@@ -66,8 +66,8 @@ def score_by_template(rows: list[dict]) -> dict[str, dict]:
 
 
 def score_captions(rows: list[dict]) -> dict:
-    """Caption exact match and token F1 of caption rows."""
-    return caption_metrics([r["prediction"] for r in rows], [r["caption"] for r in rows])
+    """Caption exact match, token F1, BLEU-4 and CIDEr-D of caption rows."""
+    return caption_metrics([r["prediction"] for r in rows], [r["captions"] for r in rows])
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
@@ -100,18 +100,19 @@ def format_template_table(per_template: dict) -> str:
 
 
 def format_caption_table(metrics: dict) -> str:
-    return "\n".join(["| captions | exact match | token F1 |", "|---:|---:|---:|",
-                      f"| {metrics['count']} | {100 * metrics['exact_match']:.2f}% | {metrics['token_f1']:.4f} |"])
+    return "\n".join(["| captions | exact match | token F1 | BLEU-4 | CIDEr-D |", "|---:|---:|---:|---:|---:|",
+                      f"| {metrics['count']} | {100 * metrics['exact_match']:.2f}% | {metrics['token_f1']:.4f} "
+                      f"| {metrics['bleu4']:.4f} | {metrics['cider']:.3f} |"])
 
 
 def format_examples(rows: list[dict], n: int) -> list[str]:
     """About n rows spread evenly over a prediction file, as markdown list items marked ok / XX."""
     lines = []
     for r in rows[::max(1, len(rows) // max(1, n))][:n]:
-        if "caption" in r:
-            ok = r["prediction"] == r["caption"]
-            lines.append(f"- {'ok ' if ok else 'XX '} scene {r['image_id']}: {r['prediction']!r}"
-                         + ("" if ok else f" (true: {r['caption']!r})"))
+        if "captions" in r:
+            ok = r["prediction"] in r["captions"]
+            lines.append(f"- {'ok ' if ok else 'XX '} image {r['image_id']}: {r['prediction']!r}"
+                         + ("" if ok else f" (true: {r['captions'][0]!r})"))
         else:
             mark = "ok " if r["prediction"] in r["answers"] else "XX "
             lines.append(f"- {mark} image {r['image_id']}: {r['question']} -> {r['prediction']!r} "

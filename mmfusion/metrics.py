@@ -20,17 +20,23 @@ VQA's ground truth was normalized when it was collected. User data is not, so
 here both sides always get the full normalization; on normalized ground truth
 the two agree except that "Yes." now matches a unanimous "yes".
 
-Captions (`caption_metrics`) are compared after `normalize_caption`: lowercase,
-punctuation to spaces, articles dropped, whitespace collapsed. Exact match asks for
-the same normalized text; token F1 is the harmonic mean of the precision and recall
-of the predicted words against the reference words, counted as multisets (the
-SQuAD rule), averaged over captions.
+Captions (`caption_metrics`) have one or several references each (COCO has five).
+Exact match and token F1 compare after `normalize_caption` (lowercase, punctuation to
+spaces, articles dropped): exact match asks for the same text as any reference; token
+F1 is the harmonic mean of word precision and recall, counted as multisets, against
+the best reference (the SQuAD rule), averaged over captions. BLEU-4 and CIDEr-D follow
+the COCO caption evaluation (pycocoevalcap, which the tests compare against): words
+from `caption_words` (lowercase, punctuation as separators, articles kept), BLEU-4 over
+the corpus with the closest reference length for the brevity penalty, CIDEr-D with
+document frequencies from the evaluated references, clipped n-gram weights, a length
+penalty of sigma 6, times 10.
 
 Accuracies are fractions in [0, 1] (the official script prints percentages).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -201,13 +207,92 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def caption_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict:
-    """`{"exact_match", "token_f1", "count"}` over paired captions (one reference each).
-    Raises ValueError on mismatched lengths or no captions."""
+def caption_words(text: str) -> list[str]:
+    """Lowercase words with punctuation as separators; the tokens BLEU and CIDEr count."""
+    return text.lower().translate(_CAPTION_PUNCTUATION).split()
+
+
+def _ngrams(words: list[str], n: int) -> Counter:
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def bleu4(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU-4 in [0, 1]: clipped n-gram precisions (n = 1..4) summed over the corpus,
+    their geometric mean, times exp(1 - r/c) when the predictions' c words are fewer than the
+    r words of the references closest in length (the shorter on a tie)."""
+    matched, total = [0] * 4, [0] * 4
+    pred_len = ref_len = 0
+    for prediction, refs in zip(predictions, references, strict=True):
+        words = caption_words(prediction)
+        ref_words = [caption_words(r) for r in refs]
+        pred_len += len(words)
+        ref_len += min((len(r) for r in ref_words), key=lambda n: (abs(n - len(words)), n))
+        for n in range(1, 5):
+            counts = _ngrams(words, n)
+            most = Counter()
+            for r in ref_words:
+                most |= _ngrams(r, n)  # an n-gram counts at most as often as in one reference
+            matched[n - 1] += sum((counts & most).values())
+            total[n - 1] += max(len(words) - n + 1, 0)
+    if min(matched) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matched, total)) / 4
+    brevity = min(0.0, 1 - ref_len / pred_len)
+    return math.exp(log_precision + brevity)
+
+
+def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]], sigma: float = 6.0) -> float:
+    """CIDEr-D (Vedantam et al. 2015, as the COCO evaluation computes it), averaged over
+    captions: for n = 1..4, the cosine of TF-IDF n-gram vectors of prediction and each
+    reference, with the prediction's weights clipped at the reference's and a Gaussian penalty
+    on the length difference; averaged over references and n, times 10. IDF counts the
+    captions whose references contain an n-gram, so the score depends on the evaluated set."""
+    refs_words = [[caption_words(r) for r in refs] for refs in references]
+    pred_words = [caption_words(p) for p in predictions]
+    if len(pred_words) != len(refs_words):
+        raise ValueError(f"{len(pred_words)} predicted captions but {len(refs_words)} reference sets")
+    document_frequency: Counter = Counter()
+    for refs in refs_words:
+        document_frequency.update({g for r in refs for n in range(1, 5) for g in _ngrams(r, n)})
+    log_count = math.log(len(refs_words)) if refs_words else 0.0
+
+    def vectors(words: list[str]) -> tuple[list[dict], list[float]]:
+        vecs, norms = [], []
+        for n in range(1, 5):
+            vec = {g: tf * (log_count - math.log(max(1.0, document_frequency[g])))
+                   for g, tf in _ngrams(words, n).items()}
+            vecs.append(vec)
+            norms.append(math.sqrt(sum(v * v for v in vec.values())))
+        return vecs, norms
+
+    scores = []
+    for words, refs in zip(pred_words, refs_words):
+        pred_vecs, pred_norms = vectors(words)
+        total = 0.0
+        for ref in refs:
+            ref_vecs, ref_norms = vectors(ref)
+            # length in bigrams, as the COCO code counts it: one less than the words
+            penalty = math.exp(-((max(len(words) - 1, 0) - max(len(ref) - 1, 0)) ** 2) / (2 * sigma**2))
+            for pv, pn, rv, rn in zip(pred_vecs, pred_norms, ref_vecs, ref_norms):
+                if pn and rn:
+                    dot = sum(min(v, rv[g]) * rv[g] for g, v in pv.items() if g in rv)
+                    total += penalty * dot / (pn * rn)
+        scores.append(10.0 * total / (4 * len(refs)) if refs else 0.0)
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def caption_metrics(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict:
+    """`{"exact_match", "token_f1", "bleu4", "cider", "count"}` over predicted captions, each
+    with one reference (a string) or several (a list of strings). Raises ValueError on
+    mismatched lengths, no captions, or a caption without references."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predicted captions but {len(references)} references")
     if len(predictions) == 0:
         raise ValueError("caption_metrics needs at least one caption")
-    exact = [normalize_caption(p) == normalize_caption(r) for p, r in zip(predictions, references)]
-    f1 = [token_f1(p, r) for p, r in zip(predictions, references)]
-    return {"exact_match": sum(exact) / len(exact), "token_f1": sum(f1) / len(f1), "count": len(exact)}
+    refs = [[r] if isinstance(r, str) else list(r) for r in references]
+    if not all(refs):
+        raise ValueError("every caption needs at least one reference")
+    exact = [any(normalize_caption(p) == normalize_caption(r) for r in rs) for p, rs in zip(predictions, refs)]
+    f1 = [max(token_f1(p, r) for r in rs) for p, rs in zip(predictions, refs)]
+    return {"exact_match": sum(exact) / len(exact), "token_f1": sum(f1) / len(f1), "bleu4": bleu4(predictions, refs),
+            "cider": cider_d(predictions, refs), "count": len(exact)}

@@ -19,10 +19,11 @@ FLOORS = [
     {"config", "layers", "loss", "metrics", "tokenizer", "weights"},
     {"processing", "vit", "gpt", "adapter", "generation", "vlm"},
     {"hf_checkpoint", "convert", "loading", "export"},
-    {"data", "data.easy_vqa", "data.local", "data.scenes", "data.splits"},
+    {"data", "data.captions", "data.easy_vqa", "data.local", "data.scenes", "data.splits"},
     {"evaluation"},
     {"training", "training.args", "training.augment", "training.precision", "training.data", "training.features",
-     "training.setup", "training.loop", "training.lora", "training.pretrain_vit", "training.train_vqa", "training.main", "training.captions"},
+     "training.setup", "training.loop", "training.lora", "training.pretrain_vit", "training.train_vqa", "training.main",
+     "training.captions"},
     {"cli"},
 ]
 

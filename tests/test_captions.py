@@ -66,9 +66,10 @@ def test_alignment_trains_only_the_adapter_then_the_rest(small_scenes, parts, tm
         assert any(not torch.equal(f[k], a[k]) for k in a), f"main phase did not train {prefix}"
 
     assert metrics["count"] == 4 * scenes.QUESTIONS_PER_SCENE
-    assert set(metrics["captions"]) == {"exact_match", "token_f1", "count"} and metrics["captions"]["count"] == 4
+    assert set(metrics["captions"]) == {"exact_match", "token_f1", "bleu4", "cider", "count"}
+    assert metrics["captions"]["count"] == 4
     rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
-    assert [r["caption"] for r in rows] == scenes.load_scenes_captions("test")["caption"]
+    assert [r["captions"] for r in rows] == [[c] for c in scenes.load_scenes_captions("test")["caption"]]
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 4 * scenes.QUESTIONS_PER_SCENE
 
 
@@ -102,7 +103,7 @@ def test_caption_only_training_learns_a_fixed_caption(small_scenes, parts, tmp_p
 
 def test_captions_need_a_dataset_with_captions(parts, tmp_path):
     vit, gpt = parts
-    with pytest.raises(train_vqa.DatasetError, match="only the built-in 'scenes' dataset"):
+    with pytest.raises(train_vqa.DatasetError, match="needs captions, which 'easy-vqa' has none of"):
         train_vqa.main(["--dataset", "easy-vqa", "--task", "both", "--vit", vit, "--gpt", gpt,
                         "--output-dir", str(tmp_path / "x")])
     assert cli_main(["train-vqa", "--dataset", "easy-vqa", "--align-epochs", "1", "--vit", vit, "--gpt", gpt,
@@ -116,7 +117,7 @@ def test_eval_cli_prints_caption_metrics(small_scenes, parts, tmp_path, capsys):
     assert cli_main(["eval", "--model", str(tmp_path / "vlm"), "--dataset", "scenes", "--batch-size", "4",
                      "--max-new-tokens", "2", "--caption-max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    assert "| captions | exact match | token F1 |" in out and "| **all** | 24 |" in out
+    assert "| captions | exact match | token F1 | BLEU-4 | CIDEr-D |" in out and "| **all** | 24 |" in out
     assert "| question (C color, S shape, P position) | questions | VQA accuracy |" in out
     assert (tmp_path / "predictions_test_captions.jsonl").exists()
     assert cli_main(["eval", "--model", str(tmp_path / "vlm"), "--dataset", "scenes", "--task", "caption",

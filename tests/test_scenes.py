@@ -138,7 +138,7 @@ def test_loaders_through_the_dispatchers():
     caps, _ = load_caption_dataset("scenes", "test")
     assert len(caps) == sc.SPLIT_SIZES["test"]
     row = caps[3]
-    assert row["image"].size == (64, 64) and row["caption"] == sc.caption(sc.make_scene(sc.SPLIT_SEEDS["test"], 3))
+    assert row["image"].size == (64, 64) and row["captions"] == [sc.caption(sc.make_scene(sc.SPLIT_SEEDS["test"], 3))]
     png = np.asarray(Image.open(io.BytesIO(caps.with_format(None).data.column("image")[3]["bytes"].as_py())))
     assert np.array_equal(png, np.asarray(sc.render(sc.make_scene(sc.SPLIT_SEEDS["test"], 3))))
 

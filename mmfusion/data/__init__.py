@@ -4,13 +4,15 @@
 - VQA: `image` (`Image()`), `question` (str), `answers` (list[str]),
   `answer_type` (str), `image_id` (int)
 
-- captions: `image` (`Image()`), `caption` (str), `image_id` (int)
+- captions: `image` (`Image()`), `captions` (list[str], one or more per image), `image_id` (int);
+  `caption_rows` makes training rows of them, one per caption (`caption`: str)
 
 `load_classification` / `load_vqa_dataset` take either the name "easy-vqa" (the
 embedded default dataset, `easy_vqa.py`), "scenes" (procedural shapes with
 captions and questions, `scenes.py`; VQA and captions) or a user source
 (`local.py`: a parquet or JSON lines file, a folder, or a Hub id) and return
-`(dataset, report)`. `load_caption_dataset` takes "scenes".
+`(dataset, report)`. `load_caption_dataset` takes "scenes" or a user source
+(`captions.py`).
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from pathlib import Path
 
 import datasets
 
+from .captions import caption_rows, load_captions
 from .easy_vqa import CLASS_NAMES, easy_vqa_classification, load_easy_vqa_classification, load_easy_vqa_vqa
 from .local import DatasetError, LoadReport, answer_type_of, load_image_classification, load_vqa
 from .scenes import SCENES, load_scenes_captions, load_scenes_cells, load_scenes_vqa
 
 EASY_VQA = "easy-vqa"
 
-__all__ = ["EASY_VQA", "CLASS_NAMES", "SCENES", "DatasetError", "LoadReport", "answer_type_of", "load_caption_dataset",
+__all__ = ["EASY_VQA", "CLASS_NAMES", "SCENES", "DatasetError", "LoadReport", "answer_type_of", "caption_rows",
+           "load_caption_dataset", "load_captions",
            "load_classification", "load_easy_vqa_classification", "load_easy_vqa_vqa", "load_image_classification",
            "load_scenes_captions", "load_scenes_cells", "load_scenes_vqa", "load_vqa", "load_vqa_dataset"]
 BUILT_IN = (EASY_VQA, SCENES)
@@ -80,11 +84,16 @@ def load_vqa_dataset(name_or_path: str | Path, split: str, **kwargs) -> tuple[da
     return load_vqa(name_or_path, split, **kwargs)
 
 
-def load_caption_dataset(name_or_path: str | Path, split: str) -> tuple[datasets.Dataset, LoadReport]:
-    """Caption data: "scenes" (one caption per image). Returns `(dataset, report)` with columns
-    `image`, `caption`, `image_id`."""
-    if str(name_or_path) != SCENES:
-        raise DatasetError(f"captions come from the built-in {SCENES!r} dataset; {str(name_or_path)!r} has none "
-                           f"(train it with --task vqa)")
-    ds = load_scenes_captions(split)
-    return ds, LoadReport(source=SCENES, split=split, total=len(ds), kept=len(ds))
+def load_caption_dataset(name_or_path: str | Path, split: str, **kwargs) -> tuple[datasets.Dataset, LoadReport]:
+    """Caption data: "scenes" (one caption per image) or a user source (`load_captions`, which
+    `kwargs` go to; for scenes only their defaults are allowed for the columns). Returns
+    `(dataset, report)` with columns `image`, `captions` (list[str]), `image_id`."""
+    if str(name_or_path) == EASY_VQA:
+        raise DatasetError(f"{EASY_VQA!r} has no captions; caption the built-in {SCENES!r} or your own data "
+                           "(a caption column), or train with --task vqa")
+    if str(name_or_path) == SCENES:
+        _reject_column_overrides(load_captions, kwargs)
+        ds = load_scenes_captions(split).map(lambda c: {"captions": [[x] for x in c]}, input_columns=["caption"],
+                                             batched=True, remove_columns=["caption"])
+        return ds, LoadReport(source=SCENES, split=split, total=len(ds), kept=len(ds))
+    return load_captions(name_or_path, split, **kwargs)

@@ -40,7 +40,8 @@ from ..metrics import normalize_answer
 
 logger = logging.getLogger(__name__)
 
-SKIP_REASONS = ("missing_image", "unreadable_image", "empty_question", "empty_answer", "missing_label")
+SKIP_REASONS = ("missing_image", "unreadable_image", "empty_question", "empty_answer", "missing_label",
+                "empty_caption")
 ANSWER_TYPES = ("yes/no", "number", "other")
 _LOCAL_SUFFIXES = {".parquet", ".jsonl", ".json"}
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
@@ -75,7 +76,7 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and (path / "state.json").is_file()
 
 
-def _load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[datasets.Dataset, Path | None]:
+def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[datasets.Dataset, Path | None]:
     """Load one split of `source`; return it and the folder that relative image paths are relative to."""
     path = Path(source).expanduser()
     try:
@@ -153,7 +154,7 @@ def _parquet_rows(path: Path) -> int | None:
         return None
 
 
-def _require_columns(ds: datasets.Dataset, source: str, wanted: dict[str, str]) -> None:
+def require_columns(ds: datasets.Dataset, source: str, wanted: dict[str, str]) -> None:
     """`wanted` maps a command-line flag to the column name it selects."""
     for flag, column in wanted.items():
         if column not in ds.column_names:
@@ -161,11 +162,11 @@ def _require_columns(ds: datasets.Dataset, source: str, wanted: dict[str, str]) 
                                f"Name the right one with {flag}")
 
 
-def _is_text(feature: Any) -> bool:
+def is_text(feature: Any) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
-def _wrong_type(source: str, column: str, feature: Any, expected: str, flag: str) -> DatasetError:
+def wrong_type(source: str, column: str, feature: Any, expected: str, flag: str) -> DatasetError:
     if isinstance(feature, datasets.Value) and feature.dtype == "null":
         return DatasetError(f"{source}: column {column!r} is null in every row; expected {expected}. "
                             f"Fill it in, or name the column that holds them with {flag}")
@@ -173,7 +174,7 @@ def _wrong_type(source: str, column: str, feature: Any, expected: str, flag: str
                         f"if another column holds that, name it with {flag}")
 
 
-def _prepare_image_column(ds: datasets.Dataset, source: str, column: str) -> datasets.Dataset:
+def prepare_image_column(ds: datasets.Dataset, source: str, column: str) -> datasets.Dataset:
     """Make the image column yield raw values (path str, bytes, or {bytes, path}), never decoded images."""
     feature = ds.features[column]
     if isinstance(feature, datasets.Image):
@@ -182,11 +183,11 @@ def _prepare_image_column(ds: datasets.Dataset, source: str, column: str) -> dat
         return ds
     if isinstance(feature, dict) and {"bytes", "path"} & feature.keys():
         return ds
-    raise _wrong_type(source, column, feature, "images (an Image feature, file paths, bytes, or {bytes, path})",
+    raise wrong_type(source, column, feature, "images (an Image feature, file paths, bytes, or {bytes, path})",
                       "--image-column")
 
 
-class _ImageChecker:
+class ImageChecker:
     """Turn one raw image value into `({bytes, path}, None)` or `(None, skip reason)`.
 
     Relative paths are resolved against `base_dir`. Each file is decoded in full once, by the
@@ -232,7 +233,7 @@ class _ImageChecker:
         return (None, reason) if reason else ({"bytes": None, "path": path}, None)
 
 
-def _finish(ds: datasets.Dataset, source: str, split: str, total: int, max_bad_fraction: float,
+def finish(ds: datasets.Dataset, source: str, split: str, total: int, max_bad_fraction: float,
             features: datasets.Features) -> tuple[datasets.Dataset, LoadReport]:
     """Drop rows whose `_skip` is set, check the bad fraction, and cast to the output `features`."""
     reasons = ds["_skip"][:]
@@ -254,15 +255,17 @@ def _finish(ds: datasets.Dataset, source: str, split: str, total: int, max_bad_f
     return ds.remove_columns("_skip").cast(features), report
 
 
-def _map(ds: datasets.Dataset, fn, features: datasets.Features, tag: str) -> datasets.Dataset:
+def map_rows(ds: datasets.Dataset, fn, features: datasets.Features, tag: str,
+             with_indices: bool = False) -> datasets.Dataset:
     # An explicit fingerprint: the closures hold caches, which `datasets` would otherwise hash.
     # Never reuse a cached result: files on disk may have been fixed (or broken) since.
     fingerprint = hashlib.sha256(f"{ds._fingerprint}:{tag}".encode()).hexdigest()[:16]
     return ds.map(fn, batched=True, batch_size=1000, remove_columns=ds.column_names, features=features,
-                  new_fingerprint=fingerprint, load_from_cache_file=False, desc="checking rows")
+                  with_indices=with_indices, new_fingerprint=fingerprint, load_from_cache_file=False,
+                  desc="checking rows")
 
 
-def _check_fraction(max_bad_fraction: float) -> None:
+def check_fraction(max_bad_fraction: float) -> None:
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise DatasetError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
 
@@ -279,10 +282,10 @@ def _label_names(ds: datasets.Dataset, source: str, column: str) -> tuple[list[s
     if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
         ids = [v for v in ds.unique(column) if v is not None and v >= 0]
         return [str(i) for i in range(max(ids) + 1)] if ids else [], "id"
-    if _is_text(feature):
+    if is_text(feature):
         names = sorted({v.strip() for v in ds.unique(column) if isinstance(v, str) and v.strip()})
         return names, "name"
-    raise _wrong_type(source, column, feature, "class labels (ClassLabel, integers or strings)", "--label-column")
+    raise wrong_type(source, column, feature, "class labels (ClassLabel, integers or strings)", "--label-column")
 
 
 def load_image_classification(
@@ -301,18 +304,18 @@ def load_image_classification(
     missing or unreadable image or a null/empty/negative label are skipped.
     Raises `DatasetError` (see the module docstring).
     """
-    _check_fraction(max_bad_fraction)
-    raw, base_dir = _load_raw(source, split, cache_dir)
+    check_fraction(max_bad_fraction)
+    raw, base_dir = load_raw(source, split, cache_dir)
     src = str(source)
-    _require_columns(raw, src, {"--image-column": image_column, "--label-column": label_column})
+    require_columns(raw, src, {"--image-column": image_column, "--label-column": label_column})
     if len(raw) == 0:
         raise DatasetError(f"{src}: split {split!r} is empty")
-    raw = _prepare_image_column(raw.select_columns([image_column, label_column]), src, image_column)
+    raw = prepare_image_column(raw.select_columns([image_column, label_column]), src, image_column)
     names, mode = _label_names(raw, src, label_column)
     if not names:
         raise DatasetError(f"{src}: column {label_column!r} has no usable labels")
     index = {n: i for i, n in enumerate(names)}
-    check = _ImageChecker(base_dir)
+    check = ImageChecker(base_dir)
 
     def normalize(batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"image": [], "label": [], "_skip": []}
@@ -331,9 +334,9 @@ def load_image_classification(
 
     work = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Value("int64"),
                               "_skip": datasets.Value("string")})
-    mapped = _map(raw, normalize, work, f"cls:{image_column}:{label_column}:{base_dir}")
+    mapped = map_rows(raw, normalize, work, f"cls:{image_column}:{label_column}:{base_dir}")
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    return _finish(mapped, src, split, len(raw), max_bad_fraction, features)
+    return finish(mapped, src, split, len(raw), max_bad_fraction, features)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,17 +345,17 @@ def load_image_classification(
 
 def _check_answer_feature(feature: Any, source: str, column: str) -> None:
     """Accept text, a list of text, a list of {"answer": text} records, or JSON of mixed such rows."""
-    if _is_text(feature) or isinstance(feature, datasets.Json):
+    if is_text(feature) or isinstance(feature, datasets.Json):
         return
     if isinstance(feature, datasets.List | datasets.LargeList):
         inner = feature.feature
-        if _is_text(inner) or (isinstance(inner, dict) and _is_text(inner.get("answer"))):
+        if is_text(inner) or (isinstance(inner, dict) and is_text(inner.get("answer"))):
             return
     # The legacy Sequence({"answer": ..., ...}) is a dict of lists.
     if isinstance(feature, dict) and isinstance(feature.get("answer"), datasets.List | datasets.LargeList) \
-            and _is_text(feature["answer"].feature):
+            and is_text(feature["answer"].feature):
         return
-    raise _wrong_type(source, column, feature,
+    raise wrong_type(source, column, feature,
                       'answers (a string, a list of strings, or a list of {"answer": ...} records)', "--answer-column")
 
 
@@ -389,16 +392,16 @@ def _vqa_columns(raw: datasets.Dataset, src: str, split: str, image_column: str,
     usable); raises DatasetError for missing columns, an empty split or wrong column types."""
     if answer_column is None:
         answer_column = "answers" if "answers" in raw.column_names else "answer"
-    _require_columns(raw, src, {"--image-column": image_column, "--question-column": question_column,
+    require_columns(raw, src, {"--image-column": image_column, "--question-column": question_column,
                                 "--answer-column": answer_column})
     if len(raw) == 0:
         raise DatasetError(f"{src}: split {split!r} is empty")
-    if not _is_text(raw.features[question_column]):
-        raise _wrong_type(src, question_column, raw.features[question_column], "question text", "--question-column")
+    if not is_text(raw.features[question_column]):
+        raise wrong_type(src, question_column, raw.features[question_column], "question text", "--question-column")
     _check_answer_feature(raw.features[answer_column], src, answer_column)
     extra = [c for c in ("answer_type", "image_id") if c in raw.column_names and c not in
              (image_column, question_column, answer_column)]
-    has_type = "answer_type" in extra and _is_text(raw.features["answer_type"])
+    has_type = "answer_type" in extra and is_text(raw.features["answer_type"])
     has_id = "image_id" in extra and isinstance(raw.features["image_id"], datasets.Value) and \
         raw.features["image_id"].dtype.startswith(("int", "uint"))
     return answer_column, list(dict.fromkeys([image_column, question_column, answer_column, *extra])), has_type, has_id
@@ -425,13 +428,13 @@ def load_vqa(
     unreadable image, an empty question, or no non-empty answer are skipped.
     Raises `DatasetError` (see the module docstring).
     """
-    _check_fraction(max_bad_fraction)
-    raw, base_dir = _load_raw(source, split, cache_dir)
+    check_fraction(max_bad_fraction)
+    raw, base_dir = load_raw(source, split, cache_dir)
     src = str(source)
     answer_column, columns, has_type, has_id = _vqa_columns(raw, src, split, image_column, question_column,
                                                             answer_column)
-    raw = _prepare_image_column(raw.select_columns(columns), src, image_column)
-    check = _ImageChecker(base_dir)
+    raw = prepare_image_column(raw.select_columns(columns), src, image_column)
+    check = ImageChecker(base_dir)
 
     def normalize(batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {k: [] for k in ("image", "question", "answers", "answer_type", "image_id", "_skip")}
@@ -462,6 +465,6 @@ def load_vqa(
         "image_id": datasets.Value("int64"),
     }
     work = datasets.Features({"image": datasets.Image(decode=False), **common, "_skip": datasets.Value("string")})
-    mapped = _map(raw, normalize, work, f"vqa:{columns}:{base_dir}")
+    mapped = map_rows(raw, normalize, work, f"vqa:{columns}:{base_dir}")
     features = datasets.Features({"image": datasets.Image(), **common})
-    return _finish(mapped, src, split, len(raw), max_bad_fraction, features)
+    return finish(mapped, src, split, len(raw), max_bad_fraction, features)

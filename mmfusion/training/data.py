@@ -120,23 +120,30 @@ def check_eval_choice(eval_dataset: str | None, holdout: float | None) -> None:
 
 
 def evaluation_rows(dataset: str, train_split: str, eval_dataset: str | None, eval_split: str,
-                    holdout: float | None, train_rows, load_eval: Callable[[str], Any]):
+                    holdout: float | None, train_rows: list, load_eval: Callable[[str], Any]):
     """Which rows evaluate a run: (training rows, held-out rows or None, load_eval's result or
-    None, a line saying which). The evaluation split of `eval_dataset or dataset` is loaded by
-    load_eval(source); a held-out share of the training images is taken instead with --holdout,
-    and by default when the two would be the same rows (a single file has one split)."""
+    None, a line saying which). `train_rows` is a list of the training datasets (None where a
+    kind is not used, e.g. [questions, captions]); the held-out rows come as a list of the same
+    shape. The evaluation split of `eval_dataset or dataset` is loaded by load_eval(source); a
+    held-out share of the training images is taken instead with --holdout, and by default when
+    the two would be the same rows (a single file has one split)."""
     from ..data.splits import hold_out, same_rows
 
     reuse = same_rows(dataset, train_split, eval_dataset, eval_split)
     fraction = (DEFAULT_HOLDOUT if reuse else 0.0) if holdout is None else holdout
-    if fraction > 0 and train_rows is not None:
-        train_rows, held = hold_out(train_rows, fraction, f"{dataset} [{train_split}]")
+    present = [rows for rows in train_rows if rows is not None]
+    if fraction > 0 and present:
+        # by a hash of each image, so every kind of row holds out the same images
+        pairs = [hold_out(rows, fraction, f"{dataset} [{train_split}]") if rows is not None else (None, None)
+                 for rows in train_rows]
+        kept, held = [p[0] for p in pairs], [p[1] for p in pairs]
+        n_held, n_kept = next((len(h), len(k)) for k, h in pairs if k is not None)
         why = " (a single file or saved Dataset has one split; --eval-dataset names other data)" if holdout is None else ""
-        return train_rows, held, None, (f"evaluation: {len(held)} of the {len(held) + len(train_rows)} rows of "
-                                        f"{dataset} held out of training by image (--holdout {fraction:g}){why}")
+        return kept, held, None, (f"evaluation: {n_held} of the {n_held + n_kept} rows of {dataset} held out of "
+                                  f"training by image (--holdout {fraction:g}){why}")
     source = eval_dataset or dataset
     line = f"evaluation: {source} [{eval_split}]"
-    if reuse and train_rows is not None:
+    if reuse and present:
         line = (f"WARNING: evaluating on the training rows ({source} [{eval_split}], --holdout 0): the accuracy "
                 "says how well the model fits them, not how it does on new data")
     return train_rows, None, load_eval(source), line

@@ -240,10 +240,10 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     columns = {"image_column": stage.image_column, "label_column": stage.label_column,
                "max_bad_fraction": stage.max_bad_fraction}
     train_ds, train_report = load_classification(stage.dataset, stage.train_split, **columns)
-    train_ds, held, loaded, eval_line = evaluation_rows(
-        stage.dataset, stage.train_split, stage.eval_dataset, stage.eval_split, stage.holdout, train_ds,
+    (train_ds,), held, loaded, eval_line = evaluation_rows(
+        stage.dataset, stage.train_split, stage.eval_dataset, stage.eval_split, stage.holdout, [train_ds],
         lambda source: load_classification(source, stage.eval_split, **columns))
-    eval_ds, eval_report = (held, f"{len(held)} held-out rows") if loaded is None else loaded
+    eval_ds, eval_report = (held[0], f"{len(held[0])} held-out rows") if loaded is None else loaded
     class_names, label_grid = label_layout(train_ds)
     eval_ds = align_labels(eval_ds, class_names, f"{stage.eval_dataset or stage.dataset} [{stage.eval_split}]")
     if stage.shift and label_grid > 1:

@@ -35,7 +35,7 @@ from ..config import (
     gpt_preset,
     vit_preset,
 )
-from ..data import BUILT_IN, SCENES, DatasetError, load_caption_dataset, load_vqa_dataset
+from ..data import BUILT_IN, EASY_VQA, SCENES, DatasetError, caption_rows, load_caption_dataset, load_vqa_dataset
 from ..evaluation import predict, predict_captions, score, score_by_template, score_captions, write_jsonl
 from ..loading import load_gpt, load_vit
 from ..processing import ImageProcessor, PromptBuilder, VQACollator
@@ -52,7 +52,8 @@ from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_g
 @dataclass(frozen=True)
 class VQAStageConfig:
     dataset: str = field(default="easy-vqa", metadata={
-        "help": "easy-vqa, scenes (with captions), a parquet/JSONL file or folder, or a hub id"})
+        "help": "easy-vqa, scenes (with captions), a parquet/JSONL file or folder, or a hub id (captions from "
+                "--caption-column)"})
     task: str = field(default="vqa", metadata={
         "help": "train on questions, captions, or both mixed", "choices": ["vqa", "caption", "both"]})
     loss_per: str = field(default="token", metadata={
@@ -71,6 +72,9 @@ class VQAStageConfig:
     question_column: str = field(default="question", metadata={"help": "column holding the questions"})
     answer_column: str | None = field(default=None, metadata={
         "help": "column holding an answer or a list of answers (default: 'answers', else 'answer')"})
+    caption_column: str | None = field(default=None, metadata={
+        "help": "column holding a caption or a list of captions per image, COCO-style (default: 'captions', "
+                "else 'caption')"})
     max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more rows than this are unusable"})
     vit: str = field(default="runs/vit/model", metadata={
         "help": f"saved ViT folder, a preset ({', '.join(VIT_PRESETS)}) or transformers ViT/CLIP weights"})
@@ -171,32 +175,34 @@ def optimizer_for(model: VLM, stage: VQAStageConfig, run: RunConfig) -> torch.op
 
 def load_splits(stage: VQAStageConfig, source: str, split: str, captions: bool, questions: bool):
     """(questions, captions) datasets of one split of `source` (None where not wanted), and their reports."""
-    columns = {"image_column": stage.image_column, "question_column": stage.question_column,
-               "answer_column": stage.answer_column, "max_bad_fraction": stage.max_bad_fraction}
-    if source in BUILT_IN:
-        columns = {}
+    own = source not in BUILT_IN
     vqa, cap, reports = None, None, []
     if questions:
-        vqa, report = load_vqa_dataset(source, split, **columns)
+        columns = {"image_column": stage.image_column, "question_column": stage.question_column,
+                   "answer_column": stage.answer_column, "max_bad_fraction": stage.max_bad_fraction}
+        vqa, report = load_vqa_dataset(source, split, **(columns if own else {}))
         reports.append(report)
     if captions:
-        cap, report = load_caption_dataset(source, split)
+        columns = {"image_column": stage.image_column, "caption_column": stage.caption_column,
+                   "max_bad_fraction": stage.max_bad_fraction}
+        cap, report = load_caption_dataset(source, split, **(columns if own else {}))
         reports.append(report)
     return vqa, cap, reports
 
 
 def load_all(stage: VQAStageConfig, captions: bool, questions: bool):
     """Training and evaluation rows: (train questions, train captions, eval questions, eval
-    captions, report lines). Evaluation questions are a held-out share of the training images
-    where the two would otherwise be the same rows (data.evaluation_rows)."""
+    captions, report lines). Evaluation rows are a held-out share of the training images where
+    the two would otherwise be the same rows (data.evaluation_rows); captions are one row per
+    image here (all its references), the training captions become one row per caption later."""
     train_vqa, train_cap, reports = load_splits(stage, stage.dataset, stage.train_split, captions, questions)
     eval_captions = stage.task != "vqa"
-    train_vqa, held, loaded, line = evaluation_rows(
-        stage.dataset, stage.train_split, stage.eval_dataset, stage.eval_split, stage.holdout, train_vqa,
+    (train_vqa, train_cap), held, loaded, line = evaluation_rows(
+        stage.dataset, stage.train_split, stage.eval_dataset, stage.eval_split, stage.holdout, [train_vqa, train_cap],
         lambda source: load_splits(stage, source, stage.eval_split, eval_captions, questions))
-    if loaded is None:  # questions held out; captions (the built-in scenes) still from their split
-        eval_vqa = held
-        _, eval_cap, eval_reports = load_splits(stage, stage.dataset, stage.eval_split, eval_captions, False)
+    if loaded is None:
+        (eval_vqa, eval_cap), eval_reports = held, []
+        eval_cap = eval_cap if eval_captions else None  # alignment-only captions are not scored
     else:
         eval_vqa, eval_cap, eval_reports = loaded
     return train_vqa, train_cap, eval_vqa, eval_cap, [f"data: {r}" for r in reports + eval_reports] + [line]
@@ -248,12 +254,12 @@ def vqa_step(m, batch, loss_per: str = "token") -> tuple[torch.Tensor, int]:
 
 
 def tasks(stage: VQAStageConfig) -> tuple[bool, bool]:
-    """(questions, captions): which kinds of rows the stage needs; refuses captions the data lacks."""
+    """(questions, captions): which kinds of rows the stage needs; refuses captions easy-vqa lacks."""
     questions, captions = stage.task in ("vqa", "both"), stage.task in ("caption", "both") or stage.align_epochs > 0
-    if captions and stage.dataset != "scenes":
+    if captions and stage.dataset == EASY_VQA:
         raise DatasetError(f"--task {stage.task}" + (f" --align-epochs {stage.align_epochs}" if stage.align_epochs else "")
-                           + f" needs captions, which only the built-in 'scenes' dataset has; {stage.dataset!r} "
-                           "has none: use --task vqa --align-epochs 0")
+                           + f" needs captions, which {EASY_VQA!r} has none of: use --task vqa --align-epochs 0, the "
+                           f"built-in {SCENES!r}, or your own data with a caption column")
     return questions, captions
 
 
@@ -286,6 +292,8 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     questions, captions = tasks(stage)
     set_seed(run_cfg.seed)
     train_vqa, train_cap, eval_vqa, eval_cap, data_lines = load_all(stage, captions, questions)
+    if train_cap is not None:
+        train_cap = caption_rows(train_cap)
     model = build_vlm(stage)
     processor = ImageProcessor.from_config(model.config.vit)
     cached = stage.freeze_vit and stage.cache_features
@@ -377,8 +385,8 @@ def final_evaluation(accelerator, stage: VQAStageConfig, model: VLM, eval_vqa, e
             metrics["captions"] = score_captions(rows)
             write_jsonl(out / "captions.jsonl", rows)
             m = metrics["captions"]
-            accelerator.print(f"captions: exact match {m['exact_match']:.4f}, token F1 {m['token_f1']:.4f} "
-                              f"on {m['count']} images")
+            accelerator.print(f"captions: exact match {m['exact_match']:.4f}, token F1 {m['token_f1']:.4f}, "
+                              f"BLEU-4 {m['bleu4']:.4f}, CIDEr-D {m['cider']:.3f} on {m['count']} images")
     return metrics
 
 
