@@ -3,10 +3,11 @@
 - a GPT -> `GPT2LMHeadModel` (+ GPT-2's tokenizer files),
 - a ViT -> `ViTModel` / `ViTForImageClassification`, or `CLIPVisionModel` for a CLIP tower
   (+ `preprocessor_config.json` giving the pixels mmfusion gives it),
-- a VLM -> both of those, its adapter (safetensors + JSON) and a model card. transformers has no
-  class for the whole model (a GPT-2 fed image tokens through this adapter), so the VLM itself
-  loads with `VLM.from_pretrained` on the mmfusion folder; the exported parts serve, share and
-  evaluate with the tools that take GPT-2 and ViT.
+- a VLM -> both of those, its adapter (safetensors + JSON) and a model card, and, where
+  transformers' LLaVA can represent it, the whole model as `LlavaForConditionalGeneration` with
+  a processor (`llava_blockers` names what stops it: prefix attention, merged patch tokens,
+  per-token position embeddings, the final LayerNorm of a ViT-layout tower as the feature
+  layer -- LLaVA reads a block's raw output).
 
 Every tensor is checked: the transformers model must take exactly the tensors the table gives
 (tests/test_export.py compares outputs too). Anything without a transformers equivalent (a
@@ -137,9 +138,104 @@ def save_tokenizer(folder: Path) -> None:
     GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(str(folder))
 
 
+def llava_blockers(model) -> list[str]:
+    """What in a VLM transformers' LLaVA cannot represent, each with the training flag that avoids it."""
+    c = model.config
+    blockers = []
+    if c.attention != "causal":
+        blockers.append(f"{c.attention} attention over the image tokens (LLaVA attends causally; --attention causal)")
+    if c.adapter.pixel_shuffle != 1:
+        blockers.append(f"{c.adapter.pixel_shuffle}x{c.adapter.pixel_shuffle} patches merged per image token "
+                        "(--pixel-shuffle 1)")
+    if c.adapter.position_embedding:
+        blockers.append("the adapter's image-token position embedding (--no-image-positions)")
+    if c.adapter.layer == -1 and _vit_family(c.vit) == "vit":
+        blockers.append("features after the ViT's final LayerNorm (LLaVA reads a block's raw output; --adapter-layer "
+                        f"{c.vit.n_layer - 1}, the last block's, or lower)")
+    if not c.gpt.bias:
+        blockers.append("a GPT without biases")
+    return blockers
+
+
+def vlm_to_llava(model):
+    """The VLM as a transformers LlavaForConditionalGeneration with the same outputs, or a
+    ConversionError naming what LLaVA cannot represent. The image slot token gets an embedding row
+    of its own (GPT-2's vocabulary + 1, as LLaVA adds `<image>`); its logit is suppressed in the
+    generation config, since our model never predicts it."""
+    import transformers
+
+    blockers = llava_blockers(model)
+    if blockers:
+        raise ConversionError("export: LLaVA cannot represent " + "; ".join(blockers))
+    c = model.config
+    gpt = gpt_to_hf(model.gpt)
+    vit, _ = vit_to_hf(model.vit)
+    if hasattr(vit, "vit"):  # ViTForImageClassification: LLaVA takes the backbone
+        vit = vit.vit
+    text_config = transformers.GPT2Config(**{**gpt.config.to_dict(), "vocab_size": c.gpt.vocab_size + 1,
+                                             "tie_word_embeddings": False})
+    linear = c.adapter.projection == "linear"
+    config = transformers.LlavaConfig(
+        vision_config=vit.config.to_dict(), text_config=text_config.to_dict(), image_token_id=c.image_token_id,
+        projector_hidden_act="linear" if linear else "gelu",
+        vision_feature_select_strategy="full" if c.adapter.keep_cls else "default",
+        vision_feature_layer=-1 if c.adapter.layer == -1 else c.adapter.layer + 1, multimodal_projector_bias=True,
+        tie_word_embeddings=False)
+    if c.image_token_id != c.gpt.vocab_size:
+        raise ConversionError(f"export: the image slot id {c.image_token_id} is not the first id after the GPT's "
+                              f"vocabulary ({c.gpt.vocab_size})")
+    llava = transformers.LlavaForConditionalGeneration(config).eval()
+    inner = llava.model
+    missing, _ = inner.vision_tower.load_state_dict(vit.state_dict(), strict=False)
+    with torch.no_grad():
+        for name in missing:  # ViTModel's pooler, which LLaVA never calls
+            if not name.startswith("pooler."):
+                raise ConversionError(f"export: LLaVA's vision tower has {name}, which ours does not fill")
+            inner.vision_tower.get_parameter(name).zero_()
+        lm_state = {k.removeprefix("transformer."): v for k, v in gpt.state_dict().items()
+                    if k.startswith("transformer.")}
+        wte = lm_state.pop("wte.weight")
+        rows = torch.cat([wte, torch.zeros(1, wte.shape[1], dtype=wte.dtype)])  # the image slot's row: never read
+        inner.language_model.load_state_dict({**lm_state, "wte.weight": rows}, strict=False)
+        llava.lm_head.weight.copy_(rows)
+        layers = [m for m in model.adapter.proj if isinstance(m, torch.nn.Linear)]
+        proj = inner.multi_modal_projector
+        proj.linear_1.weight.copy_(layers[0].weight)
+        proj.linear_1.bias.copy_(layers[0].bias)
+        if linear:  # one Linear: LLaVA's second becomes the identity
+            proj.linear_2.weight.copy_(torch.eye(proj.linear_2.weight.shape[0]))
+            proj.linear_2.bias.zero_()
+        else:
+            proj.linear_2.weight.copy_(layers[1].weight)
+            proj.linear_2.bias.copy_(layers[1].bias)
+    llava.generation_config.suppress_tokens = [c.image_token_id]
+    llava.generation_config.eos_token_id = llava.generation_config.pad_token_id = 50256
+    return llava
+
+
+def llava_processor(model, folder: Path):
+    """A LlavaProcessor for the exported model: GPT-2's tokenizer with `<|image|>` as the slot
+    token, our image processor, and one `<|image|>` in a prompt expanded to the model's image tokens."""
+    import transformers
+
+    save_tokenizer(folder)
+    tokenizer = transformers.GPT2Tokenizer.from_pretrained(str(folder))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
+    if tokenizer.convert_tokens_to_ids("<|image|>") != model.config.image_token_id:
+        raise ConversionError("export: the tokenizer's <|image|> id differs from the model's image slot id")
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor_config(model.config.vit), indent=2) + "\n")
+    images = transformers.AutoImageProcessor.from_pretrained(str(folder))
+    c = model.config
+    return transformers.LlavaProcessor(
+        image_processor=images, tokenizer=tokenizer, patch_size=c.vit.patch_size,
+        vision_feature_select_strategy="full" if c.adapter.keep_cls else "default", num_additional_image_tokens=1,
+        image_token="<|image|>")
+
+
 def export(model, folder: str | Path, source: str | None = None) -> list[str]:
     """Write `model` (a VLM, GPT or ViT) as transformers folders under `folder`; returns notes on
-    what was left out. A VLM gives folder/gpt2, folder/vit, folder/adapter and folder/README.md."""
+    what was left out. A VLM gives folder/gpt2, folder/vit, folder/adapter, folder/README.md and,
+    where LLaVA can represent it, folder/llava (model and processor)."""
     from .vlm import VLM
 
     folder = Path(folder)
@@ -163,11 +259,18 @@ def export(model, folder: str | Path, source: str | None = None) -> list[str]:
     meta = {"adapter": model.config.adapter.to_dict(), "image_token_id": model.config.image_token_id,
             "attention": model.config.attention, "num_image_tokens": model.num_image_tokens}
     (folder / "adapter" / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (folder / "README.md").write_text(model_card(model, source, notes))
+    blockers = llava_blockers(model)
+    if blockers:
+        notes.append("no LLaVA export: LLaVA cannot represent " + "; ".join(blockers))
+    else:
+        (folder / "llava").mkdir(exist_ok=True)
+        vlm_to_llava(model).save_pretrained(folder / "llava")
+        llava_processor(model, folder / "llava").save_pretrained(folder / "llava")
+    (folder / "README.md").write_text(model_card(model, source, notes, llava=not blockers))
     return notes
 
 
-def model_card(model, source: str | None, notes: list[str]) -> str:
+def model_card(model, source: str | None, notes: list[str], llava: bool = False) -> str:
     c = model.config
     lines = [
         "# mmfusion VLM, exported", "",
@@ -176,12 +279,25 @@ def model_card(model, source: str | None, notes: list[str]) -> str:
         f"giving {model.num_image_tokens} image tokens, and a GPT-2 ({c.gpt.n_layer} layers, width {c.gpt.n_embd}) "
         "reading them in place of `<|image|>` slots at the start of the prompt.", "",
         "| folder | what | loads with |", "|---|---|---|",
+    ]
+    if llava:
+        lines.append("| `llava/` | the whole model and its processor | `transformers.LlavaForConditionalGeneration`, "
+                     "`AutoProcessor` |")
+    lines += [
         "| `gpt2/` | the language model and GPT-2's tokenizer | `transformers.GPT2LMHeadModel`, `AutoTokenizer` |",
         "| `vit/` | the vision tower and its image processor | `transformers.AutoModel` (a ViT: "
         "`ViTModel.from_pretrained(path, add_pooling_layer=False)`, it has no pooler), `AutoImageProcessor` |",
         "| `adapter/` | ViT hidden states -> image tokens (safetensors + JSON) | mmfusion's `ViTAdapter` |", "",
-        "transformers has no class for the whole model, so the parts are separate; to run the VLM, load the "
-        "mmfusion folder it was exported from with `mmfusion.VLM.from_pretrained`.", "",
+    ]
+    if llava:
+        lines += ["With the processor, one `<|image|>` in the text stands for the image: "
+                  "`processor(images=image, text=\"<|image|>Question: What color is the shape?\\nAnswer:\")`, "
+                  "then `model.generate(**inputs, max_new_tokens=8)`; greedy decoding gives mmfusion's tokens."]
+    else:
+        lines += ["transformers' LLaVA cannot represent this model (see below), so the parts are separate; to run "
+                  "the VLM, load the mmfusion folder it was exported from with `mmfusion.VLM.from_pretrained`."]
+    lines += [
+        "",
         "Prompt format: M `<|image|>` slots, then `Question: {question}\\nAnswer:` (the answer follows after a "
         "space and ends with `<|endoftext|>`), or `Caption:` for a caption. mmfusion's tokenizer reads a typed "
         "`<|endoftext|>` as plain text; transformers' GPT-2 tokenizer reads it as the special token.",

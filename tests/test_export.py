@@ -18,7 +18,9 @@ from mmfusion.adapter import ViTAdapter  # noqa: E402
 from mmfusion.cli import main  # noqa: E402
 from mmfusion.config import AdapterConfig, GPTConfig, ViTConfig  # noqa: E402
 from mmfusion.convert import gpt_from_hf, vit_from_hf  # noqa: E402
-from mmfusion.export import gpt_to_hf, vit_to_hf  # noqa: E402
+from mmfusion.errors import ConversionError  # noqa: E402
+from mmfusion.export import gpt_to_hf, vit_to_hf, vlm_to_llava  # noqa: E402
+from mmfusion.generation import GenerationConfig, vlm_prompts  # noqa: E402
 from mmfusion.processing import ImageProcessor  # noqa: E402
 from mmfusion.tokenizer import get_tokenizer  # noqa: E402
 
@@ -101,7 +103,8 @@ def test_mmfusion_export_writes_parts_transformers_load(tmp_path, capsys):
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert (rebuilt.eval()(ids, pixels).logits - vlm(ids, pixels).logits).abs().max() <= ATOL
-    assert "transformers has no class for the whole model" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "no LLaVA export: LLaVA cannot represent" in card and "2x2 patches merged" in card
 
 
 def test_export_refusals_are_one_line(tmp_path, capsys):
@@ -111,3 +114,67 @@ def test_export_refusals_are_one_line(tmp_path, capsys):
     GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, bias=False)).save_pretrained(tmp_path / "nobias")
     assert main(["export", "--model", str(tmp_path / "nobias"), "--output", str(tmp_path / "o2")]) == 2
     assert "a GPT with bias=False has no transformers twin" in capsys.readouterr().err
+
+
+CLIP_LAYOUT = dict(activation="quick_gelu", patch_bias=False, pre_norm=True, final_norm="cls")
+
+
+def llava_ready(projection="mlp", keep_cls=True, layer=1, clip=False, seed=0) -> VLM:
+    """A random-weight VLM of the kind LLaVA represents: causal, one token per patch."""
+    vit = ViTConfig(**VIT, num_classes=0, **(CLIP_LAYOUT if clip else {}))
+    return randomized(VLM(VLMConfig(vit=vit, gpt=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64),
+                                    adapter=AdapterConfig(pixel_shuffle=1, keep_cls=keep_cls, projection=projection,
+                                                          layer=layer), attention="causal")), seed)
+
+
+@pytest.mark.parametrize("projection, keep_cls, layer, clip", [
+    ("mlp", True, 1, False),  # the last block's raw output, CLS kept
+    ("linear", False, 0, False),  # a lower block, CLS dropped (LLaVA's "default"), one Linear
+    ("mlp", True, -1, True),  # a CLIP tower's last layer: no final norm on its tokens
+])
+def test_llava_export_gives_our_logits_and_greedy_tokens(projection, keep_cls, layer, clip):
+    vlm = llava_ready(projection, keep_cls, layer, clip)
+    llava = vlm_to_llava(vlm)
+    assert type(llava).__name__ == "LlavaForConditionalGeneration"
+    ids = torch.tensor([[vlm.config.image_token_id] * vlm.num_image_tokens + [10, 20, 30]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        theirs = llava(input_ids=ids, pixel_values=pixels).logits
+    assert theirs.shape[-1] == 50258  # GPT-2's vocabulary and the image slot
+    assert (theirs[..., :50257] - vlm(ids, pixels).logits).abs().max() <= ATOL
+    ours = vlm.generate(ids, pixels, config=GenerationConfig(max_new_tokens=12))[0]
+    out = llava.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                         do_sample=False)
+    assert out[0, ids.shape[1]:].tolist() == ours
+
+
+def test_mmfusion_export_writes_llava_with_its_processor(tmp_path, capsys):
+    vlm = llava_ready()
+    vlm.save_pretrained(tmp_path / "model")
+    assert main(["export", "--model", str(tmp_path / "model"), "--output", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"llava", "gpt2", "vit", "adapter", "README.md"}
+    assert "transformers.LlavaForConditionalGeneration" in (out / "README.md").read_text()
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(out / "llava").eval()
+    processor = transformers.AutoProcessor.from_pretrained(out / "llava")
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (45, 70, 3), dtype=np.uint8))
+    question = "What color is the shape?"
+    inputs = processor(images=image, text=f"<|image|>Question: {question}\nAnswer:", return_tensors="pt")
+    ours = vlm_prompts(vlm, [image], [question])
+    assert inputs["input_ids"].tolist() == ours["input_ids"].tolist()  # one <|image|> -> every image slot
+    assert (inputs["pixel_values"] - ours["pixel_values"]).abs().max() <= ATOL
+    new = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, ours["input_ids"].shape[1]:]
+    assert new.tolist() == vlm.generate(ours["input_ids"], ours["pixel_values"],
+                                        config=GenerationConfig(max_new_tokens=8))[0]
+    assert processor.decode(new, skip_special_tokens=True).strip() == vlm.answer(image, question, max_new_tokens=8)
+
+
+def test_llava_refuses_what_it_cannot_represent():
+    main_job_like = VLM(VLMConfig(vit=ViTConfig(**VIT, num_classes=0), gpt=GPTConfig(n_layer=1, n_head=2, n_embd=32),
+                                  adapter=AdapterConfig(pixel_shuffle=2, keep_cls=True, position_embedding=True),
+                                  attention="prefix"))
+    with pytest.raises(ConversionError) as info:
+        vlm_to_llava(main_job_like)
+    for reason in ("prefix attention", "--attention causal", "2x2 patches merged", "--pixel-shuffle 1",
+                   "position embedding (--no-image-positions)", "after the ViT's final LayerNorm", "--adapter-layer 1"):
+        assert reason in str(info.value)
