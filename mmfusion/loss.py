@@ -72,20 +72,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         token_weights: torch.Tensor | None = None) -> torch.Tensor:
+                         token_weights: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, like
     `F.cross_entropy(F.linear(hidden, weight), targets)` without keeping the logits; with
     `token_weights` (K,), non-negative and summing to 1, the weighted sum instead.
 
     hidden (K, C), weight (V, C), targets (K,) in [0, V). The softmax runs in fp32 (fp64 for fp64
     inputs); under autocast the products run in its dtype. Not twice differentiable.
+    `check=False` skips the range check of the targets, which reads them (on an accelerator,
+    waiting for the device): for targets already checked on the CPU.
     """
     if hidden.ndim != 2 or weight.ndim != 2 or targets.shape != hidden.shape[:1] or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy needs hidden (K, C), weight (V, C) and targets (K,); got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)} and {tuple(targets.shape)}")
     if hidden.shape[0] == 0:
         raise ValueError("linear_cross_entropy needs at least one target")
-    if bool(((targets < 0) | (targets >= weight.shape[0])).any()):
+    if check and bool(((targets < 0) | (targets >= weight.shape[0])).any()):
         raise ValueError(f"targets must lie in [0, {weight.shape[0]}); got values from {int(targets.min())} "
                          f"to {int(targets.max())}")
     if token_weights is not None and token_weights.shape != targets.shape:

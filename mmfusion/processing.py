@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .config import ViTConfig
-from .errors import ImageError, PromptError
+from .errors import ImageError, PromptError, SlotCountError
 from .loss import IGNORE_INDEX
 from .tokenizer import EOT_ID, IMAGE_ID, Tokenizer, get_tokenizer
 
@@ -310,8 +310,12 @@ class VQACollator:
     """Rows {image, question, answers | answer | caption} -> a training batch.
 
     Returns input_ids (B, T) right-padded with `<|endoftext|>`, attention_mask (B, T),
-    labels (B, T) with -100 on image slots, prompt and padding, and pixel_values (B, 3, H, W),
-    or image_features (B, 1+N, Dv) where the rows carry a frozen ViT's features instead of images.
+    labels (B, T) with -100 on image slots, prompt and padding, label_positions (K,) (the
+    supervised positions of labels[:, 1:] as flat indices) and slots_per_row (int, the image
+    slots counted in every row): with these `VLM.forward` runs without waiting for the device.
+    Then pixel_values (B, 3, H, W), or
+    image_features (B, 1+N, Dv) where the rows carry a frozen ViT's features instead of images.
+    The image slots of every row are checked here, on the CPU.
     A row without a question (None or missing) is a caption example; a row with `turns`
     (a list of (question, answers) pairs) is a conversation about its image.
     """
@@ -331,11 +335,16 @@ class VQACollator:
                 i, l = self.prompts.example(row.get("question"), target)
             ids.append(i)
             labels.append(l)
+        slots = [sum(t == IMAGE_ID for t in i) for i in ids]
+        if any(n != self.prompts.num_image_tokens for n in slots):
+            raise SlotCountError(f"a training row has {slots} image slots, not {self.prompts.num_image_tokens}")
         batch = {
             "input_ids": pad_batch(ids, EOT_ID),
             "attention_mask": pad_batch([[1] * len(i) for i in ids], 0),
             "labels": pad_batch(labels, IGNORE_INDEX),
         }
+        batch["label_positions"] = (batch["labels"][:, 1:] != IGNORE_INDEX).flatten().nonzero().squeeze(1)  # (K,)
+        batch["slots_per_row"] = self.prompts.num_image_tokens
         with_features = ["image_features" in row for row in rows]
         if all(with_features):  # a frozen ViT's features, computed once (training.features)
             batch["image_features"] = torch.stack([row["image_features"] for row in rows])  # (B, 1+N, Dv)

@@ -32,11 +32,10 @@ class VLMOutput:
     num_tokens: int = 0  # supervised tokens behind `loss`
 
 
-def fuse_image_embeddings(token_embeds: torch.Tensor, image_mask: torch.Tensor,
-                          image_embeds: torch.Tensor) -> torch.Tensor:
-    """Scatter image_embeds (B, M, C) into the True positions of image_mask (B, T) of
-    token_embeds (B, T, C), row by row, in order. Every row must have exactly M slots."""
-    B, M, C = image_embeds.shape
+def check_slot_counts(image_mask: torch.Tensor, M: int) -> None:
+    """A SlotCountError unless every row of image_mask (B, T) has exactly M slots. It reads the
+    mask's values, so on an accelerator it waits for the device: the training step skips it for
+    batches VQACollator has checked on the CPU."""
     counts = image_mask.sum(dim=1)  # (B,)
     if bool((counts != M).any()):
         row = int((counts != M).nonzero()[0])
@@ -44,9 +43,17 @@ def fuse_image_embeddings(token_embeds: torch.Tensor, image_mask: torch.Tensor,
             f"row {row} has {int(counts[row])} <|image|> slots but the adapter yields {M} image tokens; "
             "build prompts with mmfusion.processing.PromptBuilder so the counts match"
         )
-    out = token_embeds.clone()
-    out[image_mask] = image_embeds.reshape(B * M, C).to(out.dtype)  # row-major order = slot order
-    return out
+
+
+def fuse_image_embeddings(token_embeds: torch.Tensor, image_mask: torch.Tensor,
+                          image_embeds: torch.Tensor) -> torch.Tensor:
+    """Put image_embeds (B, M, C) into the True positions of image_mask (B, T) of token_embeds
+    (B, T, C), row by row, in order; every row must have exactly M slots (check_slot_counts).
+    A gather and a select of fixed shapes: nothing here waits for the device."""
+    B, M, C = image_embeds.shape
+    index = (image_mask.long().cumsum(dim=1) - 1).clamp(0, M - 1)  # (B, T): slot k of a row -> image token k
+    gathered = image_embeds.to(token_embeds.dtype).gather(1, index[..., None].expand(-1, -1, C))  # (B, T, C)
+    return torch.where(image_mask[..., None], gathered, token_embeds)
 
 
 class VLM(PretrainedMixin, nn.Module):
@@ -93,10 +100,14 @@ class VLM(PretrainedMixin, nn.Module):
         return self.adapter(self.vit_features(pixel_values) if image_features is None else image_features)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              image_features: torch.Tensor | None = None,
+              check_slots: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings with the images fused in (B, T, C), and the tokens that attend to each
-        other bidirectionally (B, T): the image slots under prefix attention, else None."""
+        other bidirectionally (B, T): the image slots under prefix attention, else None.
+        `check_slots=False` skips the slot count check (for batches checked on the CPU)."""
         image_mask = input_ids == self.config.image_token_id  # (B, T)
+        if check_slots:
+            check_slot_counts(image_mask, self.num_image_tokens)
         # The slot id may lie outside the GPT vocabulary; its embedding is overwritten anyway.
         token_embeds = self.gpt.wte(input_ids.masked_fill(image_mask, 0))  # (B, T, C)
         embeds = fuse_image_embeddings(token_embeds, image_mask, self.encode_images(pixel_values, image_features))
@@ -104,14 +115,15 @@ class VLM(PretrainedMixin, nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, cache=None,
-                      image_features: torch.Tensor | None = None) -> torch.Tensor:
-        embeds, bidirectional = self.embed(input_ids, pixel_values, image_features)
+                      image_features: torch.Tensor | None = None, check_slots: bool = True) -> torch.Tensor:
+        embeds, bidirectional = self.embed(input_ids, pixel_values, image_features, check_slots)
         return self.gpt.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache,
                                       bidirectional=bidirectional)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None, loss_per: str = "token") -> VLMOutput:
+                image_features: torch.Tensor | None = None, loss_per: str = "token",
+                label_positions: torch.Tensor | None = None, slots_per_row: int | None = None) -> VLMOutput:
         """input_ids (B, T), pixel_values (B, 3, H, W) or image_features (B, 1+N, Dv) (see
         `vit_features`), attention_mask (B, T), labels (B, T).
 
@@ -121,24 +133,41 @@ class VLM(PretrainedMixin, nn.Module):
         over rows of each row's mean (`"example"`: a one-word answer counts as much as a caption).
         Only supervised positions go through the LM head, and `linear_cross_entropy` forms the
         loss and its gradients without keeping logits: with labels, `logits` is None.
+
+        From `VQACollator`, which builds right-padded batches on the CPU: label_positions (K,),
+        where labels[:, 1:] is supervised as flat indices into (B, T-1), and slots_per_row, the
+        image slots it counted in every row (checked here against the adapter's M, for free).
+        With them nothing in the forward pass or the loss waits for the device (no `.item()`, no
+        boolean indexing): the slot and target checks ran on the CPU, and the padding mask is left
+        out, since right padding never reaches a real token under causal attention.
         """
-        hidden = self.hidden_states(input_ids, pixel_values, attention_mask, image_features=image_features)  # (B, T, C)
+        if slots_per_row is not None and slots_per_row != self.num_image_tokens:
+            raise SlotCountError(f"the batch has {slots_per_row} <|image|> slots per row but the adapter yields "
+                                 f"{self.num_image_tokens} image tokens; build the collator's PromptBuilder with "
+                                 "the model's num_image_tokens")
+        collated = label_positions is not None
+        hidden = self.hidden_states(input_ids, pixel_values, None if collated else attention_mask,
+                                    image_features=image_features, check_slots=slots_per_row is None)  # (B, T, C)
         if labels is None:
             return VLMOutput(loss=None, logits=self.gpt.lm_head(hidden))
         targets = labels[:, 1:]  # (B, T-1)
         keep = targets != IGNORE_INDEX  # (B, T-1)
-        n = int(keep.sum())
+        if not collated:
+            label_positions = keep.flatten().nonzero().squeeze(1)  # (K,): waits for the device
+        n = label_positions.numel()
         if n == 0:
             raise ValueError("no supervised tokens in this batch: every label is -100")
         weights = None
         if loss_per == "example":
             per_row = keep.sum(1, keepdim=True)  # (B, 1)
             rows = (per_row > 0).sum()
-            weights = (1.0 / (per_row.clamp_min(1) * rows)).expand_as(keep)[keep]  # (K,), summing to 1
+            weights = (1.0 / (per_row.clamp_min(1) * rows)).expand_as(keep).flatten().index_select(0, label_positions)
         elif loss_per != "token":
             raise ValueError(f"loss_per must be 'token' or 'example', got {loss_per!r}")
-        loss = linear_cross_entropy(hidden[:, :-1][keep], self.gpt.lm_head.weight, targets[keep],
-                                    weights)  # over K tokens
+        C = hidden.shape[-1]
+        picked = hidden[:, :-1].reshape(-1, C).index_select(0, label_positions)  # (K, C)
+        loss = linear_cross_entropy(picked, self.gpt.lm_head.weight, targets.flatten().index_select(0, label_positions),
+                                    weights, check=not collated)
         return VLMOutput(loss=loss, logits=None, num_tokens=n)
 
     # ---- generation -------------------------------------------------------------------------

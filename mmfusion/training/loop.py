@@ -132,7 +132,7 @@ def find_resume(resume: str | None, output_dir: str | Path) -> Path | None:
 
 # ---- the loop -------------------------------------------------------------------------------
 
-StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
+StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int | torch.Tensor]]  # (loss, items counted)
 EvalFn = Callable[[torch.nn.Module, bool], dict[str, float]]
 
 
@@ -190,16 +190,15 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
         for batch in batches:
             torch.manual_seed(step_seed(run.seed, step, micro % run.grad_accum, accelerator.process_index))
             loss, items = _micro_step(accelerator, run, model, optimizer, scheduler, step_fn, batch, step)
-            seen += items * accelerator.num_processes
+            seen = seen + items * accelerator.num_processes  # a device tensor may count: read after the step
             micro += 1
             if micro % run.grad_accum:
                 continue
             step += 1
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model))
-            rate = seen / (time.perf_counter() - t0)
-            _after_step(accelerator, run, model, scheduler, bar, evaluate, step, total, loss.item(), rate, unit, tag,
-                        ema)
+            rate = float(seen) / (time.perf_counter() - t0)
+            _after_step(accelerator, run, model, scheduler, bar, evaluate, step, total, loss, rate, unit, tag, ema)
             if step >= total or step % per_epoch == 0:
                 break
     bar.close()
@@ -278,20 +277,22 @@ def _resume(accelerator, run: RunConfig, scheduler, total: int, ema: WeightEMA |
 
 
 def _micro_step(accelerator, run: RunConfig, model, optimizer, scheduler, step_fn: StepFn, batch,
-                step: int) -> tuple[torch.Tensor, int]:
-    """Forward, backward and (on the last micro-step of an accumulation) clip and step."""
+                step: int) -> tuple[float, int | torch.Tensor]:
+    """Forward, backward and (on the last micro-step of an accumulation) clip and step; returns
+    the loss as a number. Reading it is the micro-step's one wait for the device, placed after
+    backward is queued and before the optimizer step, so a non-finite loss never reaches the weights."""
     with accelerator.accumulate(model):
         loss, items = step_fn(model, batch)
-        if not torch.isfinite(loss):
-            raise _non_finite(f"loss is {loss.item()}", step + 1, run.output_dir)
         accelerator.backward(loss)
+        if not math.isfinite(value := loss.item()):
+            raise _non_finite(f"loss is {value}", step + 1, run.output_dir)
         if accelerator.sync_gradients and run.grad_clip > 0:
             accelerator.clip_grad_norm_(model.parameters(), run.grad_clip)
         optimizer.step()
         if accelerator.sync_gradients:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return loss, items
+    return value, items
 
 
 def _after_step(accelerator, run: RunConfig, model, scheduler, bar, evaluate: EvalFn | None, step: int,

@@ -243,14 +243,14 @@ def align(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, model: VLM, ca
     return model
 
 
-def vqa_step(m, batch, loss_per: str = "token") -> tuple[torch.Tensor, int]:
+def vqa_step(m, batch, loss_per: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-step's loss and its token count; `m` may be wrapped (DDP, compile)."""
     inner = extract_model_from_parallel(m)
     for part in (inner.vit, inner.adapter, inner.gpt):
         if not any(p.requires_grad for p in part.parameters()):
             part.eval()  # a frozen part runs without dropout
     output = m(**batch, loss_per=loss_per)
-    return output.loss, int(batch["attention_mask"].sum())
+    return output.loss, batch["attention_mask"].sum()  # a tensor: the loop reads it after the step
 
 
 def tasks(stage: VQAStageConfig) -> tuple[bool, bool]:
