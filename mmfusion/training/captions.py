@@ -52,6 +52,8 @@ def parse(argv: list[str] | None):
     add("--seed", type=int, default=0, help="seed of both stages (default: %(default)s)")
     add("--mixed-precision", default="auto", choices=["auto", *PRECISIONS],
         help="both stages' precision (default: auto, each stage's step timed; mmfusion/training/precision.py)")
+    add("--compile", action=argparse.BooleanOptionalAction, default=False,
+        help="train both stages through torch.compile (default: %(default)s)")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars (default: %(default)s)")
     add("--examples", type=int, default=6, help="example captions to print (default: %(default)s)")
     add("--vit", default=None, help="a saved ViT folder to use instead of stage 1 (default: train one into OUTPUT_DIR/vit)")
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     out = Path(args.output_dir)
     vit = args.vit or str(out / "vit" / "model")
-    common = {"seed": args.seed, "mixed_precision": args.mixed_precision, "progress": args.progress}
+    common = {"seed": args.seed, "mixed_precision": args.mixed_precision, "progress": args.progress,
+              "compile": args.compile}
     # Parse both stages before any work, so a bad flag for stage 2 does not cost a stage 1.
     stage, run_cfg = train_vqa.parse(args.stage_args, stage=replace(STAGE, vit=vit),
                                      run=replace(RUN_DEFAULTS, output_dir=str(out), **common))

@@ -7,6 +7,7 @@ and gets back the trained, unwrapped model.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -175,7 +176,10 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
     # step, which makes the schedule depend on the process count. It is a pure function of the
     # step, so resume replays it instead of storing it.
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    ema = WeightEMA(accelerator.unwrap_model(model), ema_decay) if ema_decay > 0 else None
+    plain = functools.partial(accelerator.unwrap_model, keep_torch_compile=False)  # what saving and EMA read
+    if run.compile:  # after prepare, so checkpoints and the saved model hold the plain module's keys
+        model = torch.compile(model)
+    ema = WeightEMA(plain(model), ema_decay) if ema_decay > 0 else None
     step = _resume(accelerator, run, scheduler, total, ema)
 
     bar = tqdm(total=total, initial=step, disable=not (run.progress and accelerator.is_local_main_process),
@@ -196,7 +200,7 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
                 continue
             step += 1
             if ema is not None:
-                ema.update(accelerator.unwrap_model(model))
+                ema.update(plain(model))
             rate = float(seen) / (time.perf_counter() - t0)
             _after_step(accelerator, run, model, scheduler, bar, evaluate, step, total, loss, rate, unit, tag, ema)
             if step >= total or step % per_epoch == 0:
@@ -204,7 +208,7 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
     bar.close()
     _check_finite_weights(model, step, run.output_dir)
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = plain(model)
     if ema is not None:
         ema.copy_to(unwrapped)
         _check_finite_weights(unwrapped, step, run.output_dir)
@@ -304,7 +308,7 @@ def _after_step(accelerator, run: RunConfig, model, scheduler, bar, evaluate: Ev
     if step % run.log_every == 0 or step == total:
         accelerator.log({f"{tag}/loss": loss, f"{tag}/lr": lr, f"{tag}/{unit}_per_s": rate}, step=step)
     if evaluate is not None and run.eval_every and step % run.eval_every == 0 and step < total:
-        metrics = evaluate(accelerator.unwrap_model(model), False)
+        metrics = evaluate(accelerator.unwrap_model(model, keep_torch_compile=False), False)
         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
         bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         model.train()

@@ -46,6 +46,8 @@ def parse(argv: list[str] | None):
         help="std of the fresh GPT's Normal init in stage 2 (default: gpt-tiny's 0.1; GPT-2's is 0.02)")
     add("--mixed-precision", default="auto", choices=["auto", *PRECISIONS],
         help="both stages' precision (default: auto, each stage's step timed; mmfusion/training/precision.py)")
+    add("--compile", action=argparse.BooleanOptionalAction, default=False,
+        help="train both stages through torch.compile (default: %(default)s)")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars (default: %(default)s)")
     add("--examples", type=int, default=8, help="example answers to print (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -71,7 +73,7 @@ def stage_run(run: RunConfig, args, output_dir: Path, epochs: float | None, max_
               lr: float | None) -> RunConfig:
     """A stage's default RunConfig with the main job's output folder, seed, precision and overrides."""
     return replace(run, output_dir=str(output_dir), seed=args.seed, progress=args.progress,
-                   mixed_precision=args.mixed_precision, max_steps=max_steps,
+                   mixed_precision=args.mixed_precision, compile=args.compile, max_steps=max_steps,
                    epochs=run.epochs if epochs is None else epochs, lr=run.lr if lr is None else lr)
 
 

@@ -50,6 +50,9 @@ class RunConfig:
     log_every: int = field(default=10, metadata={"help": "tracker logging interval in steps"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    compile: bool = field(default=False, metadata={
+        "help": "train through torch.compile (the first steps compile, for a minute or more; saved models are the "
+                "plain module)"})
 
     def __post_init__(self) -> None:
         def flag(name: str) -> str:

@@ -245,7 +245,7 @@ def align(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, model: VLM, ca
 
 def vqa_step(m, batch, loss_per: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-step's loss and its token count; `m` may be wrapped (DDP, compile)."""
-    inner = extract_model_from_parallel(m)
+    inner = extract_model_from_parallel(m, keep_torch_compile=False)
     for part in (inner.vit, inner.adapter, inner.gpt):
         if not any(p.requires_grad for p in part.parameters()):
             part.eval()  # a frozen part runs without dropout
