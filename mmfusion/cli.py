@@ -43,12 +43,15 @@ def cmd_generate(argv: list[str]) -> None:
     parser.add_argument("--top-p", type=float, default=None,
                         help="sample among the most likely tokens reaching probability p (default: all)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: unseeded)")
+    parser.add_argument("--decoder", default="eager", choices=["eager", "static", "compiled"],
+                        help="decoding loop: eager, static (fixed shapes over the whole KV cache) or compiled "
+                             "(static through torch.compile; a CUDA graph on a GPU) (default: %(default)s)")
     args = parser.parse_args(argv)
     from .generation import GenerationConfig
     from .vlm import VLM
 
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, decoder=args.decoder)
     model = VLM.from_pretrained(args.model).eval()
     if args.question is None:
         print(model.caption(args.image, **config.__dict__))

@@ -20,6 +20,8 @@ from .errors import PromptError
 from .gpt import GPT
 from .tokenizer import EOT_ID, get_tokenizer
 
+DECODERS = ("eager", "static", "compiled")
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -29,8 +31,13 @@ class GenerationConfig:
     top_p: float | None = None
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
+    # "eager": attend to the filled cache, a shape per step; "static": fixed shapes over the whole
+    # cache (static_decode.py); "compiled": static, through torch.compile (a CUDA graph on CUDA).
+    decoder: str = "eager"
 
     def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         check_number("max_new_tokens", self.max_new_tokens, 1, integer=True)
         check_number("temperature", self.temperature, 0)
         if self.top_k is not None:
@@ -95,16 +102,50 @@ def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_emb
                                cache=cache, bidirectional=bidirectional)  # (B, T, C)
     logits = gpt.row_logits(hidden[:, -1])  # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    fixed = _fixed_shape_step(gpt, config, cache, attention_mask if mask is not None else None, T)
     for step in range(steps):
         token = next_token(logits, config, generator).masked_fill(done, eot_id)  # (B,)
         yield token
         done |= token == eot_id
         if step == steps - 1 or bool(done.all()):
             return
+        if fixed is not None:
+            logits = fixed(token)
+            continue
         # Positions come from the mask's running count of real tokens, as in the prefill.
         hidden = gpt.hidden_states(token[:, None], None if mask is None else mask[:, :T + step + 1],
                                    cache=cache)  # (B, 1, C)
         logits = gpt.row_logits(hidden[:, -1])
+
+
+def _fixed_shape_step(gpt: GPT, config: GenerationConfig, cache, prompt_mask: torch.Tensor | None, T: int):
+    """For the static and compiled decoders: a function token (B,) -> logits (B, V) that feeds
+    each decoded token through `StaticStep` over the prefilled cache, its inputs kept in buffers
+    of fixed address that advance in place. None for the eager decoder."""
+    if config.decoder == "eager":
+        return None
+    from .static_decode import mark_static, static_step
+
+    step = static_step(gpt, config.decoder == "compiled")
+    B, S = cache.shape[1], cache.shape[3]
+    device = cache.k.device
+    key_ok = torch.zeros(B, S, dtype=torch.bool, device=device)
+    key_ok[:, :T] = True if prompt_mask is None else prompt_mask.bool()
+    real = torch.full((B,), T, device=device) if prompt_mask is None else prompt_mask.long().sum(1)
+    token_buf = torch.zeros(B, dtype=torch.long, device=device)
+    position = real.clone()  # (B,): the next token's position, counting real tokens only
+    slot = torch.tensor([T], device=device)  # the next token's cache position
+    if config.decoder == "compiled":
+        mark_static(cache.k, cache.v, key_ok, token_buf, position, slot)
+
+    def feed(token: torch.Tensor) -> torch.Tensor:
+        token_buf.copy_(token)
+        logits = step(token_buf, position, slot, cache.k, cache.v, key_ok)
+        position.add_(1)
+        slot.add_(1)
+        return logits
+
+    return feed
 
 
 def _cut_at_stop(text: str, stop_strings: tuple[str, ...]) -> tuple[str, bool]:

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "mmfusion"
 FLOORS = [
     {"errors"},
     {"config", "layers", "loss", "metrics", "tokenizer", "weights"},
-    {"processing", "vit", "gpt", "adapter", "generation", "vlm"},
+    {"processing", "vit", "gpt", "adapter", "static_decode", "generation", "vlm"},
     {"hf_checkpoint", "convert", "loading", "export"},
     {"data", "data.captions", "data.easy_vqa", "data.local", "data.scenes", "data.splits"},
     {"evaluation"},

@@ -187,3 +187,71 @@ def test_vlm_stream_equals_vlm_answer_on_a_real_model():
             assert "".join(vlm.stream(image, "what is it?", max_new_tokens=n, stop_strings=stop)) == \
                 vlm.answer(image, "what is it?", max_new_tokens=n, stop_strings=stop)
     assert "".join(vlm.stream(image, None, max_new_tokens=6)) == vlm.caption(image, max_new_tokens=6)
+
+
+# ---- fixed-shape decoding: the eager loop is the reference --------------------------------------
+
+def _varied_gpt(seed: int) -> GPT:
+    """Weights large enough that greedy decoding does not repeat one token."""
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).eval()
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.normal_(0, 0.3)
+    return gpt
+
+
+def _left_padded(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50257, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_static_decoder_gives_the_eager_tokens(seed):
+    gpt = _varied_gpt(seed)
+    ids, mask = _left_padded(seed)
+    eager = generate(gpt, input_ids=ids, attention_mask=mask, config=GenerationConfig(max_new_tokens=30))
+    assert len({tuple(row) for row in eager}) == 3  # each row its own text: the padding is read right
+    static = generate(gpt, input_ids=ids, attention_mask=mask,
+                      config=GenerationConfig(max_new_tokens=30, decoder="static"))
+    assert static == eager
+    unpadded = generate(gpt, input_ids=ids[:1], config=GenerationConfig(max_new_tokens=30, decoder="static"))
+    assert unpadded == generate(gpt, input_ids=ids[:1], config=GenerationConfig(max_new_tokens=30))
+
+
+def test_static_decoder_on_a_vlm_prompt_with_prefix_attention():
+    from mmfusion import VLM, ViTConfig, VLMConfig
+    from mmfusion.config import AdapterConfig
+
+    torch.manual_seed(0)
+    vlm = VLM(VLMConfig(vit=ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=32, num_classes=0),
+                        gpt=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64),
+                        adapter=AdapterConfig(pixel_shuffle=2, keep_cls=True), attention="prefix")).eval()
+    with torch.no_grad():
+        for p in vlm.gpt.parameters():
+            p.normal_(0, 0.3)
+    images = [torch.rand(3, 16, 16) for _ in range(2)]
+    questions = ["what is it?", "a much longer question about the picture?"]
+    eager = vlm.answer_batch(images, questions, max_new_tokens=12)
+    assert vlm.answer_batch(images, questions, max_new_tokens=12, decoder="static") == eager
+
+
+@pytest.mark.slow
+def test_compiled_decoder_gives_the_eager_tokens():
+    gpt = _varied_gpt(5)
+    ids, mask = _left_padded(5)
+    eager = generate(gpt, input_ids=ids, attention_mask=mask, config=GenerationConfig(max_new_tokens=20))
+    compiled = GenerationConfig(max_new_tokens=20, decoder="compiled")
+    assert generate(gpt, input_ids=ids, attention_mask=mask, config=compiled) == eager
+    again = generate(gpt, input_ids=ids, attention_mask=mask, config=compiled)  # the kept compiled step
+    assert again == eager and "cpu" in gpt.__dict__["_compiled_steps"]
+    assert "_compiled_steps" not in dict(gpt.named_modules())  # not a submodule: never saved
+
+
+def test_decoder_must_be_known():
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        GenerationConfig(decoder="graphs")

@@ -1,0 +1,74 @@
+"""Decoding steps of fixed shapes, for torch.compile and CUDA graphs.
+
+The eager loop (`generation.decode_stream`) attends each new token to the keys filled so far, a
+slice that grows by one every step: a new shape per step, which a CUDA graph cannot replay.
+`StaticStep` attends to the whole preallocated cache instead (B, H, S_max, D) with a key mask,
+writes the new key and value at a position given as a tensor, and takes the position ids as a
+tensor too, so every step has the same shapes and no Python value changes between steps. Then
+`torch.compile(step, mode="reduce-overhead")` captures one CUDA graph and replays it per token:
+at batch 1 decoding is bound by kernel launches, not by the GPU's arithmetic.
+
+Masked keys get no weight, so the logits equal the eager loop's up to summation order; the tests
+compare the greedy tokens (tests/test_generation.py).
+
+Notation: B batch, L layers, H heads, S_max cache positions, D head width, C width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gpt import GPT
+
+
+class StaticStep(nn.Module):
+    """One decoding step of `gpt` over a fixed-size KV cache, all inputs tensors of fixed shape.
+
+    forward(token (B,), position (B,), slot (1,), keys, values (L, B, H, S_max, D), key_ok (B, S_max))
+    -> logits (B, V). Writes the token's key and value at cache position `slot` (in place) and
+    sets key_ok[:, slot]; key_ok marks the cache positions each row may attend to (its real
+    prompt tokens and the tokens decoded so far).
+    """
+
+    def __init__(self, gpt: GPT) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, keys: torch.Tensor,
+                values: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
+        gpt = self.gpt
+        B = token.shape[0]
+        key_ok.index_fill_(1, slot, True)
+        mask = key_ok[:, None, None, :]  # (B, 1, 1, S_max)
+        x = gpt.wte(token[:, None]) + gpt.wpe(position[:, None])  # (B, 1, C)
+        for i, block in enumerate(gpt.blocks):
+            attn = block.attn
+            q, k, v = attn.qkv(block.ln1(x)).view(B, 1, 3, attn.n_head, attn.head_dim).permute(2, 0, 3, 1, 4)
+            keys[i].index_copy_(2, slot, k.to(keys.dtype))  # (B, H, 1, D) into (B, H, S_max, D)
+            values[i].index_copy_(2, slot, v.to(values.dtype))
+            y = F.scaled_dot_product_attention(q, keys[i].to(q.dtype), values[i].to(q.dtype), attn_mask=mask)
+            x = x + attn.proj(y.transpose(1, 2).reshape(B, 1, -1))
+            x = x + block.mlp(block.ln2(x))
+        return gpt.row_logits(gpt.ln_f(x)[:, -1])  # (B, V)
+
+
+def static_step(gpt: GPT, compiled: bool) -> nn.Module:
+    """The step module for `gpt`; compiled once per model (mode reduce-overhead on CUDA, where it
+    captures a CUDA graph; the default mode elsewhere) and kept on the model for later calls."""
+    if not compiled:
+        return StaticStep(gpt)
+    device = next(gpt.parameters()).device.type
+    steps = gpt.__dict__.setdefault("_compiled_steps", {})  # a plain dict: not a submodule, not saved
+    if device not in steps:
+        steps[device] = torch.compile(StaticStep(gpt), mode="reduce-overhead" if device == "cuda" else None,
+                                      fullgraph=True)
+    return steps[device]
+
+
+def mark_static(*tensors: torch.Tensor) -> None:
+    """Tell the compiler these buffers keep their address across steps, so a CUDA graph may
+    write into them in place."""
+    for t in tensors:
+        torch._dynamo.mark_static_address(t)
