@@ -59,7 +59,7 @@ def child_main(spec: dict) -> None:
                 model = ComposedVLM(transformers.ViTModel(hf_vit_config(vit_c), add_pooling_layer=False),
                                     nn.Linear(vit_c.n_embd, gpt_c.n_embd),
                                     transformers.GPT2LMHeadModel(hf_gpt_config(gpt_c)))
-            step = vlm_step(model, side, vlm_batch(vit_c, gpt_c, s), "fp32")
+            step = vlm_step(model, side, vlm_batch(vit_c, gpt_c, s.vlm_batch, s.vlm_text, s.vlm_answer), "fp32")
         else:  # decode at the largest batch
             b = max(s.decode_batches)
             model = (GPT(s.gpt) if side == "mmfusion" else transformers.GPT2LMHeadModel(hf_gpt_config(s.gpt))).eval()

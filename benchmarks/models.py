@@ -113,12 +113,13 @@ class ComposedVLM(nn.Module):
     """The transformers way to build the same model: ViTModel -> patch tokens -> Linear ->
     concatenated before the text embeddings -> GPT2LMHeadModel(inputs_embeds, labels)."""
 
-    def __init__(self, vit: nn.Module, proj: nn.Linear, gpt: nn.Module) -> None:
+    def __init__(self, vit: nn.Module, proj: nn.Module, gpt: nn.Module, keep_cls: bool = False) -> None:
         super().__init__()
         self.vit, self.proj, self.gpt = vit, proj, gpt
+        self.first = 0 if keep_cls else 1  # CLS is token 0
 
     def forward(self, input_ids, pixel_values, attention_mask, labels) -> torch.Tensor:
-        image = self.proj(self.vit(pixel_values=pixel_values).last_hidden_state[:, 1:])  # (B, M, C)
+        image = self.proj(self.vit(pixel_values=pixel_values).last_hidden_state[:, self.first:])  # (B, M, C)
         text = self.gpt.transformer.wte(input_ids[:, image.shape[1]:])  # (B, T - M, C)
         embeds = torch.cat([image, text.to(image.dtype)], dim=1)  # (B, T, C)
         return self.gpt(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels).loss
@@ -145,16 +146,18 @@ def vlm_pair(vit_c: ViTConfig, gpt_c: GPTConfig, seed: int = 0) -> dict[str, nn.
     return {"mmfusion": ours, "transformers": ComposedVLM(hf_vit, proj, hf_gpt)}
 
 
-def vlm_batch(vit_c: ViTConfig, gpt_c: GPTConfig, s: Shapes, seed: int = 0) -> dict[str, torch.Tensor]:
-    """196 image slots + text; labels supervise the last `vlm_answer` tokens (the answer)."""
+def vlm_batch(vit_c: ViTConfig, gpt_c: GPTConfig, batch: int, text: int, answer: int, image_tokens: int | None = None,
+              seed: int = 0) -> dict[str, torch.Tensor]:
+    """Image slots (the patches, or `image_tokens`) + `text` tokens; labels supervise the last
+    `answer` tokens (the answer)."""
     g = torch.Generator().manual_seed(seed)
-    m = vit_c.num_patches
-    text = torch.randint(0, gpt_c.vocab_size - 1, (s.vlm_batch, s.vlm_text), generator=g)
-    input_ids = torch.cat([torch.full((s.vlm_batch, m), IMAGE_ID), text], dim=1)  # (B, M + T)
+    m = image_tokens or vit_c.num_patches
+    words = torch.randint(0, gpt_c.vocab_size - 1, (batch, text), generator=g)
+    input_ids = torch.cat([torch.full((batch, m), IMAGE_ID), words], dim=1)  # (B, M + T)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, -s.vlm_answer:] = input_ids[:, -s.vlm_answer:]
+    labels[:, -answer:] = input_ids[:, -answer:]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids),
-            "pixel_values": torch.randn(s.vlm_batch, 3, vit_c.image_size, vit_c.image_size, generator=g)}
+            "pixel_values": torch.randn(batch, 3, vit_c.image_size, vit_c.image_size, generator=g)}
 
 
 # ----------------------------------------------------------------------------- steps

@@ -26,6 +26,7 @@ SECTION_TITLES = {
     "mfu": ("4. Utilization (model FLOPs / step time / matmul peak)", "transformers"),
     "memory": ("5. Peak memory (fresh process per side)", "transformers"),
     "data": ("6. Data pipeline alone", "training step consumes"),
+    "gpu": ("7. On the GPU (benchmarks/gpu.py)", "transformers"),
 }
 
 
@@ -34,7 +35,7 @@ def markdown(run: Run, info: dict, header: dict) -> str:
     out.append(f"Written by `python benchmarks/run.py{header['args']}` on {header['date']} in {header['wall']:.0f} s.")
     out.append("")
     out.append(f"- Machine: {info['cpu']}, {info['cores']} cores ({info['isa']}), torch threads {info['threads']}; "
-               f"GPU: {'yes' if info['cuda'] else 'none lent to this run'}")
+               f"GPU: {info.get('gpu') or ('yes' if info['cuda'] else 'none lent to this run')}")
     out.append(f"- torch {info['torch']}, transformers {info['transformers']}, Python {info['python']}")
     out.append(f"- Load average at start (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in header['load'])}; "
                "other jobs may share the cores, which is why both sides alternate in one process")

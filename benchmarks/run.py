@@ -3,7 +3,8 @@ machine's own limits (matrix-multiply peak, memory bandwidth).
 
     python benchmarks/run.py                 # full run, writes benchmarks/RESULTS.md (+ RESULTS.json)
     python benchmarks/run.py --smoke         # tiny shapes, one repeat: checks that it all runs
-    python benchmarks/run.py --only decode   # machine, vit, decode, vlm, memory, data (comma-separated)
+    python benchmarks/run.py --only decode   # machine, vit, decode, vlm, memory, data, gpu (comma-separated)
+    python benchmarks/run.py --device cuda   # the GPU section (gpu.py); auto picks it where CUDA is present
 
 Method: both sides run in the same process with the same weights (transformers models are built
 from configs with random weights and converted with `ViT.from_hf` / `GPT.from_hf`), alternating
@@ -28,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from gpu import bench_gpu
 from memory import bench_memory, child_main
 from models import shapes
 from report import write_report
@@ -36,7 +40,8 @@ from sections import bench_data, bench_decode, bench_machine, bench_vit, bench_v
 from timing import machine_info
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("machine", "vit", "decode", "vlm", "memory", "data")
+BENCHMARKS = ("machine", "vit", "decode", "vlm", "memory", "data", "gpu")
+CPU_BENCHMARKS = BENCHMARKS[:-1]
 SECTIONS = {"machine": bench_machine, "vit": bench_vit, "decode": bench_decode, "vlm": bench_vlm,
             "memory": bench_memory, "data": bench_data}
 
@@ -49,6 +54,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--out", default=str(HERE / "RESULTS.md"), help="Markdown report to write")
     p.add_argument("--notes", default=str(HERE / "NOTES.md"),
                    help="Markdown appended to the report as its notes section (skipped if missing)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="cpu: the CPU sections; cuda: the GPU section (gpu.py); auto: cuda where CUDA is present. "
+                        "--smoke runs every section, the GPU one on tiny shapes on the CPU")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     only = [x.strip() for x in args.only.split(",") if x.strip()]
@@ -56,7 +64,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     unknown = sorted(set(only) - set(BENCHMARKS))
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)} or mfu")
-    return args, [b for b in BENCHMARKS if not only or b in only]
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch")
+    default = BENCHMARKS if args.smoke else ("gpu",) if args.device == "cuda" else CPU_BENCHMARKS
+    return args, [b for b in BENCHMARKS if (b in only if only else b in default)]
 
 
 def main(argv: list[str] | None = None) -> Run:
@@ -72,7 +85,10 @@ def main(argv: list[str] | None = None) -> Run:
     run = Run(smoke=args.smoke)
     t0 = time.perf_counter()
     for name in chosen:
-        SECTIONS[name](run, s)
+        if name == "gpu":
+            bench_gpu(run, args.smoke, torch.device("cuda" if args.device == "cuda" else "cpu"))
+        else:
+            SECTIONS[name](run, s)
     header = {"args": "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
               "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "wall": time.perf_counter() - t0,
               "load": load}
@@ -80,6 +96,8 @@ def main(argv: list[str] | None = None) -> Run:
     if notes.exists() and not args.smoke:
         run.notes.append(notes.read_text().strip())
     out = Path(args.out)
+    if "gpu" in run.machine:
+        info["gpu"] = run.machine["gpu"]
     write_report(run, info, header, out)
     print(f"wrote {out}", flush=True)
     return run

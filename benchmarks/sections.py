@@ -126,7 +126,7 @@ def bench_vlm(run: Run, s: Shapes) -> None:
     for dtype, depth in (("fp32", None), ("bf16", s.vlm_bf16_depth)):
         vit_c, gpt_c = vlm_configs(s, depth)
         models = vlm_pair(vit_c, gpt_c)
-        batch = vlm_batch(vit_c, gpt_c, s)
+        batch = vlm_batch(vit_c, gpt_c, s.vlm_batch, s.vlm_text, s.vlm_answer)
         case = f"ViT {vit_c.n_layer}L/{vit_c.n_embd} + GPT-2 {gpt_c.n_layer}L/{gpt_c.n_embd}"
         print(f"vlm train: {case} {dtype} batch {s.vlm_batch}", flush=True)
         steps = {k: vlm_step(m, k, batch, dtype) for k, m in models.items()}

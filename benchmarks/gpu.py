@@ -1,0 +1,203 @@
+"""The accelerator section (`run.py --device cuda`, or on its own where CUDA is present): the
+same comparisons on a GPU, at the scale GPUs train.
+
+- machine: the bf16 and fp32 matmul peak measured in this run (8192^3), the GPU's name;
+- vlm: the fine-tuning step of ViT-B/16 @224 + MLP adapter (CLS kept: 197 image tokens) +
+  GPT-2 124M, everything trainable, bf16 autocast, fused AdamW, batch 64, 64 text tokens of
+  which the last 32 are supervised; against the same model composed from transformers parts;
+  samples/s, MFU against the measured bf16 peak, and each side's peak GPU memory;
+- decode: GPT-2 124M greedy decoding at batch 1, prompt 128 + 128 new tokens, fp32 and bf16
+  weights, mmfusion's three decoders (eager, static, compiled: a CUDA graph) against
+  transformers' `generate`; every decoder must give transformers' tokens.
+
+With `--smoke` it runs on tiny shapes on the CPU (CI), so the code cannot rot where no GPU is.
+MFU counts the model FLOPs of one step (FlopCounterMode: 6 x matmul parameters x tokens plus
+attention) over the step time and the measured peak.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mmfusion import GPT, VLM, ViT
+from mmfusion.config import AdapterConfig, GPTConfig, ViTConfig, gpt_preset, vit_preset
+from mmfusion.generation import GenerationConfig, decode_stream
+from mmfusion.tokenizer import EOT_ID
+
+from models import BF16, ComposedVLM, count_flops, hf_gpt_config, hf_vit_config, vlm_batch
+from results import Run, target_row
+
+
+@dataclass(frozen=True)
+class GPUShapes:
+    vit: ViTConfig
+    gpt: GPTConfig
+    batch: int
+    text: int
+    answer: int
+    prompt: int
+    new_tokens: int
+    matmul: int
+    repeats: int
+
+
+def gpu_shapes(smoke: bool) -> GPUShapes:
+    if smoke:
+        return GPUShapes(ViTConfig(image_size=32, patch_size=8, n_layer=2, n_head=2, n_embd=32, num_classes=0),
+                         GPTConfig(vocab_size=EOT_ID + 1, block_size=64, n_layer=2, n_head=2, n_embd=32),
+                         batch=2, text=8, answer=4, prompt=8, new_tokens=4, matmul=128, repeats=1)
+    return GPUShapes(vit_preset("vit-base-patch16-224", num_classes=0), gpt_preset("gpt-base"), batch=64, text=64,
+                     answer=32, prompt=128, new_tokens=128, matmul=8192, repeats=10)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_median(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                 warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call, the sides alternating (order flipped every repeat), synchronized."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    for r in range(repeats):
+        for k in order if r % 2 == 0 else order[::-1]:
+            sync(device)
+            t0 = time.perf_counter()
+            fns[k]()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def matmul_peak(n: int, dtype: torch.dtype, device: torch.device, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    t = timed_median({"mm": lambda: a @ b}, repeats, device)["mm"]
+    return 2 * n**3 / t / 1e9  # GFLOP/s
+
+
+def vlm_pair_mlp(vit_c: ViTConfig, gpt_c: GPTConfig, device: torch.device) -> dict[str, nn.Module]:
+    """Ours (MLP adapter, CLS kept) and the composed transformers model with the same weights."""
+    import transformers
+
+    torch.manual_seed(0)
+    hf_vit = transformers.ViTModel(hf_vit_config(vit_c), add_pooling_layer=False)
+    hf_gpt = transformers.GPT2LMHeadModel(hf_gpt_config(gpt_c))
+    ours = VLM.from_parts(ViT.from_hf(hf_vit), GPT.from_hf(hf_gpt), AdapterConfig(projection="mlp", keep_cls=True))
+    proj = nn.Sequential(nn.Linear(vit_c.n_embd, gpt_c.n_embd), nn.GELU(), nn.Linear(gpt_c.n_embd, gpt_c.n_embd))
+    proj.load_state_dict(ours.adapter.proj.state_dict())
+    return {"mmfusion": ours.to(device), "transformers": ComposedVLM(hf_vit, proj, hf_gpt, keep_cls=True).to(device)}
+
+
+def train_step(model: nn.Module, side: str, batch: dict, device: torch.device) -> Callable[[], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    model.train()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=BF16):
+            loss = model(**batch).loss if side == "mmfusion" else model(**batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def peak_memory_gib(step: Callable[[], None], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def bench_gpu_vlm(run: Run, s: GPUShapes, device: torch.device, peak_bf16: float) -> None:
+    models = vlm_pair_mlp(s.vit, s.gpt, device)
+    batch = vlm_batch(s.vit, s.gpt, s.batch, s.text, s.answer, image_tokens=s.vit.num_patches + 1)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    case = f"ViT {s.vit.n_layer}L/{s.vit.n_embd} @{s.vit.image_size} + MLP + GPT-2 {s.gpt.n_layer}L/{s.gpt.n_embd}"
+    print(f"gpu vlm train: {case}, batch {s.batch}, {device}", flush=True)
+    with torch.no_grad(), torch.autocast(device.type, dtype=BF16):
+        losses = {k: float(m(**batch).loss if k == "mmfusion" else m(**batch)) for k, m in models.items()}
+    steps = {k: train_step(m, k, batch, device) for k, m in models.items()}
+    times = timed_median(steps, s.repeats, device)
+    rates = {k: s.batch / t for k, t in times.items()}
+    note = (f"batch {s.batch}, {s.vit.num_patches + 1} image + {s.text} text tokens, {s.answer} supervised, bf16 "
+            f"autocast, fused AdamW; losses {abs(losses['mmfusion'] - losses['transformers']):.1e} apart")
+    target_row(run, "gpu", case, "bf16", "train samples/s", rates, 2.5, note=note)
+    with torch.autocast(device.type, dtype=BF16):
+        flops = count_flops(lambda m=models["mmfusion"]: m(**batch).loss)
+    mfu = {k: flops / t / 1e9 / peak_bf16 * 100 for k, t in times.items()}
+    run.add("gpu", case, "bf16", "% of measured bf16 matmul peak (MFU)", mfu["mmfusion"], mfu["transformers"],
+            "ours >= 50%", mfu["mmfusion"] >= 50, note=f"{flops / 1e12:.2f} TFLOP/step, peak {peak_bf16 / 1e3:.0f} "
+                                                       "TFLOP/s measured in this run")
+    memory = {k: peak_memory_gib(f, device) for k, f in steps.items()}
+    if memory["mmfusion"] is not None:
+        target_row(run, "gpu", case, "bf16", "peak GPU memory GiB", memory, 1.0, higher_is_better=False,
+                   note="torch.cuda.max_memory_allocated over one step after a reset")
+    del models, steps
+    gc.collect()
+
+
+def bench_gpu_decode(run: Run, s: GPUShapes, device: torch.device) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(hf_gpt_config(s.gpt)).eval()
+    ours = GPT.from_hf(hf).eval()
+    ids = torch.randint(0, s.gpt.vocab_size - 1, (1, s.prompt), generator=torch.Generator().manual_seed(1))
+    for dtype in ("fp32", "bf16"):
+        torch_dtype = BF16 if dtype == "bf16" else torch.float32
+        hf_d, ours_d, ids_d = hf.to(device, torch_dtype), ours.to(device, torch_dtype), ids.to(device)
+
+        @torch.no_grad()
+        def theirs(hf_d=hf_d, ids_d=ids_d) -> list[int]:
+            out = hf_d.generate(input_ids=ids_d, attention_mask=torch.ones_like(ids_d), do_sample=False,
+                                max_new_tokens=s.new_tokens, min_new_tokens=s.new_tokens, pad_token_id=EOT_ID)
+            return out[0, s.prompt:].tolist()
+
+        fns = {"transformers": theirs}
+        for decoder in ("eager", "static", "compiled"):
+            config = GenerationConfig(max_new_tokens=s.new_tokens, decoder=decoder)
+
+            def mine(config=config, ours_d=ours_d, ids_d=ids_d) -> list[int]:
+                return [int(t[0]) for t in decode_stream(ours_d, input_ids=ids_d, config=config, eot_id=-1)]
+
+            fns[decoder] = mine
+        reference = theirs()
+        same = {k: f() == reference for k, f in fns.items() if k != "transformers"}  # also the compile warm-up
+        times = timed_median(fns, 3 if s.repeats > 1 else 1, device, warmup=1)
+        for decoder in ("eager", "static", "compiled"):
+            rates = {"mmfusion": s.new_tokens / times[decoder], "transformers": s.new_tokens / times["transformers"]}
+            print(f"gpu decode {dtype} {decoder}: {rates['mmfusion']:.0f} tok/s", flush=True)
+            target_row(run, "gpu", f"GPT-2 {s.gpt.n_layer}L decode, batch 1, {decoder}", dtype, "tokens/s", rates,
+                       None, note=f"prompt {s.prompt} + {s.new_tokens} greedy tokens; transformers' tokens: "
+                                  f"{'yes' if same[decoder] else 'NO'}")
+        if device.type == "cuda":
+            run.rows[-1].target, run.rows[-1].met = ">= 2,000 tok/s", s.new_tokens / times["compiled"] >= 2000
+    del hf, ours
+    gc.collect()
+
+
+def bench_gpu(run: Run, smoke: bool, device: torch.device) -> None:
+    s = gpu_shapes(smoke)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)"
+    run.machine["gpu"] = name
+    peak = {d: matmul_peak(s.matmul, t, device, 3 if smoke else 10) for d, t in (("bf16", BF16), ("fp32", torch.float32))}
+    for d, p in peak.items():
+        run.add("gpu", f"matmul {s.matmul}^3 on {name}", d, "peak GFLOP/s", p)
+    bench_gpu_vlm(run, s, device, peak["bf16"])
+    bench_gpu_decode(run, s, device)
