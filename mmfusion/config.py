@@ -297,10 +297,15 @@ class AdapterConfig(_JSONMixin):
 
 @dataclass(frozen=True)
 class VLMConfig(_JSONMixin):
-    """Early-fusion vision-language model: ViT -> adapter -> image tokens spliced into GPT.
+    """Vision-language model: ViT -> adapter -> image tokens, fused into the GPT.
 
-    `attention` is "causal" (image tokens see only earlier image tokens) or
-    "prefix" (image tokens see each other bidirectionally; text stays causal).
+    `fusion` "early": the image tokens are spliced into the GPT's token embeddings at
+    `<|image|>` slots; `attention` is then "causal" (image tokens see only earlier image tokens)
+    or "prefix" (image tokens see each other bidirectionally; text stays causal).
+    `fusion` "cross" (late fusion, Flamingo's gated cross-attention): the text holds no image
+    slots; before every `cross_every`-th GPT block a cross-attention block lets the text attend to
+    the image tokens, its output scaled by tanh of a gate that starts at 0 (so the GPT starts
+    unchanged). `attention` is then "causal" (there are no image slots to attend to each other).
     """
 
     vit: ViTConfig = field(default_factory=ViTConfig)
@@ -308,6 +313,8 @@ class VLMConfig(_JSONMixin):
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     attention: str = "causal"
     image_token_id: int = 50257
+    fusion: str = "early"
+    cross_every: int = 1
 
     def __post_init__(self) -> None:
         for name, kind in (("vit", ViTConfig), ("gpt", GPTConfig), ("adapter", AdapterConfig)):
@@ -315,12 +322,18 @@ class VLMConfig(_JSONMixin):
                 raise ConfigError(f"VLMConfig.{name} must be a {kind.__name__}")
         if self.attention not in ("causal", "prefix"):
             raise ConfigError(f"VLMConfig.attention must be 'causal' or 'prefix', got {self.attention!r}")
+        if self.fusion not in ("early", "cross"):
+            raise ConfigError(f"VLMConfig.fusion must be 'early' or 'cross', got {self.fusion!r}")
+        check_number("VLMConfig.cross_every", self.cross_every, 1, self.gpt.n_layer, integer=True)
+        if self.fusion == "cross" and self.attention != "causal":
+            raise ConfigError("VLMConfig.attention 'prefix' applies to early fusion's image slots; cross fusion "
+                              "has none: use attention='causal'")
         if self.adapter.layer >= self.vit.n_layer:
             raise ConfigError(
                 f"AdapterConfig.layer={self.adapter.layer} but the ViT has only {self.vit.n_layer} layers"
             )
         n = self.adapter.num_tokens(self.vit)  # validates pixel_shuffle against the grid
-        if n >= self.gpt.block_size:
+        if n >= self.gpt.block_size and self.fusion == "early":
             raise ConfigError(
                 f"{n} image tokens do not fit the GPT context of {self.gpt.block_size} positions; "
                 "use pixel_shuffle or a larger block_size"
@@ -328,7 +341,18 @@ class VLMConfig(_JSONMixin):
 
     @property
     def num_image_tokens(self) -> int:
+        """Image tokens the adapter yields for one image."""
         return self.adapter.num_tokens(self.vit)
+
+    @property
+    def prompt_slots(self) -> int:
+        """`<|image|>` slots in a prompt: the image tokens under early fusion, none under cross."""
+        return self.num_image_tokens if self.fusion == "early" else 0
+
+    @property
+    def cross_layers(self) -> tuple[int, ...]:
+        """The GPT blocks a cross-attention block runs before (cross fusion), else ()."""
+        return tuple(range(0, self.gpt.n_layer, self.cross_every)) if self.fusion == "cross" else ()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VLMConfig:

@@ -142,6 +142,8 @@ def llava_blockers(model) -> list[str]:
     """What in a VLM transformers' LLaVA cannot represent, each with the training flag that avoids it."""
     c = model.config
     blockers = []
+    if c.fusion != "early":
+        blockers.append(f"{c.fusion} fusion (LLaVA puts the image tokens into the prompt; --fusion early)")
     if c.attention != "causal":
         blockers.append(f"{c.attention} attention over the image tokens (LLaVA attends causally; --attention causal)")
     if c.adapter.pixel_shuffle != 1:
@@ -255,9 +257,14 @@ def export(model, folder: str | Path, source: str | None = None) -> list[str]:
     notes = export(model.gpt, folder / "gpt2") + export(model.vit, folder / "vit")
     (folder / "adapter").mkdir(exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.adapter.state_dict().items()}
+    if model.config.fusion == "cross":  # the connector's other half: no transformers class reads it
+        tensors |= {f"cross.{k}": v.detach().contiguous() for k, v in model.cross.state_dict().items()}
+        notes.append("the cross-attention blocks are in adapter/model.safetensors (keys cross.*); the exported "
+                     "GPT-2 alone is the text model without them")
     atomic_write(folder / "adapter" / "model.safetensors", lambda p: save_file(tensors, p))
     meta = {"adapter": model.config.adapter.to_dict(), "image_token_id": model.config.image_token_id,
-            "attention": model.config.attention, "num_image_tokens": model.num_image_tokens}
+            "attention": model.config.attention, "num_image_tokens": model.num_image_tokens,
+            "fusion": model.config.fusion, "cross_layers": list(model.config.cross_layers)}
     (folder / "adapter" / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     blockers = llava_blockers(model)
     if blockers:
@@ -277,7 +284,9 @@ def model_card(model, source: str | None, notes: list[str], llava: bool = False)
         f"A vision-language model trained with mmfusion{f' (from `{source}`)' if source else ''}: a ViT "
         f"({c.vit.n_layer} layers, width {c.vit.n_embd}, {c.vit.image_size}px, patch {c.vit.patch_size}), an adapter "
         f"giving {model.num_image_tokens} image tokens, and a GPT-2 ({c.gpt.n_layer} layers, width {c.gpt.n_embd}) "
-        "reading them in place of `<|image|>` slots at the start of the prompt.", "",
+        + ("reading them in place of `<|image|>` slots at the start of the prompt." if c.fusion == "early" else
+           f"reading them through gated cross-attention blocks before its blocks {list(c.cross_layers)} (late "
+           "fusion; the prompt holds no image slots)."), "",
         "| folder | what | loads with |", "|---|---|---|",
     ]
     if llava:
@@ -298,7 +307,8 @@ def model_card(model, source: str | None, notes: list[str], llava: bool = False)
                   "the VLM, load the mmfusion folder it was exported from with `mmfusion.VLM.from_pretrained`."]
     lines += [
         "",
-        "Prompt format: M `<|image|>` slots, then `Question: {question}\\nAnswer:` (the answer follows after a "
+        "Prompt format: M `<|image|>` slots (early fusion; none under cross fusion), then "
+        "`Question: {question}\\nAnswer:` (the answer follows after a "
         "space and ends with `<|endoftext|>`), or `Caption:` for a caption. mmfusion's tokenizer reads a typed "
         "`<|endoftext|>` as plain text; transformers' GPT-2 tokenizer reads it as the special token.",
     ]

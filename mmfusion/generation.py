@@ -75,10 +75,12 @@ def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.
 @torch.no_grad()
 def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                   attention_mask: torch.Tensor | None = None, bidirectional: torch.Tensor | None = None,
-                  config: GenerationConfig = GenerationConfig(), eot_id: int = EOT_ID) -> Iterator[torch.Tensor]:
+                  config: GenerationConfig = GenerationConfig(), eot_id: int = EOT_ID,
+                  before_block=None) -> Iterator[torch.Tensor]:
     """Yield the next token (B,) for every row at each step; rows that finished yield `eot_id`.
 
     Prompts are (B, T) ids or (B, T, C) embeddings, left-padded, with attention_mask (B, T).
+    `before_block` (a cross-fusion VLM's cross-attention) runs before each GPT block, every step.
     """
     prompt = inputs_embeds if inputs_embeds is not None else input_ids
     B, T = prompt.shape[:2]
@@ -99,10 +101,10 @@ def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_emb
         mask[:, :T] = attention_mask
     cache = gpt.new_cache(B, T + steps)
     hidden = gpt.hidden_states(input_ids, None if mask is None else mask[:, :T], inputs_embeds=inputs_embeds,
-                               cache=cache, bidirectional=bidirectional)  # (B, T, C)
+                               cache=cache, bidirectional=bidirectional, before_block=before_block)  # (B, T, C)
     logits = gpt.row_logits(hidden[:, -1])  # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    fixed = _fixed_shape_step(gpt, config, cache, attention_mask if mask is not None else None, T)
+    fixed = _fixed_shape_step(gpt, config, cache, attention_mask if mask is not None else None, T, before_block)
     for step in range(steps):
         token = next_token(logits, config, generator).masked_fill(done, eot_id)  # (B,)
         yield token
@@ -114,11 +116,12 @@ def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_emb
             continue
         # Positions come from the mask's running count of real tokens, as in the prefill.
         hidden = gpt.hidden_states(token[:, None], None if mask is None else mask[:, :T + step + 1],
-                                   cache=cache)  # (B, 1, C)
+                                   cache=cache, before_block=before_block)  # (B, 1, C)
         logits = gpt.row_logits(hidden[:, -1])
 
 
-def _fixed_shape_step(gpt: GPT, config: GenerationConfig, cache, prompt_mask: torch.Tensor | None, T: int):
+def _fixed_shape_step(gpt: GPT, config: GenerationConfig, cache, prompt_mask: torch.Tensor | None, T: int,
+                      before_block=None):
     """For the static and compiled decoders: a function token (B,) -> logits (B, V) that feeds
     each decoded token through `StaticStep` over the prefilled cache, its inputs kept in buffers
     of fixed address that advance in place. None for the eager decoder."""
@@ -126,6 +129,9 @@ def _fixed_shape_step(gpt: GPT, config: GenerationConfig, cache, prompt_mask: to
         return None
     from .static_decode import mark_static, static_step
 
+    if before_block is not None and config.decoder == "compiled":
+        raise ValueError("the compiled decoder serves early fusion; decode a cross-fusion VLM with decoder "
+                         "'static' or 'eager'")
     step = static_step(gpt, config.decoder == "compiled")
     B, S = cache.shape[1], cache.shape[3]
     device = cache.k.device
@@ -140,7 +146,7 @@ def _fixed_shape_step(gpt: GPT, config: GenerationConfig, cache, prompt_mask: to
 
     def feed(token: torch.Tensor) -> torch.Tensor:
         token_buf.copy_(token)
-        logits = step(token_buf, position, slot, cache.k, cache.v, key_ok)
+        logits = step(token_buf, position, slot, cache.k, cache.v, key_ok, before_block)
         position.add_(1)
         slot.add_(1)
         return logits
@@ -238,7 +244,7 @@ def vlm_prompts(vlm, images, questions: list[str | None]) -> dict[str, torch.Ten
 
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} images but {len(questions)} questions")
-    builder = PromptBuilder(vlm.num_image_tokens, vlm.config.gpt.block_size)
+    builder = PromptBuilder(vlm.prompt_slots, vlm.config.gpt.block_size)
     ids = [builder.prompt_ids(q, reserve=1) for q in questions]
     device = next(vlm.parameters()).device
     return {

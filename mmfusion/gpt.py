@@ -6,6 +6,7 @@ Notation: B batch, T tokens this call, S keys (cached + current), C width, V voc
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -61,13 +62,15 @@ class GPT(PretrainedMixin, nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                       inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                      cache: KVCache | None = None, bidirectional: torch.Tensor | None = None) -> torch.Tensor:
+                      cache: KVCache | None = None, bidirectional: torch.Tensor | None = None,
+                      before_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, C).
 
         input_ids (B, T) or inputs_embeds (B, T, C): this call's tokens.
         attention_mask (B, S): 1 for real tokens, 0 for padding, over cached + current tokens.
         position_ids (B, T): default counts real tokens (from `attention_mask`) after the cache.
         bidirectional (B, S): tokens (image slots) that attend to each other in both directions.
+        before_block(i, x) -> x: runs before block i (a VLM's cross-attention to its image).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -92,6 +95,8 @@ class GPT(PretrainedMixin, nn.Module):
         mask = build_attention_mask(padding, T, past, True, bidirectional, x.device)
         x = self.dropout(x + self.wpe(position_ids))
         for i, block in enumerate(self.blocks):
+            if before_block is not None:
+                x = before_block(i, x)
             x = block(x, mask, True, cache, i)
         if cache is not None:
             cache.advance(T)

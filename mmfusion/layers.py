@@ -149,6 +149,42 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class GatedCrossAttention(nn.Module):
+    """Late fusion (Flamingo): text tokens attend to image tokens, then a feed-forward layer,
+    each added to the residual stream through tanh(gate) with the gates starting at 0, so a
+    pretrained GPT starts out computing exactly what it did alone.
+
+    x (B, T, C) text hidden states; image keys and values (B, H, M, D) from `image_kv`, computed
+    once per image and reused for every decoded token. Every text token sees every image token.
+    """
+
+    def __init__(self, dim: int, n_head: int, mlp_dim: int, act: str, eps: float, bias: bool = True) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = n_head, dim // n_head
+        self.ln = nn.LayerNorm(dim, eps=eps)
+        self.q = nn.Linear(dim, dim, bias=bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.ln_mlp = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, mlp_dim, act, 0.0, bias)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def image_kv(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image (B, M, C) -> keys and values (B, H, M, D)."""
+        B, M, _ = image.shape
+        k, v = self.kv(image).view(B, M, 2, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q(self.ln(x)).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k, v = kv
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))  # (B, H, T, D)
+        x = x + torch.tanh(self.attn_gate) * self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + torch.tanh(self.mlp_gate) * self.mlp(self.ln_mlp(x))
+
+
 def init_linear_and_norm(module: nn.Module, std: float = 0.02) -> None:
     """Normal(0, std) for Linear/Embedding/Conv weights, zeros for biases, unit LayerNorms."""
     if isinstance(module, (nn.Linear, nn.Conv2d)):

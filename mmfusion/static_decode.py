@@ -37,13 +37,15 @@ class StaticStep(nn.Module):
         self.gpt = gpt
 
     def forward(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, keys: torch.Tensor,
-                values: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
+                values: torch.Tensor, key_ok: torch.Tensor, before_block=None) -> torch.Tensor:
         gpt = self.gpt
         B = token.shape[0]
         key_ok.index_fill_(1, slot, True)
         mask = key_ok[:, None, None, :]  # (B, 1, 1, S_max)
         x = gpt.wte(token[:, None]) + gpt.wpe(position[:, None])  # (B, 1, C)
         for i, block in enumerate(gpt.blocks):
+            if before_block is not None:  # a cross-fusion VLM's cross-attention (eager only)
+                x = before_block(i, x)
             attn = block.attn
             q, k, v = attn.qkv(block.ln1(x)).view(B, 1, 3, attn.n_head, attn.head_dim).permute(2, 0, 3, 1, 4)
             keys[i].index_copy_(2, slot, k.to(keys.dtype))  # (B, H, 1, D) into (B, H, S_max, D)

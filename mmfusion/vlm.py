@@ -1,14 +1,18 @@
-"""Early-fusion VLM: image tokens spliced into the GPT's token embeddings.
+"""The VLM: image tokens fused into a GPT, early (spliced into its token embeddings) or late
+(cross-attention from the text to the image tokens).
 
 pixel_values (B, 3, H, W) -> ViT -> adapter -> image_embeds (B, M, C)
-input_ids (B, T) with exactly M `<|image|>` slots per row -> token embeddings (B, T, C)
--> image_embeds scattered into the slots -> GPT blocks -> logits / loss.
+early: input_ids (B, T) with exactly M `<|image|>` slots per row -> token embeddings (B, T, C)
+       -> image_embeds put into the slots -> GPT blocks -> logits / loss.
+cross: input_ids (B, T) without slots -> token embeddings -> GPT blocks, each `cross_every`-th
+       preceded by a gated cross-attention block reading image_embeds -> logits / loss.
 
 Notation: B batch, T tokens, M image tokens per image, C GPT width, V vocabulary.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +24,7 @@ from .config import AdapterConfig, VLMConfig
 from .errors import SlotCountError
 from .generation import GenerationConfig
 from .gpt import GPT
+from .layers import GatedCrossAttention, init_linear_and_norm
 from .loss import IGNORE_INDEX, linear_cross_entropy
 from .vit import ViT
 from .weights import PretrainedMixin
@@ -66,14 +71,20 @@ class VLM(PretrainedMixin, nn.Module):
         self.vit = ViT(config.vit)
         self.adapter = ViTAdapter(config.adapter, config.vit.n_embd, config.gpt.n_embd, config.num_image_tokens)
         self.gpt = GPT(config.gpt)
+        if config.cross_layers:
+            g = config.gpt
+            self.cross = nn.ModuleDict({str(i): GatedCrossAttention(g.n_embd, g.n_head, g.mlp_dim, g.activation,
+                                                                    g.layer_norm_eps, g.bias)
+                                        for i in config.cross_layers})
+            self.cross.apply(functools.partial(init_linear_and_norm, std=g.initializer_range))
 
     @classmethod
     def from_parts(cls, vit: ViT, gpt: GPT, adapter: AdapterConfig | None = None,
-                   attention: str = "causal") -> VLM:
+                   attention: str = "causal", fusion: str = "early", cross_every: int = 1) -> VLM:
         """A VLM whose ViT and GPT start from the given (e.g. pretrained or imported) models."""
         # The VLM's ViT has no classifier: an unused head would only confuse DDP and the optimizer.
         config = VLMConfig(vit=vit.config.replace(num_classes=0), gpt=gpt.config, adapter=adapter or AdapterConfig(),
-                           attention=attention)
+                           attention=attention, fusion=fusion, cross_every=cross_every)
         model = cls(config)
         model.vit.load_state_dict({k: v for k, v in vit.state_dict().items() if not k.startswith("head.")})
         model.gpt.load_state_dict(gpt.state_dict())
@@ -81,7 +92,17 @@ class VLM(PretrainedMixin, nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
+        """Image tokens the adapter yields for one image."""
         return self.config.num_image_tokens
+
+    @property
+    def prompt_slots(self) -> int:
+        """`<|image|>` slots a prompt holds: the image tokens (early fusion) or none (cross)."""
+        return self.config.prompt_slots
+
+    def connector(self) -> list[nn.Module]:
+        """The parts between the two towers: the adapter, and the cross-attention blocks."""
+        return [self.adapter] + ([self.cross] if self.config.cross_layers else [])
 
     def vit_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (B, 3, H, W) -> the ViT hidden states the adapter reads (B, 1+N, Dv),
@@ -99,26 +120,44 @@ class VLM(PretrainedMixin, nn.Module):
             raise ValueError("pass exactly one of pixel_values and image_features")
         return self.adapter(self.vit_features(pixel_values) if image_features is None else image_features)
 
+    def fuse(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+             image_features: torch.Tensor | None = None, check_slots: bool = True) -> dict:
+        """What the GPT needs to read the text with the images: `inputs_embeds` (B, T, C),
+        `bidirectional` (B, T) (early fusion's image slots under prefix attention, else None) and
+        `before_block` (cross fusion's cross-attention, its image keys and values computed once
+        here and reused for every decoded token; else None). `check_slots=False` skips the slot
+        count check (for batches checked on the CPU)."""
+        image_mask = input_ids == self.config.image_token_id  # (B, T)
+        if check_slots:
+            check_slot_counts(image_mask, self.prompt_slots)
+        image = self.encode_images(pixel_values, image_features)  # (B, M, C)
+        if self.config.fusion == "cross":
+            kv = {i: self.cross[str(i)].image_kv(image) for i in self.config.cross_layers}
+
+            def before_block(i: int, x: torch.Tensor) -> torch.Tensor:
+                return self.cross[str(i)](x, kv[i]) if i in kv else x
+
+            return {"inputs_embeds": self.gpt.wte(input_ids), "bidirectional": None, "before_block": before_block}
+        # The slot id may lie outside the GPT vocabulary; its embedding is overwritten anyway.
+        token_embeds = self.gpt.wte(input_ids.masked_fill(image_mask, 0))  # (B, T, C)
+        return {"inputs_embeds": fuse_image_embeddings(token_embeds, image_mask, image),
+                "bidirectional": image_mask if self.config.attention == "prefix" else None, "before_block": None}
+
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_features: torch.Tensor | None = None,
               check_slots: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token embeddings with the images fused in (B, T, C), and the tokens that attend to each
-        other bidirectionally (B, T): the image slots under prefix attention, else None.
-        `check_slots=False` skips the slot count check (for batches checked on the CPU)."""
-        image_mask = input_ids == self.config.image_token_id  # (B, T)
-        if check_slots:
-            check_slot_counts(image_mask, self.num_image_tokens)
-        # The slot id may lie outside the GPT vocabulary; its embedding is overwritten anyway.
-        token_embeds = self.gpt.wte(input_ids.masked_fill(image_mask, 0))  # (B, T, C)
-        embeds = fuse_image_embeddings(token_embeds, image_mask, self.encode_images(pixel_values, image_features))
-        return embeds, image_mask if self.config.attention == "prefix" else None
+        """Early fusion: token embeddings with the images put in (B, T, C), and the tokens that
+        attend to each other bidirectionally (B, T): the image slots under prefix attention, else None."""
+        if self.config.fusion != "early":
+            raise ValueError("embed() is early fusion's; a cross-fusion VLM reads its image in fuse()")
+        fused = self.fuse(input_ids, pixel_values, image_features, check_slots)
+        return fused["inputs_embeds"], fused["bidirectional"]
 
     def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, cache=None,
                       image_features: torch.Tensor | None = None, check_slots: bool = True) -> torch.Tensor:
-        embeds, bidirectional = self.embed(input_ids, pixel_values, image_features, check_slots)
-        return self.gpt.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache,
-                                      bidirectional=bidirectional)
+        return self.gpt.hidden_states(attention_mask=attention_mask, cache=cache,
+                                      **self.fuse(input_ids, pixel_values, image_features, check_slots))
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -141,10 +180,10 @@ class VLM(PretrainedMixin, nn.Module):
         boolean indexing): the slot and target checks ran on the CPU, and the padding mask is left
         out, since right padding never reaches a real token under causal attention.
         """
-        if slots_per_row is not None and slots_per_row != self.num_image_tokens:
-            raise SlotCountError(f"the batch has {slots_per_row} <|image|> slots per row but the adapter yields "
-                                 f"{self.num_image_tokens} image tokens; build the collator's PromptBuilder with "
-                                 "the model's num_image_tokens")
+        if slots_per_row is not None and slots_per_row != self.prompt_slots:
+            raise SlotCountError(f"the batch has {slots_per_row} <|image|> slots per row but this model's prompts "
+                                 f"hold {self.prompt_slots}; build the collator's PromptBuilder with the model's "
+                                 "prompt_slots")
         collated = label_positions is not None
         hidden = self.hidden_states(input_ids, pixel_values, None if collated else attention_mask,
                                     image_features=image_features, check_slots=slots_per_row is None)  # (B, T, C)
@@ -175,10 +214,9 @@ class VLM(PretrainedMixin, nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  config: GenerationConfig = GenerationConfig()) -> list[list[int]]:
-        """New token ids per row for left-padded prompts (B, T) with image slots."""
-        embeds, bidirectional = self.embed(input_ids, pixel_values)
-        return generation.generate(self.gpt, inputs_embeds=embeds, attention_mask=attention_mask,
-                                   bidirectional=bidirectional, config=config)
+        """New token ids per row for left-padded prompts (B, T) (with image slots under early fusion)."""
+        return generation.generate(self.gpt, attention_mask=attention_mask, config=config,
+                                   **self.fuse(input_ids, pixel_values))
 
     def answer(self, image, question: str, **kwargs) -> str:
         """Answer one question about one image (PIL image, path, array or tensor).
@@ -198,6 +236,5 @@ class VLM(PretrainedMixin, nn.Module):
         """Iterator of text pieces of the answer (or the caption when question is None)."""
         batch = generation.vlm_prompts(self, [image], [question])
         with torch.no_grad():
-            embeds, bidirectional = self.embed(batch["input_ids"], batch["pixel_values"])
-        return generation.stream_text(self.gpt, inputs_embeds=embeds, bidirectional=bidirectional,
-                                      config=GenerationConfig(**kwargs))
+            fused = self.fuse(batch["input_ids"], batch["pixel_values"])
+        return generation.stream_text(self.gpt, config=GenerationConfig(**kwargs), **fused)

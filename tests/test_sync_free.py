@@ -39,11 +39,11 @@ class SyncRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def tiny_vlm(attention: str = "prefix") -> VLM:
+def tiny_vlm(attention: str = "prefix", fusion: str = "early") -> VLM:
     torch.manual_seed(0)
     vit = ViT(ViTConfig(image_size=16, patch_size=4, n_layer=2, n_head=2, n_embd=32, num_classes=0))
     gpt = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
-    return VLM.from_parts(vit, gpt, AdapterConfig(pixel_shuffle=2, keep_cls=True), attention)
+    return VLM.from_parts(vit, gpt, AdapterConfig(pixel_shuffle=2, keep_cls=True), attention, fusion)
 
 
 def batch_for(model: VLM) -> dict:
@@ -52,12 +52,13 @@ def batch_for(model: VLM) -> dict:
     rows = [{"image": images[0], "question": "what color is it?", "answers": ["red"]},
             {"image": images[1], "question": "a longer question about the shape here?", "answers": ["a circle"]},
             {"image": images[2], "question": None, "caption": "a small red circle at the top left"}]
-    return VQACollator(ImageProcessor.from_config(model.config.vit), PromptBuilder(model.num_image_tokens, 64))(rows)
+    return VQACollator(ImageProcessor.from_config(model.config.vit), PromptBuilder(model.prompt_slots, 64))(rows)
 
 
-@pytest.mark.parametrize("attention, loss_per", [("prefix", "token"), ("causal", "example")])
-def test_collated_step_issues_no_host_sync(attention, loss_per):
-    model = tiny_vlm(attention).train()
+@pytest.mark.parametrize("attention, loss_per, fusion", [("prefix", "token", "early"), ("causal", "example", "early"),
+                                                         ("causal", "token", "cross")])
+def test_collated_step_issues_no_host_sync(attention, loss_per, fusion):
+    model = tiny_vlm(attention, fusion).train()
     batch = batch_for(model)
     assert batch["attention_mask"].min() == 0  # rows of different lengths: padding is there
     with SyncRecorder() as recorder:

@@ -89,7 +89,13 @@ class VQAStageConfig:
         "only": ("projection", "layer", "keep_cls", "pixel_shuffle", "merge", "position_embedding"),
         "flags": {"layer": "adapter_layer", "position_embedding": "image_positions"}})
     attention: str = field(default="prefix", metadata={
-        "help": "image tokens attend causally or bidirectionally (prefix)", "choices": ["causal", "prefix"]})
+        "help": "early fusion: image tokens attend causally or bidirectionally (prefix); cross fusion is causal",
+        "choices": ["causal", "prefix"]})
+    fusion: str = field(default="early", metadata={
+        "help": "early: image tokens in the prompt's <|image|> slots; cross: gated cross-attention blocks in the GPT "
+                "read them (Flamingo; the text holds no slots)", "choices": ["early", "cross"]})
+    cross_every: int = field(default=1, metadata={"help": "cross fusion: a cross-attention block before every "
+                                                          "K-th GPT block"})
     freeze_vit: bool = field(default=True, metadata={"help": "keep the ViT's weights fixed"})
     cache_features: bool = field(default=True, metadata={
         "help": "with a frozen ViT, compute each training image's ViT features once, before training "
@@ -130,9 +136,16 @@ class VQAStageConfig:
             raise ConfigError(f"--gpt-init-std applies only to a fresh GPT from a preset, not {self.gpt!r}")
         if self.freeze_vit and self.freeze_adapter and self.freeze_gpt and not self.lora_rank:
             raise ConfigError("every part is frozen: nothing to train")
+        check_number("--cross-every", self.cross_every, 1, integer=True)
         if self.vit in VIT_PRESETS and self.gpt in GPT_PRESETS:  # the whole model is known without reading files
             gpt = gpt_preset(self.gpt, **self.gpt_overrides())
-            VLMConfig(vit=vit_preset(self.vit, num_classes=0), gpt=gpt, adapter=self.adapter, attention=self.attention)
+            VLMConfig(vit=vit_preset(self.vit, num_classes=0), gpt=gpt, adapter=self.adapter,
+                      attention=self.model_attention, fusion=self.fusion, cross_every=self.cross_every)
+
+    @property
+    def model_attention(self) -> str:
+        """The model's attention: --attention under early fusion; causal under cross (no image slots)."""
+        return self.attention if self.fusion == "early" else "causal"
 
     def gpt_overrides(self) -> dict:
         """The preset fields a fresh GPT's flags override."""
@@ -148,7 +161,7 @@ STAGE_DEFAULTS = RunConfig(output_dir="runs/vqa", epochs=3.5, batch_size=64, lr=
 
 def build_vlm(stage: VQAStageConfig) -> VLM:
     model = VLM.from_parts(load_vit(stage.vit), load_gpt(stage.gpt, stage.gpt_overrides()), stage.adapter,
-                           stage.attention)
+                           stage.model_attention, stage.fusion, stage.cross_every)
     set_trainable_parts(model, stage)
     if not any(p.requires_grad for p in model.parameters()) and not stage.lora_rank:
         raise ConfigError("every part is frozen: nothing to train")
@@ -167,9 +180,9 @@ def set_trainable_parts(model: VLM, stage: VQAStageConfig) -> None:
 
 def optimizer_for(model: VLM, stage: VQAStageConfig, run: RunConfig) -> torch.optim.Optimizer:
     groups = []
-    for prefix, lr in (("vit", stage.lr_vit), ("adapter", stage.lr_adapter), ("gpt", stage.lr_gpt)):
-        part = getattr(model, prefix)
-        groups += param_groups(part.named_parameters(), lr or run.lr, run.weight_decay)
+    for parts, lr in (([model.vit], stage.lr_vit), (model.connector(), stage.lr_adapter), ([model.gpt], stage.lr_gpt)):
+        for part in parts:
+            groups += param_groups(part.named_parameters(), lr or run.lr, run.weight_decay)
     return adamw(groups, run)
 
 
@@ -209,8 +222,10 @@ def load_all(stage: VQAStageConfig, captions: bool, questions: bool):
 
 
 def set_trainable(model: VLM, vit: bool, adapter: bool, gpt: bool) -> None:
-    for part, on in ((model.vit, vit), (model.adapter, adapter), (model.gpt, gpt)):
-        part.requires_grad_(on)
+    """`adapter` covers the whole connector: the adapter and, under cross fusion, the cross-attention blocks."""
+    for parts, on in (([model.vit], vit), (model.connector(), adapter), ([model.gpt], gpt)):
+        for part in parts:
+            part.requires_grad_(on)
 
 
 def align(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, model: VLM, captions, collate, step) -> VLM:
@@ -231,8 +246,8 @@ def align(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, model: VLM, ca
         accelerator.print(f"alignment: loaded the finished phase from {align_dir / 'model'}")
         return model
     set_trainable(model, vit=False, adapter=True, gpt=False)
-    optimizer = adamw(param_groups(model.adapter.named_parameters(), stage.lr_adapter or run_cfg.lr,
-                                   run_cfg.weight_decay), run_cfg)
+    optimizer = adamw([g for part in model.connector() for g in param_groups(
+        part.named_parameters(), stage.lr_adapter or run_cfg.lr, run_cfg.weight_decay)], run_cfg)
     phase = replace(run_cfg, output_dir=str(align_dir), epochs=stage.align_epochs, max_steps=0, eval_every=0,
                     resume=run_cfg.resume if (inside or run_cfg.resume == "latest") else None)
     accelerator.print(f"alignment: adapter only, {stage.align_epochs} epochs on {len(captions)} captions")
@@ -246,7 +261,7 @@ def align(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, model: VLM, ca
 def vqa_step(m, batch, loss_per: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-step's loss and its token count; `m` may be wrapped (DDP, compile)."""
     inner = extract_model_from_parallel(m, keep_torch_compile=False)
-    for part in (inner.vit, inner.adapter, inner.gpt):
+    for part in (inner.vit, *inner.connector(), inner.gpt):
         if not any(p.requires_grad for p in part.parameters()):
             part.eval()  # a frozen part runs without dropout
     output = m(**batch, loss_per=loss_per)
@@ -265,7 +280,7 @@ def tasks(stage: VQAStageConfig) -> tuple[bool, bool]:
 
 def probe_batch(model: VLM, processor: ImageProcessor, rows, batch_size: int, cached: bool) -> dict:
     """A training batch as the step will see it (ViT features instead of images if cached)."""
-    probe = VQACollator(processor, PromptBuilder(model.num_image_tokens, model.config.gpt.block_size))
+    probe = VQACollator(processor, PromptBuilder(model.prompt_slots, model.config.gpt.block_size))
     batch = probe([rows[i] for i in range(min(batch_size, len(rows)))])
     if cached:
         with torch.no_grad():
@@ -312,7 +327,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
         task_rows = torch.utils.data.ConcatDataset([train_vqa, train_cap])
     else:
         task_rows = train_vqa if stage.task == "vqa" else train_cap
-    prompts = PromptBuilder(model.num_image_tokens, model.config.gpt.block_size)
+    prompts = PromptBuilder(model.prompt_slots, model.config.gpt.block_size)
     collate = VQACollator(processor, prompts)
     steps_per_epoch(len(task_rows), run_cfg, accelerator.num_processes)
     if stage.align_epochs > 0:
@@ -321,7 +336,9 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
                      precision=precision.to_dict())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator.print(f"VLM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-                      f"({trainable / 1e6:.2f}M trainable), {model.num_image_tokens} image tokens, "
+                      f"({trainable / 1e6:.2f}M trainable), {model.num_image_tokens} image tokens "
+                      + (f"read by cross-attention before GPT blocks {list(model.config.cross_layers)}, "
+                         if model.config.fusion == "cross" else "in the prompt, ") +
                       f"precision {accelerator.mixed_precision}")
 
     if stage.align_epochs > 0:
