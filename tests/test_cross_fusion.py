@@ -94,6 +94,7 @@ def test_config_checks():
     assert VLMConfig.from_dict(old).fusion == "early"
 
 
+@pytest.mark.slow
 def test_stage2_trains_saves_and_loads_a_cross_fusion_vlm(tmp_path, capsys):
     rows = []
     for i in range(8):

@@ -210,7 +210,7 @@ def _left_padded(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 def test_static_decoder_gives_the_eager_tokens(seed):
     gpt = _varied_gpt(seed)
     ids, mask = _left_padded(seed)

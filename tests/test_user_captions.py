@@ -100,6 +100,7 @@ def test_bad_caption_rows_are_counted_and_bad_columns_named(tmp_path):
 # ---- training and evaluation on a caption file ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_caption_training_and_alignment_on_a_file_hold_out_its_images(tmp_path, capsys):
     path = caption_file(tmp_path, 20, per_image=3)
     out = tmp_path / "run"

@@ -1,0 +1,117 @@
+"""Early against late (cross-attention) fusion, side by side in one process: trainable
+parameters, context tokens per prompt, the stage-2 training step and greedy decoding.
+
+    python benchmarks/fusion.py                      # the main job's stage-2 shapes (easy-VQA)
+    python benchmarks/fusion.py --preset captions    # the captions job's (scenes)
+    python benchmarks/fusion.py --smoke              # tiny shapes, one repeat (CI)
+
+Both models are built the way `mmfusion train-vqa` builds them (vit-tiny + gpt-tiny, random
+weights, the stage's adapter), one with `--fusion early`, one with `--fusion cross`; the step is
+the stage's own (cached ViT features, the collator's batch, fused AdamW), on easy-VQA / scenes
+questions; decoding is `decode_stream` for a fixed number of tokens. Medians of alternating runs
+(timing.alternate). Accuracy comes from the training runs themselves (docs/experiments.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from mmfusion.config import AdapterConfig
+from mmfusion.generation import GenerationConfig, decode_stream, vlm_prompts
+from mmfusion.processing import ImageProcessor, PromptBuilder, VQACollator
+from mmfusion.training import train_vqa
+from mmfusion.training.setup import RunConfig, adamw, param_groups
+
+from timing import alternate
+
+PRESETS = {
+    "easy-vqa": ("easy-vqa", train_vqa.VQAStageConfig().adapter, "prefix"),
+    "captions": ("scenes", AdapterConfig(pixel_shuffle=4, position_embedding=True), "prefix"),
+}
+
+
+def build(fusion: str, adapter: AdapterConfig, attention: str, smoke: bool):
+    stage = train_vqa.VQAStageConfig(vit="vit-tiny", gpt="gpt-tiny", adapter=adapter, attention=attention,
+                                     fusion=fusion, block_size=64 if smoke else None)
+    torch.manual_seed(0)
+    return train_vqa.build_vlm(stage), stage
+
+
+def rows_of(dataset: str, n: int) -> list[dict]:
+    from mmfusion.data import load_vqa_dataset
+
+    ds, _ = load_vqa_dataset(dataset, "test")
+    return [ds[i] for i in range(n)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="easy-vqa")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per decode (batch 1)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.batch_size, args.new_tokens, args.repeats = 4, 2, 1
+    dataset, adapter, attention = PRESETS[args.preset]
+    rows = rows_of(dataset, args.batch_size)
+    run_cfg = RunConfig(output_dir="unused", lr=1e-3)
+    steps, decodes, info = {}, {}, {}
+    for fusion in ("early", "cross"):
+        model, stage = build(fusion, adapter, attention, args.smoke)
+        processor = ImageProcessor.from_config(model.config.vit)
+        collate = VQACollator(processor, PromptBuilder(model.prompt_slots, model.config.gpt.block_size))
+        batch = collate(rows)
+        with torch.no_grad():
+            batch["image_features"] = model.vit_features(batch.pop("pixel_values"))
+        train_vqa.set_trainable_parts(model, stage)
+        optimizer = adamw([g for parts in ([model.vit], model.connector(), [model.gpt]) for part in parts
+                           for g in param_groups(part.named_parameters(), run_cfg.lr, run_cfg.weight_decay)], run_cfg)
+
+        def step(model=model, batch=batch, optimizer=optimizer) -> None:
+            model.train()
+            loss, _ = train_vqa.vqa_step(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        prompt = vlm_prompts(model, [rows[0]["image"]], [rows[0]["question"]])
+        config = GenerationConfig(max_new_tokens=args.new_tokens)
+
+        @torch.no_grad()
+        def decode(model=model, prompt=prompt, config=config) -> None:
+            model.eval()
+            fused = model.fuse(prompt["input_ids"], prompt["pixel_values"])
+            for _ in decode_stream(model.gpt, config=config, eot_id=-1, **fused):
+                pass
+
+        steps[fusion], decodes[fusion] = step, decode
+        info[fusion] = {"trainable_M": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+                        "context_tokens": int(prompt["input_ids"].shape[1]),
+                        "mean_train_tokens": float(batch["attention_mask"].sum(1).float().mean())}
+    step_s = alternate(steps, args.repeats)
+    decode_s = alternate(decodes, args.repeats)
+    for fusion in info:
+        info[fusion]["step_ms"] = step_s[fusion] * 1000
+        info[fusion]["decode_tokens_per_s"] = args.new_tokens / decode_s[fusion]
+    print(f"{args.preset}: batch {args.batch_size}, {args.new_tokens} greedy tokens at batch 1, torch threads "
+          f"{torch.get_num_threads()}")
+    print("| fusion | trainable params | context tokens (first prompt) | tokens per training example | "
+          "step ms | decode tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for fusion, r in info.items():
+        print(f"| {fusion} | {r['trainable_M']:.2f}M | {r['context_tokens']} | {r['mean_train_tokens']:.1f} | "
+              f"{r['step_ms']:.0f} | {r['decode_tokens_per_s']:.0f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "results": info}, f, indent=1)
+    return info
+
+
+if __name__ == "__main__":
+    main()
