@@ -1,12 +1,13 @@
-"""Early against late (cross-attention) fusion, side by side in one process: trainable
-parameters, context tokens per prompt, the stage-2 training step and greedy decoding.
+"""Stage-2 variants side by side in one process: early fusion, late (cross-attention) fusion
+and early fusion with LoRA on the GPT: trainable parameters, context tokens per prompt, the
+training step and greedy decoding.
 
     python benchmarks/fusion.py                      # the main job's stage-2 shapes (easy-VQA)
     python benchmarks/fusion.py --preset captions    # the captions job's (scenes)
     python benchmarks/fusion.py --smoke              # tiny shapes, one repeat (CI)
 
-Both models are built the way `mmfusion train-vqa` builds them (vit-tiny + gpt-tiny, random
-weights, the stage's adapter), one with `--fusion early`, one with `--fusion cross`; the step is
+The models are built the way `mmfusion train-vqa` builds them (vit-tiny + gpt-tiny, random
+weights, the stage's adapter): `--fusion early`, `--fusion cross`, `--lora-rank 8`; the step is
 the stage's own (cached ViT features, the collator's batch, fused AdamW), on easy-VQA / scenes
 questions; decoding is `decode_stream` for a fixed number of tokens. Medians of alternating runs
 (timing.alternate). Accuracy comes from the training runs themselves (docs/experiments.md).
@@ -23,6 +24,7 @@ from mmfusion.config import AdapterConfig
 from mmfusion.generation import GenerationConfig, decode_stream, vlm_prompts
 from mmfusion.processing import ImageProcessor, PromptBuilder, VQACollator
 from mmfusion.training import train_vqa
+from mmfusion.training.lora import add_lora
 from mmfusion.training.setup import RunConfig, adamw, param_groups
 
 from timing import alternate
@@ -33,11 +35,18 @@ PRESETS = {
 }
 
 
-def build(fusion: str, adapter: AdapterConfig, attention: str, smoke: bool):
+VARIANTS = {"early": {"fusion": "early"}, "cross": {"fusion": "cross"}, "lora8": {"fusion": "early", "lora_rank": 8}}
+
+
+def build(variant: str, adapter: AdapterConfig, attention: str, smoke: bool):
     stage = train_vqa.VQAStageConfig(vit="vit-tiny", gpt="gpt-tiny", adapter=adapter, attention=attention,
-                                     fusion=fusion, block_size=64 if smoke else None)
+                                     block_size=64 if smoke else None, **VARIANTS[variant])
     torch.manual_seed(0)
-    return train_vqa.build_vlm(stage), stage
+    model = train_vqa.build_vlm(stage)
+    if stage.lora_rank:
+        add_lora(model.gpt, stage.lora_rank, stage.lora_alpha)
+    train_vqa.set_trainable_parts(model, stage)
+    return model, stage
 
 
 def rows_of(dataset: str, n: int) -> list[dict]:
@@ -62,14 +71,13 @@ def main(argv: list[str] | None = None) -> dict:
     rows = rows_of(dataset, args.batch_size)
     run_cfg = RunConfig(output_dir="unused", lr=1e-3)
     steps, decodes, info = {}, {}, {}
-    for fusion in ("early", "cross"):
+    for fusion in VARIANTS:
         model, stage = build(fusion, adapter, attention, args.smoke)
         processor = ImageProcessor.from_config(model.config.vit)
         collate = VQACollator(processor, PromptBuilder(model.prompt_slots, model.config.gpt.block_size))
         batch = collate(rows)
         with torch.no_grad():
             batch["image_features"] = model.vit_features(batch.pop("pixel_values"))
-        train_vqa.set_trainable_parts(model, stage)
         optimizer = adamw([g for parts in ([model.vit], model.connector(), [model.gpt]) for part in parts
                            for g in param_groups(part.named_parameters(), run_cfg.lr, run_cfg.weight_decay)], run_cfg)
 
@@ -101,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         info[fusion]["decode_tokens_per_s"] = args.new_tokens / decode_s[fusion]
     print(f"{args.preset}: batch {args.batch_size}, {args.new_tokens} greedy tokens at batch 1, torch threads "
           f"{torch.get_num_threads()}")
-    print("| fusion | trainable params | context tokens (first prompt) | tokens per training example | "
+    print("| variant | trainable params | context tokens (first prompt) | tokens per training example | "
           "step ms | decode tokens/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for fusion, r in info.items():

@@ -169,3 +169,14 @@ def test_loss_benchmark_runs_and_both_sides_agree():
     assert all(r["ref_s"] > 0 and r["ours_s"] > 0 for r in rows)
     assert all(r["loss_diff"] < 1e-5 for r in rows)  # the same loss from the same weights
     assert rows[0]["grad_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_stage2_variants_benchmark_runs(tmp_path):
+    out = tmp_path / "fusion.json"
+    info = load_script("fusion").main(["--smoke", "--out", str(out)])
+    assert set(info) == {"early", "cross", "lora8"}
+    assert info["cross"]["context_tokens"] == info["early"]["context_tokens"] - 17  # no image slots
+    assert info["lora8"]["trainable_M"] < info["early"]["trainable_M"] / 10
+    assert all(r["step_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in info.values())
+    assert json.loads(out.read_text())["results"] == info
