@@ -1,6 +1,9 @@
 """mmfusion: a from-scratch ViT and GPT-2 joined by early fusion."""
 
-from . import convert  # noqa: F401  (attaches ViT.from_hf and GPT.from_hf)
+from . import (
+    convert,  # noqa: F401  (attaches ViT.from_hf and GPT.from_hf)
+    export,  # noqa: F401  (attaches GPT.to_hf, ViT.to_hf and VLM.to_hf)
+)
 from .adapter import ViTAdapter
 from .config import AdapterConfig, GPTConfig, ViTConfig, VLMConfig
 from .errors import (

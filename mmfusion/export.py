@@ -315,3 +315,28 @@ def model_card(model, source: str | None, notes: list[str], llava: bool = False)
     if notes:
         lines += ["", "Left out: " + "; ".join(notes) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _vit_to_hf_method(vit: ViT):
+    """The transformers twin of this ViT (ViTModel, ViTForImageClassification or CLIPVisionModel);
+    what has no place there (a per-cell head) is left out: `mmfusion.export.vit_to_hf` says what."""
+    return vit_to_hf(vit)[0]
+
+
+def _vlm_to_llava_method(vlm):
+    """This VLM as transformers' LlavaForConditionalGeneration, where LLaVA can represent it."""
+    return vlm_to_llava(vlm)
+
+
+# `GPT.to_hf()`, `ViT.to_hf()`, `VLM.to_hf()`, as convert.py attaches `from_hf`.
+GPT.to_hf = gpt_to_hf
+ViT.to_hf = _vit_to_hf_method
+
+
+def _attach_vlm() -> None:
+    from .vlm import VLM
+
+    VLM.to_hf = _vlm_to_llava_method
+
+
+_attach_vlm()

@@ -178,3 +178,15 @@ def test_llava_refuses_what_it_cannot_represent():
     for reason in ("prefix attention", "--attention causal", "2x2 patches merged", "--pixel-shuffle 1",
                    "position embedding (--no-image-positions)", "after the ViT's final LayerNorm", "--adapter-layer 1"):
         assert reason in str(info.value)
+
+
+def test_to_hf_methods():
+    gpt = randomized(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)))
+    ids = torch.randint(0, 50257, (1, 5))
+    with torch.no_grad():
+        assert (gpt.to_hf()(ids).logits - gpt(ids)).abs().max() <= ATOL
+    vit = randomized(ViT(ViTConfig(**VIT, num_classes=3)), 1)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert (vit.to_hf()(x).logits - vit(x)).abs().max() <= ATOL
+    assert type(llava_ready().to_hf()).__name__ == "LlavaForConditionalGeneration"

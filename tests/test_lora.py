@@ -57,6 +57,29 @@ def test_train_vqa_with_lora_saves_a_plain_vlm_with_the_gpt_updated(tmp_path, ca
     changed = {k for k in start if not torch.equal(start[k], saved[k])}
     assert changed and all(k.split(".")[-2] in ("qkv", "proj", "fc") for k in changed), changed  # merged updates
     assert torch.equal(saved["wte.weight"], start["wte.weight"])  # the rest is fixed
+    # the updates were saved on their own, and merging them into the start gives the saved weights
+    from safetensors.torch import load_file
+
+    adapter = load_file(tmp_path / "out" / "lora" / "adapter_model.safetensors")
+    meta = json.loads((tmp_path / "out" / "lora" / "adapter_config.json").read_text())
+    assert meta["rank"] == 4 and meta["scale"] == 2.0 and meta["targets"] == ["fc", "proj", "qkv"]
+    layers = {k.rsplit(".lora_", 1)[0] for k in adapter}
+    assert {f"{layer}.weight" for layer in layers} == {k for k in start if k.endswith(".weight") and
+                                                       k.split(".")[-2] in ("qkv", "proj", "fc")}
+    for layer in layers:
+        merged = start[f"{layer}.weight"] + meta["scale"] * adapter[f"{layer}.lora_B.weight"] @ adapter[
+            f"{layer}.lora_A.weight"]
+        torch.testing.assert_close(saved[f"{layer}.weight"], merged, atol=1e-6, rtol=1e-5)
+    # --lora-targets picks the layers
+    stage, run = train_vqa.parse(["--vit", "vit-tiny", "--gpt", str(tmp_path / "gpt"), "--dataset",
+                                  str(tmp_path / "qa.jsonl"), "--lora-rank", "4", "--lora-targets", "qkv",
+                                  "--holdout", "0", "--lr", "0.05", "--max-steps", "2", "--batch-size", "4",
+                                  "--no-progress", "--mixed-precision", "no", "--output-dir", str(tmp_path / "qkv")])
+    train_vqa.run(stage, run)
+    only = VLM.from_pretrained(tmp_path / "qkv" / "model").gpt.state_dict()
+    assert {k for k in start if not torch.equal(start[k], only[k])} == {"blocks.0.attn.qkv.weight"}
+    with pytest.raises(ConfigError, match="--lora-targets 'qkv,attn': attn is not a GPT layer"):
+        train_vqa.parse(["--lora-rank", "4", "--lora-targets", "qkv,attn"])
 
 
 def test_lora_flags_are_checked_and_peft_is_named_when_missing(monkeypatch):

@@ -45,7 +45,7 @@ from .args import parse_configs
 from .data import EVAL_DATASET_FIELD, HOLDOUT_FIELD, Conversations, Rows, check_eval_choice, evaluation_rows
 from .features import MEMORY_LIMIT_BYTES, FeatureRows
 from .loop import find_resume, steps_per_epoch, train
-from .lora import TARGETS, add_lora, merge_lora
+from .lora import TARGETS, add_lora, merge_lora, save_lora
 from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_groups, start_run_folder, write_json
 
 
@@ -106,6 +106,8 @@ class VQAStageConfig:
         "help": "train rank-R LoRA updates of the GPT's attention and MLP layers instead of its weights, merged "
                 "into them at the end (0: off; needs peft)"})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scale numerator (default: 2 x rank)"})
+    lora_targets: str = field(default=",".join(TARGETS), metadata={
+        "help": "comma-separated GPT layers LoRA updates: qkv and proj (attention), fc and proj (MLP)"})
     lr_vit: float | None = field(default=None, metadata={"help": "ViT learning rate (default: --lr)"})
     lr_adapter: float | None = field(default=None, metadata={"help": "adapter learning rate (default: --lr)"})
     lr_gpt: float | None = field(default=None, metadata={"help": "GPT learning rate (default: --lr)"})
@@ -128,6 +130,10 @@ class VQAStageConfig:
         check_number("--lora-rank", self.lora_rank, 0, integer=True)
         if self.lora_alpha is not None:
             check_number("--lora-alpha", self.lora_alpha, 0, low_open=True)
+        unknown = sorted(set(self.lora_target_names) - set(TARGETS)) or ([] if self.lora_target_names else ["(none)"])
+        if unknown:
+            raise ConfigError(f"--lora-targets {self.lora_targets!r}: {', '.join(unknown)} is not a GPT layer LoRA "
+                              f"can update; choose from {', '.join(TARGETS)}")
         check_eval_choice(self.eval_dataset, self.holdout)
         check_number("--align-epochs", self.align_epochs, 0)
         if self.block_size is not None and self.gpt not in GPT_PRESETS:
@@ -141,6 +147,10 @@ class VQAStageConfig:
             gpt = gpt_preset(self.gpt, **self.gpt_overrides())
             VLMConfig(vit=vit_preset(self.vit, num_classes=0), gpt=gpt, adapter=self.adapter,
                       attention=self.model_attention, fusion=self.fusion, cross_every=self.cross_every)
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
     @property
     def model_attention(self) -> str:
@@ -344,18 +354,21 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     if stage.align_epochs > 0:
         model = align(accelerator, stage, run_cfg, model, train_cap, collate, step)
     # after alignment, whose saved model stays a plain VLM
-    lora = add_lora(model.gpt, stage.lora_rank, stage.lora_alpha) if stage.lora_rank else None
+    lora = add_lora(model.gpt, stage.lora_rank, stage.lora_alpha, stage.lora_target_names) if stage.lora_rank else None
     set_trainable_parts(model, stage)
     if lora is not None:
         updates = sum(p.numel() for n, p in model.gpt.named_parameters() if ".lora_" in n)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        accelerator.print(f"LoRA: rank {stage.lora_rank} updates of the GPT's {', '.join(sorted(TARGETS))} layers, "
+        layers = ", ".join(sorted(stage.lora_target_names))
+        accelerator.print(f"LoRA: rank {stage.lora_rank} updates of the GPT's {layers} layers, "
                           f"{updates / 1e6:.3f}M parameters; {trainable / 1e6:.3f}M trainable in all")
     optimizer = optimizer_for(model, stage, run_cfg)
 
     evaluate = functools.partial(periodic_evaluation, stage, run_cfg, eval_vqa, eval_cap)
     model = train(accelerator, run_cfg, model, optimizer, Rows(task_rows), collate, step, evaluate, unit="tok")
     if lora is not None:
+        if accelerator.is_main_process:
+            save_lora(lora, model.gpt, out / "lora")
         merge_lora(lora)  # the saved model is a plain VLM
     metrics: dict = {}
     if accelerator.is_main_process:
