@@ -18,8 +18,6 @@ attention) over the step time and the measured peak.
 from __future__ import annotations
 
 import gc
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +31,7 @@ from mmfusion.tokenizer import EOT_ID
 
 from models import BF16, ComposedVLM, count_flops, hf_gpt_config, hf_vit_config, vlm_batch
 from results import Run, target_row
+from timing import alternate
 
 
 @dataclass(frozen=True)
@@ -64,20 +63,8 @@ def sync(device: torch.device) -> None:
 
 def timed_median(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
                  warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call, the sides alternating (order flipped every repeat), synchronized."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    order = list(fns)
-    for r in range(repeats):
-        for k in order if r % 2 == 0 else order[::-1]:
-            sync(device)
-            t0 = time.perf_counter()
-            fns[k]()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """timing.alternate with the device synchronized around every call."""
+    return alternate(fns, repeats, warmup, sync=lambda: sync(device))
 
 
 def matmul_peak(n: int, dtype: torch.dtype, device: torch.device, repeats: int = 10) -> float:

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 
-def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+              sync: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Median seconds per call of each function, called in turn (order flipped every repeat)
-    after `warmup` calls of each."""
+    after `warmup` calls of each; `sync` waits for an accelerator before and after each call."""
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -30,8 +31,10 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 
     for r in range(repeats):
         for k in order if r % 2 == 0 else order[::-1]:
             gc.collect()
+            sync()
             t0 = time.perf_counter()
             fns[k]()
+            sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
