@@ -39,8 +39,9 @@ def kernel_manager(kernels_dir: Path, env: dict[str, str]):
     return KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels_dir)]))
 
 
-def execute(name: str, workdir: Path, out: Path) -> tuple[nbformat.NotebookNode, float]:
-    """Run notebooks/`name` in `workdir`; returns the executed notebook and its wall time."""
+def execute(name: str, workdir: Path, out: Path, **extra_env: str) -> tuple[nbformat.NotebookNode, float]:
+    """Run notebooks/`name` in `workdir` (`extra_env` added to its environment); returns the
+    executed notebook and its wall time."""
     from nbclient import NotebookClient
 
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -50,7 +51,7 @@ def execute(name: str, workdir: Path, out: Path) -> tuple[nbformat.NotebookNode,
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            # inline figures become image/png outputs, whatever backend the calling environment picked
-           "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+           "MPLBACKEND": "module://matplotlib_inline.backend_inline", **extra_env}
     km = kernel_manager(workdir / "kernels", env)
     client = NotebookClient(nb, km=km, timeout=600, resources={"metadata": {"path": str(workdir)}})
     start = time.perf_counter()
@@ -104,6 +105,19 @@ def test_03_captions_and_answers_runs(notebook_out, tmp_path):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "matches the model" in text and "seed 0 again" in text
     assert not list(tmp_path.glob("runs")), "the notebook wrote into its working folder, not MMFUSION_NB_OUT"
+
+
+@pytest.mark.slow
+def test_03_with_a_late_fusion_model_runs(tmp_path):
+    """The same notebook on a cross-fusion model it trains itself: captions, answers, sampling,
+    and the attention maps from the cross-attention blocks, recomputed and checked."""
+    out = tmp_path / "out"
+    nb, seconds = execute("03_captions_and_answers.ipynb", tmp_path, out, MMFUSION_NB_FUSION="cross")
+    print(f"03_captions_and_answers.ipynb (cross fusion): {seconds:.0f}s")
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "cross fusion, cross-attention before blocks" in text
+    assert "cross-attention blocks: matches the model" in text and "seed 0 again" in text
+    assert images_in(nb) >= 6
 
 
 def test_committed_notebooks_have_no_outputs():
