@@ -54,3 +54,12 @@ def test_the_stage_commands_repeat_the_main_job():
     assert (vqa_stage, vqa_run) == train_vqa.parse(["--vit", "runs/m/vit/model", "--output-dir", "runs/m/vqa",
                                                     "--seed", "3", *precision])
     assert vqa_stage.adapter.keep_cls
+
+
+def test_main_passes_fusion_and_compile_to_its_stages():
+    from mmfusion.training.main import stage_configs
+
+    vit_stage, vit_run, vqa_stage, vqa_run = stage_configs(parse(["--fusion", "cross", "--compile"]))
+    assert vqa_stage.fusion == "cross" and vqa_stage.model_attention == "causal"
+    assert vit_run.compile and vqa_run.compile
+    assert stage_configs(parse([]))[2].fusion == "early"

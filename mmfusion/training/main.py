@@ -42,6 +42,9 @@ def parse(argv: list[str] | None):
     add("--vqa-lr", type=float, default=None, help=f"stage-2 peak learning rate (default: {vqa.lr:g})")
     add("--keep-cls", action=argparse.BooleanOptionalAction, default=True,
         help="stage 2 feeds the ViT's CLS token to the adapter next to the patch tokens (default: %(default)s)")
+    add("--fusion", default="early", choices=["early", "cross"],
+        help="stage 2: image tokens in the prompt (early) or read by cross-attention blocks (cross; late "
+             "fusion) (default: %(default)s)")
     add("--gpt-init-std", type=float, default=None,
         help="std of the fresh GPT's Normal init in stage 2 (default: gpt-tiny's 0.1; GPT-2's is 0.02)")
     add("--mixed-precision", default="auto", choices=["auto", *PRECISIONS],
@@ -86,7 +89,7 @@ def stage_configs(args) -> tuple:
     # The fresh gpt-tiny starts from std 0.1, its preset (docs/experiments.md: GPT init scale).
     default = train_vqa.VQAStageConfig()
     vqa_stage = replace(default, vit=str(out / "vit" / "model"), gpt_init_std=args.gpt_init_std,
-                        adapter=replace(default.adapter, keep_cls=args.keep_cls))
+                        adapter=replace(default.adapter, keep_cls=args.keep_cls), fusion=args.fusion)
     vqa_run = stage_run(train_vqa.STAGE_DEFAULTS, args, out / "vqa", args.vqa_epochs, args.vqa_max_steps, args.vqa_lr)
     return vit_stage, vit_run, vqa_stage, vqa_run
 
