@@ -25,7 +25,7 @@ from mmfusion.generation import GenerationConfig, decode_stream, vlm_prompts
 from mmfusion.processing import ImageProcessor, PromptBuilder, VQACollator
 from mmfusion.training import train_vqa
 from mmfusion.training.lora import add_lora
-from mmfusion.training.setup import RunConfig, adamw, param_groups
+from mmfusion.training.setup import RunConfig
 
 from timing import alternate
 
@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch = collate(rows)
         with torch.no_grad():
             batch["image_features"] = model.vit_features(batch.pop("pixel_values"))
-        optimizer = adamw([g for parts in ([model.vit], model.connector(), [model.gpt]) for part in parts
-                           for g in param_groups(part.named_parameters(), run_cfg.lr, run_cfg.weight_decay)], run_cfg)
+        optimizer = train_vqa.optimizer_for(model, stage, run_cfg)  # the stage's own groups and AdamW
 
         def step(model=model, batch=batch, optimizer=optimizer) -> None:
             model.train()

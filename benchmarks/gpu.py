@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmfusion import GPT, VLM, ViT
+from mmfusion import GPT
 from mmfusion.config import AdapterConfig, GPTConfig, ViTConfig, gpt_preset, vit_preset
 from mmfusion.generation import GenerationConfig, decode_stream
 from mmfusion.tokenizer import EOT_ID
 
-from models import BF16, ComposedVLM, count_flops, hf_gpt_config, hf_vit_config, vlm_batch
+from models import BF16, count_flops, hf_gpt_config, vlm_batch, vlm_pair
 from results import Run, target_row
 from timing import alternate
 
@@ -73,19 +73,6 @@ def matmul_peak(n: int, dtype: torch.dtype, device: torch.device, repeats: int =
     return 2 * n**3 / t / 1e9  # GFLOP/s
 
 
-def vlm_pair_mlp(vit_c: ViTConfig, gpt_c: GPTConfig, device: torch.device) -> dict[str, nn.Module]:
-    """Ours (MLP adapter, CLS kept) and the composed transformers model with the same weights."""
-    import transformers
-
-    torch.manual_seed(0)
-    hf_vit = transformers.ViTModel(hf_vit_config(vit_c), add_pooling_layer=False)
-    hf_gpt = transformers.GPT2LMHeadModel(hf_gpt_config(gpt_c))
-    ours = VLM.from_parts(ViT.from_hf(hf_vit), GPT.from_hf(hf_gpt), AdapterConfig(projection="mlp", keep_cls=True))
-    proj = nn.Sequential(nn.Linear(vit_c.n_embd, gpt_c.n_embd), nn.GELU(), nn.Linear(gpt_c.n_embd, gpt_c.n_embd))
-    proj.load_state_dict(ours.adapter.proj.state_dict())
-    return {"mmfusion": ours.to(device), "transformers": ComposedVLM(hf_vit, proj, hf_gpt, keep_cls=True).to(device)}
-
-
 def train_step(model: nn.Module, side: str, batch: dict, device: torch.device) -> Callable[[], None]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     model.train()
@@ -112,7 +99,8 @@ def peak_memory_gib(step: Callable[[], None], device: torch.device) -> float | N
 
 
 def bench_gpu_vlm(run: Run, s: GPUShapes, device: torch.device, peak_bf16: float) -> None:
-    models = vlm_pair_mlp(s.vit, s.gpt, device)
+    pair = vlm_pair(s.vit, s.gpt, adapter=AdapterConfig(projection="mlp", keep_cls=True))
+    models = {side: m.to(device) for side, m in pair.items()}
     batch = vlm_batch(s.vit, s.gpt, s.batch, s.text, s.answer, image_tokens=s.vit.num_patches + 1)
     batch = {k: v.to(device) for k, v in batch.items()}
     case = f"ViT {s.vit.n_layer}L/{s.vit.n_embd} @{s.vit.image_size} + MLP + GPT-2 {s.gpt.n_layer}L/{s.gpt.n_embd}"

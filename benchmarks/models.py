@@ -4,6 +4,7 @@ the step each side times (a training step, or greedy decoding with a clock on ev
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -132,18 +133,18 @@ def vlm_configs(s: Shapes, depth: int | None = None) -> tuple[ViTConfig, GPTConf
     return vit, gpt
 
 
-def vlm_pair(vit_c: ViTConfig, gpt_c: GPTConfig, seed: int = 0) -> dict[str, nn.Module]:
+def vlm_pair(vit_c: ViTConfig, gpt_c: GPTConfig, seed: int = 0,
+             adapter: AdapterConfig = AdapterConfig(projection="linear")) -> dict[str, nn.Module]:
+    """Ours with `adapter` (no token merging) and the composed transformers model with the same
+    weights: the same ViT and GPT-2, and a copy of our projection (Linear, or Linear-GELU-Linear)."""
     import transformers  # lazily: mmfusion's memory children never load it
 
     torch.manual_seed(seed)
     hf_vit = transformers.ViTModel(hf_vit_config(vit_c), add_pooling_layer=False)
     hf_gpt = transformers.GPT2LMHeadModel(hf_gpt_config(gpt_c))
-    proj = nn.Linear(vit_c.n_embd, gpt_c.n_embd)
-    ours = VLM.from_parts(ViT.from_hf(hf_vit), GPT.from_hf(hf_gpt), AdapterConfig(projection="linear"))
-    with torch.no_grad():
-        ours.adapter.proj[0].weight.copy_(proj.weight)
-        ours.adapter.proj[0].bias.copy_(proj.bias)
-    return {"mmfusion": ours, "transformers": ComposedVLM(hf_vit, proj, hf_gpt)}
+    ours = VLM.from_parts(ViT.from_hf(hf_vit), GPT.from_hf(hf_gpt), adapter)
+    proj = copy.deepcopy(ours.adapter.proj)
+    return {"mmfusion": ours, "transformers": ComposedVLM(hf_vit, proj, hf_gpt, keep_cls=adapter.keep_cls)}
 
 
 def vlm_batch(vit_c: ViTConfig, gpt_c: GPTConfig, batch: int, text: int, answer: int, image_tokens: int | None = None,

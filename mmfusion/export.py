@@ -27,6 +27,7 @@ from .convert import clip_vision_table, gpt2_table, vit_table
 from .errors import ConversionError
 from .gpt import GPT
 from .vit import ViT
+from .vlm import VLM
 from .weights import atomic_write, check_writable, unique_state_dict
 
 # our activation -> transformers' name for the same function
@@ -238,8 +239,6 @@ def export(model, folder: str | Path, source: str | None = None) -> list[str]:
     """Write `model` (a VLM, GPT or ViT) as transformers folders under `folder`; returns notes on
     what was left out. A VLM gives folder/gpt2, folder/vit, folder/adapter, folder/README.md and,
     where LLaVA can represent it, folder/llava (model and processor)."""
-    from .vlm import VLM
-
     folder = Path(folder)
     check_writable(folder, "--output", folder=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -323,20 +322,7 @@ def _vit_to_hf_method(vit: ViT):
     return vit_to_hf(vit)[0]
 
 
-def _vlm_to_llava_method(vlm):
-    """This VLM as transformers' LlavaForConditionalGeneration, where LLaVA can represent it."""
-    return vlm_to_llava(vlm)
-
-
 # `GPT.to_hf()`, `ViT.to_hf()`, `VLM.to_hf()`, as convert.py attaches `from_hf`.
 GPT.to_hf = gpt_to_hf
 ViT.to_hf = _vit_to_hf_method
-
-
-def _attach_vlm() -> None:
-    from .vlm import VLM
-
-    VLM.to_hf = _vlm_to_llava_method
-
-
-_attach_vlm()
+VLM.to_hf = vlm_to_llava

@@ -188,11 +188,15 @@ def set_trainable_parts(model: VLM, stage: VQAStageConfig) -> None:
             p.requires_grad_(".lora_" in name)
 
 
+def groups_of(parts: list[torch.nn.Module], lr: float, weight_decay: float) -> list[dict]:
+    """param_groups over several modules (e.g. a VLM's connector: the adapter and cross blocks)."""
+    return [g for part in parts for g in param_groups(part.named_parameters(), lr, weight_decay)]
+
+
 def optimizer_for(model: VLM, stage: VQAStageConfig, run: RunConfig) -> torch.optim.Optimizer:
     groups = []
     for parts, lr in (([model.vit], stage.lr_vit), (model.connector(), stage.lr_adapter), ([model.gpt], stage.lr_gpt)):
-        for part in parts:
-            groups += param_groups(part.named_parameters(), lr or run.lr, run.weight_decay)
+        groups += groups_of(parts, lr or run.lr, run.weight_decay)
     return adamw(groups, run)
 
 
@@ -256,8 +260,7 @@ def align(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, model: VLM, ca
         accelerator.print(f"alignment: loaded the finished phase from {align_dir / 'model'}")
         return model
     set_trainable(model, vit=False, adapter=True, gpt=False)
-    optimizer = adamw([g for part in model.connector() for g in param_groups(
-        part.named_parameters(), stage.lr_adapter or run_cfg.lr, run_cfg.weight_decay)], run_cfg)
+    optimizer = adamw(groups_of(model.connector(), stage.lr_adapter or run_cfg.lr, run_cfg.weight_decay), run_cfg)
     phase = replace(run_cfg, output_dir=str(align_dir), epochs=stage.align_epochs, max_steps=0, eval_every=0,
                     resume=run_cfg.resume if (inside or run_cfg.resume == "latest") else None)
     accelerator.print(f"alignment: adapter only, {stage.align_epochs} epochs on {len(captions)} captions")
