@@ -7,18 +7,25 @@ shape, trained on the same data with the same loop, optimizer, schedule and seed
     python benchmarks/vit_learning.py --write-digits-folder digits/  # for mmfusion pretrain-vit --dataset digits/
 
 Prints test accuracy after every epoch (mean over --seeds) and writes them as JSON (--out).
-`ours+X` applies an old choice of mmfusion's init to the current model, one at a time, so each
+`ours` is a fresh mmfusion ViT as `ViT(config)` builds it; `ours+X` changes one thing, so each
 difference can be measured alone (docs/experiments.md has the results):
-    zero-head         the classifier starts at zero (uniform logits)
-    scaled-residual   GPT-2's 1/sqrt(2L) init of the residual projections
-    sincos-pos        the position table starts as 0.1 x a 2D sin-cos table
+    normal-attention  transformers' N(0, 0.02) attention weights instead of the mimetic start
+                      (ViTConfig.attention_init="normal": with it, ours starts exactly as transformers')
+    zero-head         the classifier starts at zero (uniform logits)              } choices of the
+    scaled-residual   GPT-2's 1/sqrt(2L) init of the residual projections         } init before
+    sincos-pos        the position table starts as 0.1 x a 2D sin-cos table       } 2026-11-30
+    mean-pool         the classifier reads the mean of the patch tokens, not CLS (ViTConfig.pool)
+    mimetic-svd       the mimetic targets factored per head by SVD (the paper's best rank-D
+                      approximation) instead of mmfusion.layers.mimetic_init_'s random subspaces
 
 Datasets (nothing is downloaded): `digits`, scikit-learn's 1,797 8x8 grayscale digits at their
 native size (patch 2; a fixed 75/25 split, seed 1234); `easy-vqa`, the 24 shape x colour classes
-of the embedded default at 64x64 (patch 8, as the main job's stage 1); `synthetic`, ten noisy
+of the embedded default at 64x64 (patch 8, as the main job's stage 1); `scenes`, the captions
+job's stage 1 (64x64, patch 8, one label per cell of the 2x2 grid; transformers' ViTModel gets
+the same per-cell head, an image counts as right when all four cells are); `synthetic`, ten noisy
 8x8 patterns (the CI regression test's task).
 The loop: AdamW (betas 0.9/0.99, weight decay on weight matrices only), linear warmup then
-cosine to 5%, gradient clipping 1.0; random flips and shifts (easy-vqa) drawn from the seed, and
+cosine to 5%, gradient clipping 1.0; random flips (easy-vqa, scenes) and shifts (easy-vqa) drawn from the seed, and
 pretrain-vit's --crop-area / --mixup / --cutmix / --label-smoothing / --ema when given, for both models.
 """
 
@@ -42,8 +49,30 @@ from mmfusion.layers import scale_residual_projections
 from mmfusion.training import augment as aug
 from mmfusion.training.loop import WeightEMA
 
-VARIANT_CHANGES = ("zero-head", "scaled-residual", "sincos-pos")
+VARIANT_CHANGES = ("normal-attention", "zero-head", "scaled-residual", "sincos-pos", "mean-pool", "mimetic-svd")
 POS_INIT_SCALE = 0.1  # the old sin-cos start's scale
+
+
+def mimetic_(attn: nn.Module, n_head: int, gen: torch.Generator, qk: tuple[float, float] = (0.7, 0.7),
+             vo: tuple[float, float] = (0.4, 0.4)) -> None:
+    """Set one Attention's q/k/v/proj weights so each head's x W_q^T W_k x'^T starts near
+    a x (Z x') + b x . x' (attend to similar tokens) and the value-output map near a Z - b I."""
+    C = attn.proj.weight.shape[0]
+    d = C // n_head
+    w = attn.qkv.weight  # (3C, C): q heads, k heads, v heads; y = x @ w.T
+    for h in range(n_head):
+        a, b = qk
+        M = a * torch.randn(C, C, generator=gen) / C**0.5 + b * torch.eye(C)
+        U, S, Vh = torch.linalg.svd(M)
+        root = S[:d].sqrt()
+        w[h * d:(h + 1) * d] = (U[:, :d] * root).T  # W_q,h (d, C) so that W_q,h^T W_k,h ~ M
+        w[C + h * d:C + (h + 1) * d] = (Vh[:d].T * root).T  # W_k,h
+    a, b = vo
+    M = a * torch.randn(C, C, generator=gen) / C**0.5 - b * torch.eye(C)
+    U, S, Vh = torch.linalg.svd(M)
+    root = S.sqrt()
+    w[2 * C:] = (U * root).T  # W_v (C, C): x W_v^T W_o^T ~ x M
+    attn.proj.weight.copy_((root[:, None] * Vh).T)  # W_o
 
 
 def sincos_positions(dim: int, grid: int) -> torch.Tensor:
@@ -66,7 +95,9 @@ class Task:
     test: tuple[torch.Tensor, torch.Tensor]
     num_classes: int
     patch_size: int
-    shift: int  # augmentation: flips and shifts by up to this many pixels (0: no augmentation)
+    shift: int  # augmentation: shifts by up to this many pixels (0: none)
+    flip: bool = False  # augmentation: random horizontal flips
+    label_grid: int = 1  # g > 1: labels (N, g*g), one per cell of a g x g grid (scenes)
 
 
 def digits_task() -> Task:
@@ -110,7 +141,22 @@ def easy_vqa_task() -> Task:
         return torch.stack([processor.to_tensor(im) for im in ds["image"]]), torch.tensor(ds["label"])
 
     names = load_classification("easy-vqa", "train")[0].features["label"].names
-    return Task("easy-vqa", tensors("train"), tensors("test"), len(names), 8, 4)
+    return Task("easy-vqa", tensors("train"), tensors("test"), len(names), 8, 4, flip=True)
+
+
+def scenes_task() -> Task:
+    """The captions job's stage 1: 64x64 scenes, patch 8, one label per cell of the 2x2 grid,
+    flips (labels mirrored with the image) and no shift, as `mmfusion captions` trains it."""
+    from mmfusion.data.scenes import CELL_CLASSES, load_scenes_cells
+    from mmfusion.processing import ImageProcessor
+
+    processor = ImageProcessor(64, (0.5,) * 3, (0.5,) * 3)
+
+    def tensors(split: str):
+        ds = load_scenes_cells(split)
+        return torch.stack([processor.to_tensor(im) for im in ds["image"]]), torch.tensor(ds["label"])
+
+    return Task("scenes", tensors("train"), tensors("test"), len(CELL_CLASSES), 8, 0, flip=True, label_grid=2)
 
 
 def synthetic_task(train_size: int = 600, test_size: int = 300, noise: float = 0.8) -> Task:
@@ -126,7 +172,27 @@ def synthetic_task(train_size: int = 600, test_size: int = 300, noise: float = 0
     return Task("synthetic", draw(train_size), draw(test_size), 10, 2, 0)
 
 
-TASKS: dict[str, Callable[[], Task]] = {"digits": digits_task, "easy-vqa": easy_vqa_task, "synthetic": synthetic_task}
+TASKS: dict[str, Callable[[], Task]] = {"digits": digits_task, "easy-vqa": easy_vqa_task, "scenes": scenes_task,
+                                        "synthetic": synthetic_task}
+
+
+class CellHead(nn.Module):
+    """transformers' ViTModel with a per-cell classifier, as `ViTConfig.label_grid` builds ours:
+    the linear head reads the mean of each cell's final patch tokens (transformers' init: N(0, 0.02))."""
+
+    def __init__(self, backbone: nn.Module, width: int, num_classes: int, grid: int, label_grid: int) -> None:
+        super().__init__()
+        self.backbone, self.grid, self.label_grid = backbone, grid, label_grid
+        self.head = nn.Linear(width, num_classes)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(pixel_values=pixel_values).last_hidden_state[:, 1:]  # (B, N, C)
+        g, G = self.label_grid, self.grid
+        B, _, C = hidden.shape
+        cells = hidden.view(B, g, G // g, g, G // g, C).mean(dim=(2, 4)).reshape(B, g * g, C)
+        return self.head(cells)  # (B, g*g, classes)
 
 
 def build(variant: str, task: Task, width: int, layers: int, heads: int, seed: int) -> tuple[nn.Module, Callable]:
@@ -135,25 +201,36 @@ def build(variant: str, task: Task, width: int, layers: int, heads: int, seed: i
     torch.manual_seed(seed)
     if variant == "transformers":
         from transformers import ViTConfig as HFViTConfig
-        from transformers import ViTForImageClassification
+        from transformers import ViTForImageClassification, ViTModel
 
-        hf = ViTForImageClassification(HFViTConfig(
+        hf_config = HFViTConfig(
             image_size=x.shape[-1], patch_size=task.patch_size, num_channels=x.shape[1], hidden_size=width,
             num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * width,
-            num_labels=task.num_classes, layer_norm_eps=1e-6))
+            num_labels=task.num_classes, layer_norm_eps=1e-6)
+        if task.label_grid > 1:
+            grid = x.shape[-1] // task.patch_size
+            return CellHead(ViTModel(hf_config, add_pooling_layer=False), width, task.num_classes, grid,
+                            task.label_grid), lambda m, px: m(px)
+        hf = ViTForImageClassification(hf_config)
         return hf, lambda m, px: m(pixel_values=px).logits
     name, *changes = variant.split("+")
     if name != "ours" or set(changes) - set(VARIANT_CHANGES):
         raise SystemExit(f"unknown variant {variant!r}: transformers, or ours[+{'|+'.join(VARIANT_CHANGES)}]")
     config = ViTConfig(image_size=x.shape[-1], patch_size=task.patch_size, num_channels=x.shape[1], n_layer=layers,
                        n_head=heads, n_embd=width, num_classes=task.num_classes, layer_norm_eps=1e-6,
-                       image_mean=(0.5,) * x.shape[1], image_std=(0.5,) * x.shape[1])
+                       image_mean=(0.5,) * x.shape[1], image_std=(0.5,) * x.shape[1],
+                       pool="mean" if "mean-pool" in changes else "cls", label_grid=task.label_grid,
+                       attention_init="normal" if "normal-attention" in changes else "mimetic")
     vit = ViT(config)
     with torch.no_grad():
         if "zero-head" in changes:
             vit.head.weight.zero_()
         if "scaled-residual" in changes:
             scale_residual_projections(vit.blocks, layers)
+        if "mimetic-svd" in changes:
+            gen = torch.Generator().manual_seed(seed)
+            for block in vit.blocks:
+                mimetic_(block.attn, heads, gen)
         if "sincos-pos" in changes:
             vit.pos_embed.copy_(sincos_positions(width, config.grid_size) * POS_INIT_SCALE)
     return vit, lambda m, px: m(px)
@@ -164,9 +241,13 @@ def augment(x: torch.Tensor, y: torch.Tensor, task: Task, args: argparse.Namespa
     """The same augmentation for both models: flips and shifts by up to `task.shift` pixels (edges
     replicated), then the stage's optional TrivialAugment, crops and mixing (mmfusion.training.augment), the
     partner image drawn from the whole training set, as `mmfusion pretrain-vit` does."""
-    if task.shift:
+    if task.flip:
         flip = torch.rand(len(x), generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if task.label_grid > 1:  # the cells' columns swap with the image's
+            g = task.label_grid
+            y = torch.where(flip[:, None], y.view(-1, g, g).flip(-1).reshape(len(y), -1), y)
+    if task.shift:
         dy, dx = torch.randint(0, 2 * task.shift + 1, (2, len(x)), generator=gen)
         padded = F.pad(x, (task.shift,) * 4, mode="replicate")
         H, W = x.shape[-2:]
@@ -213,7 +294,10 @@ def train(variant: str, task: Task, args: argparse.Namespace, seed: int) -> dict
         for i in range(per_epoch):
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
             images, target = augment(x[idx], y[idx], task, args, gen)
-            loss = F.cross_entropy(forward(model, images), target, label_smoothing=args.label_smoothing)
+            logits = forward(model, images)  # (B, classes) or per cell (B, g*g, classes)
+            if task.label_grid > 1:
+                logits, target = logits.flatten(0, 1), target.flatten()
+            loss = F.cross_entropy(logits, target, label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -228,7 +312,8 @@ def train(variant: str, task: Task, args: argparse.Namespace, seed: int) -> dict
         judged.eval()
         with torch.no_grad():
             pred = torch.cat([forward(judged, xt[i:i + 500]).argmax(-1) for i in range(0, len(xt), 500)])
-        accuracy.append((pred == yt).float().mean().item())
+        right = pred == yt  # (N,) or per cell (N, g*g): an image counts when every cell is right
+        accuracy.append((right.all(-1) if right.ndim > 1 else right).float().mean().item())
     return {"accuracy": accuracy, "last_loss": loss.item(), "seconds": time.perf_counter() - start}
 
 
@@ -263,6 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     torch.set_num_threads(args.threads)
     task = TASKS[args.dataset]()
+    if task.label_grid > 1 and (args.trivial_augment or args.crop_area < 1 or args.mixup or args.cutmix):
+        raise SystemExit("per-cell labels (scenes): crops, TrivialAugment and mixing would move content across "
+                         "cells; pretrain-vit refuses them too")
     results = {}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         runs = [train(variant, task, args, seed) for seed in range(args.seeds)]

@@ -93,8 +93,9 @@ def vit_to_hf(vit: ViT) -> tuple[torch.nn.Module, list[str]]:
     ours = unique_state_dict(vit)
     notes = []
     head = c.num_classes > 0
-    if head and (c.label_grid > 1 or _vit_family(c) == "clip"):
-        notes.append(f"the {'per-cell ' if c.label_grid > 1 else ''}classifier head ({c.num_classes} classes) has no "
+    if head and (c.label_grid > 1 or c.pool == "mean" or _vit_family(c) == "clip"):
+        kind = "per-cell " if c.label_grid > 1 else "mean-pooled " if c.pool == "mean" else ""
+        notes.append(f"the {kind}classifier head ({c.num_classes} classes) has no "
                      "transformers class: the backbone is exported without it")
         head = False
         ours = {k: v for k, v in ours.items() if not k.startswith("head.")}

@@ -203,3 +203,35 @@ def scale_residual_projections(blocks: nn.ModuleList, n_layer: int, std: float =
     for block in blocks:
         for proj in (block.attn.proj, block.mlp.proj):
             nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * n_layer))
+
+
+
+def _mimetic_pair(C: int, D: int, a: float, b: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B), each (D, C), with A^T B distributed as Q Q^T (a Z + b I): the target a Z + b I
+    (Z ~ N(0, 1/C)) seen through a random D-dimensional subspace with orthonormal basis Q. Since
+    Q^T Z is again Gaussian, no C x C matrix is drawn or factored; A and B get equal norms."""
+    Q = torch.linalg.qr(torch.randn(C, D)).Q  # (C, D)
+    right = a * torch.randn(D, C) / C**0.5 + b * Q.T  # Q^T (a Z + b I)
+    s = (right.norm() / D**0.5).sqrt().clamp_min(1e-6)
+    return s * Q.T, right / s
+
+
+@torch.no_grad()
+def mimetic_init_(attn: Attention, qk: tuple[float, float] = (0.7, 0.7), vo: tuple[float, float] = (0.4, 0.4)) -> None:
+    """Mimetic attention init (Trockman & Kolter, 2023): weights whose products look like those of
+    trained attention layers. Each head's W_q^T W_k starts near a Z + b I (Z ~ N(0, 1/C)) seen
+    through a random D-dimensional subspace, so tokens attend to similar tokens (themselves
+    first), and its W_v^T W_o^T near a Z - b I the same way (the heads' sum is a Z - b I in
+    expectation). Random subspaces instead of the paper's per-head SVD: C^3 per head is seconds
+    at ViT-B width, this is C * D^2. Draws from torch's global generator."""
+    C = attn.proj.weight.shape[0]
+    H, D = attn.n_head, attn.head_dim
+    w, proj = attn.qkv.weight, attn.proj.weight  # (3C, C): q, k, v heads of D rows each; y = x @ w.T
+    for h in range(H):
+        rows = slice(h * D, (h + 1) * D)
+        q, k = _mimetic_pair(C, D, *qk)
+        v, o = _mimetic_pair(C, D, vo[0], -vo[1])
+        w[rows] = q.to(w)
+        w[C + h * D:C + (h + 1) * D] = k.to(w)
+        w[2 * C + h * D:2 * C + (h + 1) * D] = v.to(w)
+        proj[:, rows] = o.T.to(proj)  # head h's output columns: x W_v,h^T W_o,h^T = x A^T B

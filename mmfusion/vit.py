@@ -1,7 +1,8 @@
 """Vision Transformer: the GPT block made bidirectional.
 
 pixel_values (B, 3, H, W) -> conv patch embedding -> (B, N, C) -> prepend CLS -> (B, N+1, C)
--> + learned positions -> L bidirectional blocks -> LayerNorm -> head(CLS) -> (B, num_classes),
+-> + learned positions -> L bidirectional blocks -> LayerNorm -> head(CLS or mean of patches)
+-> (B, num_classes),
 or with `label_grid` g > 1: head(mean of each cell's patches) -> (B, g*g, num_classes).
 
 Notation: B batch, N patches, C width, P patch size, G grid side (N = G * G).
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import ViTConfig
-from .layers import Block, init_linear_and_norm
+from .layers import Block, init_linear_and_norm, mimetic_init_
 from .weights import PretrainedMixin
 
 
@@ -45,12 +46,17 @@ class ViT(PretrainedMixin, nn.Module):
     def _init_weights(self) -> None:
         """transformers' ViT init: Normal(0, 0.02) for every linear and conv weight, the
         classifier included, zero biases, unit LayerNorms, truncated normal 0.02 for the CLS
-        token and the position table. Measured one difference at a time against it
-        (benchmarks/vit_learning.py, docs/experiments.md): a zero classifier, GPT-2's
-        1/sqrt(2L) residual scaling and a sin-cos position start each slowed learning."""
+        token and the position table; then, with `attention_init="mimetic"`, the attention
+        weights start like trained ones (mmfusion.layers.mimetic_init_). Measured one difference
+        at a time (benchmarks/vit_learning.py, docs/experiments.md): a zero classifier, GPT-2's
+        1/sqrt(2L) residual scaling and a sin-cos position start each slowed learning; the
+        mimetic start sped it up."""
         self.apply(init_linear_and_norm)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.config.attention_init == "mimetic":
+            for block in self.blocks:
+                mimetic_init_(block.attn)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N+1, C): patches, CLS first, positions added."""
@@ -83,9 +89,9 @@ class ViT(PretrainedMixin, nn.Module):
         return (x, tuple(states)) if output_hidden_states else x
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The CLS token's final representation (B, C)."""
-        cls = hidden[:, 0]
-        return self.norm(cls) if self.config.final_norm == "cls" else cls
+        """What the classifier reads (B, C): the CLS token, or the mean of the patch tokens (`pool`)."""
+        pooled = hidden[:, 1:].mean(dim=1) if self.config.pool == "mean" else hidden[:, 0]
+        return self.norm(pooled) if self.config.final_norm == "cls" else pooled
 
     def pool_cells(self, hidden: torch.Tensor) -> torch.Tensor:
         """Mean of the patch tokens in each cell of the label grid, in reading order: (B, g*g, C)."""

@@ -31,6 +31,7 @@ API = {
     "vit_negative_dropout": (lambda: ViTConfig(dropout=-0.1), "dropout must be in [0, 1)"),
     "vit_mean_wrong_length": (lambda: ViTConfig(image_mean=(0.5, 0.5)), "one value per channel"),
     "vit_unknown_final_norm": (lambda: ViTConfig(final_norm="none"), "final_norm must be 'all' or 'cls'"),
+    "vit_unknown_pool": (lambda: ViTConfig(pool="max"), "pool must be 'cls' or 'mean'"),
     "gpt_huge_context": (lambda: GPTConfig(block_size=10**12), "GPTConfig would hold about 7.68e+14 parameters"),
     "gpt_huge_width": (lambda: GPTConfig(n_embd=2**20, n_head=2**10), "check these sizes"),
     "vit_huge_image": (lambda: ViTConfig(image_size=16 * 10**6), "ViTConfig would hold about 7.68e+14 parameters"),

@@ -69,6 +69,11 @@ def test_exported_vit_classifier_backbone_and_clip_give_our_outputs():
     cells = randomized(ViT(ViTConfig(**VIT, num_classes=4, label_grid=2)), 4)
     hf, notes = vit_to_hf(cells)
     assert type(hf).__name__ == "ViTModel" and "per-cell classifier head (4 classes)" in notes[0]
+    pooled = randomized(ViT(ViTConfig(**VIT, num_classes=3, pool="mean")), 5)
+    hf, notes = vit_to_hf(pooled)
+    assert type(hf).__name__ == "ViTModel" and "mean-pooled classifier head (3 classes)" in notes[0]
+    with torch.no_grad():
+        assert (hf(x).last_hidden_state - pooled.forward_features(x)).abs().max() <= ATOL
 
 
 def test_mmfusion_export_writes_parts_transformers_load(tmp_path, capsys):

@@ -375,6 +375,46 @@ def test_vit_init_is_transformers_vit_init():
             assert 0.017 < q.std().item() < 0.023, name
 
 
+def test_mimetic_attention_init_starts_like_trained_attention():
+    """Fresh ViTs start with each head's W_q^T W_k near a Z + 0.7 I on its subspace (attend to
+    similar tokens) and W_v^T W_o^T near a Z - 0.4 I; "normal" is transformers' N(0, 0.02)."""
+    torch.manual_seed(0)
+    c = ViTConfig(image_size=32, patch_size=8, n_layer=2, n_head=4, n_embd=64, num_classes=3)
+    assert c.attention_init == "mimetic"
+    C, D = 64, 16
+    for block in ViT(c).blocks:
+        w, proj = block.attn.qkv.weight, block.attn.proj.weight
+        for h in range(4):
+            qk = w[h * D:(h + 1) * D].T @ w[C + h * D:C + (h + 1) * D]  # (C, C), rank D
+            assert 0.7 * D / C * 0.7 < qk.trace() / C < 0.7 * D / C * 1.3  # 0.7 I through a D-dim subspace
+        vo = w[2 * C:].T @ proj.T  # x -> x W_v^T W_o^T, all heads
+        assert -0.4 * 1.2 < vo.trace() / C < -0.4 * 0.8
+        assert (vo + 0.4 * torch.eye(C)).std() < 0.1  # the rest: 0.4 Z, entries ~ N(0, 0.4^2 / C)
+    normal = ViT(c.replace(attention_init="normal"))
+    for block in normal.blocks:
+        for weight in (block.attn.qkv.weight, block.attn.proj.weight):
+            assert 0.017 < weight.std() < 0.023 and abs(weight.mean()) < 0.002
+
+
+@pytest.mark.parametrize("final_norm", ["all", "cls"])
+def test_mean_pool_classifies_the_mean_of_the_patch_tokens(final_norm, tmp_path):
+    torch.manual_seed(0)
+    vit = randomized(ViT(ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=16, num_classes=5,
+                                   pool="mean", final_norm=final_norm))).eval()
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        hidden = vit.forward_features(pixels)
+        pooled = hidden[:, 1:].mean(dim=1)
+        expected = vit.head(vit.norm(pooled) if final_norm == "cls" else pooled)
+        torch.testing.assert_close(vit(pixels), expected)
+        cls_only = vit.head(vit.norm(hidden[:, 0]) if final_norm == "cls" else hidden[:, 0])
+        assert (vit(pixels) - cls_only).abs().max() > 1e-3  # the CLS token is not what it reads
+    vit.save_pretrained(tmp_path / "v")
+    again = ViT.from_pretrained(tmp_path / "v")
+    assert again.config.pool == "mean"
+    torch.testing.assert_close(again(pixels), vit(pixels))
+
+
 @pytest.mark.parametrize("keep_cls", [False, True])
 def test_image_position_embedding_tells_identical_tokens_apart(keep_cls, tmp_path):
     torch.manual_seed(0)

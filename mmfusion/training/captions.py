@@ -35,7 +35,10 @@ from .setup import RunConfig
 # records (stage-1 learning rate, the GPT's init scale, pixel shuffle and image positions) are in
 # docs/experiments.md. The GPT is fresh, so there is no pretrained GPT for an adapter-only
 # alignment phase to align to; --align-epochs is there for pretrained parts.
-VIT_STAGE = pretrain_vit.ViTStageConfig(dataset="scenes")
+# transformers' attention init: on the scenes' per-cell labels the mimetic start learned no faster
+# (docs/experiments.md, 2026-11-30 mimetic attention init), and this is the ViT the job was measured with.
+VIT_STAGE = pretrain_vit.ViTStageConfig(dataset="scenes",
+                                        vit=pretrain_vit.ViTStageConfig().vit.replace(attention_init="normal"))
 VIT_DEFAULTS = RunConfig(output_dir="runs/captions/vit", epochs=13, batch_size=64, lr=8e-3, warmup_steps=100,
                          weight_decay=0.05)
 STAGE = train_vqa.VQAStageConfig(dataset="scenes", task="both",
