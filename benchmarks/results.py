@@ -33,6 +33,14 @@ class Run:
     machine: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     train_rates: dict = field(default_factory=dict)  # (case, dtype) -> our images/s, for the data section
+    slow_bf16: bool | None = None  # None: decided by bf16_is_slow from this run's matmul peaks
+
+    def bf16_is_slow(self) -> bool:
+        """Whether bf16 matmuls run slower than fp32 here (CPUs without AVX512-BF16/AMX, ~200x):
+        the bf16 rows then run capped shapes and repeats, noted in each row."""
+        if self.slow_bf16 is None:
+            self.slow_bf16 = self.machine["bf16_peak"] < self.machine["fp32_peak"]
+        return self.slow_bf16
 
     def add(self, *args, **kwargs) -> Row:
         row = Row(*args, **kwargs)

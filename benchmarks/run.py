@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="cpu: the CPU sections; cuda: the GPU section (gpu.py); auto: cuda where CUDA is present. "
                         "--smoke runs every section, the GPU one on tiny shapes on the CPU")
+    p.add_argument("--bf16-caps", default="auto", choices=["auto", "on", "off"],
+                   help="smaller bf16 cases where bf16 matmuls are slow: auto decides from this run's matmul peaks "
+                        "(on where bf16 is slower than fp32, as on AVX2-only CPUs)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     only = [x.strip() for x in args.only.split(",") if x.strip()]
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> Run:
     print(f"{info['cpu']} x{info['cores']}, torch {info['torch']}, transformers {info['transformers']}, "
           f"load {load[0]:.2f}", flush=True)
     s = shapes(args.smoke)
-    run = Run(smoke=args.smoke)
+    run = Run(smoke=args.smoke, slow_bf16={"auto": None, "on": True, "off": False}[args.bf16_caps])
     t0 = time.perf_counter()
     for name in chosen:
         if name == "gpu":

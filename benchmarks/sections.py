@@ -58,13 +58,14 @@ def bench_vit(run: Run, s: Shapes) -> None:
     for name, c, batch_fp32, batch_bf16, reps_bf16 in s.vit:
         models = vit_pair(c)
         for dtype in ("fp32", "bf16"):
-            batch = batch_fp32 if dtype == "fp32" else batch_bf16
+            # bf16 matmuls run at ~1 GFLOP/s on CPUs without AVX512-BF16/AMX, so there the bf16
+            # cases take a smaller batch, and the big one a single step per side without warm-up.
+            slow = dtype == "bf16" and run.bf16_is_slow()
+            batch = batch_bf16 if slow else batch_fp32
             print(f"vit train: {name} {dtype} batch {batch}", flush=True)
             steps = {k: vit_step(m, k, batch, c, dtype) for k, m in models.items()}
-            # bf16 matmuls run at ~1 GFLOP/s on CPUs without AVX512-BF16/AMX, so the big bf16
-            # case takes one untimed-warm-up-free step per side (noted in RESULTS.md).
-            big_bf16 = dtype == "bf16" and reps_bf16 == 1 and not run.smoke
-            times = alternate(steps, reps_bf16 if dtype == "bf16" else s.repeats, warmup=0 if big_bf16 else 1)
+            big_bf16 = slow and reps_bf16 == 1 and not run.smoke
+            times = alternate(steps, reps_bf16 if slow else s.repeats, warmup=0 if big_bf16 else 1)
             rates = {k: batch / t for k, t in times.items()}
             run.train_rates[(name, dtype)] = rates["mmfusion"]
             target = 1.0 if dtype == "fp32" else 1.25
@@ -123,7 +124,9 @@ def bench_decode(run: Run, s: Shapes) -> None:
 
 def bench_vlm(run: Run, s: Shapes) -> None:
     ensure_machine(run, s)
-    for dtype, depth in (("fp32", None), ("bf16", s.vlm_bf16_depth)):
+    for dtype in ("fp32", "bf16"):
+        capped = dtype == "bf16" and run.bf16_is_slow()  # towers cut to vlm_bf16_depth blocks, one step
+        depth = s.vlm_bf16_depth if capped else None
         vit_c, gpt_c = vlm_configs(s, depth)
         models = vlm_pair(vit_c, gpt_c)
         batch = vlm_batch(vit_c, gpt_c, s.vlm_batch, s.vlm_text, s.vlm_answer)
@@ -132,14 +135,15 @@ def bench_vlm(run: Run, s: Shapes) -> None:
         steps = {k: vlm_step(m, k, batch, dtype) for k, m in models.items()}
         with torch.no_grad():
             losses = {k: float(m(**batch).loss if k == "mmfusion" else m(**batch)) for k, m in models.items()}
-        capped = dtype == "bf16" and not run.smoke
-        times = alternate(steps, 1 if capped else s.repeats, warmup=0 if capped else 1)
+        single = capped and not run.smoke
+        times = alternate(steps, 1 if single else s.repeats, warmup=0 if single else 1)
         rates = {k: s.vlm_batch / t for k, t in times.items()}
         run.train_rates[("vlm", dtype)] = rates["mmfusion"]
         note = (f"batch {s.vlm_batch}, {vit_c.num_patches} image + {s.vlm_text} text tokens, {s.vlm_answer} "
                 f"supervised; same loss: {abs(losses['mmfusion'] - losses['transformers']):.1e} apart")
         if capped:
-            note += f"; depth capped to {depth}+{depth} blocks, 1 step per side, no warm-up (bf16 cap)"
+            note += f"; depth capped to {depth}+{depth} blocks" + (", 1 step per side, no warm-up" if single else "") \
+                + " (bf16 cap)"
         target_row(run, "vlm", case, dtype, "train samples/s (fwd+bwd+AdamW)", rates,
                    1.2 if dtype == "bf16" else None, note=note)
         flops = count_flops(lambda m=models["mmfusion"], b=batch: m(**b).loss)

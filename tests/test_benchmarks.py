@@ -103,6 +103,28 @@ def test_only_picks_benchmarks_and_rejects_unknown_names(tmp_path):
         bench.main(["--smoke", "--only", "nope", "--out", str(tmp_path / "r.md")])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("caps", ["on", "off"])
+def test_bf16_caps_follow_the_decision_either_way(caps, tmp_path):
+    """The capped bf16 cases run where bf16 is slow (AVX2-only CPUs); both branches run on any machine."""
+    bench = load_runner()
+    run = bench.main(["--smoke", "--only", "vit,vlm", "--bf16-caps", caps, "--out", str(tmp_path / "r.md")])
+    vit = {r.dtype: r for r in run.rows if r.section == "vit"}
+    vlm = {r.dtype: r for r in run.rows if r.section == "vlm"}
+    batch_fp32, batch_bf16 = (int(r.note.split()[1].rstrip(";")) for r in (vit["fp32"], vit["bf16"]))
+    if caps == "on":
+        assert batch_bf16 < batch_fp32 and "(bf16 cap)" in vlm["bf16"].note
+    else:
+        assert batch_bf16 == batch_fp32 and "cap" not in vlm["bf16"].note + vit["bf16"].note
+    assert "cap" not in vlm["fp32"].note
+
+
+def test_bf16_caps_auto_compares_the_measured_peaks():
+    Run = load_script("results").Run
+    assert Run(smoke=True, machine={"bf16_peak": 1.3, "fp32_peak": 50.0}).bf16_is_slow()  # AVX2-only, 2026-11-22
+    assert not Run(smoke=True, machine={"bf16_peak": 428.0, "fp32_peak": 197.0}).bf16_is_slow()  # AVX512-BF16
+
+
 def load_text_qa():
     return load_script("scenes_text_qa")
 
