@@ -43,14 +43,18 @@ def test_main_job_passes_its_precision_to_both_stages(tmp_path):
 
 
 def test_the_stage_commands_repeat_the_main_job():
-    """`mmfusion pretrain-vit` then `mmfusion train-vqa --vit OUT/vit/model` with the same seed and
-    folders train what `mmfusion main` trains (train-vqa dropped the CLS token the job keeps)."""
+    """`mmfusion pretrain-vit --attention-init normal` then `mmfusion train-vqa --vit OUT/vit/model`
+    with the same seed and folders train what `mmfusion main` trains."""
     from mmfusion.training import train_vqa
     from mmfusion.training.main import stage_configs
 
     vit_stage, vit_run, vqa_stage, vqa_run = stage_configs(parse(["--output-dir", "runs/m", "--seed", "3"]))
     precision = ["--mixed-precision", "auto"]
-    assert (vit_stage, vit_run) == pretrain_vit.parse(["--output-dir", "runs/m/vit", "--seed", "3", *precision])
+    assert (vit_stage, vit_run) == pretrain_vit.parse(["--output-dir", "runs/m/vit", "--seed", "3", *precision,
+                                                       "--attention-init", "normal"])
+    assert vit_stage.vit.attention_init == "normal"  # the start the recipe was measured with
+    mimetic = stage_configs(parse(["--vit-attention-init", "mimetic"]))[0]
+    assert mimetic == pretrain_vit.parse(["--output-dir", "runs/main/vit", "--mixed-precision", "auto"])[0]
     assert (vqa_stage, vqa_run) == train_vqa.parse(["--vit", "runs/m/vit/model", "--output-dir", "runs/m/vqa",
                                                     "--seed", "3", *precision])
     assert vqa_stage.adapter.keep_cls
