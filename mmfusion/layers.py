@@ -205,7 +205,6 @@ def scale_residual_projections(blocks: nn.ModuleList, n_layer: int, std: float =
             nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * n_layer))
 
 
-
 def _mimetic_pair(C: int, D: int, a: float, b: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B), each (D, C), with A^T B distributed as Q Q^T (a Z + b I): the target a Z + b I
     (Z ~ N(0, 1/C)) seen through a random D-dimensional subspace with orthonormal basis Q. Since

@@ -9,8 +9,9 @@ README's Results section has the measured accuracy and time per machine, precisi
 `--mixed-precision` sets both stages' precision (default auto: each stage times its own step).
 Any stage flag can be overridden: `--vit-epochs`, `--vqa-epochs`, `--vit-lr`, `--vqa-lr`, ...;
 Stage 1 starts the ViT's attention as transformers' ViT does (`--vit-attention-init normal`; the
-stage command's own default is the mimetic start). `--no-keep-cls` feeds stage 2 the patch tokens without the ViT's CLS token; `--gpt-init-std`
-sets the fresh GPT's init (gpt-tiny: 0.1; GPT-2's 0.02 learns the yes/no questions much later).
+stage command's own default is the mimetic start). `--no-keep-cls` feeds stage 2 the patch tokens
+without the ViT's CLS token; `--gpt-init-std` sets the fresh GPT's init (gpt-tiny: 0.1; GPT-2's
+0.02 learns the yes/no questions much later).
 """
 
 from __future__ import annotations
