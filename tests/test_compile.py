@@ -34,9 +34,16 @@ def files(folder):
 
 
 def close_weights(a: dict, b: dict, tol: float) -> None:
+    """Every tensor within tol, except the key bias: adding it shifts all of a query's logits
+    equally, so its gradient is zero up to rounding and AdamW turns that rounding noise into
+    lr-sized steps (1.7e-4 apart after 3 stage-1 steps with the mimetic init, q and v biases 1e-9)."""
     assert a.keys() == b.keys()  # no "_orig_mod." prefix: the plain module was saved
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=tol, atol=tol, msg=k)
+        x, y = a[k], b[k]
+        if k.endswith("attn.qkv.bias"):
+            C = x.numel() // 3
+            x, y = torch.cat([x[:C], x[2 * C:]]), torch.cat([y[:C], y[2 * C:]])
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol, msg=k)
 
 
 def test_stage2_compiled_trains_to_the_eager_weights(tmp_path):
