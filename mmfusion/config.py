@@ -18,6 +18,7 @@ from .errors import ConfigError
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 RESAMPLE_FILTERS = ("bicubic", "bilinear")
+ATTENTION_INITS = ("mimetic", "normal")  # how a fresh ViT's attention starts: mmfusion.layers.mimetic_init_, or N(0, 0.02)
 
 
 def _positive(cfg: Any, *names: str) -> None:
@@ -135,11 +136,11 @@ class ViTConfig(_JSONMixin):
     # patch tokens (global average pooling).
     pool: str = "cls"
     # How a fresh ViT's attention weights start: "mimetic" (mmfusion.layers.mimetic_init_, which
-    # learned faster on every dataset measured) or "normal" (transformers' N(0, 0.02)). Loaded
-    # weights replace either.
+    # learned faster than transformers' ViT on digits and easy-VQA, not on the scenes' per-cell
+    # labels) or "normal" (transformers' N(0, 0.02)). Loaded weights replace either.
     attention_init: str = field(default="mimetic", metadata={
         "help": "attention weights of a fresh ViT: mimetic (start like trained attention) or normal "
-                "(transformers' N(0, 0.02))", "choices": ["mimetic", "normal"]})
+                "(transformers' N(0, 0.02))", "choices": ATTENTION_INITS})
     # How images reach image_size x image_size, as the weights were trained: "square" resizes the
     # whole image (ViT's processor); "shortest_edge" resizes the short side to resize_size (None:
     # image_size) keeping the aspect ratio, then crops the centre (CLIP's). The resampling filter
@@ -179,7 +180,7 @@ class ViTConfig(_JSONMixin):
             raise ConfigError(f"ViTConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.final_norm not in ("all", "cls"):
             raise ConfigError(f"ViTConfig.final_norm must be 'all' or 'cls', got {self.final_norm!r}")
-        if self.attention_init not in ("mimetic", "normal"):
+        if self.attention_init not in ATTENTION_INITS:
             raise ConfigError(f"ViTConfig.attention_init must be 'mimetic' or 'normal', got {self.attention_init!r}")
         if self.pool not in ("cls", "mean"):
             raise ConfigError(f"ViTConfig.pool must be 'cls' or 'mean', got {self.pool!r}")

@@ -225,12 +225,10 @@ def mimetic_init_(attn: Attention, qk: tuple[float, float] = (0.7, 0.7), vo: tup
     at ViT-B width, this is C * D^2. Draws from torch's global generator."""
     C = attn.proj.weight.shape[0]
     H, D = attn.n_head, attn.head_dim
-    w, proj = attn.qkv.weight, attn.proj.weight  # (3C, C): q, k, v heads of D rows each; y = x @ w.T
+    qkv = attn.qkv.weight.view(3, H, D, C)  # q, k, v rows of each head; y = x @ weight.T
+    proj = attn.proj.weight.view(C, H, D)  # each head's output columns
     for h in range(H):
-        rows = slice(h * D, (h + 1) * D)
         q, k = _mimetic_pair(C, D, *qk)
         v, o = _mimetic_pair(C, D, vo[0], -vo[1])
-        w[rows] = q.to(w)
-        w[C + h * D:C + (h + 1) * D] = k.to(w)
-        w[2 * C + h * D:2 * C + (h + 1) * D] = v.to(w)
-        proj[:, rows] = o.T.to(proj)  # head h's output columns: x W_v,h^T W_o,h^T = x A^T B
+        qkv[0, h], qkv[1, h], qkv[2, h] = q, k, v
+        proj[:, h] = o.T  # x W_v,h^T W_o,h^T = x A^T B

@@ -37,8 +37,7 @@ from .setup import RunConfig
 # alignment phase to align to; --align-epochs is there for pretrained parts.
 # transformers' attention init: on the scenes' per-cell labels the mimetic start learned no faster
 # (docs/experiments.md, 2026-11-30 mimetic attention init), and this is the ViT the job was measured with.
-VIT_STAGE = pretrain_vit.ViTStageConfig(dataset="scenes",
-                                        vit=pretrain_vit.ViTStageConfig().vit.replace(attention_init="normal"))
+VIT_STAGE = pretrain_vit.ViTStageConfig(dataset="scenes", vit=pretrain_vit.DEFAULT_VIT.replace(attention_init="normal"))
 VIT_DEFAULTS = RunConfig(output_dir="runs/captions/vit", epochs=13, batch_size=64, lr=8e-3, warmup_steps=100,
                          weight_decay=0.05)
 STAGE = train_vqa.VQAStageConfig(dataset="scenes", task="both",

@@ -21,7 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import check_number
+from ..config import ATTENTION_INITS, check_number
 from ..evaluation import format_examples, format_vqa_table, read_jsonl
 from ..weights import check_writable
 from . import pretrain_vit, train_vqa
@@ -39,7 +39,7 @@ def parse(argv: list[str] | None):
     add("--vit-epochs", type=float, default=None, help=f"stage-1 epochs (default: {vit.epochs:g})")
     # The mimetic start reaches stage 1's target in 40 epochs, but stage 2 on those ViTs scored
     # under the VQA target (docs/experiments.md, 2026-11-30 main job with the mimetic init).
-    add("--vit-attention-init", default="normal", choices=["normal", "mimetic"],
+    add("--vit-attention-init", default="normal", choices=ATTENTION_INITS,
         help="how the fresh ViT's attention starts (default: %(default)s, the start the recipe was measured with)")
     add("--vqa-epochs", type=float, default=None, help=f"stage-2 epochs (default: {vqa.epochs:g})")
     add("--vit-max-steps", type=int, default=0, help="stage-1 step limit (default: 0, by epochs)")
@@ -90,8 +90,7 @@ def stage_configs(args) -> tuple:
     """(stage-1 config, its run, stage-2 config, its run): the stage commands' defaults, so
     `mmfusion pretrain-vit` then `mmfusion train-vqa --vit DIR/model` repeat this job (tested)."""
     out = Path(args.output_dir)
-    default_vit = pretrain_vit.ViTStageConfig()
-    vit_stage = replace(default_vit, vit=default_vit.vit.replace(attention_init=args.vit_attention_init))
+    vit_stage = pretrain_vit.ViTStageConfig(vit=pretrain_vit.DEFAULT_VIT.replace(attention_init=args.vit_attention_init))
     vit_run = stage_run(pretrain_vit.STAGE_DEFAULTS, args, out / "vit", args.vit_epochs, args.vit_max_steps, args.vit_lr)
     # The fresh gpt-tiny starts from std 0.1, its preset (docs/experiments.md: GPT init scale).
     default = train_vqa.VQAStageConfig()

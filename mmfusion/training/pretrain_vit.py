@@ -43,6 +43,7 @@ from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_g
 
 DEFAULT_SHIFT = 4  # pixels; see STAGE_DEFAULTS
 DEFAULT_PRESET = "vit-tiny"
+DEFAULT_VIT = vit_preset(DEFAULT_PRESET, num_classes=0)  # the classes come from the data
 
 
 # Named sets of the augmentation flags; a flag given on the command line still wins.
@@ -66,7 +67,7 @@ class ViTStageConfig:
     max_bad_fraction: float = field(default=0.01, metadata={"help": "stop if more rows than this are unusable"})
     init_from: str | None = field(default=None, metadata={
         "help": "start from a saved mmfusion ViT folder, or transformers ViT/CLIP weights (folder or hub id)"})
-    vit: ViTConfig = field(default=vit_preset(DEFAULT_PRESET, num_classes=0), metadata={
+    vit: ViTConfig = field(default=DEFAULT_VIT, metadata={
         "only": ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "dropout", "attention_init")})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips (turn off for text or asymmetric labels)"})
     shift: int | None = field(default=None, metadata={
