@@ -119,6 +119,8 @@ VQA_FLAGS = {
     "negative_part_lr": (["--lr-gpt", "-0.1"], "--lr-gpt must be positive"),
     "everything_frozen": (["--freeze-vit", "--freeze-adapter", "--freeze-gpt"], "every part is frozen"),
     "negative_align_epochs": (["--align-epochs", "-1"], "--align-epochs must be >= 0"),
+    "balance_above_one": (["--balance-answers", "1.5"], "--balance-answers must be in [0, 1]"),
+    "balance_nan": (["--balance-answers", "nan"], "--balance-answers must be"),
     "stage_one_flag_on_stage_two": (["--gpt", "gpt-tiny", "--n-embd", "30"], "unrecognized arguments: --n-embd 30"),
     "unknown_projection": (["--projection", "conv"], "argument --projection: invalid choice: 'conv'"),
     "unknown_attention": (["--attention", "full"], "argument --attention: invalid choice: 'full'"),

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from mmfusion.config import ConfigError
 from mmfusion.training import pretrain_vit
 from mmfusion.training.main import main, parse, stage_run
 
@@ -57,7 +58,11 @@ def test_the_stage_commands_repeat_the_main_job():
     assert mimetic == pretrain_vit.parse(["--output-dir", "runs/main/vit", "--mixed-precision", "auto"])[0]
     assert (vqa_stage, vqa_run) == train_vqa.parse(["--vit", "runs/m/vit/model", "--output-dir", "runs/m/vqa",
                                                     "--seed", "3", *precision])
-    assert vqa_stage.adapter.keep_cls
+    assert vqa_stage.adapter.keep_cls and vqa_stage.balance_answers == 0.5
+    unbalanced = stage_configs(parse(["--vqa-balance-answers", "0"]))[2]
+    assert unbalanced == train_vqa.parse(["--vit", "runs/main/vit/model", "--balance-answers", "0"])[0]
+    with pytest.raises(ConfigError, match=r"--vqa-balance-answers must be in \[0, 1\]"):
+        parse(["--vqa-balance-answers", "1.5"])
 
 
 def test_main_passes_fusion_and_compile_to_its_stages():

@@ -39,6 +39,72 @@ class EpochSampler(Sampler[int]):
         return iter((torch.randperm(self.n, generator=g) + offset).tolist())
 
 
+class WeightedEpochSampler(EpochSampler):
+    """EpochSampler's contract (virtual indices, a pure function of seed and epoch) for an epoch
+    of n rows drawn with replacement in proportion to `weights`: rows a weight favours repeat,
+    rows it disfavours may miss an epoch."""
+
+    def __init__(self, weights: torch.Tensor, seed: int) -> None:
+        super().__init__(len(weights), seed)
+        self.weights = weights.double()
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        rows = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        return iter((rows + self.epoch * self.n).tolist())
+
+
+def main_answer(answers) -> str:
+    """The answer a row counts under for balancing: the most frequent of its references
+    (the first among equals)."""
+    answers = [answers] if isinstance(answers, str) else list(answers)
+    return max(answers, key=answers.count)
+
+
+def _balance_keys(questions: list[str], answers: list) -> list[tuple[str, str]]:
+    return [(" ".join(q.lower().split()), main_answer(a)) for q, a in zip(questions, answers, strict=True)]
+
+
+def rarest_answer_share(questions: list[str], answers: list, weights: torch.Tensor | None = None) -> float | None:
+    """The median, over question texts with more than one answer, of the share of a text's draws
+    its rarest answer gets under `weights` (None: the data's own shares); None if no text has two."""
+    totals: dict[str, float] = {}
+    pairs: dict[tuple[str, str], float] = {}
+    for i, key in enumerate(_balance_keys(questions, answers)):
+        w = 1.0 if weights is None else float(weights[i])
+        totals[key[0]] = totals.get(key[0], 0.0) + w
+        pairs[key] = pairs.get(key, 0.0) + w
+    rarest: dict[str, float] = {}
+    kinds: dict[str, int] = {}
+    for (q, _), w in pairs.items():
+        rarest[q], kinds[q] = min(rarest.get(q, w), w), kinds.get(q, 0) + 1
+    shares = sorted(rarest[q] / totals[q] for q in rarest if kinds[q] > 1)
+    return shares[len(shares) // 2] if shares else None
+
+
+def answer_balance_weights(questions: list[str], answers: list, strength: float) -> torch.Tensor:
+    """Sampling weights that even out the answers to each question text.
+
+    A question text q asked c_q times, c_qa of them with answer a, gives each of its rows the
+    weight c_q * c_qa^-strength / sum_a' c_qa'^(1 - strength): every question text keeps its share
+    of the epoch, and within it the answers' shares go from the data's (strength 0) to equal
+    (strength 1). Built for templated questions ("is there a red shape?" answered "no" 7 times
+    in 8) whose rare answer a run can otherwise leave unlearned; free-form questions, each asked
+    once, keep weight 1."""
+    check_number("the answer-balance strength", strength, 0, 1)
+    keys = _balance_keys(questions, answers)
+    pair_count: dict[tuple[str, str], int] = {}
+    for key in keys:
+        pair_count[key] = pair_count.get(key, 0) + 1
+    question_count: dict[str, int] = {}
+    norm: dict[str, float] = {}
+    for (q, _), c in pair_count.items():
+        question_count[q] = question_count.get(q, 0) + c
+        norm[q] = norm.get(q, 0.0) + c ** (1.0 - strength)
+    return torch.tensor([question_count[q] * pair_count[(q, a)] ** -strength / norm[q] for q, a in keys],
+                        dtype=torch.float64)
+
+
 def split_index(virtual: int, n: int) -> tuple[int, int]:
     """A virtual index from EpochSampler -> (epoch, row)."""
     return divmod(virtual, n)

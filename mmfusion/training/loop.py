@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..weights import fsync_dir, fsync_tree, read_json
-from .data import EpochSampler
+from .data import EpochSampler, WeightedEpochSampler
 from .setup import RunConfig, warmup_cosine, write_json
 
 log = logging.getLogger("mmfusion.training")
@@ -154,18 +154,22 @@ def _check_finite_weights(model: torch.nn.Module, step: int, output_dir: str | P
 
 def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           dataset, collate: Callable, step_fn: StepFn, evaluate: EvalFn | None = None,
-          unit: str = "ex", tag: str = "train", ema_decay: float = 0.0) -> torch.nn.Module:
+          unit: str = "ex", tag: str = "train", ema_decay: float = 0.0,
+          weights: torch.Tensor | None = None) -> torch.nn.Module:
     """Train `model` for the configured steps; returns the unwrapped model.
 
     step_fn(model, batch) -> (mean loss, items in the batch), items counted for throughput
     (`unit` names them). evaluate(model, full) -> metrics, called every `eval_every` steps
     with full=False. `tag` prefixes the logged training scalars ("train/loss").
     With `ema_decay` > 0 the returned model holds the moving average of the weights (WeightEMA);
-    periodic evaluations see the raw weights.
+    periodic evaluations see the raw weights. `weights` (one per row) draws each epoch's rows
+    with replacement in proportion to them (WeightedEpochSampler) instead of a permutation.
     """
     from tqdm.auto import tqdm
 
-    sampler = EpochSampler(len(dataset), run.seed)
+    if weights is not None and len(weights) != len(dataset):
+        raise ValueError(f"{len(weights)} sampling weights for {len(dataset)} rows")
+    sampler = EpochSampler(len(dataset), run.seed) if weights is None else WeightedEpochSampler(weights, run.seed)
     loader = DataLoader(dataset, batch_size=run.batch_size, sampler=sampler, collate_fn=collate,
                         num_workers=run.num_workers, drop_last=True,
                         persistent_workers=run.num_workers > 0)

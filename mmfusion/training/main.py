@@ -46,6 +46,9 @@ def parse(argv: list[str] | None):
     add("--vqa-max-steps", type=int, default=0, help="stage-2 step limit (default: 0, by epochs)")
     add("--vit-lr", type=float, default=None, help=f"stage-1 peak learning rate (default: {vit.lr:g})")
     add("--vqa-lr", type=float, default=None, help=f"stage-2 peak learning rate (default: {vqa.lr:g})")
+    add("--vqa-balance-answers", type=float, default=None,
+        help=f"stage 2: even out each question's answers in sampling, 0 (the data's shares) to 1 (equal) "
+             f"(default: {train_vqa.VQAStageConfig().balance_answers:g})")
     add("--keep-cls", action=argparse.BooleanOptionalAction, default=True,
         help="stage 2 feeds the ViT's CLS token to the adapter next to the patch tokens (default: %(default)s)")
     add("--fusion", default="early", choices=["early", "cross"],
@@ -61,6 +64,8 @@ def parse(argv: list[str] | None):
     add("--examples", type=int, default=8, help="example answers to print (default: %(default)s)")
     args = parser.parse_args(argv)
     check_stage_flags(args, "vit", "vqa")
+    if args.vqa_balance_answers is not None:
+        check_number("--vqa-balance-answers", args.vqa_balance_answers, 0, 1)
     check_writable(args.output_dir, "--output-dir", folder=True)
     return args
 
@@ -94,7 +99,8 @@ def stage_configs(args) -> tuple:
     vit_run = stage_run(pretrain_vit.STAGE_DEFAULTS, args, out / "vit", args.vit_epochs, args.vit_max_steps, args.vit_lr)
     # The fresh gpt-tiny starts from std 0.1, its preset (docs/experiments.md: GPT init scale).
     default = train_vqa.VQAStageConfig()
-    vqa_stage = replace(default, vit=str(out / "vit" / "model"), gpt_init_std=args.gpt_init_std,
+    balance = default.balance_answers if args.vqa_balance_answers is None else args.vqa_balance_answers
+    vqa_stage = replace(default, vit=str(out / "vit" / "model"), gpt_init_std=args.gpt_init_std, balance_answers=balance,
                         adapter=replace(default.adapter, keep_cls=args.keep_cls), fusion=args.fusion)
     vqa_run = stage_run(train_vqa.STAGE_DEFAULTS, args, out / "vqa", args.vqa_epochs, args.vqa_max_steps, args.vqa_lr)
     return vit_stage, vit_run, vqa_stage, vqa_run

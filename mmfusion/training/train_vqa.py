@@ -42,7 +42,16 @@ from ..processing import ImageProcessor, PromptBuilder, VQACollator
 from ..vlm import VLM
 from ..weights import is_mmfusion_folder
 from .args import parse_configs
-from .data import EVAL_DATASET_FIELD, HOLDOUT_FIELD, Conversations, Rows, check_eval_choice, evaluation_rows
+from .data import (
+    EVAL_DATASET_FIELD,
+    HOLDOUT_FIELD,
+    Conversations,
+    Rows,
+    answer_balance_weights,
+    check_eval_choice,
+    evaluation_rows,
+    rarest_answer_share,
+)
 from .features import MEMORY_LIMIT_BYTES, FeatureRows
 from .loop import find_resume, steps_per_epoch, train
 from .lora import TARGETS, add_lora, merge_lora, save_lora
@@ -59,6 +68,13 @@ class VQAStageConfig:
     loss_per: str = field(default="token", metadata={
         "help": "average the loss over every supervised token of a batch, or per example first (a one-word "
                 "answer then weighs as much as a caption)", "choices": ["token", "example"]})
+    # 0.5 in the main job's recipe: at 0 a seed could leave "is there a <color> shape?" (yes 1 time in 8)
+    # answered "no" to the end (94.6% VQA); 0.5 gave 99.8% on that seed (docs/experiments.md).
+    balance_answers: float = field(default=0.5, metadata={
+        "help": "draw training questions so the answers to each question text are evened out: 0 keeps the data's "
+                "shares, 1 makes them equal, 0.5 halfway in log space (templated yes/no questions whose rare answer "
+                "a run may otherwise never learn); each question text keeps its share of the epoch, rows are drawn "
+                "with replacement"})
     turns: int = field(default=1, metadata={
         "help": "questions per training example: up to N questions about one image in one sequence "
                 "(a conversation; the image is encoded once and every answer is supervised)"})
@@ -127,6 +143,7 @@ class VQAStageConfig:
             if getattr(self, name) is not None:
                 check_number(f"--{name.replace('_', '-')}", getattr(self, name), 0, low_open=True)
         check_number("--max-bad-fraction", self.max_bad_fraction, 0, 1)
+        check_number("--balance-answers", self.balance_answers, 0, 1)
         check_number("--lora-rank", self.lora_rank, 0, integer=True)
         if self.lora_alpha is not None:
             check_number("--lora-alpha", self.lora_alpha, 0, low_open=True)
@@ -333,6 +350,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     accelerator.print("\n".join(data_lines))
     if cached:
         train_vqa, train_cap = (with_features(accelerator, run_cfg, model, processor, ds) for ds in (train_vqa, train_cap))
+    weights = sampling_weights(accelerator, stage, train_vqa, train_cap)
     if questions and stage.turns > 1:
         train_vqa = Conversations(train_vqa, stage.turns, run_cfg.seed)
         accelerator.print(f"data: {train_vqa}")
@@ -368,7 +386,8 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     optimizer = optimizer_for(model, stage, run_cfg)
 
     evaluate = functools.partial(periodic_evaluation, stage, run_cfg, eval_vqa, eval_cap)
-    model = train(accelerator, run_cfg, model, optimizer, Rows(task_rows), collate, step, evaluate, unit="tok")
+    model = train(accelerator, run_cfg, model, optimizer, Rows(task_rows), collate, step, evaluate, unit="tok",
+                  weights=weights)
     if lora is not None:
         if accelerator.is_main_process:
             save_lora(lora, model.gpt, out / "lora")
@@ -385,6 +404,29 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
         accelerator.print(f"model saved to {out / 'model'}")
     accelerator.end_training()
     return metrics
+
+
+def sampling_weights(accelerator, stage: VQAStageConfig, questions, captions) -> torch.Tensor | None:
+    """--balance-answers' weight per training row (questions first, then captions at weight 1,
+    the order of the stage's rows), or None to sample uniformly; says what it changed."""
+    if not stage.balance_answers or questions is None:
+        return None
+    if stage.turns > 1:
+        accelerator.print(f"data: --balance-answers {stage.balance_answers:g} weights single questions, not "
+                          f"conversations (--turns {stage.turns}): rows are drawn as a permutation")
+        return None
+    weights = answer_balance_weights(list(questions["question"]), list(questions["answers"]), stage.balance_answers)
+    if torch.allclose(weights, torch.ones_like(weights)):
+        accelerator.print(f"data: --balance-answers {stage.balance_answers:g} changes nothing here (no question text "
+                          "has more than one answer): rows are drawn as a permutation")
+        return None
+    questions_, answers_ = list(questions["question"]), list(questions["answers"])
+    before, after = rarest_answer_share(questions_, answers_), rarest_answer_share(questions_, answers_, weights)
+    accelerator.print(f"data: answers balanced within each question text (--balance-answers {stage.balance_answers:g}): "
+                      f"a text's rarest answer gets {after:.1%} of its draws, not {before:.1%} (median over texts)")
+    if stage.task == "both":
+        weights = torch.cat([weights, torch.ones(len(captions), dtype=weights.dtype)])
+    return weights
 
 
 def with_features(accelerator, run_cfg: RunConfig, model: VLM, processor: ImageProcessor, dataset):
