@@ -415,13 +415,13 @@ def sampling_weights(accelerator, stage: VQAStageConfig, questions, captions) ->
         accelerator.print(f"data: --balance-answers {stage.balance_answers:g} weights single questions, not "
                           f"conversations (--turns {stage.turns}): rows are drawn as a permutation")
         return None
-    weights = answer_balance_weights(list(questions["question"]), list(questions["answers"]), stage.balance_answers)
+    texts, answers = list(questions["question"]), list(questions["answers"])
+    weights = answer_balance_weights(texts, answers, stage.balance_answers)
     if torch.allclose(weights, torch.ones_like(weights)):
         accelerator.print(f"data: --balance-answers {stage.balance_answers:g} changes nothing here (no question text "
                           "has more than one answer): rows are drawn as a permutation")
         return None
-    questions_, answers_ = list(questions["question"]), list(questions["answers"])
-    before, after = rarest_answer_share(questions_, answers_), rarest_answer_share(questions_, answers_, weights)
+    before, after = rarest_answer_share(texts, answers), rarest_answer_share(texts, answers, weights)
     accelerator.print(f"data: answers balanced within each question text (--balance-answers {stage.balance_answers:g}): "
                       f"a text's rarest answer gets {after:.1%} of its draws, not {before:.1%} (median over texts)")
     if stage.task == "both":
