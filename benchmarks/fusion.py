@@ -1,5 +1,6 @@
 """Stage-2 variants side by side in one process: early fusion, late (cross-attention) fusion
-and early fusion with LoRA on the GPT: trainable parameters, context tokens per prompt, the
+early fusion with LoRA on the GPT, and early fusion whose LM head scores only the training
+targets' tokens (`--output-vocab data`): trainable parameters, context tokens per prompt, the
 training step and greedy decoding.
 
     python benchmarks/fusion.py                      # the main job's stage-2 shapes (easy-VQA)
@@ -7,7 +8,8 @@ training step and greedy decoding.
     python benchmarks/fusion.py --smoke              # tiny shapes, one repeat (CI)
 
 The models are built the way `mmfusion train-vqa` builds them (vit-tiny + gpt-tiny, random
-weights, the stage's adapter): `--fusion early`, `--fusion cross`, `--lora-rank 8`; the step is
+weights, the stage's adapter): `--fusion early`, `--output-vocab data`, `--fusion cross`,
+`--lora-rank 8`; the step is
 the stage's own (cached ViT features, the collator's batch, fused AdamW), on easy-VQA / scenes
 questions; decoding is `decode_stream` for a fixed number of tokens. Medians of alternating runs
 (timing.alternate). Accuracy comes from the training runs themselves (docs/experiments.md).
@@ -24,6 +26,8 @@ from mmfusion.config import AdapterConfig
 from mmfusion.generation import GenerationConfig, decode_stream, vlm_prompts
 from mmfusion.processing import ImageProcessor, PromptBuilder, VQACollator
 from mmfusion.training import train_vqa
+from mmfusion.data import caption_rows
+from mmfusion.training.data import target_tokens
 from mmfusion.training.lora import add_lora
 from mmfusion.training.setup import RunConfig
 
@@ -35,7 +39,8 @@ PRESETS = {
 }
 
 
-VARIANTS = {"early": {"fusion": "early"}, "cross": {"fusion": "cross"}, "lora8": {"fusion": "early", "lora_rank": 8}}
+VARIANTS = {"early": {"fusion": "early"}, "early-data-vocab": {"fusion": "early", "output_vocab": "data"},
+            "cross": {"fusion": "cross"}, "lora8": {"fusion": "early", "lora_rank": 8}}
 
 
 def build(variant: str, adapter: AdapterConfig, attention: str, smoke: bool):
@@ -47,6 +52,15 @@ def build(variant: str, adapter: AdapterConfig, attention: str, smoke: bool):
         add_lora(model.gpt, stage.lora_rank, stage.lora_alpha)
     train_vqa.set_trainable_parts(model, stage)
     return model, stage
+
+
+def training_targets(dataset: str, prompts: PromptBuilder) -> tuple[int, ...]:
+    """--output-vocab data's tokens: those of the training split's answers (and captions)."""
+    from mmfusion.data import load_caption_dataset, load_vqa_dataset
+
+    questions, _ = load_vqa_dataset(dataset, "train")
+    captions = caption_rows(load_caption_dataset(dataset, "train")[0]) if dataset == "scenes" else None
+    return target_tokens(prompts, questions, captions)
 
 
 def rows_of(dataset: str, n: int) -> list[dict]:
@@ -74,7 +88,10 @@ def main(argv: list[str] | None = None) -> dict:
     for fusion in VARIANTS:
         model, stage = build(fusion, adapter, attention, args.smoke)
         processor = ImageProcessor.from_config(model.config.vit)
-        collate = VQACollator(processor, PromptBuilder(model.prompt_slots, model.config.gpt.block_size))
+        prompts = PromptBuilder(model.prompt_slots, model.config.gpt.block_size)
+        if stage.output_vocab == "data":
+            model.restrict_output(training_targets(dataset, prompts))
+        collate = VQACollator(processor, prompts)
         batch = collate(rows)
         with torch.no_grad():
             batch["image_features"] = model.vit_features(batch.pop("pixel_values"))
@@ -100,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
         steps[fusion], decodes[fusion] = step, decode
         info[fusion] = {"trainable_M": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
                         "context_tokens": int(prompt["input_ids"].shape[1]),
-                        "mean_train_tokens": float(batch["attention_mask"].sum(1).float().mean())}
+                        "mean_train_tokens": float(batch["attention_mask"].sum(1).float().mean()),
+                        "scored_tokens": len(model.config.gpt.output_tokens or range(model.config.gpt.vocab_size))}
     step_s = alternate(steps, args.repeats)
     decode_s = alternate(decodes, args.repeats)
     for fusion in info:
@@ -109,10 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.preset}: batch {args.batch_size}, {args.new_tokens} greedy tokens at batch 1, torch threads "
           f"{torch.get_num_threads()}")
     print("| variant | trainable params | context tokens (first prompt) | tokens per training example | "
-          "step ms | decode tokens/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "LM-head tokens | step ms | decode tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for fusion, r in info.items():
         print(f"| {fusion} | {r['trainable_M']:.2f}M | {r['context_tokens']} | {r['mean_train_tokens']:.1f} | "
+              f"{r['scored_tokens']:,} | "
               f"{r['step_ms']:.0f} | {r['decode_tokens_per_s']:.0f} |")
     if args.out:
         with open(args.out, "w") as f:

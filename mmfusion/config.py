@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,16 @@ class ViTConfig(_JSONMixin):
                 + self.n_layer * (4 * c * c + 2 * c * self.mlp_dim) + c * self.num_classes)
 
 
+def _check_output_tokens(ids: Any, vocab_size: int) -> None:
+    if not isinstance(ids, tuple) or not ids:
+        raise ConfigError("GPTConfig.output_tokens must be a non-empty list of token ids or null, "
+                          f"got {reprlib.repr(ids)}")
+    for i in ids:
+        check_number("GPTConfig.output_tokens[...]", i, 0, vocab_size, high_open=True, integer=True)
+    if any(a >= b for a, b in zip(ids, ids[1:])):
+        raise ConfigError("GPTConfig.output_tokens must be ascending without repeats; sort and deduplicate them")
+
+
 @dataclass(frozen=True)
 class GPTConfig(_JSONMixin):
     """GPT-2: learned positions, pre-LN causal blocks, LM head tied to the token embedding."""
@@ -234,9 +245,17 @@ class GPTConfig(_JSONMixin):
     # Std of the Normal init of a fresh GPT (transformers' GPT2Config.initializer_range). GPT-2's
     # 0.02 suits width 768; the width-128 gpt-tiny preset uses 0.1.
     initializer_range: float = 0.02
+    # The token ids the LM head scores, ascending (None: the whole vocabulary). A fresh GPT trained
+    # on a closed vocabulary (a dataset's answers and captions) needs a few dozen of its 50,257 rows:
+    # scoring only those makes the loss and decoding steps cheap, and the rest can never be produced.
+    output_tokens: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+        if isinstance(self.output_tokens, list):
+            object.__setattr__(self, "output_tokens", tuple(self.output_tokens))
+        if self.output_tokens is not None:
+            _check_output_tokens(self.output_tokens, self.vocab_size)
         check_number("GPTConfig.initializer_range", self.initializer_range, 0, low_open=True)
         check_number("GPTConfig.layer_norm_eps", self.layer_norm_eps, 0, low_open=True)
         if self.intermediate_size is not None:

@@ -72,7 +72,24 @@ def gpt_to_hf(gpt: GPT):
     _fill(hf, gpt2_table(c, "transformer.", lm_head=True), unique_state_dict(gpt) | {"lm_head.weight": gpt.wte.weight},
           optional=("attn.bias", "attn.masked_bias"))
     hf.tie_weights()
+    hf.generation_config.suppress_tokens = unscored_tokens(c) or None
     return hf.eval()
+
+
+def unscored_tokens(c: GPTConfig) -> list[int]:
+    """The tokens a GPT with output_tokens never produces: transformers has no restricted LM head,
+    so the export's generation_config suppresses them (its raw logits still score every token)."""
+    if c.output_tokens is None:
+        return []
+    keep = set(c.output_tokens)
+    return [i for i in range(c.vocab_size) if i not in keep]
+
+
+def output_note(c: GPTConfig) -> list[str]:
+    if c.output_tokens is None:
+        return []
+    return [f"the GPT scores only its {len(c.output_tokens)} output tokens: the export's logits cover the whole "
+            "vocabulary, and its generation_config.json suppresses the other tokens, so generate() gives ours"]
 
 
 def _vit_family(c: ViTConfig) -> str:
@@ -212,7 +229,7 @@ def vlm_to_llava(model):
         else:
             proj.linear_2.weight.copy_(layers[1].weight)
             proj.linear_2.bias.copy_(layers[1].bias)
-    llava.generation_config.suppress_tokens = [c.image_token_id]
+    llava.generation_config.suppress_tokens = [c.image_token_id, *unscored_tokens(c.gpt)]
     llava.generation_config.eos_token_id = llava.generation_config.pad_token_id = 50256
     return llava
 
@@ -246,7 +263,7 @@ def export(model, folder: str | Path, source: str | None = None) -> list[str]:
     if isinstance(model, GPT):
         gpt_to_hf(model).save_pretrained(folder)
         save_tokenizer(folder)
-        return []
+        return output_note(model.config)
     if isinstance(model, ViT):
         hf, notes = vit_to_hf(model)
         hf.save_pretrained(folder)

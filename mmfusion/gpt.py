@@ -43,6 +43,45 @@ class GPT(PretrainedMixin, nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
         self._init_weights()
+        self._set_output_buffers()
+
+    def _set_output_buffers(self) -> None:
+        """output_ids (K,): the rows the LM head scores; output_index (V,): token -> its place among
+        them, -1 for the rest. Not saved: config.output_tokens is the record."""
+        ids = self.config.output_tokens
+        device = self.wte.weight.device
+        if ids is None:
+            self.register_buffer("output_ids", None, persistent=False)
+            self.register_buffer("output_index", None, persistent=False)
+            return
+        out = torch.tensor(ids, dtype=torch.long, device=device)
+        index = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=device)
+        index[out] = torch.arange(len(ids), device=device)
+        self.register_buffer("output_ids", out, persistent=False)
+        self.register_buffer("output_index", index, persistent=False)
+
+    def restrict_output(self, token_ids) -> None:
+        """Let the LM head score only `token_ids` (None: every token again). The weights stay as
+        they are; the other tokens get logit -inf and are never produced."""
+        ids = None if token_ids is None else tuple(sorted({int(i) for i in token_ids}))
+        self.config = self.config.replace(output_tokens=ids)
+        self._set_output_buffers()
+
+    def output_weight(self) -> torch.Tensor:
+        """The LM head's rows that are scored: (V, C), or (K, C) under output_tokens."""
+        w = self.lm_head.weight
+        return w if self.output_ids is None else w.index_select(0, self.output_ids)
+
+    def output_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Token ids -> rows of `output_weight()` (-1 for a token the head does not score)."""
+        return targets if self.output_index is None else self.output_index[targets]
+
+    def _scatter_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the output tokens (..., K) -> over the vocabulary (..., V), -inf elsewhere."""
+        if self.output_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.output_ids, logits)
 
     def _init_weights(self) -> None:
         """GPT-2's scheme: Normal(0, initializer_range) everywhere (GPT-2: 0.02), zero biases, unit
@@ -109,9 +148,14 @@ class GPT(PretrainedMixin, nn.Module):
         against the (V, C) weight, MKL runs `W @ h.T` as one streaming pass while nn.Linear's
         `h @ W.T` is slower for a few rows (benchmarks/NOTES.md).
         """
-        return (self.lm_head.weight @ hidden.T).T  # (V, B) -> (B, V)
+        return self._scatter_logits((self.output_weight() @ hidden.T).T)  # (V, B) -> (B, V)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 **kwargs) -> torch.Tensor:
-        """Logits (B, T, V). Keyword arguments as in `hidden_states`."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, **kwargs))
+        """Logits (B, T, V) (-inf for tokens outside config.output_tokens). Keyword arguments as in
+        `hidden_states`."""
+        return self.logits(self.hidden_states(input_ids, attention_mask, **kwargs))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits (..., V) of final hidden states (..., C)."""
+        return self._scatter_logits(nn.functional.linear(hidden, self.output_weight()))

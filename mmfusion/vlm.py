@@ -100,6 +100,11 @@ class VLM(PretrainedMixin, nn.Module):
         """`<|image|>` slots a prompt holds: the image tokens (early fusion) or none (cross)."""
         return self.config.prompt_slots
 
+    def restrict_output(self, token_ids) -> None:
+        """The GPT's LM head scores only `token_ids` (None: all); see `GPT.restrict_output`."""
+        self.gpt.restrict_output(token_ids)
+        self.config = self.config.replace(gpt=self.gpt.config)
+
     def connector(self) -> list[nn.Module]:
         """The parts between the two towers: the adapter, and the cross-attention blocks."""
         return [self.adapter] + ([self.cross] if self.config.cross_layers else [])
@@ -188,7 +193,7 @@ class VLM(PretrainedMixin, nn.Module):
         hidden = self.hidden_states(input_ids, pixel_values, None if collated else attention_mask,
                                     image_features=image_features, check_slots=slots_per_row is None)  # (B, T, C)
         if labels is None:
-            return VLMOutput(loss=None, logits=self.gpt.lm_head(hidden))
+            return VLMOutput(loss=None, logits=self.gpt.logits(hidden))
         targets = labels[:, 1:]  # (B, T-1)
         keep = targets != IGNORE_INDEX  # (B, T-1)
         if not collated:
@@ -205,8 +210,11 @@ class VLM(PretrainedMixin, nn.Module):
             raise ValueError(f"loss_per must be 'token' or 'example', got {loss_per!r}")
         C = hidden.shape[-1]
         picked = hidden[:, :-1].reshape(-1, C).index_select(0, label_positions)  # (K, C)
-        loss = linear_cross_entropy(picked, self.gpt.lm_head.weight, targets.flatten().index_select(0, label_positions),
-                                    weights, check=not collated)
+        target_ids = self.gpt.output_targets(targets.flatten().index_select(0, label_positions))  # (K,)
+        if not collated and self.config.gpt.output_tokens is not None and bool((target_ids < 0).any()):
+            raise ValueError("a label token is not among this model's output tokens (GPTConfig.output_tokens); "
+                             "train with --output-vocab data to score the training data's tokens")
+        loss = linear_cross_entropy(picked, self.gpt.output_weight(), target_ids, weights, check=not collated)
         return VLMOutput(loss=loss, logits=None, num_tokens=n)
 
     # ---- generation -------------------------------------------------------------------------

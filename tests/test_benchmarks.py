@@ -197,7 +197,9 @@ def test_loss_benchmark_runs_and_both_sides_agree():
 def test_stage2_variants_benchmark_runs(tmp_path):
     out = tmp_path / "fusion.json"
     info = load_script("fusion").main(["--smoke", "--out", str(out)])
-    assert set(info) == {"early", "cross", "lora8"}
+    assert set(info) == {"early", "early-data-vocab", "cross", "lora8"}
+    assert info["early-data-vocab"]["trainable_M"] == info["early"]["trainable_M"]  # the same weights, fewer scored
+    assert info["early"]["scored_tokens"] == 50257 and 10 < info["early-data-vocab"]["scored_tokens"] < 100
     assert info["cross"]["context_tokens"] == info["early"]["context_tokens"] - 17  # no image slots
     assert info["lora8"]["trainable_M"] < info["early"]["trainable_M"] / 10
     assert all(r["step_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in info.values())

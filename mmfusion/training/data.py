@@ -11,6 +11,7 @@ from torch.utils.data import Sampler
 
 from ..config import check_number
 from ..errors import ConfigError
+from ..processing import PromptBuilder, majority_answer
 
 
 class EpochSampler(Sampler[int]):
@@ -103,6 +104,17 @@ def answer_balance_weights(questions: list[str], answers: list, strength: float)
         norm[q] = norm.get(q, 0.0) + c ** (1.0 - strength)
     return torch.tensor([question_count[q] * pair_count[(q, a)] ** -strength / norm[q] for q, a in keys],
                         dtype=torch.float64)
+
+
+def target_tokens(prompts: PromptBuilder, questions, captions) -> tuple[int, ...]:
+    """Every token id the training targets hold (answers as the collator picks them, captions,
+    EOT), ascending: what the LM head scores under --output-vocab data."""
+    texts = [majority_answer(a) for a in questions["answers"]] if questions is not None else []
+    texts += list(captions["caption"]) if captions is not None else []
+    ids: set[int] = set()
+    for text in dict.fromkeys(texts):
+        ids.update(prompts.target_ids(text))
+    return tuple(sorted(ids))
 
 
 def split_index(virtual: int, n: int) -> tuple[int, int]:

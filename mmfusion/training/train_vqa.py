@@ -51,6 +51,7 @@ from .data import (
     check_eval_choice,
     evaluation_rows,
     rarest_answer_share,
+    target_tokens,
 )
 from .features import MEMORY_LIMIT_BYTES, FeatureRows
 from .loop import find_resume, steps_per_epoch, train
@@ -112,6 +113,11 @@ class VQAStageConfig:
                 "read them (Flamingo; the text holds no slots)", "choices": ["early", "cross"]})
     cross_every: int = field(default=1, metadata={"help": "cross fusion: a cross-attention block before every "
                                                           "K-th GPT block"})
+    output_vocab: str = field(default="all", metadata={
+        "help": "tokens the LM head scores: all (the model's own set: the whole GPT-2 vocabulary unless it was "
+                "saved with fewer) or data (only the tokens of the training answers and captions; with a fresh GPT "
+                "on a closed vocabulary the loss and decoding get much cheaper, and other tokens are never produced)",
+        "choices": ["all", "data"]})
     freeze_vit: bool = field(default=True, metadata={"help": "keep the ViT's weights fixed"})
     cache_features: bool = field(default=True, metadata={
         "help": "with a frozen ViT, compute each training image's ViT features once, before training "
@@ -340,6 +346,8 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     if train_cap is not None:
         train_cap = caption_rows(train_cap)
     model = build_vlm(stage)
+    prompts = PromptBuilder(model.prompt_slots, model.config.gpt.block_size)
+    vocab_lines = set_output_vocab(model, stage, prompts, train_vqa, train_cap)
     processor = ImageProcessor.from_config(model.config.vit)
     cached = stage.freeze_vit and stage.cache_features
     probe = functools.partial(probe_batch, model, processor, train_vqa if train_vqa is not None else train_cap,
@@ -347,7 +355,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     step = functools.partial(vqa_step, loss_per=stage.loss_per)
     precision = choose_precision(run_cfg, model, probe, lambda m, b: step(m, b)[0])
     accelerator = make_accelerator(run_cfg, precision)
-    accelerator.print("\n".join(data_lines))
+    accelerator.print("\n".join(data_lines + vocab_lines))
     if cached:
         train_vqa, train_cap = (with_features(accelerator, run_cfg, model, processor, ds) for ds in (train_vqa, train_cap))
     weights = sampling_weights(accelerator, stage, train_vqa, train_cap)
@@ -358,7 +366,6 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
         task_rows = torch.utils.data.ConcatDataset([train_vqa, train_cap])
     else:
         task_rows = train_vqa if stage.task == "vqa" else train_cap
-    prompts = PromptBuilder(model.prompt_slots, model.config.gpt.block_size)
     collate = VQACollator(processor, prompts)
     steps_per_epoch(len(task_rows), run_cfg, accelerator.num_processes)
     if stage.align_epochs > 0:
@@ -404,6 +411,25 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
         accelerator.print(f"model saved to {out / 'model'}")
     accelerator.end_training()
     return metrics
+
+
+def set_output_vocab(model: VLM, stage: VQAStageConfig, prompts: PromptBuilder, questions, captions) -> list[str]:
+    """--output-vocab: restrict the LM head to the training targets' tokens (and those it already
+    scores), or check that a head saved with a restricted set can produce them. Returns log lines."""
+    needed = target_tokens(prompts, questions, captions)
+    have = model.config.gpt.output_tokens
+    vocab = model.config.gpt.vocab_size
+    if stage.output_vocab == "data":
+        model.restrict_output(set(needed) | set(have or ()))
+        return [f"LM head: scores the {len(model.config.gpt.output_tokens)} tokens of the training targets "
+                f"(of {vocab:,}; --output-vocab data)"]
+    missing = sorted(set(needed) - set(have)) if have is not None else []
+    if missing:
+        example = prompts.tokenizer.decode(missing[:5])
+        raise ConfigError(f"the GPT scores only its {len(have)} output tokens (GPTConfig.output_tokens), and the "
+                          f"training targets hold {len(missing)} others (e.g. {example!r}); pass --output-vocab data "
+                          "to add them")
+    return [] if have is None else [f"LM head: scores the model's {len(have)} output tokens (of {vocab:,})"]
 
 
 def sampling_weights(accelerator, stage: VQAStageConfig, questions, captions) -> torch.Tensor | None:
