@@ -23,10 +23,10 @@ import json
 import torch
 
 from mmfusion.config import AdapterConfig
+from mmfusion.data import caption_rows
 from mmfusion.generation import GenerationConfig, decode_stream, vlm_prompts
 from mmfusion.processing import ImageProcessor, PromptBuilder, VQACollator
 from mmfusion.training import train_vqa
-from mmfusion.data import caption_rows
 from mmfusion.training.data import target_tokens
 from mmfusion.training.lora import add_lora
 from mmfusion.training.setup import RunConfig

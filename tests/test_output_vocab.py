@@ -163,7 +163,7 @@ def test_output_tokens_survive_save_load_and_json(tmp_path):
 
 def test_export_suppresses_the_tokens_the_head_does_not_score():
     transformers = pytest.importorskip("transformers")  # noqa: F841
-    from mmfusion.export import export, gpt_to_hf
+    from mmfusion.export import gpt_to_hf
 
     part = restricted_copy(varied_gpt(4))
     hf = gpt_to_hf(part)
