@@ -147,6 +147,7 @@ def test_captions_job_writes_a_report(small_scenes, tmp_path, capsys):
     assert vit.config.attention_init == "normal"  # the start the captions job was measured with
     run_config = json.loads((tmp_path / "job" / "run_config.json").read_text())
     assert run_config["stage"]["task"] == "both" and run_config["stage"]["freeze_vit"] is True
+    assert run_config["stage"]["output_vocab"] == "all"  # every token scored: how the job was measured
     assert run_config["stage"]["vit"] == str(tmp_path / "job" / "vit" / "model")
     model = VLM.from_pretrained(tmp_path / "job" / "model")
     assert model.num_image_tokens == 4 and model.config.adapter.position_embedding

@@ -63,6 +63,9 @@ def test_the_stage_commands_repeat_the_main_job():
     assert unbalanced == train_vqa.parse(["--vit", "runs/main/vit/model", "--balance-answers", "0"])[0]
     with pytest.raises(ConfigError, match=r"--vqa-balance-answers must be in \[0, 1\]"):
         parse(["--vqa-balance-answers", "1.5"])
+    assert vqa_stage.output_vocab == "auto"  # -> data: the fresh GPT scores only the answers' tokens
+    full = stage_configs(parse(["--vqa-output-vocab", "all"]))[2]
+    assert full == train_vqa.parse(["--vit", "runs/main/vit/model", "--output-vocab", "all"])[0]
 
 
 def test_main_passes_fusion_and_compile_to_its_stages():

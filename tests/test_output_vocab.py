@@ -237,3 +237,14 @@ def test_a_saved_head_that_cannot_produce_the_targets_is_refused(small_scenes, p
     _train(tmp_path / "grown", vit, str(tmp_path / "small"), "--output-vocab", "data")
     grown = VLM.from_pretrained(tmp_path / "grown" / "model").config.gpt.output_tokens
     assert EOT_ID in grown and len(grown) > 1
+
+
+def test_auto_restricts_a_fresh_gpt_and_leaves_a_saved_one_whole(small_scenes, parts, tmp_path, capsys):
+    vit, gpt = parts
+    _train(tmp_path / "fresh", vit, "gpt-tiny", "--block-size", "96")
+    fresh = VLM.from_pretrained(tmp_path / "fresh" / "model").config.gpt.output_tokens
+    assert fresh is not None and EOT_ID in fresh and len(fresh) < 100
+    assert "(of 50,257; --output-vocab auto)" in capsys.readouterr().out
+    _train(tmp_path / "saved", vit, gpt)
+    assert VLM.from_pretrained(tmp_path / "saved" / "model").config.gpt.output_tokens is None
+    assert "LM head" not in capsys.readouterr().out

@@ -49,6 +49,9 @@ def parse(argv: list[str] | None):
     add("--vqa-balance-answers", type=float, default=None,
         help=f"stage 2: even out each question's answers in sampling, 0 (the data's shares) to 1 (equal) "
              f"(default: {train_vqa.VQAStageConfig().balance_answers:g})")
+    add("--vqa-output-vocab", default=None, choices=["auto", "all", "data"],
+        help=f"stage 2: the tokens the LM head scores (default: {train_vqa.VQAStageConfig().output_vocab}: the "
+             "training answers' tokens, for the fresh GPT; see mmfusion train-vqa --help)")
     add("--keep-cls", action=argparse.BooleanOptionalAction, default=True,
         help="stage 2 feeds the ViT's CLS token to the adapter next to the patch tokens (default: %(default)s)")
     add("--fusion", default="early", choices=["early", "cross"],
@@ -101,7 +104,8 @@ def stage_configs(args) -> tuple:
     default = train_vqa.VQAStageConfig()
     balance = default.balance_answers if args.vqa_balance_answers is None else args.vqa_balance_answers
     vqa_stage = replace(default, vit=str(out / "vit" / "model"), gpt_init_std=args.gpt_init_std, balance_answers=balance,
-                        adapter=replace(default.adapter, keep_cls=args.keep_cls), fusion=args.fusion)
+                        adapter=replace(default.adapter, keep_cls=args.keep_cls), fusion=args.fusion,
+                        output_vocab=args.vqa_output_vocab or default.output_vocab)
     vqa_run = stage_run(train_vqa.STAGE_DEFAULTS, args, out / "vqa", args.vqa_epochs, args.vqa_max_steps, args.vqa_lr)
     return vit_stage, vit_run, vqa_stage, vqa_run
 

@@ -113,11 +113,13 @@ class VQAStageConfig:
                 "read them (Flamingo; the text holds no slots)", "choices": ["early", "cross"]})
     cross_every: int = field(default=1, metadata={"help": "cross fusion: a cross-attention block before every "
                                                           "K-th GPT block"})
-    output_vocab: str = field(default="all", metadata={
-        "help": "tokens the LM head scores: all (the model's own set: the whole GPT-2 vocabulary unless it was "
-                "saved with fewer) or data (only the tokens of the training answers and captions; with a fresh GPT "
-                "on a closed vocabulary the loss and decoding get much cheaper, and other tokens are never produced)",
-        "choices": ["all", "data"]})
+    # auto -> data for a fresh GPT: it can only learn the targets' tokens anyway, and scoring 50,257
+    # rows was most of a stage-2 step on a CPU (benchmarks/fusion.py).
+    output_vocab: str = field(default="auto", metadata={
+        "help": "tokens the LM head scores: data (only the tokens of the training answers and captions: the loss "
+                "and decoding get much cheaper, and no other token is ever produced), all (the model's own set: the "
+                "whole GPT-2 vocabulary unless it was saved with fewer), or auto (data for a fresh GPT from a "
+                "preset, all for a saved or pretrained one)", "choices": ["auto", "all", "data"]})
     freeze_vit: bool = field(default=True, metadata={"help": "keep the ViT's weights fixed"})
     cache_features: bool = field(default=True, metadata={
         "help": "with a frozen ViT, compute each training image's ViT features once, before training "
@@ -419,10 +421,13 @@ def set_output_vocab(model: VLM, stage: VQAStageConfig, prompts: PromptBuilder, 
     needed = target_tokens(prompts, questions, captions)
     have = model.config.gpt.output_tokens
     vocab = model.config.gpt.vocab_size
-    if stage.output_vocab == "data":
+    mode = stage.output_vocab
+    if mode == "auto":
+        mode = "data" if stage.gpt in GPT_PRESETS else "all"
+    if mode == "data":
         model.restrict_output(set(needed) | set(have or ()))
         return [f"LM head: scores the {len(model.config.gpt.output_tokens)} tokens of the training targets "
-                f"(of {vocab:,}; --output-vocab data)"]
+                f"(of {vocab:,}; --output-vocab {stage.output_vocab})"]
     missing = sorted(set(needed) - set(have)) if have is not None else []
     if missing:
         example = prompts.tokenizer.decode(missing[:5])
