@@ -39,3 +39,26 @@ def _bad_image_files() -> dict[str, bytes]:
 @pytest.fixture(scope="session")
 def bad_image_files() -> dict[str, bytes]:
     return _bad_image_files()
+
+
+@pytest.fixture
+def small_scenes(monkeypatch):
+    """The procedural scenes at 32 training and 4 test scenes."""
+    from mmfusion.data import scenes
+
+    monkeypatch.setattr(scenes, "SPLIT_SIZES", {"train": 32, "test": 4})
+
+
+@pytest.fixture
+def parts(tmp_path):
+    """A saved fresh vit-tiny (no head) and gpt-tiny (context 96): (vit folder, gpt folder)."""
+    import torch
+
+    from mmfusion.config import gpt_preset, vit_preset
+    from mmfusion.gpt import GPT
+    from mmfusion.vit import ViT
+
+    torch.manual_seed(0)
+    ViT(vit_preset("vit-tiny", num_classes=0)).save_pretrained(tmp_path / "vit")
+    GPT(gpt_preset("gpt-tiny", block_size=96)).save_pretrained(tmp_path / "gpt")
+    return str(tmp_path / "vit"), str(tmp_path / "gpt")

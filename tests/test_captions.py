@@ -10,27 +10,12 @@ import torch
 from accelerate.utils import set_seed
 
 from mmfusion.cli import main as cli_main
-from mmfusion.config import gpt_preset, vit_preset
 from mmfusion.data import scenes
 from mmfusion.data.scenes import question_template
 from mmfusion.evaluation import format_template_table, score_by_template
-from mmfusion.gpt import GPT
 from mmfusion.training import train_vqa
 from mmfusion.vit import ViT
 from mmfusion.vlm import VLM
-
-
-@pytest.fixture
-def small_scenes(monkeypatch):
-    monkeypatch.setattr(scenes, "SPLIT_SIZES", {"train": 32, "test": 4})
-
-
-@pytest.fixture
-def parts(tmp_path):
-    torch.manual_seed(0)
-    ViT(vit_preset("vit-tiny", num_classes=0)).save_pretrained(tmp_path / "vit")
-    GPT(gpt_preset("gpt-tiny", block_size=96)).save_pretrained(tmp_path / "gpt")
-    return str(tmp_path / "vit"), str(tmp_path / "gpt")
 
 
 def _args(out, vit, gpt, *extra):

@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from mmfusion import GPT, VLM, VLMConfig
-from mmfusion.config import AdapterConfig, GPTConfig, ViTConfig, gpt_preset, vit_preset
+from mmfusion.config import AdapterConfig, GPTConfig, ViTConfig
 from mmfusion.data import scenes
 from mmfusion.errors import ConfigError
 from mmfusion.generation import GenerationConfig, generate
 from mmfusion.tokenizer import EOT_ID, get_tokenizer
 from mmfusion.training import train_vqa
-from mmfusion.vit import ViT
 
 KEEP = (11, 198, 262, 500, 1000, 4321, 50256)
 
@@ -183,19 +182,6 @@ def test_export_note_names_the_restriction(tmp_path):
     assert any("scores only its 7 output tokens" in n for n in notes)
     saved = json.loads((tmp_path / "gpt2" / "generation_config.json").read_text())
     assert len(saved["suppress_tokens"]) == 50257 - len(KEEP)
-
-
-@pytest.fixture
-def small_scenes(monkeypatch):
-    monkeypatch.setattr(scenes, "SPLIT_SIZES", {"train": 24, "test": 4})
-
-
-@pytest.fixture
-def parts(tmp_path):
-    torch.manual_seed(0)
-    ViT(vit_preset("vit-tiny", num_classes=0)).save_pretrained(tmp_path / "vit")
-    GPT(gpt_preset("gpt-tiny", block_size=96)).save_pretrained(tmp_path / "gpt")
-    return str(tmp_path / "vit"), str(tmp_path / "gpt")
 
 
 def _train(out, vit, gpt, *extra):
