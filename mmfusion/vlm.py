@@ -211,10 +211,13 @@ class VLM(PretrainedMixin, nn.Module):
         C = hidden.shape[-1]
         picked = hidden[:, :-1].reshape(-1, C).index_select(0, label_positions)  # (K, C)
         target_ids = self.gpt.output_targets(targets.flatten().index_select(0, label_positions))  # (K,)
-        if not collated and self.config.gpt.output_tokens is not None and bool((target_ids < 0).any()):
+        restricted = self.config.gpt.output_tokens is not None
+        # Mapped ids lie in [-1, K): under a restricted head this one read is the whole range check.
+        if not collated and restricted and bool((target_ids < 0).any()):
             raise ValueError("a label token is not among this model's output tokens (GPTConfig.output_tokens); "
                              "train with --output-vocab data to score the training data's tokens")
-        loss = linear_cross_entropy(picked, self.gpt.output_weight(), target_ids, weights, check=not collated)
+        loss = linear_cross_entropy(picked, self.gpt.output_weight(), target_ids, weights,
+                                    check=not collated and not restricted)
         return VLMOutput(loss=loss, logits=None, num_tokens=n)
 
     # ---- generation -------------------------------------------------------------------------

@@ -418,23 +418,25 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
 def set_output_vocab(model: VLM, stage: VQAStageConfig, prompts: PromptBuilder, questions, captions) -> list[str]:
     """--output-vocab: restrict the LM head to the training targets' tokens (and those it already
     scores), or check that a head saved with a restricted set can produce them. Returns log lines."""
-    needed = target_tokens(prompts, questions, captions)
     have = model.config.gpt.output_tokens
     vocab = model.config.gpt.vocab_size
     mode = stage.output_vocab
     if mode == "auto":
         mode = "data" if stage.gpt in GPT_PRESETS else "all"
+    if mode == "all" and have is None:
+        return []  # every token scored: nothing to restrict or check, so the targets are not tokenized
+    needed = target_tokens(prompts, questions, captions)
     if mode == "data":
         model.restrict_output(set(needed) | set(have or ()))
         return [f"LM head: scores the {len(model.config.gpt.output_tokens)} tokens of the training targets "
                 f"(of {vocab:,}; --output-vocab {stage.output_vocab})"]
-    missing = sorted(set(needed) - set(have)) if have is not None else []
+    missing = sorted(set(needed) - set(have))
     if missing:
         example = prompts.tokenizer.decode(missing[:5])
         raise ConfigError(f"the GPT scores only its {len(have)} output tokens (GPTConfig.output_tokens), and the "
                           f"training targets hold {len(missing)} others (e.g. {example!r}); pass --output-vocab data "
                           "to add them")
-    return [] if have is None else [f"LM head: scores the model's {len(have)} output tokens (of {vocab:,})"]
+    return [f"LM head: scores the model's {len(have)} output tokens (of {vocab:,})"]
 
 
 def sampling_weights(accelerator, stage: VQAStageConfig, questions, captions) -> torch.Tensor | None:
