@@ -284,6 +284,9 @@ def gpt_from_hf(source: Any, *, dropout: float = 0.0) -> GPT:
     """Import a transformers GPT2LMHeadModel or GPT2Model as an mmfusion GPT (tied LM head).
 
     source: a model instance, a folder written by save_pretrained, or a hub id.
+    A generation_config with `suppress_tokens` (what our export writes for a head restricted to
+    some tokens) gives a GPT that scores only the other tokens (`GPTConfig.output_tokens`), so
+    its generation stays what transformers' generate() gives.
     Raises ConversionError for unsupported architectures or options (cross-attention, other
     attention scalings, untied LM head, unknown activation) and for any key or shape mismatch.
     """
@@ -291,10 +294,29 @@ def gpt_from_hf(source: Any, *, dropout: float = 0.0) -> GPT:
     arch = type(hf).__name__
     spec = GPT_SOURCES[arch]
     config = gpt_config_from_hf(hf.config, dropout)
+    suppressed = getattr(getattr(hf, "generation_config", None), "suppress_tokens", None)
+    if suppressed:
+        config = config.replace(output_tokens=output_tokens_from_suppressed(suppressed, config.vocab_size, arch))
     model = GPT(config)
     apply_table(model, gpt2_table(config, spec.prefix, lm_head=arch == "GPT2LMHeadModel"), hf.state_dict(),
                 spec.ignore, source=arch)
     return model
+
+
+def output_tokens_from_suppressed(suppressed: Any, vocab_size: int, where: str) -> tuple[int, ...]:
+    """generation_config.suppress_tokens -> the tokens the head keeps (the complement, ascending)."""
+    if not isinstance(suppressed, (list, tuple)) or not all(type(t) is int for t in suppressed):
+        raise ConversionError(f"{where}: generation_config.suppress_tokens must be a list of token ids, "
+                              f"got {str(suppressed)[:80]}; fix or remove it in generation_config.json")
+    bad = [t for t in suppressed if not 0 <= t < vocab_size]
+    if bad:
+        raise ConversionError(f"{where}: generation_config.suppress_tokens holds ids outside the vocabulary "
+                              f"[0, {vocab_size}): {bad[:5]}; fix or remove them in generation_config.json")
+    keep = tuple(sorted(set(range(vocab_size)) - set(suppressed)))
+    if not keep:
+        raise ConversionError(f"{where}: generation_config.suppress_tokens suppresses every token, so nothing "
+                              "could be generated; fix or remove it in generation_config.json")
+    return keep
 
 
 # `ViT.from_hf` / `GPT.from_hf`: attached here, so the model files never import the converter

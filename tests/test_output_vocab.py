@@ -174,6 +174,38 @@ def test_export_suppresses_the_tokens_the_head_does_not_score():
     assert gpt_to_hf(varied_gpt(4)).generation_config.suppress_tokens is None
 
 
+def test_import_reads_the_suppressed_tokens_back(tmp_path):
+    pytest.importorskip("transformers")
+    from mmfusion.export import gpt_to_hf
+
+    part = restricted_copy(varied_gpt(4))
+    gpt_to_hf(part).save_pretrained(tmp_path / "hf")
+    back = GPT.from_hf(str(tmp_path / "hf")).eval()
+    assert back.config.output_tokens == KEEP
+    ids = torch.tensor([[5, 17, 300, 42, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), part(ids))
+    # A GPT-2 without suppress_tokens keeps every token.
+    assert GPT.from_hf(gpt_to_hf(varied_gpt(4))).config.output_tokens is None
+
+
+@pytest.mark.parametrize("suppressed, message", [
+    ([3, 50257], "outside the vocabulary"),
+    (list(range(50257)), "suppresses every token"),
+    ([3, "7"], "must be a list of token ids"),
+    ([3, True], "must be a list of token ids"),
+])
+def test_import_refuses_suppressed_tokens_that_lie(suppressed, message):
+    pytest.importorskip("transformers")
+    from mmfusion.errors import ConversionError
+    from mmfusion.export import gpt_to_hf
+
+    hf = gpt_to_hf(varied_gpt(4))
+    hf.generation_config.suppress_tokens = suppressed
+    with pytest.raises(ConversionError, match=message):
+        GPT.from_hf(hf)
+
+
 def test_export_note_names_the_restriction(tmp_path):
     pytest.importorskip("transformers")
     from mmfusion.export import export
