@@ -8,8 +8,8 @@ defaults are the recipe, chosen for the accuracy targets on easy-VQA (offline, 2
 README's Results section has the measured accuracy and time per machine, precision and seed.
 `--mixed-precision` sets both stages' precision (default auto: each stage times its own step).
 Any stage flag can be overridden: `--vit-epochs`, `--vqa-epochs`, `--vit-lr`, `--vqa-lr`, ...;
-Stage 1 starts the ViT's attention as transformers' ViT does (`--vit-attention-init normal`; the
-stage command's own default is the mimetic start). `--no-keep-cls` feeds stage 2 the patch tokens
+Stage 1 starts the ViT's attention mimetically, as the stage command does (`--vit-attention-init
+normal` gives transformers' start, which needs ~50 epochs here). `--no-keep-cls` feeds stage 2 the patch tokens
 without the ViT's CLS token; `--gpt-init-std` sets the fresh GPT's init (gpt-tiny: 0.1; GPT-2's
 0.02 learns the yes/no questions much later).
 """
@@ -37,10 +37,8 @@ def parse(argv: list[str] | None):
     add("--output-dir", default="runs/main", help="where both stages and results.md go (default: %(default)s)")
     add("--seed", type=int, default=0, help="seed of both stages (default: %(default)s)")
     add("--vit-epochs", type=float, default=None, help=f"stage-1 epochs (default: {vit.epochs:g})")
-    # The mimetic start reaches stage 1's target in 40 epochs, but stage 2 on those ViTs scored
-    # under the VQA target (docs/experiments.md, 2026-11-30 main job with the mimetic init).
-    add("--vit-attention-init", default="normal", choices=ATTENTION_INITS,
-        help="how the fresh ViT's attention starts (default: %(default)s, the start the recipe was measured with)")
+    add("--vit-attention-init", default="mimetic", choices=ATTENTION_INITS,
+        help="how the fresh ViT's attention starts (default: %(default)s; normal: transformers' start)")
     add("--vqa-epochs", type=float, default=None, help=f"stage-2 epochs (default: {vqa.epochs:g})")
     add("--vit-max-steps", type=int, default=0, help="stage-1 step limit (default: 0, by epochs)")
     add("--vqa-max-steps", type=int, default=0, help="stage-2 step limit (default: 0, by epochs)")
