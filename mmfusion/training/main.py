@@ -37,7 +37,7 @@ def parse(argv: list[str] | None):
     add("--output-dir", default="runs/main", help="where both stages and results.md go (default: %(default)s)")
     add("--seed", type=int, default=0, help="seed of both stages (default: %(default)s)")
     add("--vit-epochs", type=float, default=None, help=f"stage-1 epochs (default: {vit.epochs:g})")
-    add("--vit-attention-init", default="mimetic", choices=ATTENTION_INITS,
+    add("--vit-attention-init", default=pretrain_vit.DEFAULT_VIT.attention_init, choices=ATTENTION_INITS,
         help="how the fresh ViT's attention starts (default: %(default)s; normal: transformers' start)")
     add("--vqa-epochs", type=float, default=None, help=f"stage-2 epochs (default: {vqa.epochs:g})")
     add("--vit-max-steps", type=int, default=0, help="stage-1 step limit (default: 0, by epochs)")
