@@ -157,6 +157,20 @@ def test_captions_job_takes_a_saved_vit_and_checks_stage_two_flags_first(small_s
     assert f"(ViT: {vit})" in (tmp_path / "job" / "results.md").read_text()
 
 
+@pytest.mark.parametrize("task", ["vqa", "caption"])
+def test_captions_job_reports_only_what_a_one_task_stage_two_measured(small_scenes, parts, tmp_path, task):
+    from mmfusion.training import captions
+
+    vit, _ = parts
+    result = captions.main(["--output-dir", str(tmp_path / "job"), "--no-progress", "--vit", vit, "--",
+                            "--task", task, "--max-steps", "1", "--batch-size", "4", "--caption-max-new-tokens", "2",
+                            "--max-new-tokens", "1", "--final-eval-limit", "2", "--pixel-shuffle", "2"])
+    report = (tmp_path / "job" / "results.md").read_text()
+    assert ("| captions | exact match" in report) == (task == "caption") == ("captions" in result)
+    assert ("| **all** | 2 |" in report) == (task == "vqa") == ("per_template" in result)
+    assert ("Example captions" in report) == (task == "caption")
+
+
 def test_scenes_accuracy_by_question_template_by_hand():
     rows = [{"question": "is there a red circle?", "prediction": "yes", "answers": ["yes"]},
             {"question": "is there a blue square?", "prediction": "Yes", "answers": ["no"]},

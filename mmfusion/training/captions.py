@@ -99,10 +99,14 @@ def main(argv: list[str] | None = None) -> dict:
     if vit_metrics is not None:
         lines += [f"Stage 1 (ViT, a label per cell): {100 * vit_metrics['test_accuracy']:.2f}% of test scenes right "
                   f"in every cell, {100 * vit_metrics['test_cell_accuracy']:.2f}% of cells.", ""]
-    lines += [format_caption_table(metrics["captions"]), "", format_vqa_table(metrics), "",
-              format_template_table(metrics["per_template"]), "", "Example captions (test split):", "",
-              *format_examples(read_jsonl(out / "captions.jsonl"), args.examples),
-              "", f"Model: {out / 'model'}" + (f" (ViT: {vit})." if args.vit else ".")]
+    if "captions" in metrics:  # stage 2 may be run with --task vqa or --task caption
+        lines += [format_caption_table(metrics["captions"]), ""]
+    if "per_type" in metrics:
+        lines += [format_vqa_table(metrics), "", format_template_table(metrics["per_template"]), ""]
+    if "captions" in metrics:
+        lines += ["Example captions (test split):", "",
+                  *format_examples(read_jsonl(out / "captions.jsonl"), args.examples), ""]
+    lines.append(f"Model: {out / 'model'}" + (f" (ViT: {vit})." if args.vit else "."))
     report = "\n".join(lines)
     (out / "results.md").write_text(report + "\n")
     print("\n" + report)
