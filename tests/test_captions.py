@@ -86,6 +86,31 @@ def test_caption_only_training_learns_a_fixed_caption(small_scenes, parts, tmp_p
     assert metrics["captions"]["token_f1"] > 0.3
 
 
+def test_caption_any_order_reorders_training_captions_only(small_scenes, parts, tmp_path, capsys):
+    vit, gpt = parts
+    out = tmp_path / "run"
+    stage, run_cfg = train_vqa.parse(_args(out, vit, gpt, "--task", "caption", "--max-steps", "1",
+                                           "--caption-any-order", "1"))
+    train_vqa.run(stage, run_cfg)
+    moved = sum(scenes.caption_in_any_order(scenes.caption(scenes.make_scene(scenes.SPLIT_SEEDS["train"], i)), i, 1.0)
+                != scenes.caption(scenes.make_scene(scenes.SPLIT_SEEDS["train"], i)) for i in range(32))
+    assert moved > 10 and f"data: {moved} of 32 training captions name their shapes in another order" in (
+        capsys.readouterr().out)
+    # evaluation is scored against reading order
+    test = [scenes.caption(scenes.make_scene(scenes.SPLIT_SEEDS["test"], i)) for i in range(4)]
+    refs = [json.loads(line)["captions"] for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert refs == [[t] for t in test]
+    assert json.loads((out / "run_config.json").read_text())["stage"]["caption_any_order"] == 1.0
+
+
+@pytest.mark.parametrize("flags", [["--dataset", "easy-vqa"], ["--dataset", "scenes", "--task", "vqa"]])
+def test_caption_any_order_is_for_scenes_captions(parts, tmp_path, flags):
+    vit, gpt = parts
+    argv = ["train-vqa", *flags, "--caption-any-order", "0.5", "--vit", vit, "--gpt", gpt,
+            "--output-dir", str(tmp_path / "x")]
+    assert cli_main(argv) == 2 and not (tmp_path / "x").exists()
+
+
 def test_captions_need_a_dataset_with_captions(parts, tmp_path):
     vit, gpt = parts
     with pytest.raises(train_vqa.DatasetError, match="needs captions, which 'easy-vqa' has none of"):

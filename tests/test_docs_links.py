@@ -22,7 +22,8 @@ def anchors(page: Path) -> set[str]:
 
 
 def test_anchor_follows_github():
-    assert anchor("2026-12-01 Stage 2 draws answers balanced: every seed") == "2026-12-01-stage-2-draws-answers-balanced-every-seed"
+    assert anchor("2026-12-01 Stage 2 draws answers balanced: every seed") == (
+        "2026-12-01-stage-2-draws-answers-balanced-every-seed")
     assert anchor("Mimetic attention init: stage 1 learns faster than transformers' ViT") == (
         "mimetic-attention-init-stage-1-learns-faster-than-transformers-vit")
 

@@ -187,3 +187,23 @@ def test_question_template_names_the_question_kind():
     templates = {sc.question_template(q) for i in range(200) for q, _, _ in sc.questions(sc.make_scene(seed, i), seed)}
     assert len(templates) == 9 and all("red" not in t and "circle" not in t for t in templates)
     assert sc.question_template("is the reddish squares' top leftover?") == "is the reddish squares' top leftover?"
+
+
+def test_captions_in_any_order_keep_the_phrases_and_draw_the_share():
+    scenes = [sc.make_scene(sc.SPLIT_SEEDS["train"], i) for i in range(400)]
+    texts = [sc.caption(s) for s in scenes]
+    phrases = [sorted(sc.caption_in_any_order(t, s.index, 1.0).replace(" and ", ", ").split(", ")) for t, s in
+               zip(texts, scenes)]
+    assert phrases == [sorted(t.replace(" and ", ", ").split(", ")) for t in texts]  # the same shapes, reordered
+    assert all(sc.caption_in_any_order(t, s.index, 0.0) == t for t, s in zip(texts, scenes))
+    several = [(t, s.index) for t, s in zip(texts, scenes) if len(s.shapes) > 1]
+    moved = {share: sum(sc.caption_in_any_order(t, i, share) != t for t, i in several) / len(several)
+             for share in (0.5, 1.0)}
+    # a drawn permutation is reading order again 1 time in n! (2 shapes: half the time)
+    assert 0.65 < moved[1.0] < 0.95 and 0.3 * moved[1.0] < moved[0.5] < 0.7 * moved[1.0]
+    # the same scenes every time, from the scene index alone
+    assert [sc.caption_in_any_order(t, i, 0.5) for t, i in several] == [
+        sc.caption_in_any_order(t, i, 0.5) for t, i in several]
+    for text in ("a dog on a beach", "a small red circle at the left and a cat"):
+        with pytest.raises(DatasetError, match="not a scenes caption"):
+            sc.caption_in_any_order(text, 0, 1.0)

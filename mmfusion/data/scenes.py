@@ -56,6 +56,8 @@ _NUMBERS = ("zero", "one", "two", "three", "four")
 # Per-cell classes for ViT pretraining (`load_scenes_cells`): what, if anything, fills a cell.
 CELL_CLASSES = ("empty",) + tuple(f"{size} {color} {shape}" for color in COLORS for shape in SHAPES for size in SIZES)
 _SUPERSAMPLE = 4
+_ORDER_SEED = 31  # caption_in_any_order's draws, apart from the scenes' own
+_PHRASE = re.compile(rf"a ({'|'.join(SIZES)}) ({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) at the ({'|'.join(POSITIONS)})")
 
 
 @dataclass(frozen=True)
@@ -120,8 +122,27 @@ def render(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
 
 def caption(scene: Scene) -> str:
     """One deterministic sentence naming every shape in reading order, with its position."""
-    parts = [f"a {s.size} {s.color} {s.shape} at the {s.position}" for s in scene.shapes]
+    return _join([f"a {s.size} {s.color} {s.shape} at the {s.position}" for s in scene.shapes])
+
+
+def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def caption_in_any_order(text: str, image_id: int, share: float) -> str:
+    """For a `share` of the scenes (drawn from `image_id`, so always the same ones), `text`'s shapes
+    named in a random order, else `text` as it is. Training captions only: in reading order a model
+    can write every "at the P" by looking where it just looked; in any order it has to find the shape
+    it named, the skill the questions that search by color and shape need (docs/experiments.md,
+    2026-12-01). Reading order stays the likeliest order, so greedy captions keep it."""
+    rng = np.random.default_rng((_ORDER_SEED, image_id))
+    if rng.random() >= share:
+        return text
+    head, sep, last = text.rpartition(" and ")
+    parts = [*head.split(", "), last] if sep else [text]
+    if not all(_PHRASE.fullmatch(p) for p in parts):
+        raise DatasetError(f"not a scenes caption: {text!r}; any-order captions are for the built-in scenes only")
+    return _join([parts[i] for i in rng.permutation(len(parts))])
 
 
 def _candidates(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:

@@ -117,6 +117,19 @@ def target_tokens(prompts: PromptBuilder, questions, captions) -> tuple[int, ...
     return tuple(sorted(ids))
 
 
+def captions_in_any_order(rows, share: float):
+    """Scenes training captions (one per row) with the shapes of a `share` of the scenes named in a
+    random order (mmfusion.data.scenes.caption_in_any_order), and a line saying how many changed."""
+    from ..data.scenes import caption_in_any_order
+
+    before = rows["caption"]
+    rows = rows.map(lambda text, image_id: {"caption": caption_in_any_order(text, image_id, share)},
+                    input_columns=["caption", "image_id"], desc="captions in any order")
+    changed = sum(a != b for a, b in zip(before, rows["caption"]))
+    return rows, (f"data: {changed} of {len(rows)} training captions name their shapes in another order than "
+                  f"reading order (--caption-any-order {share:g}; a one-shape caption has no other)")
+
+
 def split_index(virtual: int, n: int) -> tuple[int, int]:
     """A virtual index from EpochSampler -> (epoch, row)."""
     return divmod(virtual, n)

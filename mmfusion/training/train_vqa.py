@@ -48,6 +48,7 @@ from .data import (
     Conversations,
     Rows,
     answer_balance_weights,
+    captions_in_any_order,
     check_eval_choice,
     evaluation_rows,
     rarest_answer_share,
@@ -76,6 +77,10 @@ class VQAStageConfig:
                 "shares, 1 makes them equal, 0.5 halfway in log space (templated yes/no questions whose rare answer "
                 "a run may otherwise never learn); each question text keeps its share of the epoch, rows are drawn "
                 "with replacement"})
+    caption_any_order: float = field(default=0.0, metadata={
+        "help": "scenes only: the share of training scenes whose caption names the shapes in a random order "
+                "instead of reading order, so writing 'at the P' means finding the shape just named (the "
+                "captions job: 0.5); evaluation captions keep reading order"})
     turns: int = field(default=1, metadata={
         "help": "questions per training example: up to N questions about one image in one sequence "
                 "(a conversation; the image is encoded once and every answer is supervised)"})
@@ -152,6 +157,10 @@ class VQAStageConfig:
                 check_number(f"--{name.replace('_', '-')}", getattr(self, name), 0, low_open=True)
         check_number("--max-bad-fraction", self.max_bad_fraction, 0, 1)
         check_number("--balance-answers", self.balance_answers, 0, 1)
+        check_number("--caption-any-order", self.caption_any_order, 0, 1)
+        if self.caption_any_order and (self.dataset != SCENES or self.task == "vqa"):
+            raise ConfigError(f"--caption-any-order reorders the built-in {SCENES!r} captions for training "
+                              f"(--task caption or both); got --dataset {self.dataset!r} --task {self.task}")
         check_number("--lora-rank", self.lora_rank, 0, integer=True)
         if self.lora_alpha is not None:
             check_number("--lora-alpha", self.lora_alpha, 0, low_open=True)
@@ -347,6 +356,9 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     train_vqa, train_cap, eval_vqa, eval_cap, data_lines = load_all(stage, captions, questions)
     if train_cap is not None:
         train_cap = caption_rows(train_cap)
+        if stage.caption_any_order:
+            train_cap, line = captions_in_any_order(train_cap, stage.caption_any_order)
+            data_lines.append(line)
     model = build_vlm(stage)
     prompts = PromptBuilder(model.prompt_slots, model.config.gpt.block_size)
     vocab_lines = set_output_vocab(model, stage, prompts, train_vqa, train_cap)
