@@ -80,7 +80,7 @@ class VQAStageConfig:
     caption_any_order: float = field(default=0.0, metadata={
         "help": "scenes only: the share of training scenes whose caption names the shapes in a random order "
                 "instead of reading order, so writing 'at the P' means finding the shape just named (the "
-                "captions job: 0.5); evaluation captions keep reading order"})
+                "captions job: 0.25); evaluation captions keep reading order"})
     turns: int = field(default=1, metadata={
         "help": "questions per training example: up to N questions about one image in one sequence "
                 "(a conversation; the image is encoded once and every answer is supervised)"})
@@ -158,9 +158,9 @@ class VQAStageConfig:
         check_number("--max-bad-fraction", self.max_bad_fraction, 0, 1)
         check_number("--balance-answers", self.balance_answers, 0, 1)
         check_number("--caption-any-order", self.caption_any_order, 0, 1)
-        if self.caption_any_order and (self.dataset != SCENES or self.task == "vqa"):
-            raise ConfigError(f"--caption-any-order reorders the built-in {SCENES!r} captions for training "
-                              f"(--task caption or both); got --dataset {self.dataset!r} --task {self.task}")
+        if self.caption_any_order and self.dataset != SCENES:
+            raise ConfigError(f"--caption-any-order reorders the built-in {SCENES!r} captions, not --dataset "
+                              f"{self.dataset!r}'s; pass --caption-any-order 0")
         check_number("--lora-rank", self.lora_rank, 0, integer=True)
         if self.lora_alpha is not None:
             check_number("--lora-alpha", self.lora_alpha, 0, low_open=True)
