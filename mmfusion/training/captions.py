@@ -8,7 +8,8 @@ Two stages with the scenes defaults below:
    learns what is where, into OUTPUT_DIR/vit/. `--vit DIR` skips it and uses a saved ViT.
 2. `train_vqa` on captions and questions mixed, with that ViT frozen, each 2x2 cell's
    patches merged into one image token (pixel shuffle 4) and a fresh `gpt-tiny` (initialized
-   with std 0.1, see `--gpt-init-std`), into OUTPUT_DIR (model/,
+   with std 0.1, see `--gpt-init-std`), a quarter of the training captions naming their shapes
+   in a random order (`--caption-any-order`), into OUTPUT_DIR (model/,
    metrics.json, captions.jsonl, predictions.jsonl, logs/).
 
 results.md holds the table printed at the end. Stage-2 flags can be passed through after `--`:
