@@ -43,7 +43,7 @@ VIT_DEFAULTS = RunConfig(output_dir="runs/captions/vit", epochs=13, batch_size=6
                          weight_decay=0.05)
 # A quarter of the training captions name their shapes in a random order: with reading order only, the
 # questions that search the image by color and shape stayed unlearned in most runs (VQA 82-96%); the
-# head scores only the targets' tokens, so 7 epochs take the time 3.5 did (docs/experiments.md, 2026-12-01).
+# head scores only the targets' tokens, so 7 epochs take the time 2.5 did (docs/experiments.md, 2026-12-01).
 STAGE = train_vqa.VQAStageConfig(dataset="scenes", task="both", balance_answers=0.0, output_vocab="data",
                                  caption_any_order=0.25, adapter=AdapterConfig(pixel_shuffle=4, position_embedding=True))
 RUN_DEFAULTS = RunConfig(output_dir="runs/captions", epochs=7, batch_size=32, lr=1e-3, warmup_steps=100,
