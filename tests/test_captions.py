@@ -92,8 +92,8 @@ def test_caption_any_order_reorders_training_captions_only(small_scenes, parts, 
     stage, run_cfg = train_vqa.parse(_args(out, vit, gpt, "--task", "caption", "--max-steps", "1",
                                            "--caption-any-order", "1"))
     train_vqa.run(stage, run_cfg)
-    moved = sum(scenes.caption_in_any_order(scenes.caption(scenes.make_scene(scenes.SPLIT_SEEDS["train"], i)), i, 1.0)
-                != scenes.caption(scenes.make_scene(scenes.SPLIT_SEEDS["train"], i)) for i in range(32))
+    train = [scenes.caption(scenes.make_scene(scenes.SPLIT_SEEDS["train"], i)) for i in range(32)]
+    moved = sum(scenes.caption_in_any_order(text, i, 1.0) != text for i, text in enumerate(train))
     assert moved > 10 and f"data: {moved} of 32 training captions name their shapes in another order" in (
         capsys.readouterr().out)
     # evaluation is scored against reading order
