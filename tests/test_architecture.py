@@ -22,7 +22,8 @@ FLOORS = [
     {"data", "data.captions", "data.easy_vqa", "data.local", "data.scenes", "data.splits"},
     {"evaluation"},
     {"training", "training.args", "training.augment", "training.precision", "training.data", "training.features",
-     "training.setup", "training.loop", "training.lora", "training.pretrain_vit", "training.train_vqa", "training.main",
+     "training.setup", "training.loop", "training.lora", "training.pretrain_vit", "training.vqa_config",
+     "training.train_vqa", "training.main",
      "training.captions"},
     {"cli"},
 ]
