@@ -19,7 +19,7 @@ FLOORS = [
     {"config", "layers", "loss", "metrics", "tokenizer", "weights"},
     {"processing", "vit", "gpt", "adapter", "static_decode", "generation", "vlm"},
     {"hf_checkpoint", "convert", "loading", "export"},
-    {"data", "data.captions", "data.easy_vqa", "data.local", "data.scenes", "data.splits"},
+    {"data", "data.captions", "data.easy_vqa", "data.local", "data.scenes", "data.splits", "data.vqa"},
     {"evaluation"},
     {"training", "training.args", "training.augment", "training.precision", "training.data", "training.features",
      "training.setup", "training.loop", "training.lora", "training.pretrain_vit", "training.vqa_config",

@@ -24,8 +24,9 @@ import datasets
 
 from .captions import caption_rows, load_captions
 from .easy_vqa import CLASS_NAMES, easy_vqa_classification, load_easy_vqa_classification, load_easy_vqa_vqa
-from .local import DatasetError, LoadReport, answer_type_of, load_image_classification, load_vqa
+from .local import DatasetError, LoadReport, load_image_classification
 from .scenes import SCENES, load_scenes_captions, load_scenes_cells, load_scenes_vqa
+from .vqa import answer_type_of, load_vqa
 
 EASY_VQA = "easy-vqa"
 
