@@ -17,6 +17,8 @@ difference can be measured alone (docs/experiments.md has the results):
     mean-pool         the classifier reads the mean of the patch tokens, not CLS (ViTConfig.pool)
     mimetic-svd       the mimetic targets factored per head by SVD (the paper's best rank-D
                       approximation) instead of mmfusion.layers.mimetic_init_'s random subspaces
+    lecun-patch       the patch projection starts N(0, 1/fan_in) (LeCun, as big_vision's ViT)
+                      instead of N(0, 0.02)
 
 Datasets (nothing is downloaded): `digits`, scikit-learn's 1,797 8x8 grayscale digits at their
 native size (patch 2; a fixed 75/25 split, seed 1234); `easy-vqa`, the 24 shape x colour classes
@@ -49,7 +51,8 @@ from mmfusion.layers import scale_residual_projections
 from mmfusion.training import augment as aug
 from mmfusion.training.loop import WeightEMA
 
-VARIANT_CHANGES = ("normal-attention", "zero-head", "scaled-residual", "sincos-pos", "mean-pool", "mimetic-svd")
+VARIANT_CHANGES = ("normal-attention", "zero-head", "scaled-residual", "sincos-pos", "mean-pool", "mimetic-svd",
+                   "lecun-patch")
 POS_INIT_SCALE = 0.1  # the old sin-cos start's scale
 
 
@@ -214,6 +217,8 @@ def build(variant: str, task: Task, width: int, layers: int, heads: int, seed: i
         hf = ViTForImageClassification(hf_config)
         return hf, lambda m, px: m(pixel_values=px).logits
     name, *changes = variant.split("+")
+    patch_std = [float(c.removeprefix("patch-std-")) for c in changes if c.startswith("patch-std-")]
+    changes = [c for c in changes if not c.startswith("patch-std-")]
     if name != "ours" or set(changes) - set(VARIANT_CHANGES):
         raise SystemExit(f"unknown variant {variant!r}: transformers, or ours[+{'|+'.join(VARIANT_CHANGES)}]")
     config = ViTConfig(image_size=x.shape[-1], patch_size=task.patch_size, num_channels=x.shape[1], n_layer=layers,
@@ -233,6 +238,11 @@ def build(variant: str, task: Task, width: int, layers: int, heads: int, seed: i
                 mimetic_(block.attn, heads, gen)
         if "sincos-pos" in changes:
             vit.pos_embed.copy_(sincos_positions(width, config.grid_size) * POS_INIT_SCALE)
+        if "lecun-patch" in changes:
+            w = vit.patch_embed.weight
+            w.normal_(0.0, w[0].numel() ** -0.5)
+        for std in patch_std:
+            vit.patch_embed.weight.normal_(0.0, std)
     return vit, lambda m, px: m(px)
 
 
