@@ -10,15 +10,19 @@ Prints test accuracy after every epoch (mean over --seeds) and writes them as JS
 `ours` is a fresh mmfusion ViT as `ViT(config)` builds it; `ours+X` changes one thing, so each
 difference can be measured alone (docs/experiments.md has the results):
     normal-attention  transformers' N(0, 0.02) attention weights instead of the mimetic start
-                      (ViTConfig.attention_init="normal": with it, ours starts exactly as transformers')
+                      (ViTConfig.attention_init="normal")
+    normal-patch      transformers' N(0, 0.02) patch projection instead of N(0, 0.072)
+                      (ViTConfig.patch_init_std=0.02; with normal-attention too, ours starts exactly
+                      as transformers')
+    patch-std-S       the patch projection starts N(0, S) (ViTConfig.patch_init_std=S)
     zero-head         the classifier starts at zero (uniform logits)              } choices of the
     scaled-residual   GPT-2's 1/sqrt(2L) init of the residual projections         } init before
     sincos-pos        the position table starts as 0.1 x a 2D sin-cos table       } 2026-11-30
     mean-pool         the classifier reads the mean of the patch tokens, not CLS (ViTConfig.pool)
     mimetic-svd       the mimetic targets factored per head by SVD (the paper's best rank-D
                       approximation) instead of mmfusion.layers.mimetic_init_'s random subspaces
-    lecun-patch       the patch projection starts N(0, 1/fan_in) (LeCun, as big_vision's ViT)
-                      instead of N(0, 0.02)
+    lecun-patch       the patch projection starts N(0, 1/fan_in) (LeCun, as big_vision's ViT):
+                      0.072 for 8x8 RGB patches, 0.5 for digits' 2x2 gray ones
 
 Datasets (nothing is downloaded): `digits`, scikit-learn's 1,797 8x8 grayscale digits at their
 native size (patch 2; a fixed 75/25 split, seed 1234); `easy-vqa`, the 24 shape x colour classes
@@ -51,8 +55,8 @@ from mmfusion.layers import scale_residual_projections
 from mmfusion.training import augment as aug
 from mmfusion.training.loop import WeightEMA
 
-VARIANT_CHANGES = ("normal-attention", "zero-head", "scaled-residual", "sincos-pos", "mean-pool", "mimetic-svd",
-                   "lecun-patch")
+VARIANT_CHANGES = ("normal-attention", "normal-patch", "zero-head", "scaled-residual", "sincos-pos", "mean-pool",
+                   "mimetic-svd", "lecun-patch")
 POS_INIT_SCALE = 0.1  # the old sin-cos start's scale
 
 
@@ -217,15 +221,27 @@ def build(variant: str, task: Task, width: int, layers: int, heads: int, seed: i
         hf = ViTForImageClassification(hf_config)
         return hf, lambda m, px: m(pixel_values=px).logits
     name, *changes = variant.split("+")
-    patch_std = [float(c.removeprefix("patch-std-")) for c in changes if c.startswith("patch-std-")]
+    stds = [c.removeprefix("patch-std-") for c in changes if c.startswith("patch-std-")]
     changes = [c for c in changes if not c.startswith("patch-std-")]
-    if name != "ours" or set(changes) - set(VARIANT_CHANGES):
-        raise SystemExit(f"unknown variant {variant!r}: transformers, or ours[+{'|+'.join(VARIANT_CHANGES)}]")
+    if name != "ours" or set(changes) - set(VARIANT_CHANGES) or len(stds) > 1:
+        raise SystemExit(f"unknown variant {variant!r}: transformers, or ours[+{'|+'.join(VARIANT_CHANGES)}"
+                         "|+patch-std-S]")
+    patch_std = ViTConfig.patch_init_std
+    if stds:
+        try:
+            patch_std = float(stds[0])
+        except ValueError:
+            raise SystemExit(f"variant {variant!r}: patch-std-S needs a number S, e.g. patch-std-0.05") from None
+    if "normal-patch" in changes:
+        patch_std = 0.02
+    if "lecun-patch" in changes:
+        patch_std = (x.shape[1] * task.patch_size**2) ** -0.5
     config = ViTConfig(image_size=x.shape[-1], patch_size=task.patch_size, num_channels=x.shape[1], n_layer=layers,
                        n_head=heads, n_embd=width, num_classes=task.num_classes, layer_norm_eps=1e-6,
                        image_mean=(0.5,) * x.shape[1], image_std=(0.5,) * x.shape[1],
                        pool="mean" if "mean-pool" in changes else "cls", label_grid=task.label_grid,
-                       attention_init="normal" if "normal-attention" in changes else "mimetic")
+                       attention_init="normal" if "normal-attention" in changes else "mimetic",
+                       patch_init_std=patch_std)
     vit = ViT(config)
     with torch.no_grad():
         if "zero-head" in changes:
@@ -238,11 +254,6 @@ def build(variant: str, task: Task, width: int, layers: int, heads: int, seed: i
                 mimetic_(block.attn, heads, gen)
         if "sincos-pos" in changes:
             vit.pos_embed.copy_(sincos_positions(width, config.grid_size) * POS_INIT_SCALE)
-        if "lecun-patch" in changes:
-            w = vit.patch_embed.weight
-            w.normal_(0.0, w[0].numel() ** -0.5)
-        for std in patch_std:
-            vit.patch_embed.weight.normal_(0.0, std)
     return vit, lambda m, px: m(px)
 
 

@@ -142,6 +142,11 @@ class ViTConfig(_JSONMixin):
     attention_init: str = field(default="mimetic", metadata={
         "help": "attention weights of a fresh ViT: mimetic (start like trained attention) or normal "
                 "(transformers' N(0, 0.02))", "choices": ATTENTION_INITS})
+    # The spread of a fresh ViT's patch projection. transformers' 0.02 let AdamW rewrite it by a large
+    # share per step (lr / std) and learned slower on easy-VQA and the scenes; 0.072 (1/sqrt(3*8*8))
+    # was ahead on both and on 8x8 digits, 0.5 (1/sqrt(fan_in) there) behind (docs/experiments.md).
+    patch_init_std: float = field(default=0.072, metadata={
+        "help": "std of a fresh ViT's patch projection weights, N(0, std) (transformers: 0.02)"})
     # How images reach image_size x image_size, as the weights were trained: "square" resizes the
     # whole image (ViT's processor); "shortest_edge" resizes the short side to resize_size (None:
     # image_size) keeping the aspect ratio, then crops the centre (CLIP's). The resampling filter
@@ -183,6 +188,7 @@ class ViTConfig(_JSONMixin):
             raise ConfigError(f"ViTConfig.final_norm must be 'all' or 'cls', got {self.final_norm!r}")
         if self.attention_init not in ATTENTION_INITS:
             raise ConfigError(f"ViTConfig.attention_init must be 'mimetic' or 'normal', got {self.attention_init!r}")
+        check_number("ViTConfig.patch_init_std", self.patch_init_std, 0, low_open=True)
         if self.pool not in ("cls", "mean"):
             raise ConfigError(f"ViTConfig.pool must be 'cls' or 'mean', got {self.pool!r}")
         if not all(isinstance(v, (tuple, list)) for v in (self.image_mean, self.image_std)) or \

@@ -46,12 +46,16 @@ class ViT(PretrainedMixin, nn.Module):
     def _init_weights(self) -> None:
         """transformers' ViT init: Normal(0, 0.02) for every linear and conv weight, the
         classifier included, zero biases, unit LayerNorms, truncated normal 0.02 for the CLS
-        token and the position table; then, with `attention_init="mimetic"`, the attention
-        weights start like trained ones (mmfusion.layers.mimetic_init_). Measured one difference
-        at a time (benchmarks/vit_learning.py, docs/experiments.md): a zero classifier, GPT-2's
-        1/sqrt(2L) residual scaling and a sin-cos position start each slowed learning; the
-        mimetic start sped it up."""
+        token and the position table; then the patch projection N(0, `patch_init_std`) and, with
+        `attention_init="mimetic"`, attention weights that start like trained ones
+        (mmfusion.layers.mimetic_init_). With `patch_init_std=0.02, attention_init="normal"` it is
+        transformers' start exactly. Measured one difference at a time (benchmarks/vit_learning.py,
+        docs/experiments.md): a zero classifier, GPT-2's 1/sqrt(2L) residual scaling and a sin-cos
+        position start each slowed learning; the mimetic start and the wider patch projection
+        sped it up."""
         self.apply(init_linear_and_norm)
+        with torch.no_grad():  # scaled, not redrawn: every later tensor's draw stays as it was
+            self.patch_embed.weight.mul_(self.config.patch_init_std / 0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.config.attention_init == "mimetic":

@@ -154,7 +154,8 @@ def test_captions_job_writes_a_report(small_scenes, tmp_path, capsys):
     # Stage 1 trained a cell classifier; stage 2 used it, frozen, with one token per cell.
     vit = ViT.from_pretrained(tmp_path / "job" / "vit" / "model")
     assert vit.config.label_grid == 2 and result["vit"]["label_grid"] == 2
-    assert vit.config.attention_init == "normal"  # the start the captions job was measured with
+    # transformers' start, attention and patch projection: the ViT the captions job was measured with
+    assert vit.config.attention_init == "normal" and vit.config.patch_init_std == 0.02
     run_config = json.loads((tmp_path / "job" / "run_config.json").read_text())
     assert run_config["stage"]["task"] == "both" and run_config["stage"]["freeze_vit"] is True
     assert run_config["stage"]["output_vocab"] == "data" and run_config["stage"]["caption_any_order"] == 0.25

@@ -36,9 +36,10 @@ from .setup import RunConfig
 # records (stage-1 learning rate, the GPT's init scale, pixel shuffle and image positions) are in
 # docs/experiments.md. The GPT is fresh, so there is no pretrained GPT for an adapter-only
 # alignment phase to align to; --align-epochs is there for pretrained parts.
-# transformers' attention init: on the scenes' per-cell labels the mimetic start learned no faster
-# (docs/experiments.md, 2026-11-30 mimetic attention init), and this is the ViT the job was measured with.
-VIT_STAGE = pretrain_vit.ViTStageConfig(dataset="scenes", vit=pretrain_vit.DEFAULT_VIT.replace(attention_init="normal"))
+# transformers' start (attention and patch projection): the ViT the job's results were measured with
+# (docs/experiments.md); the wider patch start of 2026-12-01 is not measured in this job yet.
+VIT_STAGE = pretrain_vit.ViTStageConfig(dataset="scenes", vit=pretrain_vit.DEFAULT_VIT.replace(
+    attention_init="normal", patch_init_std=0.02))
 VIT_DEFAULTS = RunConfig(output_dir="runs/captions/vit", epochs=13, batch_size=64, lr=8e-3, warmup_steps=100,
                          weight_decay=0.05)
 # A quarter of the training captions name their shapes in a random order: with reading order only, the

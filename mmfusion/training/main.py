@@ -28,6 +28,7 @@ from . import pretrain_vit, train_vqa
 from .precision import PRECISIONS
 from .setup import RunConfig
 
+MAIN_PATCH_INIT_STD = 0.02  # transformers' patch start: the job's results were measured with it (docs/experiments.md)
 
 def parse(argv: list[str] | None):
     vit, vqa = pretrain_vit.STAGE_DEFAULTS, train_vqa.STAGE_DEFAULTS
@@ -39,6 +40,9 @@ def parse(argv: list[str] | None):
     add("--vit-epochs", type=float, default=None, help=f"stage-1 epochs (default: {vit.epochs:g})")
     add("--vit-attention-init", default=pretrain_vit.DEFAULT_VIT.attention_init, choices=ATTENTION_INITS,
         help="how the fresh ViT's attention starts (default: %(default)s; normal: transformers' start)")
+    add("--vit-patch-init-std", type=float, default=MAIN_PATCH_INIT_STD,
+        help="std of the fresh ViT's patch projection (default: %(default)s, the start the job's results were "
+             f"measured with; pretrain-vit's default is {pretrain_vit.DEFAULT_VIT.patch_init_std:g})")
     add("--vqa-epochs", type=float, default=None, help=f"stage-2 epochs (default: {vqa.epochs:g})")
     add("--vit-max-steps", type=int, default=0, help="stage-1 step limit (default: 0, by epochs)")
     add("--vqa-max-steps", type=int, default=0, help="stage-2 step limit (default: 0, by epochs)")
@@ -67,6 +71,7 @@ def parse(argv: list[str] | None):
     check_stage_flags(args, "vit", "vqa")
     if args.vqa_balance_answers is not None:
         check_number("--vqa-balance-answers", args.vqa_balance_answers, 0, 1)
+    check_number("--vit-patch-init-std", args.vit_patch_init_std, 0, low_open=True)
     check_writable(args.output_dir, "--output-dir", folder=True)
     return args
 
@@ -94,9 +99,11 @@ def stage_run(run: RunConfig, args, output_dir: Path, epochs: float | None, max_
 
 def stage_configs(args) -> tuple:
     """(stage-1 config, its run, stage-2 config, its run): the stage commands' defaults, so
-    `mmfusion pretrain-vit` then `mmfusion train-vqa --vit DIR/model` repeat this job (tested)."""
+    `mmfusion pretrain-vit --patch-init-std 0.02` then `mmfusion train-vqa --vit DIR/model` repeat
+    this job (tested)."""
     out = Path(args.output_dir)
-    vit_stage = pretrain_vit.ViTStageConfig(vit=pretrain_vit.DEFAULT_VIT.replace(attention_init=args.vit_attention_init))
+    vit_stage = pretrain_vit.ViTStageConfig(vit=pretrain_vit.DEFAULT_VIT.replace(
+        attention_init=args.vit_attention_init, patch_init_std=args.vit_patch_init_std))
     vit_run = stage_run(pretrain_vit.STAGE_DEFAULTS, args, out / "vit", args.vit_epochs, args.vit_max_steps, args.vit_lr)
     # The fresh gpt-tiny starts from std 0.1, its preset (docs/experiments.md: GPT init scale).
     default = train_vqa.VQAStageConfig()

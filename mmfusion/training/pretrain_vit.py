@@ -68,7 +68,8 @@ class ViTStageConfig:
     init_from: str | None = field(default=None, metadata={
         "help": "start from a saved mmfusion ViT folder, or transformers ViT/CLIP weights (folder or hub id)"})
     vit: ViTConfig = field(default=DEFAULT_VIT, metadata={
-        "only": ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "dropout", "attention_init")})
+        "only": ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "dropout", "attention_init",
+                 "patch_init_std")})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips (turn off for text or asymmetric labels)"})
     shift: int | None = field(default=None, metadata={
         "help": f"random translations by up to N pixels each way, edges replicated (default: {DEFAULT_SHIFT} "
