@@ -223,7 +223,9 @@ def build(variant: str, task: Task, width: int, layers: int, heads: int, seed: i
     name, *changes = variant.split("+")
     stds = [c.removeprefix("patch-std-") for c in changes if c.startswith("patch-std-")]
     changes = [c for c in changes if not c.startswith("patch-std-")]
-    if name != "ours" or set(changes) - set(VARIANT_CHANGES) or len(stds) > 1:
+    if len(stds) + ("normal-patch" in changes) + ("lecun-patch" in changes) > 1:
+        raise SystemExit(f"variant {variant!r}: give at most one of patch-std-S, normal-patch, lecun-patch")
+    if name != "ours" or set(changes) - set(VARIANT_CHANGES):
         raise SystemExit(f"unknown variant {variant!r}: transformers, or ours[+{'|+'.join(VARIANT_CHANGES)}"
                          "|+patch-std-S]")
     patch_std = ViTConfig.patch_init_std

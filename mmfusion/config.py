@@ -142,9 +142,9 @@ class ViTConfig(_JSONMixin):
     attention_init: str = field(default="mimetic", metadata={
         "help": "attention weights of a fresh ViT: mimetic (start like trained attention) or normal "
                 "(transformers' N(0, 0.02))", "choices": ATTENTION_INITS})
-    # The spread of a fresh ViT's patch projection. transformers' 0.02 let AdamW rewrite it by a large
-    # share per step (lr / std) and learned slower on easy-VQA and the scenes; 0.072 (1/sqrt(3*8*8))
-    # was ahead on both and on 8x8 digits, 0.5 (1/sqrt(fan_in) there) behind (docs/experiments.md).
+    # The spread of a fresh ViT's patch projection. 0.072 (1/sqrt(3*8*8)) learned much faster than
+    # transformers' 0.02 on easy-VQA and ended higher on the scenes; on 8x8 digits it is slower than
+    # 0.02 early but ahead of transformers' ViT, where 0.5 (1/sqrt(fan_in)) was not (docs/experiments.md).
     patch_init_std: float = field(default=0.072, metadata={
         "help": "std of a fresh ViT's patch projection weights, N(0, std) (transformers: 0.02)"})
     # How images reach image_size x image_size, as the weights were trained: "square" resizes the

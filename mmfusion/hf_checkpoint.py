@@ -107,7 +107,8 @@ def vit_config_from_hf(hf_config: Any, family: str, num_classes: int = 0,
         layer_norm_eps=hf_config.layer_norm_eps, activation=_activation(hf_config.hidden_act, where),
         image_mean=tuple(image_mean or default_mean), image_std=tuple(image_std or default_std),
         **(resizing or FAMILY_RESIZING[family]),
-        attention_init="normal",  # pretrained weights replace the init: skip the mimetic one's work
+        # pretrained weights replace the init: skip the mimetic one's work, and name transformers' start
+        attention_init="normal", patch_init_std=0.02,
     )
     if family == "clip":
         return _make(ViTConfig, where, **fields, qkv_bias=True, patch_bias=False, pre_norm=True, final_norm="cls")

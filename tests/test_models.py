@@ -364,8 +364,8 @@ def test_vit_init_is_transformers_vit_init():
     theirs = vit_from_hf(transformers.ViTForImageClassification(transformers.ViTConfig(
         image_size=64, patch_size=8, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=512, num_labels=100)))
-    assert theirs.config.attention_init == "normal"
-    ours = ViT(theirs.config.replace(patch_init_std=0.02))
+    assert theirs.config.attention_init == "normal" and theirs.config.patch_init_std == 0.02
+    ours = ViT(theirs.config)
     for name, p in theirs.named_parameters():
         q = dict(ours.named_parameters())[name]
         assert abs(q.std().item() - p.std().item()) < 0.002, name

@@ -9,9 +9,11 @@ README's Results section has the measured accuracy and time per machine, precisi
 `--mixed-precision` sets both stages' precision (default auto: each stage times its own step).
 Any stage flag can be overridden: `--vit-epochs`, `--vqa-epochs`, `--vit-lr`, `--vqa-lr`, ...;
 Stage 1 starts the ViT's attention mimetically, as the stage command does (`--vit-attention-init
-normal` gives transformers' start, which needs ~50 epochs here). `--no-keep-cls` feeds stage 2 the patch tokens
-without the ViT's CLS token; `--gpt-init-std` sets the fresh GPT's init (gpt-tiny: 0.1; GPT-2's
-0.02 learns the yes/no questions much later).
+normal` gives transformers' start, which needs ~50 epochs here), and its patch projection at
+transformers' 0.02, the start the job was measured with (`--vit-patch-init-std`; pretrain-vit:
+0.072). `--no-keep-cls` feeds stage 2 the patch tokens without the ViT's CLS token;
+`--gpt-init-std` sets the fresh GPT's init (gpt-tiny: 0.1; GPT-2's 0.02 learns the yes/no
+questions much later).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .precision import PRECISIONS
 from .setup import RunConfig
 
 MAIN_PATCH_INIT_STD = 0.02  # transformers' patch start: the job's results were measured with it (docs/experiments.md)
+
 
 def parse(argv: list[str] | None):
     vit, vqa = pretrain_vit.STAGE_DEFAULTS, train_vqa.STAGE_DEFAULTS
