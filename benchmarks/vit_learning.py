@@ -51,7 +51,7 @@ from torch import nn
 
 from mmfusion import ViT
 from mmfusion.config import ViTConfig
-from mmfusion.layers import scale_residual_projections
+from mmfusion.layers import INIT_STD, scale_residual_projections
 from mmfusion.training import augment as aug
 from mmfusion.training.loop import WeightEMA
 
@@ -235,7 +235,7 @@ def build(variant: str, task: Task, width: int, layers: int, heads: int, seed: i
         except ValueError:
             raise SystemExit(f"variant {variant!r}: patch-std-S needs a number S, e.g. patch-std-0.05") from None
     if "normal-patch" in changes:
-        patch_std = 0.02
+        patch_std = INIT_STD
     if "lecun-patch" in changes:
         patch_std = (x.shape[1] * task.patch_size**2) ** -0.5
     config = ViTConfig(image_size=x.shape[-1], patch_size=task.patch_size, num_channels=x.shape[1], n_layer=layers,

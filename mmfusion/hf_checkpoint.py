@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import ConfigError, GPTConfig, ViTConfig
 from .errors import ConversionError
+from .layers import INIT_STD
 from .weights import is_mmfusion_folder, read_json
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
@@ -108,7 +109,7 @@ def vit_config_from_hf(hf_config: Any, family: str, num_classes: int = 0,
         image_mean=tuple(image_mean or default_mean), image_std=tuple(image_std or default_std),
         **(resizing or FAMILY_RESIZING[family]),
         # pretrained weights replace the init: skip the mimetic one's work, and name transformers' start
-        attention_init="normal", patch_init_std=0.02,
+        attention_init="normal", patch_init_std=INIT_STD,
     )
     if family == "clip":
         return _make(ViTConfig, where, **fields, qkv_bias=True, patch_bias=False, pre_norm=True, final_norm="cls")

@@ -185,7 +185,10 @@ class GatedCrossAttention(nn.Module):
         return x + torch.tanh(self.mlp_gate) * self.mlp(self.ln_mlp(x))
 
 
-def init_linear_and_norm(module: nn.Module, std: float = 0.02) -> None:
+INIT_STD = 0.02  # GPT-2's and transformers' ViT's Normal init of every weight matrix
+
+
+def init_linear_and_norm(module: nn.Module, std: float = INIT_STD) -> None:
     """Normal(0, std) for Linear/Embedding/Conv weights, zeros for biases, unit LayerNorms."""
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -198,7 +201,7 @@ def init_linear_and_norm(module: nn.Module, std: float = 0.02) -> None:
         nn.init.zeros_(module.bias)
 
 
-def scale_residual_projections(blocks: nn.ModuleList, n_layer: int, std: float = 0.02) -> None:
+def scale_residual_projections(blocks: nn.ModuleList, n_layer: int, std: float = INIT_STD) -> None:
     """GPT-2's scaled init: residual-stream projections get std / sqrt(2 * n_layer)."""
     for block in blocks:
         for proj in (block.attn.proj, block.mlp.proj):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import ViTConfig
-from .layers import Block, init_linear_and_norm, mimetic_init_
+from .layers import INIT_STD, Block, init_linear_and_norm, mimetic_init_
 from .weights import PretrainedMixin
 
 
@@ -55,7 +55,7 @@ class ViT(PretrainedMixin, nn.Module):
         sped it up."""
         self.apply(init_linear_and_norm)
         with torch.no_grad():  # scaled, not redrawn: every later tensor's draw stays as it was
-            self.patch_embed.weight.mul_(self.config.patch_init_std / 0.02)
+            self.patch_embed.weight.mul_(self.config.patch_init_std / INIT_STD)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.config.attention_init == "mimetic":

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..config import AdapterConfig
 from ..evaluation import format_caption_table, format_examples, format_template_table, format_vqa_table, read_jsonl
+from ..layers import INIT_STD
 from ..weights import check_writable
 from . import pretrain_vit, train_vqa
 from .main import check_stage_flags
@@ -39,7 +40,7 @@ from .setup import RunConfig
 # transformers' start (attention and patch projection): the ViT the job's results were measured with
 # (docs/experiments.md); the wider patch start of 2026-12-01 is not measured in this job yet.
 VIT_STAGE = pretrain_vit.ViTStageConfig(dataset="scenes", vit=pretrain_vit.DEFAULT_VIT.replace(
-    attention_init="normal", patch_init_std=0.02))
+    attention_init="normal", patch_init_std=INIT_STD))
 VIT_DEFAULTS = RunConfig(output_dir="runs/captions/vit", epochs=13, batch_size=64, lr=8e-3, warmup_steps=100,
                          weight_decay=0.05)
 # A quarter of the training captions name their shapes in a random order: with reading order only, the

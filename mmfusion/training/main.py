@@ -25,12 +25,13 @@ from pathlib import Path
 
 from ..config import ATTENTION_INITS, check_number
 from ..evaluation import format_examples, format_vqa_table, read_jsonl
+from ..layers import INIT_STD
 from ..weights import check_writable
 from . import pretrain_vit, train_vqa
 from .precision import PRECISIONS
 from .setup import RunConfig
 
-MAIN_PATCH_INIT_STD = 0.02  # transformers' patch start: the job's results were measured with it (docs/experiments.md)
+MAIN_PATCH_INIT_STD = INIT_STD  # transformers' patch start: the job's results were measured with it (docs/experiments.md)
 
 
 def parse(argv: list[str] | None):
