@@ -344,7 +344,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", choices=sorted(TASKS), default="digits")
     p.add_argument("--variants", default="ours,transformers", help="comma-separated: transformers, ours[+change]")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; every number is their mean")
+    p.add_argument("--seeds", type=int, default=3, help="seeds F..F+N-1 (F: --first-seed); every number is their mean")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed, to add seeds to an earlier run")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -376,7 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "cells; pretrain-vit refuses them too")
     results = {}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        runs = [train(variant, task, args, seed) for seed in range(args.seeds)]
+        runs = [{"seed": seed, **train(variant, task, args, seed)}
+                for seed in range(args.first_seed, args.first_seed + args.seeds)]
         mean = [sum(r["accuracy"][e] for r in runs) / len(runs) for e in range(args.epochs)]
         worst = [min(r["accuracy"][e] for r in runs) for e in range(args.epochs)]
         results[variant] = {"mean_accuracy": mean, "worst_accuracy": worst, "runs": runs,
