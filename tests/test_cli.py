@@ -90,7 +90,7 @@ def test_stage_help_shows_the_defaults_a_run_uses(capsys):
                         ("--warmup-steps", run.warmup_steps), ("--n-embd", stage.vit.n_embd),
                         ("--image-size", stage.vit.image_size)]:
         assert _default_shown(text, flag) == str(value), flag
-    assert (run.epochs, run.batch_size, run.lr) == (40, 32, 2e-3)  # the main job's stage 1, not RunConfig's
+    assert (run.epochs, run.batch_size, run.lr) == (30, 32, 2e-3)  # the main job's stage 1, not RunConfig's
     text = _help("train-vqa", capsys)
     stage, run = train_vqa.parse([])
     for flag, value in [("--epochs", run.epochs), ("--pixel-shuffle", stage.adapter.pixel_shuffle),

@@ -8,10 +8,9 @@ defaults are the recipe, chosen for the accuracy targets on easy-VQA (offline, 2
 README's Results section has the measured accuracy and time per machine, precision and seed.
 `--mixed-precision` sets both stages' precision (default auto: each stage times its own step).
 Any stage flag can be overridden: `--vit-epochs`, `--vqa-epochs`, `--vit-lr`, `--vqa-lr`, ...;
-Stage 1 starts the ViT's attention mimetically, as the stage command does (`--vit-attention-init
-normal` gives transformers' start, which needs ~50 epochs here), and its patch projection at
-transformers' 0.02, the start the job was measured with (`--vit-patch-init-std`; pretrain-vit:
-0.072). `--no-keep-cls` feeds stage 2 the patch tokens without the ViT's CLS token;
+Stage 1 starts the ViT as the stage command does: attention mimetic, patch projection N(0, 0.072)
+(`--vit-attention-init normal --vit-patch-init-std 0.02` gives transformers' start, which needs ~50
+epochs here). `--no-keep-cls` feeds stage 2 the patch tokens without the ViT's CLS token;
 `--gpt-init-std` sets the fresh GPT's init (gpt-tiny: 0.1; GPT-2's 0.02 learns the yes/no
 questions much later).
 """
@@ -25,13 +24,10 @@ from pathlib import Path
 
 from ..config import ATTENTION_INITS, check_number
 from ..evaluation import format_examples, format_vqa_table, read_jsonl
-from ..layers import INIT_STD
 from ..weights import check_writable
 from . import pretrain_vit, train_vqa
 from .precision import PRECISIONS
 from .setup import RunConfig
-
-MAIN_PATCH_INIT_STD = INIT_STD  # transformers' patch start: the job's results were measured with it (docs/experiments.md)
 
 
 def parse(argv: list[str] | None):
@@ -44,9 +40,8 @@ def parse(argv: list[str] | None):
     add("--vit-epochs", type=float, default=None, help=f"stage-1 epochs (default: {vit.epochs:g})")
     add("--vit-attention-init", default=pretrain_vit.DEFAULT_VIT.attention_init, choices=ATTENTION_INITS,
         help="how the fresh ViT's attention starts (default: %(default)s; normal: transformers' start)")
-    add("--vit-patch-init-std", type=float, default=MAIN_PATCH_INIT_STD,
-        help="std of the fresh ViT's patch projection (default: %(default)s, the start the job's results were "
-             f"measured with; pretrain-vit's default is {pretrain_vit.DEFAULT_VIT.patch_init_std:g})")
+    add("--vit-patch-init-std", type=float, default=pretrain_vit.DEFAULT_VIT.patch_init_std,
+        help="std of the fresh ViT's patch projection (default: %(default)s; transformers': 0.02)")
     add("--vqa-epochs", type=float, default=None, help=f"stage-2 epochs (default: {vqa.epochs:g})")
     add("--vit-max-steps", type=int, default=0, help="stage-1 step limit (default: 0, by epochs)")
     add("--vqa-max-steps", type=int, default=0, help="stage-2 step limit (default: 0, by epochs)")
@@ -103,8 +98,7 @@ def stage_run(run: RunConfig, args, output_dir: Path, epochs: float | None, max_
 
 def stage_configs(args) -> tuple:
     """(stage-1 config, its run, stage-2 config, its run): the stage commands' defaults, so
-    `mmfusion pretrain-vit --patch-init-std 0.02` then `mmfusion train-vqa --vit DIR/model` repeat
-    this job (tested)."""
+    `mmfusion pretrain-vit` then `mmfusion train-vqa --vit DIR/model` repeat this job (tested)."""
     out = Path(args.output_dir)
     vit_stage = pretrain_vit.ViTStageConfig(vit=pretrain_vit.DEFAULT_VIT.replace(
         attention_init=args.vit_attention_init, patch_init_std=args.vit_patch_init_std))
