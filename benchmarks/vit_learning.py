@@ -362,7 +362,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--write-digits-folder", metavar="DIR", help="only write the digits split as an image folder")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, value, low in (("--seeds", args.seeds, 1), ("--first-seed", args.first_seed, 0), ("--epochs", args.epochs, 1)):
+        if value < low:
+            p.error(f"{flag} must be at least {low}, got {value}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -74,10 +75,14 @@ def test_first_seed_adds_seeds_to_an_earlier_run(harness, tmp_path):
     """`--first-seed F --seeds N` trains seeds F..F+N-1, each run recording its seed, so a later run
     adds seeds to an earlier one's JSON instead of repeating them."""
     out = tmp_path / "more.json"
-    tiny = "--dataset synthetic --width 16 --layers 1 --heads 1 --batch-size 100 --epochs 1 --warmup 1 --variants ours"
+    tiny = ("--dataset synthetic --width 16 --layers 1 --heads 1 --batch-size 100 --epochs 1 --warmup 1 --variants ours "
+            f"--threads {torch.get_num_threads()}")  # main() sets the thread count; keep the suite's
     results = harness.main(f"{tiny} --seeds 2 --first-seed 5 --out {out}".split())
     runs = results["ours"]["runs"]
     assert [r["seed"] for r in runs] == [5, 6]
     alone = harness.train("ours", harness.synthetic_task(), harness.parse_args(tiny.split()), 6)
     assert runs[1]["accuracy"] == alone["accuracy"]
     assert harness.json.loads(out.read_text())["args"]["first_seed"] == 5
+    for bad in ("--seeds 0", "--first-seed -1", "--epochs 0"):
+        with pytest.raises(SystemExit):
+            harness.parse_args(bad.split())
