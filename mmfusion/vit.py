@@ -56,8 +56,8 @@ class ViT(PretrainedMixin, nn.Module):
         self.apply(init_linear_and_norm)
         with torch.no_grad():  # scaled, not redrawn: every later tensor's draw stays as it was
             self.patch_embed.weight.mul_(self.config.patch_init_std / INIT_STD)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
+        nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
         if self.config.attention_init == "mimetic":
             for block in self.blocks:
                 mimetic_init_(block.attn)
