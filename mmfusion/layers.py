@@ -92,6 +92,35 @@ def build_attention_mask(key_padding: torch.Tensor | None, q_len: int, past_len:
     return allowed[:, None]  # (B, 1, T, S)
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def upcast_attention(device_type: str, dtype: torch.dtype, needs_grad: bool) -> bool:
+    """Whether attention computed in `dtype` on `device_type` should run in fp32 instead.
+
+    torch's CPU attention kernel is slow backwards in bf16: forward and backward together take
+    1.2-6x as long as in fp32 at our head widths (16-64), on CPUs with and without native bf16
+    (docs/experiments.md, 2026-12-01 CPU attention in bf16). Its forward alone is as fast as
+    fp32's, so decoding stays in bf16; CUDA kernels are fast in bf16 and are left alone.
+    """
+    return device_type == "cpu" and dtype in LOW_PRECISION and needs_grad
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` (B, H, T, D) in the dtype it would compute in (autocast's,
+    if on), except where `upcast_attention` says fp32 is faster; the output keeps that dtype."""
+    device_type = q.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not upcast_attention(device_type, dtype, needs_grad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+    with torch.autocast(device_type, enabled=False):  # autocast would cast the fp32 inputs back down
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=dropout_p)
+    return y.to(dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, n_head: int, dropout: float = 0.0, bias: bool = True,
                  qkv_bias: bool = True) -> None:
@@ -114,8 +143,7 @@ class Attention(nn.Module):
         # prefill over an empty cache is SDPA's fast path and a single decoded token sees all
         # keys; `build_attention_mask` builds a mask for every other case.
         is_causal = causal and mask is None and past == 0 and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
+        y = attention(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
 
@@ -180,7 +208,7 @@ class GatedCrossAttention(nn.Module):
         B, T, C = x.shape
         q = self.q(self.ln(x)).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k, v = kv
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))  # (B, H, T, D)
+        y = attention(q, k.to(q.dtype), v.to(q.dtype))  # (B, H, T, D)
         x = x + torch.tanh(self.attn_gate) * self.proj(y.transpose(1, 2).reshape(B, T, C))
         return x + torch.tanh(self.mlp_gate) * self.mlp(self.ln_mlp(x))
 
