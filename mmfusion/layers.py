@@ -98,10 +98,11 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 def upcast_attention(device_type: str, dtype: torch.dtype, needs_grad: bool) -> bool:
     """Whether attention computed in `dtype` on `device_type` should run in fp32 instead.
 
-    torch's CPU attention kernel is slow backwards in bf16: forward and backward together take
-    1.2-6x as long as in fp32 at our head widths (16-64), on CPUs with and without native bf16
-    (docs/experiments.md, 2026-12-01 CPU attention in bf16). Its forward alone is as fast as
-    fp32's, so decoding stays in bf16; CUDA kernels are fast in bf16 and are left alone.
+    torch's CPU attention kernel is slow backwards in bf16: forward and backward together took
+    1.2-4x as long as in fp32 at our models' shapes on a CPU with native bf16 (AMX), and bf16
+    products are slower still on AVX2-only CPUs (`benchmarks/attention.py`; docs/experiments.md,
+    2026-12-01). Its forward alone is as fast as fp32's, so decoding stays in bf16; CUDA kernels
+    are fast in bf16 and are left alone.
     """
     return device_type == "cpu" and dtype in LOW_PRECISION and needs_grad
 

@@ -204,3 +204,12 @@ def test_stage2_variants_benchmark_runs(tmp_path):
     assert info["lora8"]["trainable_M"] < info["early"]["trainable_M"] / 10
     assert all(r["step_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in info.values())
     assert json.loads(out.read_text())["results"] == info
+
+
+def test_attention_benchmark_runs_and_both_sides_agree():
+    rows = load_script("attention").main(["--smoke"])
+    assert [r["pass"] for r in rows] == ["forward + backward", "forward"]
+    assert all(r[f"{side}_s"] > 0 for r in rows for side in ("fp32", "bf16", "mmfusion"))
+    train, decode = rows
+    assert train["mmfusion_error"] < 1e-2 and train["bf16_error"] < 1e-2  # both round to bf16 once
+    assert decode["mmfusion_error"] == decode["bf16_error"]  # decoding stays bf16: the same kernel
