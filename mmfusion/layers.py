@@ -112,7 +112,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """`F.scaled_dot_product_attention` (B, H, T, D) in the dtype it would compute in (autocast's,
     if on), except where `upcast_attention` says fp32 is faster; the output keeps that dtype."""
     device_type = q.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else q.dtype  # meta tensors have no autocast
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if not upcast_attention(device_type, dtype, needs_grad):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)

@@ -113,3 +113,10 @@ def test_a_vit_trained_under_bf16_attends_in_fp32_and_lands_near_fp32(seen_dtype
     bf16 = grads("bf16")
     assert seen_dtypes == [(torch.float32,) * 3] * 2
     assert torch.linalg.vector_norm(bf16 - fp32) < 0.05 * torch.linalg.vector_norm(fp32)
+
+
+def test_tensors_on_a_device_without_autocast_pass_through():
+    """Shape-only runs on the meta device (no autocast there) still work."""
+    q = torch.empty(1, 2, 3, 4, device="meta", dtype=BF16, requires_grad=True)
+    y = attention(q, q, q)
+    assert y.shape == (1, 2, 3, 4) and y.device.type == "meta" and y.dtype == BF16
