@@ -12,14 +12,12 @@ from the fp32 result, in units of the largest fp32 output.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 from mmfusion.layers import attention
 
-from timing import alternate  # the sibling timing.py: medians, sides interleaved, order flipped each repeat
+from timing import alternate, repeat_args  # the sibling timing.py: medians, sides interleaved, order flipped each repeat
 
 BF16 = torch.bfloat16
 # (where the shape comes from, B, H, T query, S keys, D, causal)
@@ -59,13 +57,8 @@ def side(fn, q, k, v, causal: bool, dtype: torch.dtype, backward: bool):
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 repeats")
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    repeats = 2 if args.smoke else args.repeats
+    args = repeat_args(__doc__, 10, argv)
+    repeats = args.repeats
     sdpa = F.scaled_dot_product_attention
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {repeats} alternating repeats "
           "after one warm-up")

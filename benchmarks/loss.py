@@ -13,14 +13,12 @@ and gradient differences too.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 from mmfusion.loss import IGNORE_INDEX, linear_cross_entropy
 
-from timing import alternate  # the sibling timing.py: medians, sides interleaved, order flipped each repeat
+from timing import alternate, repeat_args  # the sibling timing.py: medians, sides interleaved, order flipped each repeat
 
 # (name, K supervised tokens, C width, V vocabulary)
 SHAPES = [("stage 2 (gpt-tiny, batch 64)", 128, 128, 50257), ("GPT-2 small, 512 tokens", 512, 768, 50257)]
@@ -87,11 +85,8 @@ def vlm_case(fused: bool, batch: int, smoke: bool):
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 repeats")
-    args = parser.parse_args(argv)
-    repeats = 2 if args.smoke else args.repeats
+    args = repeat_args(__doc__, 20, argv)
+    repeats = args.repeats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; median of {repeats} alternating "
           "repeats after one warm-up")
     print("| case | F.cross_entropy ms | linear_cross_entropy ms | ratio | max loss diff | max grad diff |")

@@ -7,6 +7,7 @@ a script's own folder is first on sys.path.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import platform
@@ -37,6 +38,20 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 
             sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def repeat_args(doc: str, repeats: int, argv: list[str] | None) -> argparse.Namespace:
+    """The flags of the small side-by-side scripts (loss.py, attention.py): `--repeats` (at least 1)
+    and `--smoke`; `args.repeats` is 2 under --smoke."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"alternating repeats per side (default: {repeats})")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 repeats")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.smoke:
+        args.repeats = 2
+    return args
 
 
 def timed(f: Callable[[], object]) -> float:

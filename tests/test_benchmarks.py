@@ -213,3 +213,10 @@ def test_attention_benchmark_runs_and_both_sides_agree():
     train, decode = rows
     assert train["mmfusion_error"] < 1e-2 and train["bf16_error"] < 1e-2  # both round to bf16 once
     assert decode["mmfusion_error"] == decode["bf16_error"]  # decoding stays bf16: the same kernel
+
+
+@pytest.mark.parametrize("script", ["attention", "loss"])
+def test_side_by_side_scripts_refuse_zero_repeats(script, capsys):
+    with pytest.raises(SystemExit):
+        load_script(script).main(["--repeats", "0"])
+    assert "--repeats must be at least 1" in capsys.readouterr().err
