@@ -1,9 +1,12 @@
 # Two commands do everything (see README Quickstart):
 #   make run    set up .venv, then run the main job (pretrain ViT, fine-tune VQA, evaluate)
 #   make test   set up .venv, then run the whole test suite
-# TORCH pins the fast CPU wheel; a GPU user overrides it: make run TORCH=2.9.1 (or any torch spec).
+# TORCH pins torch; a GPU user overrides it: make run TORCH=2.9.1 (or any torch spec). On the project's
+# machines pip's config finds a local CPU wheel of 2.13.0; elsewhere PyPI's Linux wheel is the CUDA
+# build, and TORCH_INDEX=https://download.pytorch.org/whl/cpu fetches the CPU one instead.
 PYTHON ?= python3
 TORCH ?= 2.13.0
+TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/main
@@ -18,7 +21,7 @@ export TOKENIZERS_PARALLELISM ?= false
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "torch==$(TORCH)"
+	$(PY) -m pip install --quiet "torch==$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
