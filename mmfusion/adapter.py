@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import AdapterConfig
+from .config import AdapterConfig, ConfigError
 
 
 def pixel_shuffle(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -24,7 +24,8 @@ def pixel_shuffle(x: torch.Tensor, s: int) -> torch.Tensor:
     B, N, D = x.shape
     g = int(round(N**0.5))
     if g * g != N or g % s:
-        raise ValueError(f"pixel shuffle by {s} needs a square patch grid divisible by {s}, got {N} patches")
+        raise ConfigError(f"pixel shuffle by {s} needs a square patch grid divisible by {s}, got {N} patches; "
+                          "choose a pixel_shuffle that divides the ViT's grid side")
     x = x.view(B, g // s, s, g // s, s, D)  # (B, G/s, s, G/s, s, D): rows, row-in-block, cols, col-in-block
     x = x.permute(0, 1, 3, 2, 4, 5)  # (B, G/s, G/s, s, s, D)
     return x.reshape(B, (g // s) ** 2, s * s * D)  # (B, M, s^2 D)
@@ -37,6 +38,9 @@ def mean_pool(x: torch.Tensor, s: int) -> torch.Tensor:
 
 
 class ViTAdapter(nn.Module):
+    """ViT hidden states (B, 1+N, Dv) -> image tokens (B, M, Dg) in the GPT's width, as the module
+    docstring describes; AdapterConfig picks the layer, CLS, merge, position embedding and projection."""
+
     def __init__(self, config: AdapterConfig, vit_dim: int, gpt_dim: int, num_tokens: int = 0) -> None:
         """`num_tokens` (M) is needed only with `config.position_embedding`."""
         super().__init__()
@@ -54,7 +58,8 @@ class ViTAdapter(nn.Module):
         self.pos_embed = None
         if config.position_embedding:
             if num_tokens < 1:
-                raise ValueError("ViTAdapter with position_embedding needs num_tokens, the image tokens it yields")
+                raise ConfigError("ViTAdapter with position_embedding needs num_tokens, the image tokens it yields "
+                                  "(AdapterConfig.num_tokens(num_patches))")
             # Unit scale, like the LayerNorm'd ViT features it is added to: at the GPT's own
             # position scale (0.01) it would drown in image features of norm ~1 and take
             # hundreds of steps to matter.

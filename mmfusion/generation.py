@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import check_number
+from .config import ConfigError, check_number
 from .errors import PromptError
 from .gpt import GPT
 from .tokenizer import EOT_ID, get_tokenizer
@@ -37,7 +37,7 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+            raise ConfigError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         check_number("max_new_tokens", self.max_new_tokens, 1, integer=True)
         check_number("temperature", self.temperature, 0)
         if self.top_k is not None:
@@ -96,7 +96,8 @@ def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_emb
     mask = None
     if attention_mask is not None and not bool(attention_mask.all()):
         if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("generation needs left padding: the last prompt position of every row must be real")
+            raise PromptError("generation needs left padding: the last prompt position of every row must be real "
+                              "(mmfusion.processing.pad_batch(..., left=True))")
         mask = torch.ones(B, T + steps, dtype=torch.long, device=device)  # (B, T + steps)
         mask[:, :T] = attention_mask
     cache = gpt.new_cache(B, T + steps)
@@ -130,7 +131,7 @@ def _fixed_shape_step(gpt: GPT, config: GenerationConfig, cache, prompt_mask: to
     from .static_decode import mark_static, static_step
 
     if before_block is not None and config.decoder == "compiled":
-        raise ValueError("the compiled decoder serves early fusion; decode a cross-fusion VLM with decoder "
+        raise ConfigError("the compiled decoder serves early fusion; decode a cross-fusion VLM with decoder "
                          "'static' or 'eager'")
     step = static_step(gpt, config.decoder == "compiled")
     B, S = cache.shape[1], cache.shape[3]
@@ -243,7 +244,8 @@ def vlm_prompts(vlm, images, questions: list[str | None]) -> dict[str, torch.Ten
     from .processing import ImageProcessor, PromptBuilder, pad_batch
 
     if len(images) != len(questions):
-        raise ValueError(f"got {len(images)} images but {len(questions)} questions")
+        raise PromptError(f"got {len(images)} images but {len(questions)} questions; pass one question per image "
+                          "(None asks for a caption)")
     builder = PromptBuilder(vlm.prompt_slots, vlm.config.gpt.block_size)
     ids = [builder.prompt_ids(q, reserve=1) for q in questions]
     device = next(vlm.parameters()).device

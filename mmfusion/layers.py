@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
+
 
 def activation(name: str) -> nn.Module:
     if name == "gelu":
@@ -20,7 +22,7 @@ def activation(name: str) -> nn.Module:
         return nn.GELU(approximate="tanh")
     if name == "quick_gelu":  # CLIP
         return QuickGELU()
-    raise ValueError(f"unknown activation {name!r}")
+    raise ConfigError(f"unknown activation {name!r}; use gelu, gelu_tanh or quick_gelu")
 
 
 class QuickGELU(nn.Module):

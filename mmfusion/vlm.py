@@ -62,6 +62,11 @@ def fuse_image_embeddings(token_embeds: torch.Tensor, image_mask: torch.Tensor,
 
 
 class VLM(PretrainedMixin, nn.Module):
+    """A ViT, a ViTAdapter and a GPT (plus cross-attention blocks under late fusion), configured by
+    a VLMConfig. Build it fresh (`VLM(config)`), from existing towers (`VLM.from_parts`), or from a
+    saved folder (`VLM.from_pretrained`); `forward` gives logits and the loss on labelled tokens,
+    `answer` / `caption` / `stream` generate text from images."""
+
     config_class = VLMConfig
     model_type = "vlm"
 
@@ -161,6 +166,7 @@ class VLM(PretrainedMixin, nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, cache=None,
                       image_features: torch.Tensor | None = None, check_slots: bool = True) -> torch.Tensor:
+        """The GPT's final-norm hidden states (B, T, C) with the images fused in; arguments as in `forward`."""
         return self.gpt.hidden_states(attention_mask=attention_mask, cache=cache,
                                       **self.fuse(input_ids, pixel_values, image_features, check_slots))
 
@@ -235,12 +241,15 @@ class VLM(PretrainedMixin, nn.Module):
         return self.answer_batch([image], [question], **kwargs)[0]
 
     def answer_batch(self, images, questions: list[str], **kwargs) -> list[str]:
+        """Answer one question per image, generated together (left-padded); keyword arguments as in `answer`."""
         return generation.vlm_generate_text(self, images, list(questions), GenerationConfig(**kwargs))
 
     def caption(self, image, **kwargs) -> str:
+        """Caption one image (the prompt without a question); keyword arguments as in `answer`."""
         return self.caption_batch([image], **kwargs)[0]
 
     def caption_batch(self, images, **kwargs) -> list[str]:
+        """Caption each image, generated together; keyword arguments as in `answer`."""
         return generation.vlm_generate_text(self, images, [None] * len(images), GenerationConfig(**kwargs))
 
     def stream(self, image, question: str | None = None, **kwargs):

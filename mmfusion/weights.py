@@ -174,6 +174,8 @@ class PretrainedMixin:
     model_type: str
 
     def save_pretrained(self, folder: str | Path) -> Path:
+        """Write `model.safetensors` and `config.json` (model type, format version, config) into
+        `folder`, created if needed; each file is replaced atomically. Returns the folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = unique_state_dict(self)  # type: ignore[arg-type]
@@ -185,6 +187,9 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, map_location: str | torch.device = "cpu"):
+        """The model `save_pretrained` wrote to `folder`, its tensors on `map_location`. A
+        CheckpointError if the folder holds another model type, an invalid config, or weights
+        whose keys or shapes differ from that config's."""
         data = read_config(folder)
         if data["model_type"] != cls.model_type:
             raise CheckpointError(
