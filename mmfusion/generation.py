@@ -36,6 +36,12 @@ class GenerationConfig:
     decoder: str = "eager"
 
     def __post_init__(self) -> None:
+        stops = () if self.stop_strings is None else self.stop_strings
+        if isinstance(stops, str):
+            stops = (stops,)  # one stop string, not one per character
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+            raise ConfigError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r}")
+        object.__setattr__(self, "stop_strings", tuple(stops))  # frozen: normalized once, here
         if self.decoder not in DECODERS:
             raise ConfigError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         check_number("max_new_tokens", self.max_new_tokens, 1, integer=True)
@@ -59,6 +65,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         probs = sorted_logits.softmax(-1)
         before = probs.cumsum(-1) - probs  # mass strictly before each token
         drop_sorted = before >= top_p
+        drop_sorted[:, 0] = False  # the most likely token always stays, however small top_p is
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -68,7 +75,11 @@ def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.
     """(B, V) logits -> (B,) token ids."""
     if config.temperature == 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p)
+    # Shifted so the top logit is 0 first, and the temperature kept a normal fp32 number: a tiny
+    # temperature then sends every other logit to -inf (greedy, ties shared) instead of making NaN.
+    logits = logits.float()
+    scaled = (logits - logits.amax(-1, keepdim=True)) / max(config.temperature, 1e-30)
+    logits = filter_logits(scaled, config.top_k, config.top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
@@ -80,7 +91,8 @@ def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_emb
     """Yield the next token (B,) for every row at each step; rows that finished yield `eot_id`.
 
     Prompts are (B, T) ids or (B, T, C) embeddings, left-padded, with attention_mask (B, T).
-    `before_block` (a cross-fusion VLM's cross-attention) runs before each GPT block, every step.
+    Every row gets at most block_size - T steps, T the longest prompt (`room_groups` batches
+    prompts so that this never cuts a row short). `before_block` (a cross-fusion VLM's cross-attention) runs before each GPT block, every step.
     """
     prompt = inputs_embeds if inputs_embeds is not None else input_ids
     B, T = prompt.shape[:2]
@@ -239,24 +251,60 @@ def _stop_prefix_length(text: str, stop_strings: tuple[str, ...]) -> int:
     return longest
 
 
-def vlm_prompts(vlm, images, questions: list[str | None]) -> dict[str, torch.Tensor]:
-    """Images and questions (None: caption) -> left-padded input_ids, attention_mask, pixel_values."""
-    from .processing import ImageProcessor, PromptBuilder, pad_batch
-
+def _check_batch(images, questions) -> tuple[list, list]:
+    if isinstance(images, (str, bytes)) or not isinstance(questions, (list, tuple)):
+        raise PromptError("images and questions must be lists with one entry per image (got "
+                          f"{type(images).__name__} and {type(questions).__name__}); for one image use answer()")
+    images = list(images)
     if len(images) != len(questions):
         raise PromptError(f"got {len(images)} images but {len(questions)} questions; pass one question per image "
                           "(None asks for a caption)")
+    return images, list(questions)
+
+
+def _prompt_ids(vlm, questions: list[str | None]) -> list[list[int]]:
+    from .processing import PromptBuilder
+
     builder = PromptBuilder(vlm.prompt_slots, vlm.config.gpt.block_size)
-    ids = [builder.prompt_ids(q, reserve=1) for q in questions]
+    return [builder.prompt_ids(q, reserve=1) for q in questions]
+
+
+def _padded(vlm, images: list, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+    from .processing import ImageProcessor, pad_batch
+
     device = next(vlm.parameters()).device
     return {
         "input_ids": pad_batch(ids, EOT_ID, left=True).to(device),
         "attention_mask": pad_batch([[1] * len(i) for i in ids], 0, left=True).to(device),
-        "pixel_values": ImageProcessor.from_config(vlm.config.vit)(list(images)).to(device),
+        "pixel_values": ImageProcessor.from_config(vlm.config.vit)(images).to(device),
     }
 
 
+def vlm_prompts(vlm, images, questions: list[str | None]) -> dict[str, torch.Tensor]:
+    """Images and questions (None: caption) -> left-padded input_ids, attention_mask, pixel_values."""
+    images, questions = _check_batch(images, questions)
+    return _padded(vlm, images, _prompt_ids(vlm, questions))
+
+
+def room_groups(lengths: list[int], block_size: int, max_new_tokens: int) -> list[list[int]]:
+    """Row indices grouped so that generating each group together gives every row the tokens it
+    would get alone. A batch generates at most block_size - (its longest prompt) tokens, so a
+    prompt that leaves less room than max_new_tokens is batched only with prompts of its own length."""
+    fits = block_size - max_new_tokens  # prompts up to this long get all max_new_tokens anyway
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n if n > fits else -1, []).append(i)
+    return list(groups.values())
+
+
 def vlm_generate_text(vlm, images, questions: list[str | None], config: GenerationConfig) -> list[str]:
-    """Answers (or captions, where the question is None) for a batch of images."""
-    rows = vlm.generate(**vlm_prompts(vlm, images, questions), config=config)
-    return [final_text(r, config.stop_strings) for r in rows]
+    """Answers (or captions, where the question is None) for a batch of images; each row's text is
+    what it would be alone (see `room_groups`)."""
+    images, questions = _check_batch(images, questions)
+    ids = _prompt_ids(vlm, questions)
+    texts: list[str] = [""] * len(ids)
+    for group in room_groups([len(i) for i in ids], vlm.config.gpt.block_size, config.max_new_tokens):
+        rows = vlm.generate(**_padded(vlm, [images[i] for i in group], [ids[i] for i in group]), config=config)
+        for i, row in zip(group, rows):
+            texts[i] = final_text(row, config.stop_strings)
+    return texts

@@ -242,7 +242,7 @@ class VLM(PretrainedMixin, nn.Module):
 
     def answer_batch(self, images, questions: list[str], **kwargs) -> list[str]:
         """Answer one question per image, generated together (left-padded); keyword arguments as in `answer`."""
-        return generation.vlm_generate_text(self, images, list(questions), GenerationConfig(**kwargs))
+        return generation.vlm_generate_text(self, images, questions, GenerationConfig(**kwargs))
 
     def caption(self, image, **kwargs) -> str:
         """Caption one image (the prompt without a question); keyword arguments as in `answer`."""

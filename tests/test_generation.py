@@ -7,7 +7,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from mmfusion import GPT, GPTConfig
-from mmfusion.generation import GenerationConfig, decode_stream, filter_logits, generate, next_token
+from mmfusion.config import ConfigError
+from mmfusion.errors import PromptError
+from mmfusion.generation import GenerationConfig, decode_stream, filter_logits, generate, next_token, room_groups
 from mmfusion.processing import pad_batch
 from mmfusion.tokenizer import EOT_ID
 
@@ -255,3 +257,67 @@ def test_compiled_decoder_gives_the_eager_tokens():
 def test_decoder_must_be_known():
     with pytest.raises(ValueError, match="decoder must be one of"):
         GenerationConfig(decoder="graphs")
+
+
+# ---- settings at their edges, and batches whose prompts fill the context -------------------------
+
+def test_one_stop_string_given_as_text_is_one_stop_string(gpt):
+    assert GenerationConfig(stop_strings="END").stop_strings == ("END",)  # not "E", "N", "D"
+    assert GenerationConfig(stop_strings=None).stop_strings == ()
+    ids = torch.tensor([[5, 9, 200, 7]])
+    full = generate(gpt, input_ids=ids, config=GenerationConfig(max_new_tokens=8))
+    from mmfusion.tokenizer import get_tokenizer
+
+    first = get_tokenizer().decode(full[0])[0]  # one character of the text, never a stop string of "xyz" + it
+    assert generate(gpt, input_ids=ids, config=GenerationConfig(max_new_tokens=8, stop_strings="xyz" + first)) == full
+    for bad in ([1, 2], [""], 7):
+        with pytest.raises(ConfigError, match="stop_strings must be a list of non-empty strings"):
+            GenerationConfig(stop_strings=bad)
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-45, 5e-324])
+def test_a_vanishing_temperature_is_greedy(gpt, temperature):
+    ids = torch.tensor([[5, 9, 200, 7]])
+    greedy = generate(gpt, input_ids=ids, config=GenerationConfig(max_new_tokens=8))
+    assert generate(gpt, input_ids=ids, config=GenerationConfig(max_new_tokens=8, temperature=temperature,
+                                                                seed=0)) == greedy
+
+
+def test_a_vanishing_top_p_keeps_the_most_likely_token(gpt):
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert torch.equal(filter_logits(logits, top_p=1e-300).softmax(-1), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    ids = torch.tensor([[5, 9, 200, 7]])
+    greedy = generate(gpt, input_ids=ids, config=GenerationConfig(max_new_tokens=8))
+    assert generate(gpt, input_ids=ids, config=GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=1e-300,
+                                                                seed=0)) == greedy
+
+
+def test_room_groups_batch_only_prompts_that_keep_their_room():
+    # block 64, 8 new tokens: prompts up to 56 tokens get all 8 in any batch; longer ones only beside their own length
+    assert room_groups([5, 10, 60, 61, 60, 3], 64, 8) == [[0, 1, 5], [2, 4], [3]]
+    assert room_groups([5, 10, 60], 64, 10**18) == [[0], [1], [2]]
+    assert room_groups([], 64, 8) == []
+
+
+@pytest.mark.parametrize("fusion, attention", [("early", "causal"), ("early", "prefix"), ("cross", "causal")])
+def test_a_rows_answer_does_not_depend_on_the_other_prompts_in_its_batch(fusion, attention):
+    import numpy as np
+
+    from mmfusion import VLM, ViTConfig, VLMConfig
+    from mmfusion.config import AdapterConfig
+
+    torch.manual_seed(0)
+    vlm = VLM(VLMConfig(vit=ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=32, num_classes=0),
+                        gpt=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64), adapter=AdapterConfig(),
+                        attention=attention, fusion=fusion)).eval()
+    with torch.no_grad():
+        for p in vlm.gpt.parameters():
+            p.normal_(0, 0.3)
+    images = [np.full((16, 16, 3), v, np.uint8) for v in (0, 120, 250)]
+    questions = ["what?", "what colour is the big shape in the middle?", "where " * 60 + "?"]  # the last fills the context
+    alone = [vlm.answer(i, q, max_new_tokens=20) for i, q in zip(images, questions)]
+    assert len(alone[0]) > len(alone[2])  # the long prompt leaves room for less
+    assert vlm.answer_batch(images, questions, max_new_tokens=20) == alone
+    assert vlm.caption_batch([], max_new_tokens=4) == [] and vlm.answer_batch([], []) == []
+    with pytest.raises(PromptError, match="must be lists"):
+        vlm.answer_batch(images[:1], "what?")  # a string is one question, not five
