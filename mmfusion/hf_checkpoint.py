@@ -7,6 +7,7 @@ Any problem raises ConversionError naming the source and what to do.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -195,22 +196,46 @@ def resizing(preprocessor: Path | None, family: str, hf_config: Any) -> dict:
 
 
 def normalization(preprocessor: Path | None, num_channels: int) -> tuple[tuple[float, ...] | None, ...]:
-    """image_mean/std from a preprocessor_config.json, or (None, None) when there is none."""
+    """image_mean/std from a preprocessor_config.json, or (None, None) when there is none.
+
+    transformers feeds (x * rescale_factor - mean) / std for x in [0, 255], and our processor's
+    pixels are x / 255, so a rescale other than 1/255 (or do_rescale false, a factor of 1) is folded
+    into the mean and std: both divided by 255 * rescale_factor."""
     if preprocessor is None or not preprocessor.is_file():
         return None, None
     data = _read_preprocessor(preprocessor)
-    if data.get("do_normalize", True) is False:  # pixels are fed as they are
-        return (0.0,) * num_channels, (1.0,) * num_channels
+    scale = 255.0 * _rescale_factor(data, preprocessor)  # 1 for transformers' default of 1/255
+    if data.get("do_normalize", True) is False:  # pixels are fed as they are, after the rescale
+        return (0.0,) * num_channels, (1.0 / scale,) * num_channels
 
     def per_channel(value: Any, key: str) -> tuple[float, ...] | None:
         if value is None:
+            if scale != 1.0:  # the family's default would be used unscaled
+                raise ConversionError(f"{preprocessor} sets a rescale other than 1/255 but no {key}; add the "
+                                      f"{key} the model was trained with to it")
             return None
         values = value if isinstance(value, (list, tuple)) else [value]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             raise ConversionError(f"{preprocessor}: {key} must be a number or a list of numbers, got {value!r}")
-        return tuple(float(v) for v in values) if isinstance(value, (list, tuple)) else (float(value),) * num_channels
+        values = values if isinstance(value, (list, tuple)) else values * num_channels
+        return tuple(float(v) / scale for v in values)
 
     return per_channel(data.get("image_mean"), "image_mean"), per_channel(data.get("image_std"), "image_std")
+
+
+def _rescale_factor(data: dict, preprocessor: Path) -> float:
+    """The factor transformers multiplies [0, 255] pixels by: rescale_factor, or 1 when do_rescale is false."""
+    do_rescale = data.get("do_rescale", True)
+    if not isinstance(do_rescale, bool):
+        raise ConversionError(f"{preprocessor}: do_rescale must be true or false, got {do_rescale!r}")
+    if not do_rescale:
+        return 1.0
+    factor = data.get("rescale_factor", 1 / 255)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+        raise ConversionError(f"{preprocessor}: rescale_factor must be a positive number, got {factor!r}; fix it "
+                              "there (transformers' default is 1/255)")
+    # transformers writes 1/255 as 0.00392156862745098: keep its pixels bit for bit
+    return 1 / 255 if math.isclose(factor, 1 / 255, rel_tol=1e-9) else float(factor)
 
 
 # ----------------------------------------------------------------------------- loading

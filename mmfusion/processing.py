@@ -43,39 +43,63 @@ CAPTION_PROMPT = "Caption:"
 # Images with more pixels than this are refused before decoding: a guard against decompression
 # bombs (a small file that expands to gigabytes). Pillow's own default; raise it for trusted files.
 MAX_IMAGE_PIXELS = 89_478_485
+# "shortest_edge" resizes the whole image and then crops, as transformers does (the same pixels),
+# while that intermediate holds at most this many outputs (images up to about 16:1); a thinner image
+# resizes only the crop box, or a 1x20000 PNG would grow to gigabytes before the crop.
+CROP_AFTER_RESIZE_LIMIT = 16
 
 logger = logging.getLogger(__name__)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB: EXIF orientation applied, alpha composited on white,
-    CMYK/palette/LA converted. Deep grayscale goes to 8 bits by a fixed scale where the
-    range is known: 16-bit ("I;16", and "I" holding values in [0, 65535], which is how
+    """Any PIL mode to RGB: EXIF orientation applied, alpha (or a tRNS transparent colour, in any
+    mode) composited on white, CMYK/palette/LA converted. Deep grayscale goes to 8 bits by a fixed
+    scale where the range is known: 16-bit ("I;16", and "I" holding values in [0, 65535], which is how
     Pillow reads 16-bit PNG/TIFF) by 255/65535, float "F" in [0, 1] by 255; other "I"/"F"
-    values are rescaled from their min..max."""
+    values are rescaled from their min..max. NaN or inf pixels raise ImageError."""
+    _load_pixels(image)
     try:
         image = ImageOps.exif_transpose(image)
     except Exception as e:  # corrupt EXIF makes Pillow raise SyntaxError, ValueError, struct.error, ...
         raise ImageError(f"the image's EXIF metadata is corrupt ({type(e).__name__}: {e}), so its orientation "
                          "is unknown; re-save the image without EXIF (or fix its orientation tag)") from e
-    if image.mode == "RGB":
+    transparent = image.info.get("transparency")
+    if image.mode == "RGB" and transparent is None:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ImageError("the image's float pixels include NaN or inf; fix where the image was computed "
+                             "(np.nan_to_num if they stand for 0)")
         lo, hi = float(arr.min()), float(arr.max())
         if image.mode.startswith("I") and 0.0 <= lo and hi <= 65535.0:
             lo, hi = 0.0, 65535.0
         elif image.mode == "F" and 0.0 <= lo and hi <= 1.0:
             lo, hi = 0.0, 1.0
         scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        if isinstance(transparent, (int, float)):  # tRNS names one value: transparent, so white
+            scaled[arr == transparent] = 255.0
         return Image.fromarray(scaled.clip(0, 255).astype(np.uint8), "L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        image = image.convert("RGBA")
+    if image.mode == "La":  # Pillow converts premultiplied La only to LA
+        image = image.convert("LA")
+    if transparent is not None or image.mode in ("RGBA", "LA", "PA", "RGBa"):
+        image = image.convert("RGBA")  # a tRNS colour (L, RGB, P, 1) becomes alpha 0 here
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image).convert("RGB")
     return image.convert("RGB")
+
+
+def _load_pixels(image: Image.Image) -> None:
+    """Decode a lazy PIL image (from Image.open) under its own guard, so that a truncated or closed
+    file is reported as such rather than as the EXIF read that would decode it next."""
+    try:
+        image.load()
+    except Exception as e:  # noqa: BLE001 -- Pillow's decoders raise OSError, SyntaxError, ValueError, ...
+        if getattr(image, "fp", "") is None:  # Pillow drops `fp` when `with Image.open(...)` ends
+            raise ImageError("the image's file was closed before its pixels were read; call image.load() inside "
+                             "the `with Image.open(...)` block, or pass the path instead") from e
+        raise ImageError(f"the image's pixels cannot be read ({type(e).__name__}: {e}); the file may be truncated "
+                         "or corrupt: re-save it as PNG or JPEG, or leave it out") from e
 
 
 def _check_size(image: Image.Image, name: str) -> None:
@@ -113,8 +137,9 @@ def load_image(image) -> Image.Image:
     """A PIL image, a path, a numpy array (H, W[, C], uint8 or float in [0, 1]) or a tensor
     (C, H, W) / (H, W) in [0, 1] -> an RGB PIL image (see `to_rgb` for the conversions).
 
-    Raises ImageError for a missing, unreadable or truncated file, an unsupported array,
-    or an image larger than MAX_IMAGE_PIXELS (checked before its pixels are decoded)."""
+    Raises ImageError for a missing, unreadable or truncated file, an unsupported array, float
+    pixels outside [0, 1] or not finite, or an image larger than MAX_IMAGE_PIXELS (checked before
+    its pixels are decoded)."""
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.exists():
@@ -124,9 +149,14 @@ def load_image(image) -> Image.Image:
         return open_image(path, str(path))
     if isinstance(image, torch.Tensor):
         t = image.detach().cpu()
+        if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+            t = t.float()  # numpy has no bfloat16 or float8
         if t.ndim == 3 and t.shape[0] in (1, 3, 4):
             t = t.permute(1, 2, 0)  # (H, W, C)
-        image = t.numpy()
+        try:
+            image = t.numpy()
+        except TypeError as e:  # complex32, quantized and other dtypes numpy lacks
+            raise ImageError(f"tensor dtype {t.dtype} is not supported; use uint8 or float in [0, 1]") from e
     if isinstance(image, np.ndarray):
         arr = image
         if arr.ndim == 3 and arr.shape[2] == 1:
@@ -136,7 +166,7 @@ def load_image(image) -> Image.Image:
         if arr.dtype != np.uint8:
             if not np.issubdtype(arr.dtype, np.floating):
                 raise ImageError(f"array dtype {arr.dtype} is not supported; use uint8 or float in [0, 1]")
-            arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            arr = _unit_floats_to_uint8(arr)
         image = Image.fromarray(arr)
     if not isinstance(image, Image.Image):
         raise ImageError(f"cannot read an image from {type(image).__name__}; pass a PIL image, path, array or tensor")
@@ -146,11 +176,25 @@ def load_image(image) -> Image.Image:
     return to_rgb(image)
 
 
+def _unit_floats_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Float pixels in [0, 1] -> uint8. Others are refused, not clipped: floats in [0, 255] (what
+    `np.asarray(image).astype(np.float32)` gives) would come out white, and NaN black."""
+    if not np.isfinite(arr).all():
+        raise ImageError("float pixels include NaN or inf; fix where the image was computed "
+                         "(np.nan_to_num if they stand for 0)")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if lo < 0.0 or hi > 1.0:
+        raise ImageError(f"float pixels must lie in [0, 1], these span [{lo:.4g}, {hi:.4g}]; divide by 255 "
+                         "or pass uint8 if they are 0..255, or clip them")
+    return (arr * 255.0 + 0.5).astype(np.uint8)
+
+
 class ImageProcessor:
     """RGB (or grayscale for a 1-channel ViT), resized as the weights were trained (the whole
     image to (size, size), or the short side to `resize_size` and the centre cropped; bicubic or
     bilinear), scaled to [0, 1], normalized. With a transformers checkpoint's settings it gives
-    the pixels its image processor gives (tests/test_processing.py)."""
+    the pixels its image processor gives (tests/test_parity.py), except for images thinner than
+    about 16:1 under "shortest_edge": those resize only the crop box (CROP_AFTER_RESIZE_LIMIT)."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], resize: str = "square",
                  resize_size: int | None = None, resample: str = "bicubic") -> None:
@@ -173,9 +217,14 @@ class ImageProcessor:
         short = self.resize_size
         # the short side to `short`, the long one in proportion (truncated, as transformers does)
         new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        left, top = (new[0] - size) // 2, (new[1] - size) // 2  # transformers' centre: the floor
+        if new[0] * new[1] > CROP_AFTER_RESIZE_LIMIT * size * size:
+            # only the crop box, in source pixels: not bit-identical to resize-then-crop (a level or so)
+            sx, sy = w / new[0], h / new[1]
+            box = (left * sx, top * sy, min(w, (left + size) * sx), min(h, (top + size) * sy))
+            return image.resize((size, size), self.filter, box=box)
         if new != image.size:
             image = image.resize(new, self.filter)
-        left, top = (new[0] - size) // 2, (new[1] - size) // 2  # transformers' centre: the floor
         return image.crop((left, top, left + size, top + size))
 
     def to_tensor(self, image) -> torch.Tensor:

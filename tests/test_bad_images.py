@@ -148,6 +148,9 @@ CONVERSIONS = {
     "signed_I_min_max": (int_image([-1000, 0, 1000], np.int32), [(0, 0, 0), (127, 127, 127), WHITE]),
     "float_F_unit_range": (int_image([0.0, 0.5, 1.0], np.float32), [(0, 0, 0), (127, 127, 127), WHITE]),
     "float_F_min_max": (int_image([-2.0, 2.0], np.float32), [(0, 0, 0), WHITE]),
+    # premultiplied La: Pillow converts it only to LA (a raw ValueError from convert("RGBA") before)
+    "premultiplied_La_opaque": (Image.new("La", (1, 1), (100, 255)), [(100, 100, 100)]),
+    "premultiplied_La_transparent": (Image.new("La", (1, 1), (100, 0)), [WHITE]),
 }
 
 
@@ -157,6 +160,23 @@ def test_mode_is_converted_to_rgb_with_the_right_pixels(case):
     rgb = load_image(image)
     assert rgb.mode == "RGB" and rgb.size == image.size
     assert [rgb.getpixel((x, 0)) for x in range(len(expected))] == expected
+
+
+@pytest.mark.parametrize("mode, values, transparent", [
+    ("L", np.array([[7, 0]], np.uint8), 0),
+    ("RGB", np.array([[[7, 7, 7], [0, 0, 0]]], np.uint8), (0, 0, 0)),
+    ("P", np.array([[7, 0]], np.uint8), 0),
+    ("I;16", np.array([[257 * 7, 1000]], np.uint16), 1000),
+])
+def test_a_trns_transparent_colour_in_a_png_file_comes_out_white(tmp_path, mode, values, transparent):
+    """A PNG tRNS chunk (one transparent colour) was honoured for palette images only: L and RGB
+    files kept the colour (black here) under their transparent pixels."""
+    image = Image.fromarray(values)
+    (image.convert("P") if mode == "P" else image).save(tmp_path / "t.png", transparency=transparent)
+    with Image.open(tmp_path / "t.png") as f:
+        assert f.mode == mode and f.info["transparency"] == transparent
+    rgb = load_image(tmp_path / "t.png")
+    assert [rgb.getpixel((x, 0)) for x in range(2)] == [(7, 7, 7), WHITE]
 
 
 def test_16_bit_png_file_is_converted_by_its_full_range(tmp_path):
@@ -180,6 +200,19 @@ def test_tiny_and_thin_images_become_model_sized_tensors(size):
     assert torch.allclose(x, torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 16, 16))
 
 
+def test_a_thin_image_is_resized_without_a_huge_intermediate(monkeypatch):
+    """"shortest_edge" resized the whole image before cropping: 1x20000 became 16x320000 here
+    (224x4480000, 4 GB, at CLIP's size) though it passes MAX_IMAGE_PIXELS easily."""
+    sizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(tuple(size)) or
+                        resize(self, size, *a, **k))
+    processor = ImageProcessor(16, (0.5,) * 3, (0.5,) * 3, resize="shortest_edge", resize_size=20)
+    x = processor.to_tensor(Image.new("RGB", (1, 20000), RED))
+    assert torch.allclose(x, torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 16, 16))
+    assert sizes and max(w * h for w, h in sizes) <= processing.CROP_AFTER_RESIZE_LIMIT * 16 * 16
+
+
 # Files whose header opens: the failure comes from the pixel data or the metadata, which the
 # old loader read outside its guard (corrupt EXIF, a zTXt bomb) or not at all (verify()).
 OPENABLE = {"truncated_jpeg_rows": "is not a readable image", "png_ztxt_bomb": "is not a readable image",
@@ -195,6 +228,19 @@ def test_bad_pixels_or_metadata_raise_image_error(case, tmp_path, bad_image_file
     assert str(path) in str(info.value) and "re-save" in str(info.value)
     err = cli_error(capsys, ["generate", "--model", tiny_vlm, "--image", path, "--question", "what?"])
     assert OPENABLE[case] in err and str(path) in err
+
+
+def test_an_image_object_whose_pixels_cannot_be_read_is_not_blamed_on_exif(tmp_path, bad_image_files):
+    """A lazy Image.open(...) object was first decoded inside the EXIF guard, so a truncated or
+    closed file was reported as "EXIF metadata is corrupt"."""
+    with Image.open(io.BytesIO(bad_image_files["truncated_jpeg_rows"])) as image:
+        with pytest.raises(ImageError, match=r"pixels cannot be read \(OSError: image file is truncated.*re-save"):
+            load_image(image)
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    with Image.open(tmp_path / "ok.png") as image:
+        pass
+    with pytest.raises(ImageError, match=r"file was closed before its pixels were read; call image.load\(\)"):
+        load_image(image)
 
 
 def test_corrupt_exif_on_an_image_object_is_an_image_error(bad_image_files):

@@ -436,7 +436,7 @@ def test_imported_vit_sees_the_pixels_vit_image_processor_gives(tmp_path, size):
     assert ViT.from_hf(hf).config.resample == "bilinear"  # the family's default, without the file
 
 
-@pytest.mark.parametrize("size", [(600, 400), (300, 500), (33, 32), (40, 101)])
+@pytest.mark.parametrize("size", [(600, 400), (300, 500), (33, 32), (40, 101), (10, 160)])
 def test_imported_clip_sees_the_pixels_clip_image_processor_gives(tmp_path, size):
     """CLIPImageProcessor resizes the short side and crops the centre (we squashed the whole image
     to a square: mean 0.56, max 3.59 apart on a 600x400 photo)."""
@@ -462,8 +462,50 @@ def test_a_larger_resize_then_crop_is_followed(tmp_path):
     assert max_diff(ImageProcessor.from_config(ours.config)(image)[0], theirs(processor, image)) <= 1e-5
 
 
+@pytest.mark.parametrize("settings", [{"rescale_factor": 1 / 127.5}, {"do_rescale": False},
+                                      {"do_rescale": False, "do_normalize": False},
+                                      {"rescale_factor": 2 / 255, "do_normalize": False}])
+def test_imported_vit_follows_the_processors_rescale(tmp_path, settings):
+    """rescale_factor and do_rescale were dropped: 1.8 apart at 1/127.5, 460 without the rescale."""
+    hf_vit("ViTModel").save_pretrained(tmp_path)
+    processor = transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6],
+                                                  image_std=[0.2, 0.3, 0.25], **settings)
+    processor.save_pretrained(tmp_path)
+    ours = ViT.from_hf(tmp_path)
+    image = photo(40, 50, seed=3)
+    expected = theirs(processor, image)
+    assert max_diff(ImageProcessor.from_config(ours.config)(image)[0], expected) <= 1e-6 * expected.abs().max() + 1e-5
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_trns_transparent_colour_is_composited_as_clip_image_processor_does(mode):
+    """tRNS was honoured for palette images only: an L image's transparent pixels stayed black (1.23 apart)."""
+    image = photo(40, 48, seed=4).convert(mode)
+    image.info["transparency"] = image.getpixel((20, 20))  # one colour, wherever it occurs, is transparent
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    ours = ImageProcessor(32, CLIP_MEAN, CLIP_STD, resize="shortest_edge", resample="bicubic")
+    assert max_diff(ours(image)[0], theirs(processor, image)) <= 1e-5
+
+
+@pytest.mark.parametrize("size", [(3, 100), (120, 5), (1, 333)])
+def test_a_thin_image_stays_within_a_level_of_clip_image_processor(size):
+    """Past CROP_AFTER_RESIZE_LIMIT only the crop box is resized (transformers builds the whole
+    16x1600 intermediate here): on a smooth image the pixels stay within a level or two."""
+    rng = np.random.default_rng(5)
+    x, y = np.meshgrid(np.linspace(0, 1, size[0]), np.linspace(0, 1, size[1]))
+    image = Image.fromarray((np.stack([x, y, x * y], -1) * 255 + rng.uniform(-2, 2, (*x.shape, 3))).clip(0, 255)
+                            .astype(np.uint8))
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    ours = ImageProcessor(16, CLIP_MEAN, CLIP_STD, resize="shortest_edge", resample="bicubic")
+    assert max_diff(ours(image)[0], theirs(processor, image)) <= 2.5 / 255 / min(CLIP_STD)
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"resample": 1}, "resample 1 is not supported"),
+    ({"rescale_factor": 0}, "rescale_factor must be a positive number, got 0"),
+    ({"rescale_factor": "1/255"}, "rescale_factor must be a positive number"),
+    ({"do_rescale": "yes"}, "do_rescale must be true or false"),
+    ({"rescale_factor": 0.5, "image_std": [0.5, 0.5, 0.5]}, "rescale other than 1/255 but no image_mean"),
     ({"size": {"height": 48, "width": 48}}, "the processor gives 48x48 images, the model takes 32x32"),
     ({"size": {"shortest_edge": 32}, "do_center_crop": False}, "without a centre crop"),
     ({"size": {"height": 32, "width": 40}}, "size must be a positive size"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -98,9 +100,31 @@ def test_arrays_tensors_and_paths_are_accepted(tmp_path):
         assert load_image(source).size == (6, 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_low_and_high_precision_float_tensors_give_the_float32_pixels(dtype):
+    """numpy has no bfloat16: load_image raised a raw TypeError for it."""
+    x = torch.tensor([0.0, 0.25, 0.5, 1.0]).view(1, 1, 4).expand(3, 2, 4)  # exact in bfloat16
+    assert np.array_equal(np.asarray(load_image(x.to(dtype))), np.asarray(load_image(x)))
+
+
+def test_a_tensor_dtype_numpy_lacks_is_an_image_error():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "ComplexHalf support is experimental"
+        t = torch.zeros(3, 4, 4, dtype=torch.complex32)
+    with pytest.raises(ImageError, match="tensor dtype torch.complex32 is not supported; use uint8 or float"):
+        load_image(t)
+
+
 @pytest.mark.parametrize("bad, message", [
     (np.zeros((4, 4, 2)), "not an image"),
     (np.zeros((4, 4), np.int64), "not supported"),
+    # floats were clipped to [0, 1]: a 0..255 array came out white, NaN black, inf white
+    (np.full((4, 4, 3), 200.0, np.float32), r"float pixels must lie in \[0, 1\], these span \[200, 200\]; divide by 255"),
+    (torch.full((3, 4, 4), 128.0), "float pixels must lie in .0, 1.*divide by 255 or pass uint8"),
+    (np.full((4, 4), -0.5), "float pixels must lie in"),
+    (np.full((4, 4, 3), np.nan, np.float32), "float pixels include NaN or inf"),
+    (torch.full((3, 4, 4), float("inf")), "float pixels include NaN or inf"),
+    (Image.fromarray(np.full((4, 4), np.nan, np.float32), "F"), "float pixels include NaN or inf"),
     ("does/not/exist.png", "does not exist"),
     (42, "cannot read an image"),
 ])

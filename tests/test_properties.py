@@ -200,7 +200,7 @@ def any_image(draw):
     if mode == "array_rgba":
         return np.concatenate([rgb, rng.integers(0, 256, (h, w, 1), dtype=np.uint8)], axis=2)
     if mode == "array_float":
-        return rng.random((h, w, 3)) * 1.5 - 0.25  # out-of-range values are clipped to [0, 1]
+        return rng.random((h, w, 3))  # floats in [0, 1]; others are refused (tests/test_bad_images.py)
     if mode == "tensor_chw":
         return torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
     if mode == "tensor_gray":
