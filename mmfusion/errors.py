@@ -47,3 +47,27 @@ class TokenizerFilesError(MMFusionError, RuntimeError):
 
 class NonFiniteLossError(MMFusionError, RuntimeError):
     """The loss (or the weights) became NaN or infinite; the last good checkpoint is kept."""
+
+
+def fail(message: str) -> int:
+    """Print `mmfusion: error: message` on stderr; the exit code for bad input (2)."""
+    import sys
+
+    print(f"mmfusion: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_command(command, argv: list[str] | None = None) -> int:
+    """Run command(argv) as a program: bad input (an MMFusionError, a missing file or folder), a
+    failing disk or Ctrl-C becomes one line on stderr and exit code 2; anything else is a bug and
+    keeps its traceback. The `mmfusion` command and the entry scripts in training/ both end here."""
+    try:
+        command(argv)
+    except (MMFusionError, FileNotFoundError, NotADirectoryError) as e:
+        return fail(str(e))
+    except OSError as e:  # the machine, not the code: a read-only or full disk, a permission
+        where = f"{e.filename}: " if e.filename else ""
+        return fail(f"{where}{e.strerror or e}; check the path, the free space and the permissions")
+    except KeyboardInterrupt:
+        return fail("interrupted")
+    return 0

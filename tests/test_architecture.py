@@ -136,6 +136,19 @@ def test_entry_scripts_run_from_the_repo_root(how):
     assert "--output-dir" in done.stdout
 
 
+@pytest.mark.parametrize("how", [["-m", "training.main", "--vit-epochs", "nan"], ["training/train_vqa.py", "--lr", "nan"]],
+                         ids=["module", "path"])
+def test_entry_scripts_report_bad_input_in_one_line_as_the_command_does(how, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, *how, "--output-dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"mmfusion: error: {how[-2]} must be positive (a finite number), got nan"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_training_is_not_installed_as_a_top_level_package():
     text = (ROOT / "pyproject.toml").read_text()  # no tomllib on Python 3.10
     assert 'include = ["mmfusion*"]' in text and '"training*"' not in text

@@ -5,7 +5,7 @@
     accelerate launch -m training.captions ...              # many processes
 """
 
-from mmfusion.training.captions import main
+from mmfusion.training.captions import script
 
 if __name__ == "__main__":
-    main()
+    script()

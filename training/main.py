@@ -5,7 +5,7 @@
     accelerate launch -m training.main ...              # many processes
 """
 
-from mmfusion.training.main import main
+from mmfusion.training.main import script
 
 if __name__ == "__main__":
-    main()
+    script()

@@ -5,7 +5,7 @@
     accelerate launch -m training.pretrain_vit ...              # many processes
 """
 
-from mmfusion.training.pretrain_vit import main
+from mmfusion.training.pretrain_vit import script
 
 if __name__ == "__main__":
-    main()
+    script()

@@ -5,7 +5,7 @@
     accelerate launch -m training.train_vqa ...              # many processes
 """
 
-from mmfusion.training.train_vqa import main
+from mmfusion.training.train_vqa import script
 
 if __name__ == "__main__":
-    main()
+    script()

@@ -20,11 +20,13 @@ results.md holds the table printed at the end. Stage-2 flags can be passed throu
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from ..config import AdapterConfig
+from ..errors import run_command
 from ..evaluation import format_caption_table, format_examples, format_template_table, format_vqa_table, read_jsonl
 from ..layers import INIT_STD
 from ..weights import check_writable
@@ -116,5 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
     return {**metrics, "vit": vit_metrics, "seconds": seconds}
 
 
+def script() -> None:
+    """`python training/captions.py` and `python -m`: bad input as one line, exit code 2, as `mmfusion`."""
+    sys.exit(run_command(main))
+
+
 if __name__ == "__main__":
-    main()
+    script()

@@ -18,11 +18,13 @@ questions much later).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from ..config import ATTENTION_INITS, check_number
+from ..errors import run_command
 from ..evaluation import format_examples, format_vqa_table, read_jsonl
 from ..weights import check_writable
 from . import pretrain_vit, train_vqa
@@ -150,5 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
     return {"vit": vit_metrics, "vqa": vqa_metrics, "seconds": t2 - t0}
 
 
+def script() -> None:
+    """`python training/main.py` and `python -m`: bad input as one line, exit code 2, as `mmfusion`."""
+    sys.exit(run_command(main))
+
+
 if __name__ == "__main__":
-    main()
+    script()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from torch.utils.data import default_collate
 from ..config import VIT_PRESETS, ConfigError, ViTConfig, check_number, vit_preset
 from ..data import load_classification
 from ..data.splits import align_labels
+from ..errors import run_command
 from ..layers import init_linear_and_norm
 from ..loading import load_vit
 from ..metrics import top1_accuracy
@@ -342,5 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     run(*parse(argv))
 
 
+def script() -> None:
+    """`python training/pretrain_vit.py` and `python -m`: bad input as one line, exit code 2, as `mmfusion`."""
+    sys.exit(run_command(main))
+
+
 if __name__ == "__main__":
-    main()
+    script()

@@ -19,6 +19,7 @@ predictions.jsonl (questions) and captions.jsonl (captions), run_config.json, lo
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from accelerate.utils import extract_model_from_parallel, set_seed
 
 from ..config import GPT_PRESETS, ConfigError
 from ..data import BUILT_IN, EASY_VQA, SCENES, DatasetError, caption_rows, load_caption_dataset, load_vqa_dataset
+from ..errors import run_command
 from ..evaluation import predict, predict_captions, score, score_by_template, score_captions, write_jsonl
 from ..loading import load_gpt, load_vit
 from ..processing import ImageProcessor, PromptBuilder, VQACollator
@@ -373,5 +375,10 @@ def main(argv: list[str] | None = None) -> None:
     run(*parse(argv))
 
 
+def script() -> None:
+    """`python training/train_vqa.py` and `python -m`: bad input as one line, exit code 2, as `mmfusion`."""
+    sys.exit(run_command(main))
+
+
 if __name__ == "__main__":
-    main()
+    script()
