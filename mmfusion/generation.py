@@ -92,7 +92,8 @@ def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_emb
 
     Prompts are (B, T) ids or (B, T, C) embeddings, left-padded, with attention_mask (B, T).
     Every row gets at most block_size - T steps, T the longest prompt (`room_groups` batches
-    prompts so that this never cuts a row short). `before_block` (a cross-fusion VLM's cross-attention) runs before each GPT block, every step.
+    prompts so that this never cuts a row short). `before_block` (a cross-fusion VLM's
+    cross-attention) runs before each GPT block, every step.
     """
     prompt = inputs_embeds if inputs_embeds is not None else input_ids
     B, T = prompt.shape[:2]

@@ -208,3 +208,34 @@ def test_scenes_accuracy_by_question_template_by_hand():
     table = format_template_table(by).splitlines()
     assert table[2] == "| what shape is at the P? | 1 | 100.00% |"  # lookups first
     assert table[3] == "| is there a C S? | 3 | 66.67% |"
+
+
+def test_captions_job_on_other_question_data_reports_without_a_template_table(parts, tmp_path):
+    from PIL import Image
+
+    from mmfusion.training import captions
+
+    rows = []
+    for i in range(8):
+        Image.new("RGB", (16, 16), (30 * i, 0, 0)).save(tmp_path / f"img{i}.png")
+        rows.append({"image": f"img{i}.png", "question": "what color?", "answers": [f"c{i % 2}"]})
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    vit, _ = parts
+    result = captions.main(["--output-dir", str(tmp_path / "job"), "--no-progress", "--vit", vit, "--",
+                            "--dataset", str(data), "--task", "vqa", "--caption-any-order", "0", "--max-steps", "1",
+                            "--batch-size", "4", "--max-new-tokens", "1", "--pixel-shuffle", "2"])
+    report = (tmp_path / "job" / "results.md").read_text()
+    assert "per_template" not in result and "| **all** |" in report
+    assert f"Evaluated on 1 of the 8 rows of {data}" in report  # not "Scenes test split"
+
+
+@pytest.mark.parametrize("flag", ["--output-dir", "--seed", "--mixed-precision", "--vit", "--no-progress"])
+def test_job_flags_after_the_separator_are_refused_before_any_work(flag, tmp_path):
+    from mmfusion.config import ConfigError
+    from mmfusion.training import captions
+
+    value = [] if flag == "--no-progress" else [str(tmp_path / "elsewhere") if flag in ("--output-dir", "--vit") else "1"]
+    with pytest.raises(ConfigError, match=f"{flag} after -- applies to stage 2 only; give it before --"):
+        captions.parse(["--output-dir", str(tmp_path / "job"), "--", flag, *value])
+    assert not (tmp_path / "job").exists()

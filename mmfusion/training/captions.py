@@ -25,12 +25,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, ConfigError
 from ..errors import run_command
 from ..evaluation import format_caption_table, format_examples, format_template_table, format_vqa_table, read_jsonl
 from ..layers import INIT_STD
 from ..weights import check_writable
 from . import pretrain_vit, train_vqa
+from .args import OneLineErrorParser
 from .main import check_stage_flags
 from .precision import PRECISIONS
 from .setup import RunConfig
@@ -54,9 +55,14 @@ RUN_DEFAULTS = RunConfig(output_dir="runs/captions", epochs=7, batch_size=32, lr
                          weight_decay=0.05, eval_samples=300)
 
 
+# The job's own flags; `--vit DIR` before -- also skips stage 1, which after -- would still run.
+JOB_FLAGS = ("--output-dir", "--seed", "--mixed-precision", "--compile", "--no-compile", "--progress",
+             "--no-progress", "--vit")
+
+
 def parse(argv: list[str] | None):
-    parser = argparse.ArgumentParser(prog="mmfusion captions", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(prog="mmfusion captions", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--output-dir", default=RUN_DEFAULTS.output_dir, help="where both stages and results.md go (default: %(default)s)")
     add("--seed", type=int, default=0, help="seed of both stages (default: %(default)s)")
@@ -73,6 +79,10 @@ def parse(argv: list[str] | None):
     add("--vit-lr", type=float, default=VIT_DEFAULTS.lr, help="stage-1 peak learning rate (default: %(default)s)")
     add("stage_args", nargs="*", help="stage-2 flags after --, e.g. -- --epochs 1 (see mmfusion train-vqa --help)")
     args = parser.parse_args(argv)
+    for flag in JOB_FLAGS:  # stage 2 parses what follows --; these would split the job from its stage 1
+        if any(a == flag or a.startswith(flag + "=") for a in args.stage_args):
+            raise ConfigError(f"{flag} after -- applies to stage 2 only; give it before -- "
+                              f"(mmfusion captions {flag} ...), where it sets the whole job")
     check_stage_flags(args, "vit")
     check_writable(args.output_dir, "--output-dir", folder=True)
     return args
@@ -99,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = train_vqa.run(stage, run_cfg)
     seconds = time.perf_counter() - t0
 
-    lines = ["# mmfusion captions job", "", f"Scenes test split, after {seconds:.0f}s of training and evaluation "
+    evaluated = metrics.get("evaluation", "").removeprefix("evaluation: ") or stage.dataset
+    lines = ["# mmfusion captions job", "", f"Evaluated on {evaluated}, after {seconds:.0f}s of training and evaluation "
              f"(stage 1: {t1 - t0:.0f}s, stage 2: {seconds - (t1 - t0):.0f}s).", ""]
     if vit_metrics is not None:
         lines += [f"Stage 1 (ViT, a label per cell): {100 * vit_metrics['test_accuracy']:.2f}% of test scenes right "
@@ -107,7 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "captions" in metrics:  # stage 2 may be run with --task vqa or --task caption
         lines += [format_caption_table(metrics["captions"]), ""]
     if "per_type" in metrics:
-        lines += [format_vqa_table(metrics), "", format_template_table(metrics["per_template"]), ""]
+        lines += [format_vqa_table(metrics), ""]
+    if "per_template" in metrics:  # the scenes' question templates; other data has none
+        lines += [format_template_table(metrics["per_template"]), ""]
     if "captions" in metrics:
         lines += ["Example captions (test split):", "",
                   *format_examples(read_jsonl(out / "captions.jsonl"), args.examples), ""]

@@ -7,8 +7,10 @@ metrics, predictions.jsonl, logs) and results.md (the table printed at the end).
 defaults are the recipe, chosen for the accuracy targets on easy-VQA (offline, 2-core CPU); the
 README's Results section has the measured accuracy and time per machine, precision and seed.
 `--mixed-precision` sets both stages' precision (default auto: each stage times its own step).
-Any stage flag can be overridden: `--vit-epochs`, `--vqa-epochs`, `--vit-lr`, `--vqa-lr`, ...;
-Stage 1 starts the ViT as the stage command does: attention mimetic, patch projection N(0, 0.072)
+The flags below override the stages' settings (`--vit-epochs`, `--vqa-epochs`, `--vit-lr`,
+`--vqa-lr`, ...); for any other stage flag run the stages themselves, `mmfusion pretrain-vit` then
+`mmfusion train-vqa --vit DIR/vit/model`, which repeat this job with their defaults. Stage 1 starts
+the ViT as the stage command does: attention mimetic, patch projection N(0, 0.072)
 (`--vit-attention-init normal --vit-patch-init-std 0.02` gives transformers' start, which needs ~50
 epochs here). `--no-keep-cls` feeds stage 2 the patch tokens without the ViT's CLS token;
 `--gpt-init-std` sets the fresh GPT's init (gpt-tiny: 0.1; GPT-2's 0.02 learns the yes/no
@@ -28,14 +30,15 @@ from ..errors import run_command
 from ..evaluation import format_examples, format_vqa_table, read_jsonl
 from ..weights import check_writable
 from . import pretrain_vit, train_vqa
+from .args import OneLineErrorParser
 from .precision import PRECISIONS
 from .setup import RunConfig
 
 
 def parse(argv: list[str] | None):
     vit, vqa = pretrain_vit.STAGE_DEFAULTS, train_vqa.STAGE_DEFAULTS
-    parser = argparse.ArgumentParser(prog="mmfusion main", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(prog="mmfusion main", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--output-dir", default="runs/main", help="where both stages and results.md go (default: %(default)s)")
     add("--seed", type=int, default=0, help="seed of both stages (default: %(default)s)")

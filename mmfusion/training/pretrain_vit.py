@@ -106,6 +106,11 @@ class ViTStageConfig:
         check_number("--cutmix", self.cutmix, 0)
         check_number("--label-smoothing", self.label_smoothing, 0, 1, high_open=True)
         check_number("--ema", self.ema, 0, 1, high_open=True)
+        changed = [f"--{k.replace('_', '-')}" for k in self.__dataclass_fields__["vit"].metadata["only"]
+                   if getattr(self.vit, k) != getattr(DEFAULT_VIT, k)]
+        if self.init_from and changed:  # the loaded weights fix the architecture; the flags would be ignored
+            raise ConfigError(f"--init-from brings its own architecture, so {', '.join(changed)} (or --preset) would "
+                              "be ignored; drop them, or train a fresh ViT without --init-from")
 
 
 def label_layout(dataset) -> tuple[list[str], int]:
