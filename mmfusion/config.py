@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .tokenizer import EOT_ID, IMAGE_ID
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 RESAMPLE_FILTERS = ("bicubic", "bilinear")
@@ -62,6 +63,15 @@ def check_number(label: str, value: Any, low: float | None = None, high: float |
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
         raise ConfigError(f"{label} must be {span}, got {value!r}")
+
+
+def _flags(cfg: Any) -> None:
+    """Every field annotated `bool` must be one: "false", "no" and 0 would pass a truthiness test
+    (a non-empty string is true), and 1 or 0 in JSON means a hand-edited file."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.type in ("bool", bool) and not isinstance(value, bool):
+            raise ConfigError(f"{type(cfg).__name__}.{f.name} must be true or false (a bool), got {value!r}")
 
 
 def _probability(cfg: Any, *names: str) -> None:
@@ -157,6 +167,7 @@ class ViTConfig(_JSONMixin):
 
     def __post_init__(self) -> None:
         _positive(self, "image_size", "patch_size", "num_channels", "n_layer", "n_head", "n_embd", "label_grid")
+        _flags(self)
         if self.resize not in ("square", "shortest_edge"):
             raise ConfigError(f"ViTConfig.resize must be 'square' or 'shortest_edge', got {self.resize!r}")
         if self.resample not in RESAMPLE_FILTERS:
@@ -168,8 +179,7 @@ class ViTConfig(_JSONMixin):
                          integer=True)
         if self.intermediate_size is not None:
             _positive(self, "intermediate_size")
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise ConfigError(f"ViTConfig.num_classes must be >= 0, got {self.num_classes!r}")
+        check_number("ViTConfig.num_classes", self.num_classes, 0, integer=True)  # True is an int, not a count
         _probability(self, "dropout")
         if self.n_embd % self.n_head:
             raise ConfigError(
@@ -258,6 +268,7 @@ class GPTConfig(_JSONMixin):
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+        _flags(self)
         if isinstance(self.output_tokens, list):
             object.__setattr__(self, "output_tokens", tuple(self.output_tokens))
         if self.output_tokens is not None:
@@ -321,7 +332,8 @@ class AdapterConfig(_JSONMixin):
             raise ConfigError(f"AdapterConfig.merge must be 'concat' or 'mean', got {self.merge!r}")
         _positive(self, "pixel_shuffle")
         _probability(self, "dropout")
-        if not isinstance(self.layer, int) or self.layer < -1:
+        _flags(self)
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < -1:
             raise ConfigError(f"AdapterConfig.layer must be -1 (last) or a block index >= 0, got {self.layer!r}")
 
     def num_tokens(self, vit: ViTConfig) -> int:
@@ -364,6 +376,16 @@ class VLMConfig(_JSONMixin):
         if self.fusion not in ("early", "cross"):
             raise ConfigError(f"VLMConfig.fusion must be 'early' or 'cross', got {self.fusion!r}")
         check_number("VLMConfig.cross_every", self.cross_every, 1, self.gpt.n_layer, integer=True)
+        # PromptBuilder and the collator always write the tokenizer's <|image|> id into the slots.
+        if isinstance(self.image_token_id, bool) or not isinstance(self.image_token_id, int) or \
+                self.image_token_id != IMAGE_ID:
+            raise ConfigError(f"VLMConfig.image_token_id must be {IMAGE_ID}, the tokenizer's <|image|> id that "
+                              f"PromptBuilder writes into the image slots; got {self.image_token_id!r}")
+        # Prompts are GPT-2 ids: a smaller table fails on them, a larger head emits ids nothing can decode.
+        if self.gpt.vocab_size not in (EOT_ID + 1, IMAGE_ID + 1):
+            raise ConfigError(f"VLMConfig.gpt.vocab_size={self.gpt.vocab_size}, but a VLM reads and writes the GPT-2 "
+                              f"tokenizer's ids: use vocab_size={EOT_ID + 1} (GPT-2's; {IMAGE_ID + 1} if the "
+                              "table has a row for <|image|>)")
         if self.fusion == "cross" and self.attention != "causal":
             raise ConfigError("VLMConfig.attention 'prefix' applies to early fusion's image slots; cross fusion "
                               "has none: use attention='causal'")

@@ -1,7 +1,8 @@
 """A saved model is a folder: `config.json` + `model.safetensors`.
 
 Writes are atomic (temporary name, fsync, rename), so a crash mid-save leaves the previous
-save loadable. Loading checks the model kind, the format version, and every key and shape.
+save loadable. Loading checks the model kind, the format version, every key, shape and dtype
+kind, that every weight is finite, and that tied weights stored twice agree.
 """
 
 from __future__ import annotations
@@ -78,15 +79,22 @@ def fsync_tree(folder: str | Path) -> None:
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with tied tensors stored once (the first name wins), contiguous, on CPU."""
-    seen: set[tuple[int, int]] = set()
-    out: dict[str, torch.Tensor] = {}
+    twins = tied_twins(model)
+    return {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()
+            if name not in twins}
+
+
+def tied_twins(model: torch.nn.Module) -> dict[str, str]:
+    """Each state-dict name that shares its tensor with an earlier name (a tied weight) -> that name."""
+    first: dict[tuple[int, int], str] = {}
+    twins = {}
     for name, tensor in model.state_dict().items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor.detach().to("cpu").contiguous()
-    return out
+        if key in first:
+            twins[name] = first[key]
+        else:
+            first[key] = name
+    return twins
 
 
 def check_writable(path: str | Path, flag: str, folder: bool) -> None:
@@ -189,41 +197,81 @@ class PretrainedMixin:
     def from_pretrained(cls, folder: str | Path, map_location: str | torch.device = "cpu"):
         """The model `save_pretrained` wrote to `folder`, its tensors on `map_location`. A
         CheckpointError if the folder holds another model type, an invalid config, or weights
-        whose keys or shapes differ from that config's."""
+        that do not match that config (see `load_state_strict`); a ConfigError if torch cannot
+        place tensors on `map_location`."""
         data = read_config(folder)
         if data["model_type"] != cls.model_type:
             raise CheckpointError(
                 f"{folder} holds a {data['model_type']!r} model, not a {cls.model_type!r}; "
                 f"load it with the matching class"
             )
-        try:
+        try:  # construction too: a config that validates but cannot be built is still the file's fault
             config = cls.config_class.from_dict(data["config"])
+            model = cls(config)
         except (ValueError, TypeError, AttributeError) as e:  # ConfigError is a ValueError
             raise CheckpointError(f"{Path(folder) / CONFIG_NAME} holds an invalid {cls.model_type} config ({e}); "
                                   "was it edited by hand? save the model again") from e
-        model = cls(config)
         model.load_weights(Path(folder) / WEIGHTS_NAME, map_location)
         return model
 
     def load_weights(self, path: str | Path, map_location: str | torch.device = "cpu") -> None:
-        """Load a safetensors file strictly: every key present, no extras, every shape equal."""
+        """Load a safetensors file strictly (`load_state_strict`). Refused before opening: a path
+        that is not a regular file (a FIFO would block forever), a device torch cannot use."""
         path = Path(path)
-        if not path.exists():
-            raise CheckpointError(f"{path} is missing: the folder is incomplete; save the model again, or "
-                                  "restore the file from a copy")
+        device = checked_device(map_location)
         try:
-            tensors = load_file(path, device=str(map_location))
+            info = path.stat()
+        except FileNotFoundError as e:
+            target = f" (a symbolic link to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
+            raise CheckpointError(f"{path} is missing{target}: the folder is incomplete; save the model again, or "
+                                  "restore the file from a copy") from e
+        except OSError as e:  # e.g. a symbolic link loop, a folder we may not enter
+            raise CheckpointError(f"{path} cannot be read ({e.strerror or e}); check the path, or restore the "
+                                  "file from a copy") from e
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{path} is not a regular file (a folder, FIFO or device); it should be the "
+                                  "safetensors file save_pretrained writes: save the model again, or restore it "
+                                  "from a copy")
+        try:
+            tensors = load_file(path, device=str(device))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated: "
                                   "save the model again, or restore the file from a copy") from e
         load_state_strict(self, tensors, source=str(path))  # type: ignore[arg-type]
 
 
+def checked_device(map_location: str | torch.device) -> torch.device:
+    """`map_location` as a torch.device, or a ConfigError naming the fix when torch cannot use it."""
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ConfigError(f"map_location {map_location!r} is not a device name ({e}); use 'cpu' or 'cuda'") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"map_location {str(device)!r} but torch sees no CUDA device; use 'cpu'")
+    try:  # an index past the last device, or a backend this torch was built without
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # torch.cuda asserts when torch was built without CUDA
+        raise ConfigError(f"map_location {str(device)!r}: torch cannot place tensors there ({e}); "
+                          "use 'cpu' or a device torch lists") from e
+    return device
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "float"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "integer"
+
+
 def load_state_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `tensors` into `model`, allowing tied duplicates to be absent; raise on any mismatch."""
+    """Copy `tensors` into `model`, allowing tied duplicates to be absent; raise CheckpointError on
+    any mismatch: missing or unexpected keys, shapes, a dtype of another kind (an integer or bool
+    tensor for a float weight; float16/bfloat16 for float32 is fine), a NaN or inf, or a tied pair
+    stored twice with different values."""
     own = model.state_dict()
-    stored = unique_state_dict(model)
-    missing = sorted(set(stored) - set(tensors))
+    twins = tied_twins(model)
+    missing = sorted(set(own) - set(twins) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
         raise CheckpointError(f"{source}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}; "
@@ -232,6 +280,19 @@ def load_state_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], 
     if bad:
         raise CheckpointError(f"{source}: shapes do not match the config (key, stored, expected): {bad[:8]}; "
                               "config.json and the weights come from different models")
+    for k in (k for k in own if k in tensors):  # the model's order, so "first" is stable
+        stored, expected = tensors[k].dtype, own[k].dtype
+        if _kind(stored) != _kind(expected):  # copy_ would cast silently: int32 bits of a float read as numbers
+            raise CheckpointError(f"{source}: {k} is stored as {str(stored).removeprefix('torch.')}, expected a "
+                                  f"{_kind(expected)} dtype ({str(expected).removeprefix('torch.')}); the file is "
+                                  "damaged or was not written by save_pretrained: save the model again")
+        if stored.is_floating_point and not bool(tensors[k].isfinite().all()):
+            raise CheckpointError(f"{source}: {k} holds NaN or inf values; the model diverged before it was saved, "
+                                  "or the file is damaged: load an earlier checkpoint, or restore the file from a copy")
+    for k, twin in twins.items():  # both stored: one copy_ would silently overwrite the other
+        if k in tensors and not torch.equal(tensors[k].to(tensors[twin].dtype), tensors[twin]):
+            raise CheckpointError(f"{source}: {k} differs from {twin}, but this model ties them (one tensor, "
+                                  f"saved as {twin}); the weights come from an untied model: keep only {twin}")
     with torch.no_grad():
         for k, v in tensors.items():
             own[k].copy_(v)

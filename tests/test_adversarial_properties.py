@@ -79,6 +79,32 @@ def test_any_value_in_any_config_field_loads_or_is_a_checkpoint_error(kind, save
     check()
 
 
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_a_bool_for_a_count_or_a_word_for_a_flag_is_a_checkpoint_error(kind, saved, tmp_path):
+    """bool is an int to isinstance, and "false" is truthy: a hand-edited config.json with either
+    must not build a model (nor crash inside torch building it); every loaded flag is a bool and
+    every loaded count is not."""
+    import dataclasses
+
+    cls, config = MODELS[kind]
+    original = json.loads((saved[kind] / CONFIG_NAME).read_text())
+    folder = tmp_path / kind
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((saved[kind] / "model.safetensors").read_bytes())
+    for f in dataclasses.fields(config):
+        for value in (True, "false", 1):
+            meta = json.loads(json.dumps(original))
+            meta["config"][f.name] = value
+            (folder / CONFIG_NAME).write_text(json.dumps(meta))
+            try:
+                model = cls.from_pretrained(folder)
+            except CheckpointError as e:
+                assert str(folder) in str(e), str(e)
+                continue
+            loaded = getattr(model.config, f.name)
+            assert isinstance(loaded, bool) == (f.type == "bool"), f"{f.name}={value!r} loaded as {loaded!r}"
+
+
 @FUZZ
 @given(data=st.binary(max_size=256) | st.integers(1, 200_000).map(lambda n: b"[" * n)
        | json_values.map(lambda v: json.dumps(v).encode()))

@@ -1,5 +1,6 @@
-"""Bad checkpoints: a missing or corrupt model.safetensors, a config of another model kind,
-shapes that do not match the config, a folder written by a newer format. Saved models
+"""Bad checkpoints: a missing or corrupt model.safetensors (or a folder, FIFO or symlink loop in
+its place), a config of another model kind, shapes that do not match the config, integer or
+non-finite weights, an untied head, a folder written by a newer format. Saved models
 (ViT, GPT, VLM; API and every CLI flag that takes one) and training checkpoints (--resume)
 each raise CheckpointError naming the file and the fix, or end the CLI with one line, exit 2."""
 
@@ -81,6 +82,32 @@ def string_for_float(meta):
     (config["vit"] if "vit" in config else config)["layer_norm_eps"] = "1e-5"
 
 
+def edit_weights(folder: Path, change) -> None:
+    tensors = load_file(folder / WEIGHTS_NAME)
+    change(tensors)
+    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+
+
+def last_float(tensors: dict) -> str:
+    return sorted(k for k, v in tensors.items() if v.is_floating_point())[-1]
+
+
+def one_nan(tensors):
+    tensors[last_float(tensors)].view(-1)[0] = float("nan")
+
+
+def int_for_float(tensors):
+    name = last_float(tensors)
+    tensors[name] = torch.ones_like(tensors[name], dtype=torch.int64)
+
+
+def replaced_by(make):
+    def damage(path: Path) -> None:
+        path.unlink()
+        make(path)
+    return damage
+
+
 def foreign_weights(folder: Path) -> None:
     kind = json.loads((folder / CONFIG_NAME).read_text())["model_type"]
     shutil.copy(folder.parent / OTHER_KIND[kind] / WEIGHTS_NAME, folder / WEIGHTS_NAME)
@@ -93,6 +120,13 @@ DEFECTS = {
     "weights_empty": (lambda f: (f / WEIGHTS_NAME).write_bytes(b""), ["not a readable safetensors file"]),
     "weights_garbage": (lambda f: (f / WEIGHTS_NAME).write_bytes(b"\x00\xff" * 512), ["not a readable safetensors"]),
     "weights_of_another_model": (foreign_weights, ["missing keys", "another kind of model"]),
+    "weights_is_a_folder": (lambda f: replaced_by(Path.mkdir)(f / WEIGHTS_NAME), ["is not a regular file", "FIFO"]),
+    "weights_symlink_loop": (lambda f: replaced_by(lambda p: p.symlink_to(p.name))(f / WEIGHTS_NAME),
+                             ["cannot be read (Too many levels of symbolic links)"]),
+    "weights_dangling_symlink": (lambda f: replaced_by(lambda p: p.symlink_to("/nonexistent/x"))(f / WEIGHTS_NAME),
+                                 ["is missing (a symbolic link to /nonexistent/x, which does not exist)"]),
+    "weights_hold_nan": (lambda f: edit_weights(f, one_nan), ["holds NaN or inf values", "load an earlier checkpoint"]),
+    "weights_int_for_float": (lambda f: edit_weights(f, int_for_float), ["is stored as int64, expected a float dtype"]),
     "shapes_not_matching_config": (lambda f: edit_meta(f, wider), ["shapes do not match the config",
                                                                     "come from different models"]),
     "config_missing": (lambda f: (f / CONFIG_NAME).unlink(), ["config.json is missing", "save_pretrained"]),
@@ -204,6 +238,115 @@ def test_a_fifo_config_is_refused_without_blocking(saved, tmp_path, capsys, kind
     for args in cli_commands(tmp_path / "models", kind, folder):  # ViT/GPT flags try transformers' loader too
         line = one_line_error(capsys, args)
         assert "is not a regular file" in line and str(folder) in line, line
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_fifo_weights_file_is_refused_before_it_is_opened(saved, tmp_path, capsys, monkeypatch, kind):
+    """safetensors' open() of a FIFO with no writer blocks forever while holding the GIL (no thread
+    can time it out), so a spy stands in for load_file: reaching it at all is the failure."""
+    import mmfusion.weights
+
+    def opened(*args, **kwargs):
+        raise AssertionError("load_file was called on a FIFO: it would block forever")
+
+    monkeypatch.setattr(mmfusion.weights, "load_file", opened)
+    shutil.copytree(saved, tmp_path / "models")
+    folder = tmp_path / "models" / kind
+    (folder / WEIGHTS_NAME).unlink()
+    os.mkfifo(folder / WEIGHTS_NAME)
+    with pytest.raises(CheckpointError, match="model.safetensors is not a regular file"):
+        KINDS[kind][0].from_pretrained(folder)
+    for args in cli_commands(tmp_path / "models", kind, folder):
+        line = one_line_error(capsys, args)
+        assert "is not a regular file" in line and str(folder) in line, line
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:99", "map_location 'cuda:99'"),  # no CUDA here, or not that many devices
+    ("nonsense", "map_location 'nonsense' is not a device name"),
+])
+def test_a_device_torch_cannot_use_is_a_config_error(saved, device, message):
+    from mmfusion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        GPT.from_pretrained(saved / "gpt", map_location=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that sees no CUDA device")
+def test_cuda_without_a_cuda_device_names_the_fix(saved):
+    from mmfusion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="map_location 'cuda' but torch sees no CUDA device; use 'cpu'"):
+        GPT.from_pretrained(saved / "gpt", map_location="cuda")
+
+
+def gpt_with(saved: Path, tmp_path: Path, change) -> Path:
+    shutil.copytree(saved / "gpt", tmp_path / "gpt")
+    edit_weights(tmp_path / "gpt", change)
+    return tmp_path / "gpt"
+
+
+@pytest.mark.parametrize("stored, dtype", [
+    (lambda t: t.view(torch.int32), "int32"),  # a header that lies about the dtype: the same bytes as I32
+    (lambda t: t.round().long(), "int64"),
+    (lambda t: t != 0, "bool"),
+])
+def test_a_non_float_tensor_for_a_float_weight_is_refused(saved, tmp_path, stored, dtype):
+    folder = gpt_with(saved, tmp_path, lambda t: t.update({"ln_f.weight": stored(t["ln_f.weight"])}))
+    with pytest.raises(CheckpointError, match=f"ln_f.weight is stored as {dtype}, expected a float dtype"):
+        GPT.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_still_load_into_float32(saved, tmp_path, dtype):
+    folder = gpt_with(saved, tmp_path, lambda t: t.update({k: v.to(dtype) for k, v in t.items()}))
+    stored = load_file(folder / WEIGHTS_NAME)
+    model = GPT.from_pretrained(folder)
+    assert all(torch.equal(v, stored[k].float()) for k, v in model.state_dict().items() if k in stored)
+
+
+@pytest.mark.parametrize("key", ["wpe.weight", "blocks.0.mlp.fc.weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_naming_the_first(saved, tmp_path, key, value):
+    def spoil(tensors):
+        tensors[key].view(-1)[-1] = value
+        tensors["ln_f.weight"].view(-1)[0] = value  # later in the model's order than `key`'s block
+
+    with pytest.raises(CheckpointError, match=f": {key} holds NaN or inf values") as info:
+        GPT.from_pretrained(gpt_with(saved, tmp_path, spoil))
+    assert "ln_f.weight" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind, head, table", [("gpt", "lm_head.weight", "wte.weight"),
+                                               ("vlm", "gpt.lm_head.weight", "gpt.wte.weight")])
+def test_a_stored_tied_twin_that_differs_is_refused_an_equal_one_loads(saved, tmp_path, kind, head, table):
+    """save_pretrained stores a tied head once; a file with both (an untied model's) must agree."""
+    shutil.copytree(saved / kind, tmp_path / kind)
+    folder = tmp_path / kind
+    edit_weights(folder, lambda t: t.update({head: t[table].clone()}))
+    assert torch.equal(KINDS[kind][0].from_pretrained(folder).state_dict()[head], load_file(folder / WEIGHTS_NAME)[head])
+    edit_weights(folder, lambda t: t[head].view(-1).__setitem__(0, 1.0 + t[head].view(-1)[0]))
+    with pytest.raises(CheckpointError, match=f"{head} differs from {table}, but this model ties them"):
+        KINDS[kind][0].from_pretrained(folder)
+
+
+def test_a_config_that_cannot_be_built_is_a_checkpoint_error(saved, tmp_path, monkeypatch):
+    """A boolean count used to pass validation and crash inside torch, outside from_pretrained's
+    try; whatever else construction raises is also the saved config's fault."""
+    shutil.copytree(saved / "vit", tmp_path / "vit")
+    folder = tmp_path / "vit"
+    edit_meta(folder, lambda m: m["config"].update(num_classes=True))
+    with pytest.raises(CheckpointError, match="holds an invalid vit config.*num_classes must be >= 0"):
+        ViT.from_pretrained(folder)
+    edit_meta(folder, lambda m: m["config"].update(num_classes=0))
+
+    def crash(self, config):
+        raise TypeError("empty(): argument 'size' (position 1) must be tuple of ints")
+
+    monkeypatch.setattr(ViT, "__init__", crash)
+    with pytest.raises(CheckpointError, match="holds an invalid vit config .*must be tuple of ints"):
+        ViT.from_pretrained(folder)
 
 
 # ---- training checkpoints (--resume) --------------------------------------------------------------

@@ -24,6 +24,8 @@ API = {
     "vit_zero_channels": (lambda: ViTConfig(num_channels=0), "num_channels must be a positive integer"),
     "vit_float_width": (lambda: ViTConfig(n_embd=768.0), "n_embd must be a positive integer, got 768.0"),
     "vit_bool_depth": (lambda: ViTConfig(n_layer=True), "n_layer must be a positive integer, got True"),
+    "vit_bool_classes": (lambda: ViTConfig(num_classes=True), "num_classes must be >= 0 (an integer), got True"),
+    "vit_float_classes": (lambda: ViTConfig(num_classes=10.0), "num_classes must be >= 0 (an integer), got 10.0"),
     "vit_width_not_divisible_by_heads": (lambda: ViTConfig(n_embd=100, n_head=12),
                                          "n_embd=100 is not divisible by n_head=12; pick a width"),
     "vit_patch_larger_than_image": (lambda: ViTConfig(image_size=16, patch_size=32),
@@ -43,9 +45,23 @@ API = {
     "adapter_zero_shuffle": (lambda: AdapterConfig(pixel_shuffle=0), "pixel_shuffle must be a positive integer"),
     "adapter_unknown_merge": (lambda: AdapterConfig(merge="sum"), "merge must be 'concat' or 'mean'"),
     "adapter_layer_below_minus_one": (lambda: AdapterConfig(layer=-2), "layer must be -1 (last) or a block index"),
+    "adapter_bool_layer": (lambda: AdapterConfig(layer=True), "layer must be -1 (last) or a block index >= 0, got True"),
     "vlm_part_of_wrong_type": (lambda: VLMConfig(vit=TINY_GPT, gpt=TINY_GPT), "VLMConfig.vit must be a ViTConfig"),
     "vlm_image_tokens_fill_context": (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT.replace(block_size=16)),
                                       "16 image tokens do not fit the GPT context of 16"),
+    # the tokenizer's ids: a smaller table fails on them (IndexError), a larger head emits ids nothing decodes
+    "vlm_small_vocab": (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT.replace(vocab_size=1000)),
+                        "VLMConfig.gpt.vocab_size=1000, but a VLM reads and writes the GPT-2 tokenizer's ids: "
+                        "use vocab_size=50257"),
+    "vlm_padded_vocab": (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT.replace(vocab_size=50304)),
+                         "VLMConfig.gpt.vocab_size=50304"),
+    # PromptBuilder always writes the tokenizer's <|image|> id (50257) into the slots
+    "vlm_other_image_token": (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT, image_token_id=5),
+                              "image_token_id must be 50257, the tokenizer's <|image|> id that PromptBuilder writes"),
+    "vlm_image_token_as_text": (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT, image_token_id="50257"),
+                                "image_token_id must be 50257"),
+    "vlm_image_token_as_float": (lambda: VLMConfig(vit=TINY_VIT, gpt=TINY_GPT, image_token_id=50257.0),
+                                 "image_token_id must be 50257"),
     "generation_zero_new_tokens": (lambda: GenerationConfig(max_new_tokens=0), "max_new_tokens must be >= 1"),
     "generation_negative_temperature": (lambda: GenerationConfig(temperature=-1.0), "temperature must be >= 0"),
     "generation_zero_top_k": (lambda: GenerationConfig(top_k=0), "top_k must be >= 1"),
@@ -64,6 +80,42 @@ def test_impossible_config_raises_config_error(case):
     with pytest.raises(ConfigError) as info:
         make()
     assert message in str(info.value), str(info.value)
+
+
+def _flag_fields() -> list[tuple[type, str]]:
+    import dataclasses
+
+    return [(cls, f.name) for cls in (ViTConfig, GPTConfig, AdapterConfig, VLMConfig)
+            for f in dataclasses.fields(cls) if f.type == "bool"]
+
+
+FLAG_FIELDS = _flag_fields()
+
+
+def test_every_bool_field_is_covered():
+    assert {f"{cls.__name__}.{name}" for cls, name in FLAG_FIELDS} >= {
+        "ViTConfig.qkv_bias", "ViTConfig.patch_bias", "ViTConfig.pre_norm", "GPTConfig.bias",
+        "AdapterConfig.keep_cls", "AdapterConfig.position_embedding"}
+
+
+@pytest.mark.parametrize("value", ["false", "no", 0, 1, None])
+@pytest.mark.parametrize("cls, name", FLAG_FIELDS, ids=[f"{c.__name__}.{n}" for c, n in FLAG_FIELDS])
+def test_a_bool_field_refuses_anything_but_a_bool(cls, name, value):
+    """"false" and "no" are truthy: a hand-edited config.json would build the layer it meant to drop."""
+    with pytest.raises(ConfigError, match=f"{cls.__name__}.{name} must be true or false \\(a bool\\), got"):
+        cls(**{name: value})
+    for flag in (True, False):
+        assert getattr(cls(**{name: flag}), name) is flag
+
+
+@pytest.mark.parametrize("vocab", [50257, 50258])
+def test_a_vlm_takes_the_vocabularies_the_tokenizer_covers(vocab):
+    """GPT-2's 50257 ids, or those plus a row for <|image|> (the tokenizer's 50258)."""
+    from mmfusion.tokenizer import IMAGE_ID, get_tokenizer
+
+    assert get_tokenizer().vocab_size == 50258 and IMAGE_ID == 50257
+    config = VLMConfig(vit=TINY_VIT, gpt=TINY_GPT.replace(vocab_size=vocab))
+    assert config.gpt.vocab_size == vocab and config.image_token_id == IMAGE_ID
 
 
 def run_cli(capsys, args: list[str]) -> tuple[int, str]:
