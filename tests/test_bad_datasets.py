@@ -204,6 +204,22 @@ def test_a_dataset_line_that_is_not_utf8_through_cli_is_one_line(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name, text, line", [
+    ("rows.jsonl", "null\n", 1), ("rows.jsonl", "\n\nnull\n{\"image\": \"ok.png\"}\n", 3), ("rows.json", " null ", 1),
+    ("rows.jsonl", "7\n", 1)])
+def test_a_file_that_starts_with_no_json_object_is_named_not_crashed_on(name, text, line, tmp_path, capsys):
+    """`datasets`' JSON reader kills the process (a segmentation fault) on a leading null."""
+    (tmp_path / "ok.png").write_bytes(png())
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DatasetError, match=f"line {line} is '.*', not a JSON object"):
+        load_vqa(str(path), "train")
+    code = main(["train-vqa", "--vit", "vit-tiny", "--dataset", str(path), "--output-dir", str(tmp_path / "out"),
+                 "--no-progress", "--mixed-precision", "no"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a JSON object" in err and "Traceback" not in err, err
+
+
 def test_save_to_disk_folders_load_as_datasets(tmp_path):
     """A Dataset.save_to_disk folder ("use load_from_disk" before) is one split, as a single file
     is; a DatasetDict's has its splits; both with an Image column holding the pixels."""

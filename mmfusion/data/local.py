@@ -89,6 +89,7 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
                 raise DatasetError(f"{source}: split {split!r} is empty (the parquet file has no rows)")
             if suffix != ".parquet":
                 _check_utf8(path)  # pyarrow reads invalid UTF-8 in and fails later, on first access to the row
+                _check_json_start(path)
             builder = "parquet" if suffix == ".parquet" else "json"
             # A single file is exactly one split: name it as asked.
             ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
@@ -117,6 +118,19 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
     except Exception as e:  # datasets raises many types here: offline, not found, malformed files
         where = "" if path.exists() else " (not a local file or folder, so it was looked up on the Hugging Face Hub)"
         raise DatasetError(f"{source}: could not load split {split!r}{where}: {type(e).__name__}: {e}") from e
+
+
+def _check_json_start(path: Path) -> None:
+    """A DatasetError unless the first value in a JSON/JSONL file opens an object or a list of them:
+    `datasets`' JSON reader crashes the whole process (a segmentation fault) on a leading null."""
+    with open(path, "rb") as f:
+        head = f.read(2**16)
+    text = head.decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")
+    if text and text[0] not in "{[":
+        line = head[:len(head) - len(head.lstrip(b"\xef\xbb\xbf \t\r\n"))].count(b"\n") + 1
+        first = text.split("\n", 1)[0][:40]
+        raise DatasetError(f"{path}: line {line} is {first!r}, not a JSON object; each line of a .jsonl file (or "
+                           "the .json file's list) must hold objects such as {\"image\": ..., ...}")
 
 
 def _check_utf8(path: Path, chunk: int = 2**20) -> None:
