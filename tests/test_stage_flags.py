@@ -22,3 +22,26 @@ def test_init_from_alone_and_size_flags_alone_parse(tmp_path):
     assert stage.init_from == "vit-tiny" and stage.vit == pretrain_vit.DEFAULT_VIT
     stage, _ = pretrain_vit.parse(["--n-layer", "3", "--output-dir", str(tmp_path / "b")])
     assert stage.vit.n_layer == 3 and stage.init_from is None
+
+
+@pytest.mark.parametrize("flags, fix", [
+    (["--lora-alpha", "16"], "add --lora-rank R"), (["--lora-targets", "qkv"], "add --lora-rank R"),
+    (["--cross-every", "2"], "add --fusion cross"), (["--lr-vit", "1e-3"], "add --no-freeze-vit"),
+    (["--lr-adapter", "1e-3", "--freeze-adapter"], "drop --freeze-adapter or add --align-epochs"),
+    (["--lr-gpt", "1e-3", "--freeze-gpt"], "drop --freeze-gpt or add --lora-rank R")])
+def test_train_vqa_refuses_flags_its_configuration_would_ignore(flags, fix):
+    from mmfusion.training import train_vqa
+
+    with pytest.raises(ConfigError, match=f"{flags[0]} would be ignored here \\(.*{fix}"):
+        train_vqa.parse(["--vit", "vit-tiny", *flags])
+
+
+@pytest.mark.parametrize("flags", [["--lora-rank", "4", "--lora-alpha", "16", "--lora-targets", "qkv"],
+                                   ["--fusion", "cross", "--cross-every", "2"], ["--no-freeze-vit", "--lr-vit", "1e-3"],
+                                   ["--freeze-adapter", "--align-epochs", "1", "--lr-adapter", "1e-3"],
+                                   ["--freeze-gpt", "--lora-rank", "4", "--lr-gpt", "1e-3"]])
+def test_the_same_flags_parse_where_they_apply(flags):
+    from mmfusion.training import train_vqa
+
+    stage, _ = train_vqa.parse(["--vit", "vit-tiny", *flags])
+    assert stage.vit == "vit-tiny"

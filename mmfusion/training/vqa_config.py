@@ -137,10 +137,29 @@ class VQAStageConfig:
         if self.freeze_vit and self.freeze_adapter and self.freeze_gpt and not self.lora_rank:
             raise ConfigError("every part is frozen: nothing to train")
         check_number("--cross-every", self.cross_every, 1, integer=True)
+        self._check_unused_flags()
         if self.vit in VIT_PRESETS and self.gpt in GPT_PRESETS:  # the whole model is known without reading files
             gpt = gpt_preset(self.gpt, **self.gpt_overrides())
             VLMConfig(vit=vit_preset(self.vit, num_classes=0), gpt=gpt, adapter=self.adapter,
                       attention=self.model_attention, fusion=self.fusion, cross_every=self.cross_every)
+
+    def _check_unused_flags(self) -> None:
+        """A flag this configuration would ignore is a ConfigError, not a silent no-op."""
+        unused = {
+            "--lora-alpha": self.lora_alpha is not None and not self.lora_rank,
+            "--lora-targets": self.lora_targets != ",".join(TARGETS) and not self.lora_rank,
+            "--cross-every": self.cross_every != 1 and self.fusion != "cross",
+            "--lr-vit": self.lr_vit is not None and self.freeze_vit,
+            "--lr-adapter": self.lr_adapter is not None and self.freeze_adapter and not self.align_epochs,
+            "--lr-gpt": self.lr_gpt is not None and self.freeze_gpt and not self.lora_rank,
+        }
+        why = {"--lora-alpha": "add --lora-rank R", "--lora-targets": "add --lora-rank R",
+               "--cross-every": "add --fusion cross", "--lr-vit": "the ViT is frozen: add --no-freeze-vit",
+               "--lr-adapter": "the adapter is frozen: drop --freeze-adapter or add --align-epochs",
+               "--lr-gpt": "the GPT is frozen: drop --freeze-gpt or add --lora-rank R"}
+        for flag, ignored in unused.items():
+            if ignored:
+                raise ConfigError(f"{flag} would be ignored here ({why[flag]}), or drop it")
 
     @property
     def lora_target_names(self) -> tuple[str, ...]:
