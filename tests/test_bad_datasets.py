@@ -220,6 +220,17 @@ def test_a_file_that_starts_with_no_json_object_is_named_not_crashed_on(name, te
     assert code == 2 and "not a JSON object" in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "empty name"])
+def test_a_dataset_path_that_is_no_file_or_folder_is_named(kind, tmp_path):
+    import os
+
+    source = {"fifo": str(tmp_path / "rows.jsonl"), "device": os.devnull, "empty name": ""}[kind]
+    if kind == "fifo":
+        os.mkfifo(source)
+    with pytest.raises(DatasetError, match="not a regular file or folder" if kind != "empty name" else "name is empty"):
+        load_vqa(source, "train")
+
+
 def test_save_to_disk_folders_load_as_datasets(tmp_path):
     """A Dataset.save_to_disk folder ("use load_from_disk" before) is one split, as a single file
     is; a DatasetDict's has its splits; both with an Image column holding the pixels."""

@@ -75,8 +75,13 @@ def is_saved_dataset(path: Path) -> bool:
 
 def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[datasets.Dataset, Path | None]:
     """Load one split of `source`; return it and the folder that relative image paths are relative to."""
+    if not str(source).strip():
+        raise DatasetError("the dataset name is empty; pass easy-vqa, scenes, a file or folder, or a Hub id")
     path = Path(source).expanduser()
     try:
+        if path.exists() and not (path.is_file() or path.is_dir()):
+            raise DatasetError(f"{source}: not a regular file or folder (a FIFO, socket or device); give a "
+                               ".parquet, .jsonl or .json file, an image folder, or a Hub id")
         if path.is_file():
             suffix = path.suffix.lower()
             if suffix not in _LOCAL_SUFFIXES:
