@@ -30,8 +30,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (MMFusionError, FileNotFoundError, NotADirectoryError)
 
 
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser whose own errors (unknown flag, bad type) are one line, exit code 2, like the stages'."""
+    from .training.args import OneLineErrorParser
+
+    return OneLineErrorParser(prog=prog, description=description)
+
+
 def cmd_generate(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="mmfusion generate", description="Caption an image or answer a question.")
+    parser = _parser("mmfusion generate", "Caption an image or answer a question.")
     parser.add_argument("--model", required=True, help="a saved VLM folder (e.g. runs/main/vqa/model)")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--question", default=None, help="question; without it the model captions the image")
@@ -47,11 +54,22 @@ def cmd_generate(argv: list[str]) -> None:
                         help="decoding loop: eager, static (fixed shapes over the whole KV cache) or compiled "
                              "(static through torch.compile; a CUDA graph on a GPU) (default: %(default)s)")
     args = parser.parse_args(argv)
+    from .errors import ConfigError
     from .generation import GenerationConfig
     from .vlm import VLM
 
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, decoder=args.decoder)
+    try:
+        config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, decoder=args.decoder)
+    except ConfigError as e:  # its messages start with the field name; the user typed a flag
+        field, _, rest = str(e).partition(" ")
+        if field not in vars(args):
+            raise
+        raise ConfigError(f"--{field.replace('_', '-')} {rest}") from e
+    if config.temperature == 0:  # greedy: a sampling flag would be silently ignored
+        for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed)):
+            if value is not None:
+                raise ConfigError(f"{flag} needs --temperature > 0 (sampling); greedy decoding ignores it")
     model = VLM.from_pretrained(args.model).eval()
     if args.question is None:
         print(model.caption(args.image, **config.__dict__))
@@ -68,29 +86,79 @@ def _at_least_one(args: argparse.Namespace, *names: str) -> None:
             check_number(f"--{name.replace('_', '-')}", getattr(args, name), 1, integer=True)
 
 
-def _training_rows_warning(model: Path, dataset: str, split: str) -> str | None:
+def _real(path: str | Path) -> Path:
+    """`path` absolute, with `~` and symbolic links resolved; a link loop is kept as it is, where
+    Path.resolve raises (the command that reads or writes it then says what is wrong)."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def _training_cwds(record: dict, run_folder: Path) -> list[Path]:
+    """Where a relative dataset path in the run's `record` may be relative to, the likeliest first:
+    the recorded working directory; else the one the run's relative output_dir implies (from
+    there it names `run_folder`), then the current one."""
+    cwd = record.get("cwd")
+    if isinstance(cwd, str) and Path(cwd).is_absolute():
+        return [Path(cwd)]
+    bases = [Path.cwd()]
+    run = record.get("run")
+    output_dir = run.get("output_dir") if isinstance(run, dict) else None
+    if isinstance(output_dir, str) and output_dir and not Path(output_dir).expanduser().is_absolute():
+        parts = Path(output_dir).parts  # "." has none: the run folder was the working directory
+        if ".." not in parts and (not parts or run_folder.parts[-len(parts):] == parts):
+            bases.insert(0, Path(*run_folder.parts[:len(run_folder.parts) - len(parts)]))
+    return bases
+
+
+def _training_rows_warning(model: str, dataset: str, split: str) -> str | None:
     """A warning when the model's own run_config.json says it trained on these rows."""
+    from .data import BUILT_IN
     from .data.splits import single_split
     from .errors import CheckpointError
     from .weights import read_json
 
-    record = model.parent / "run_config.json"
+    run_folder = _real(model).parent  # resolved: the parent of `--model .` is "."
+    record = run_folder / "run_config.json"
     if not record.exists():
         return None  # no record of the training data: nothing to compare
     try:
-        stage = read_json(record)["stage"]
-        source, train_split = stage["dataset"], stage["train_split"]
+        data = read_json(record)
+        source, train_split = data["stage"]["dataset"], data["stage"]["train_split"]
     except (CheckpointError, KeyError, TypeError):
         return None  # an unreadable record says nothing either
-    same = source == dataset or (Path(source).exists() and Path(source).resolve() == Path(dataset).resolve())
+    if not (isinstance(source, str) and source and isinstance(train_split, str)):
+        return None  # nor does a hand-edited one (a number, null or a list where a path belongs)
+    candidates = [] if source in BUILT_IN else [base / Path(source).expanduser()
+                                                for base in _training_cwds(data, run_folder)]
+    # the recorded path from the first folder that holds it; none does: a Hub id, or data since moved
+    found = next((p for p in candidates if p.exists()), None)
+    same = _real(found) == _real(dataset) if found is not None else source == dataset
     if same and (split == train_split or single_split(dataset)):
         return (f"WARNING: {model} was trained on {source} [{train_split}]; these rows include its training rows, "
                 "so the accuracy says how well it fits them (its own held-out score is in its metrics.json)")
     return None
 
 
+def _check_not_an_input(output: Path, model: str, dataset: str) -> None:
+    """Refuse an eval output that would overwrite what eval reads: the dataset, or a file of the model."""
+    from .data import BUILT_IN
+    from .errors import ConfigError
+
+    target = _real(output)
+    model_dir = _real(model)
+    if target.is_relative_to(model_dir):
+        raise ConfigError(f"--output {output} is inside the --model folder {model}, whose files it would "
+                          "overwrite; pass a path outside it (by default the predictions go next to the model)")
+    data = Path(dataset).expanduser()
+    if dataset in BUILT_IN or not data.exists():
+        return  # a built-in or Hub dataset: no local file to overwrite
+    data = _real(data)
+    if target == data or (data.is_dir() and target.is_relative_to(data)):
+        raise ConfigError(f"--output {output} is {'the' if target == data else 'inside the'} --dataset {dataset} "
+                          "being evaluated, which the predictions would overwrite or change; pass another path")
+
+
 def cmd_eval(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="mmfusion eval", description=(
+    parser = _parser("mmfusion eval", (
         "Evaluate a saved VLM: VQA accuracy per answer type, and on a dataset with captions (scenes, or your "
         "data with a caption column) caption exact match, token F1, BLEU-4 and CIDEr-D."))
     parser.add_argument("--model", required=True, help="a saved VLM folder")
@@ -112,9 +180,12 @@ def cmd_eval(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="prompts generated at once (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default: %(default)s)")
     parser.add_argument("--caption-max-new-tokens", type=int, default=48, help="caption length limit (default: %(default)s)")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.01,  # the training stages' default
+                        help="stop if more rows of your data than this are unusable (default: %(default)s)")
     parser.add_argument("--output", default=None,
                         help="predictions JSON lines (default: next to the model); captions go to *_captions.jsonl")
     args = parser.parse_args(argv)
+    from .config import check_number
     from .data import BUILT_IN, SCENES, load_caption_dataset, load_vqa_dataset
     from .evaluation import (
         format_caption_table,
@@ -131,23 +202,28 @@ def cmd_eval(argv: list[str]) -> None:
     from .weights import check_writable
 
     _at_least_one(args, "limit", "batch_size", "max_new_tokens", "caption_max_new_tokens")
-    trained_on = _training_rows_warning(Path(args.model), args.dataset, args.split)
+    check_number("--max-bad-fraction", args.max_bad_fraction, 0, 1)
+    # resolved: with `--model .` the folder next to the model is the parent of the current one
+    out = Path(args.output) if args.output else _real(args.model).parent / f"predictions_{args.split}.jsonl"
+    for path in (out, out.with_name(out.stem + "_captions.jsonl")):  # before any work, not after it
+        check_writable(path, "--output", folder=False)
+        _check_not_an_input(path, args.model, args.dataset)
+    trained_on = _training_rows_warning(args.model, args.dataset, args.split)
     if trained_on:
         print(trained_on)
     task = args.task if args.task != "auto" else _auto_task(args)
     model = VLM.from_pretrained(args.model).eval()
-    out = Path(args.output) if args.output else Path(args.model).parent / f"predictions_{args.split}.jsonl"
-    for path in (out, out.with_name(out.stem + "_captions.jsonl")):  # before the predictions, not after
-        check_writable(path, "--output", folder=False)
     if task in ("caption", "both"):
         columns = {} if args.dataset in BUILT_IN else {"image_column": args.image_column,
-                                                       "caption_column": args.caption_column}
+                                                       "caption_column": args.caption_column,
+                                                       "max_bad_fraction": args.max_bad_fraction}
         captions, report = load_caption_dataset(args.dataset, args.split, **columns)
         print(f"data: {report}")
     if task in ("vqa", "both"):
         columns = {} if args.dataset in BUILT_IN else {"image_column": args.image_column,
                                                        "question_column": args.question_column,
-                                                       "answer_column": args.answer_column}
+                                                       "answer_column": args.answer_column,
+                                                       "max_bad_fraction": args.max_bad_fraction}
         dataset, report = load_vqa_dataset(args.dataset, args.split, **columns)
         print(f"data: {report}")
         start = time.perf_counter()
@@ -214,8 +290,37 @@ def cmd_train_vqa(argv: list[str]) -> None:
     train_vqa.main(argv)
 
 
+def _holds_mmfusion_model(folder: Path) -> bool:
+    """Whether `folder` holds a saved mmfusion model: its config.json keeps the model's settings
+    under "config" (transformers' has no such key), or weights are there without a transformers config."""
+    from .errors import CheckpointError
+    from .weights import CONFIG_NAME, WEIGHTS_NAME, read_json
+
+    try:
+        data = read_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).exists() else None
+    except CheckpointError:
+        data = None  # unreadable: whose it is cannot be told, so the weights decide
+    if isinstance(data, dict) and "model_type" in data:
+        return "config" in data
+    return (folder / WEIGHTS_NAME).exists()
+
+
+def _check_export_output(model: str, output: str) -> None:
+    """Refuse an export folder holding a saved mmfusion model: transformers' save_pretrained writes
+    the same file names (config.json, model.safetensors) over it."""
+    from .errors import ConfigError
+
+    out = Path(output).expanduser()
+    if _real(out) == _real(model):
+        raise ConfigError(f"--output {output} is the --model folder; exporting there would overwrite the model "
+                          "with transformers files: choose another folder")
+    if out.is_dir() and _holds_mmfusion_model(out):
+        raise ConfigError(f"--output {output} holds a saved mmfusion model, which the export would overwrite: "
+                          "choose another folder (a new one, or an earlier export)")
+
+
 def cmd_export(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="mmfusion export", description=(
+    parser = _parser("mmfusion export", (
         "Write a saved model as transformers models: a GPT as GPT2LMHeadModel with GPT-2's tokenizer, a ViT as "
         "ViTModel / ViTForImageClassification / CLIPVisionModel with its image processor config, a VLM as both "
         "(OUT/gpt2, OUT/vit) plus its adapter and a model card. transformers has no class for a whole VLM."))
@@ -229,6 +334,7 @@ def cmd_export(argv: list[str]) -> None:
     from .vlm import VLM
     from .weights import read_config
 
+    _check_export_output(args.model, args.output)
     kinds = {cls.model_type: cls for cls in (VLM, GPT, ViT)}
     kind = read_config(args.model)["model_type"]
     if kind not in kinds:

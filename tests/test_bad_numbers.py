@@ -80,8 +80,8 @@ def test_seeds_outside_what_numpy_and_torch_take_are_refused(value, tmp_path, ca
 @pytest.mark.parametrize("flags, message", [
     (["--temperature", "nan"], "temperature must be >= 0 (a finite number), got nan"),
     (["--temperature", "inf"], "temperature must be >= 0 (a finite number), got inf"),
-    (["--top-p", "nan"], "top_p must be in (0, 1]"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1]"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--seed", "-3"], "seed must be"),
 ])
 def test_generation_numbers_are_checked_before_the_model_is_read(flags, message, tmp_path, capsys):

@@ -35,7 +35,7 @@ def test_generate_prints_an_answer(tiny_model, capsys):
     (["generate", "--model", "{root}/nope", "--image", "{root}/img.png"], "is not a folder"),
     (["generate", "--model", "{root}/model", "--image", "{root}/missing.png"], "does not exist"),
     (["generate", "--model", "{root}/model", "--image", "{root}/img.png", "--question", "   "], "question must be"),
-    (["generate", "--model", "{root}/model", "--image", "{root}/img.png", "--top-p", "2"], "top_p"),
+    (["generate", "--model", "{root}/model", "--image", "{root}/img.png", "--top-p", "2"], "--top-p must be"),
     (["pretrain-vit", "--n-embd", "30", "--n-head", "4", "--output-dir", "{root}/bad"], "not divisible"),
     (["frobnicate"], "unknown command"),
 ])
@@ -44,6 +44,54 @@ def test_bad_input_is_one_line_and_exit_code_2(tiny_model, capsys, args, message
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+    (["--top-k", "0", "--temperature", "1"], "--top-k must be >= 1, got 0"),
+    (["--top-p", "0", "--temperature", "1"], "--top-p must be in (0, 1], got 0.0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--seed", "-1", "--temperature", "1"], "--seed must be in [0, "),
+])
+def test_generate_errors_name_the_flag_not_the_python_field(tiny_model, capsys, flags, message):
+    code = main(["generate", "--model", str(tiny_model / "model"), "--image", str(tiny_model / "img.png"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"mmfusion: error: {message}"), err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags", [["--top-k", "5"], ["--top-p", "0.5"], ["--seed", "5"],
+                                   ["--temperature", "0", "--top-k", "5"]])
+def test_sampling_flags_at_greedy_temperature_are_refused_not_ignored(tiny_model, capsys, flags):
+    code = main(["generate", "--model", str(tiny_model / "model"), "--image", str(tiny_model / "img.png"), *flags])
+    err = capsys.readouterr().err
+    flag = next(f for f in flags if f != "--temperature" and f.startswith("--"))
+    assert code == 2 and f"{flag} needs --temperature > 0 (sampling); greedy decoding ignores it" in err, err
+
+
+@pytest.mark.parametrize("temperature", ["1", "1e-45", "1e-300"])
+def test_sampling_flags_work_at_any_positive_temperature(tiny_model, capsys, temperature):
+    code = main(["generate", "--model", str(tiny_model / "model"), "--image", str(tiny_model / "img.png"),
+                 "--temperature", temperature, "--top-k", "5", "--top-p", "0.9", "--seed", "1",
+                 "--max-new-tokens", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0 and len(out.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("args", [
+    ["eval", "--model", "m", "--limit", "abc"],
+    ["eval", "--model", "m", "--frobnicate"],
+    ["generate", "--model", "m", "--image", "x.png", "--top-k", "x"],
+    ["generate", "--model", "m"],
+    ["export", "--model", "m", "--output", "o", "--max-bad-fraction", "1"],
+    ["export", "--model", "m"],
+])
+def test_argparse_errors_are_one_line_with_exit_code_2(capsys, args):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"mmfusion {args[0]}: error: "), err
 
 
 def test_not_an_image_file_is_rejected(tiny_model, capsys):
@@ -132,5 +180,5 @@ def test_eval_and_generate_help_show_their_defaults(capsys):
         assert _default_shown(text, flag) == value, flag
     text = _help("eval", capsys)
     for flag, value in [("--dataset", "easy-vqa"), ("--split", "test"), ("--batch-size", "256"),
-                        ("--max-new-tokens", "8"), ("--caption-max-new-tokens", "48")]:
+                        ("--max-new-tokens", "8"), ("--caption-max-new-tokens", "48"), ("--max-bad-fraction", "0.01")]:
         assert _default_shown(text, flag) == value, flag
