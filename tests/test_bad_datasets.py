@@ -231,6 +231,13 @@ def test_a_dataset_path_that_is_no_file_or_folder_is_named(kind, tmp_path):
         load_vqa(source, "train")
 
 
+@pytest.mark.parametrize("split", ["", "a/b", "train test"])
+def test_a_split_that_is_no_split_name_is_named(split, tmp_path):
+    path = write_source(tmp_path, "vqa", qa())
+    with pytest.raises(DatasetError, match=f"'{split}' is not a split name .* pass one with --split"):
+        load_vqa(str(path), split)
+
+
 def test_save_to_disk_folders_load_as_datasets(tmp_path):
     """A Dataset.save_to_disk folder ("use load_from_disk" before) is one split, as a single file
     is; a DatasetDict's has its splits; both with an Image column holding the pixels."""

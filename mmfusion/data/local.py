@@ -28,6 +28,7 @@ import codecs
 import hashlib
 import io
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,9 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
     """Load one split of `source`; return it and the folder that relative image paths are relative to."""
     if not str(source).strip():
         raise DatasetError("the dataset name is empty; pass easy-vqa, scenes, a file or folder, or a Hub id")
+    if not re.fullmatch(r"\w+(\.\w+)*", split):  # what `datasets` accepts as a split name
+        raise DatasetError(f"{split!r} is not a split name (letters, digits and _, parts joined by dots, e.g. "
+                           "train or test); pass one with --split, --train-split or --eval-split")
     path = Path(source).expanduser()
     try:
         if path.exists() and not (path.is_file() or path.is_dir()):
@@ -117,7 +121,7 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
     except DatasetError:
         raise
     except ValueError as e:
-        if "split" in str(e).lower():  # datasets: 'Unknown split "x". Should be one of [...]'
+        if "should be one of" in str(e).lower():  # datasets: 'Unknown split "x". Should be one of [...]'
             raise DatasetError(f"{source}: {e}; pass one of those as the split") from e
         raise DatasetError(f"{source}: could not load split {split!r}: {e}") from e
     except Exception as e:  # datasets raises many types here: offline, not found, malformed files
