@@ -253,6 +253,9 @@ def _auto_task(args) -> str:
     columns = load_raw(args.dataset, args.split, None)[0].column_names
     questions = args.question_column in columns
     captions = (args.caption_column in columns) if args.caption_column else any(c in columns for c in CAPTION_COLUMNS)
+    if args.caption_column and not captions:  # named on purpose: a typo must not drop the captions silently
+        raise DatasetError(f"{args.dataset} [{args.split}] has no column {args.caption_column!r} (--caption-column); "
+                           f"its columns are {columns}")
     if not questions and not captions:
         raise DatasetError(f"{args.dataset} [{args.split}] has neither a question column ({args.question_column!r}) "
                            f"nor a caption column ({args.caption_column or ' or '.join(map(repr, CAPTION_COLUMNS))}); "

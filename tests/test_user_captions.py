@@ -134,6 +134,11 @@ def test_eval_cli_scores_a_caption_file_and_picks_the_task_from_its_columns(tmp_
     assert cli_main(["eval", "--model", str(tmp_path / "vlm"), "--dataset", str(neither)]) == 2
     err = capsys.readouterr().err
     assert "neither a question column ('question') nor a caption column" in err and "--caption-column" in err
+    questions = tmp_path / "q.jsonl"  # questions, and a caption column named with a typo: not silently dropped
+    questions.write_text(json.dumps({"image": "img0.png", "question": "what?", "answers": ["x"]}) + "\n")
+    assert cli_main(["eval", "--model", str(tmp_path / "vlm"), "--dataset", str(questions), "--caption-column",
+                     "captoins"]) == 2
+    assert "has no column 'captoins' (--caption-column)" in capsys.readouterr().err
 
 
 # ---- the metrics against the COCO caption evaluation's code --------------------------------
