@@ -1,6 +1,7 @@
 """Evaluation rows are not training rows: a single file's split is held out by image (by
 default), --eval-dataset names other data (classes matched by name), --holdout 0 evaluates on
-the training rows only knowingly, with a warning."""
+the training rows only knowingly, with a warning. The training file named another way (./x, a link)
+is the training data all the same."""
 
 from __future__ import annotations
 
@@ -117,3 +118,35 @@ def test_eval_warns_when_the_rows_are_the_models_training_rows(tmp_path, capsys)
     other = vqa_file(tmp_path, 2, name="other.jsonl")
     assert main(["eval", "--model", model, "--dataset", str(other), "--limit", "2"]) == 0
     assert "WARNING" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spelling", ["./qa.jsonl", "absolute", "link.jsonl", "~/qa.jsonl"])
+def test_another_spelling_of_the_training_file_is_still_the_training_rows(tmp_path, monkeypatch, spelling):
+    """--eval-dataset naming --dataset's file another way (./x, absolute, a symbolic link, ~) used
+    to skip both the holdout and the warning: evaluation silently ran on the training rows."""
+    from mmfusion.training.data import evaluation_rows
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = vqa_file(tmp_path, 20)
+    (tmp_path / "link.jsonl").symlink_to(path)
+    other = str(path) if spelling == "absolute" else spelling
+    rows, _ = load_vqa("qa.jsonl", "train")
+    never = lambda source: pytest.fail(f"{source} was loaded as other data")  # noqa: E731
+
+    (kept,), (held,), loaded, line = evaluation_rows("qa.jsonl", "train", other, "test", None, [rows], never)
+    assert loaded is None and len(held) == 6 and len(kept) == 54
+    assert line.startswith("evaluation: 6 of the 60 rows of qa.jsonl held out") and f"--eval-dataset {other} is" in line
+    (kept,), held, loaded, line = evaluation_rows("qa.jsonl", "train", other, "test", 0.0, [rows], lambda s: "loaded")
+    assert held is None and len(kept) == 60 and line.startswith("WARNING: evaluating on the training rows")
+
+
+def test_sources_compare_as_files_only_when_they_are_local(tmp_path, monkeypatch):
+    from mmfusion.training.data import same_source
+
+    monkeypatch.chdir(tmp_path)
+    vqa_file(tmp_path, 1)
+    vqa_file(tmp_path, 1, name="copy.jsonl")
+    assert same_source("qa.jsonl", str(tmp_path / "qa.jsonl")) and not same_source("qa.jsonl", "copy.jsonl")
+    assert same_source("easy-vqa", "easy-vqa") and not same_source("easy-vqa", "./easy-vqa")
+    assert not same_source("user/data", "user/data2") and same_source("user/data", "user/data")  # hub ids: strings

@@ -17,7 +17,7 @@ import typing
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..weights import check_writable
+from .setup import RunConfig, check_run_paths
 
 
 def _base_type(annotation: Any) -> tuple[type, bool]:
@@ -77,7 +77,10 @@ def _replace(config: Any, changes: dict[tuple[str, ...], Any]) -> Any:
 
 def _optional(kind: type):
     def convert(text: str):
-        return None if text.lower() in ("none", "") else kind(text)
+        if not text.strip():  # an unset shell variable (--resume "$CKPT") must not mean "unset" silently
+            raise argparse.ArgumentTypeError(f"empty ({text!r}; an unset shell variable?): give a value, or none "
+                                             "for the default")
+        return None if text.lower() == "none" else kind(text)
     convert.__name__ = kind.__name__
     return convert
 
@@ -107,7 +110,8 @@ def parse_configs(argv: list[str] | None, prog: str, description: str, defaults:
                   extra: Callable[[argparse.ArgumentParser], None] | None = None) -> list[Any]:
     """Parse `argv` into one config per entry of `defaults` (group title -> default instance):
     each is its default with the flags given replaced. `extra` may add flags the stage handles
-    itself (they are parsed and ignored here)."""
+    itself (they are parsed and ignored here). A RunConfig's output folder and --resume are
+    checked here, before any work (setup.check_run_paths)."""
     parser = OneLineErrorParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     flags = {}
@@ -129,6 +133,6 @@ def parse_configs(argv: list[str] | None, prog: str, description: str, defaults:
                 changes[flag.path] = value
         configs.append(_replace(config, changes))
     for config in configs:
-        if hasattr(config, "output_dir"):
-            check_writable(config.output_dir, "--output-dir", folder=True)
+        if isinstance(config, RunConfig):
+            check_run_paths(config)
     return configs

@@ -8,7 +8,6 @@ and gets back the trained, unwrapped model.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
 import shutil
@@ -23,9 +22,9 @@ from torch.utils.data import DataLoader
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..weights import fsync_dir, fsync_tree, read_json
 from .data import EpochSampler, WeightedEpochSampler
-from .setup import RunConfig, warmup_cosine, write_json
+from .setup import PROGRESS_NAME, RunConfig, checked_step, checkpoint_dirs, find_resume, warmup_cosine, write_json
 
-log = logging.getLogger("mmfusion.training")
+# checkpoint_dirs, find_resume, checked_step: in setup.py, which checks --resume before any work
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -76,18 +75,6 @@ class WeightEMA:
 
 # ---- checkpoints ----------------------------------------------------------------------------
 
-PROGRESS_NAME = "progress.json"
-
-
-def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
-    root = Path(output_dir) / "checkpoints"
-    if not root.exists():
-        return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()
-            and (p / PROGRESS_NAME).exists()]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
-
-
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int, ema: WeightEMA | None = None) -> None:
     """accelerate's save_state into a temporary folder, fsync, then an atomic rename: a crash
     mid-write leaves the earlier checkpoints intact (and a `.tmp_step_*` folder that the next save
@@ -110,25 +97,11 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int, e
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(root)
-        for old in checkpoint_dirs(output_dir)[:-keep]:
+        # a higher step is another run's: sorted in, it would push out the checkpoint just written
+        done = [p for p in checkpoint_dirs(output_dir) if int(p.name.split("_")[1]) <= step]
+        for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-
-
-def find_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "latest":
-        found = checkpoint_dirs(output_dir)
-        if not found:
-            log.warning("--resume latest: no checkpoint in %s, starting fresh", output_dir)
-            return None
-        return found[-1]
-    path = Path(resume)
-    if not (path / PROGRESS_NAME).exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {PROGRESS_NAME}); pick one under "
-                                f"{Path(output_dir) / 'checkpoints'} or use --resume latest")
-    return path
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -227,15 +200,6 @@ def steps_per_epoch(examples: int, run: RunConfig, processes: int, what: str = "
         raise ConfigError(f"{what} ({examples} examples) is smaller than one global batch ({run.batch_size} x "
                           f"{processes} process(es) x {run.grad_accum} accumulation); lower --batch-size")
     return per_epoch
-
-
-def checked_step(progress, total: int) -> int:
-    """The step a progress.json holds, checked before it drives anything (a step of 1e9 would
-    replay the schedule for hours): an integer in [0, total], else a CheckpointError."""
-    step = progress.get("step") if isinstance(progress, dict) else None
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total:
-        raise CheckpointError(f"its {PROGRESS_NAME} gives step {step!r}, not a step of this {total}-step run")
-    return step
 
 
 def _check_rng_state(folder: Path, process_index: int) -> None:

@@ -1,10 +1,15 @@
 """Setting up a training run: its config, accelerator (precision, trackers), optimizer and
-learning-rate schedule, and the resolved config written next to its outputs."""
+learning-rate schedule, its folder (what an earlier run left there, the checkpoints `--resume`
+reads) and the resolved config written next to its outputs."""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
+import os
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,9 +18,11 @@ from typing import Any
 import torch
 
 from ..config import check_number
-from ..errors import ConfigError
-from ..weights import atomic_write
+from ..errors import CheckpointError, ConfigError
+from ..weights import atomic_write, check_writable, is_mmfusion_folder, read_json
 from .precision import PRECISIONS, PrecisionDecision, decide, model_step_timer, training_device
+
+log = logging.getLogger("mmfusion.training")
 
 # Seeds feed numpy (which takes < 2**32) and the per-step seeds derived from them (< 2**63).
 MAX_SEED = 2**32 - 1
@@ -58,6 +65,18 @@ class RunConfig:
         def flag(name: str) -> str:
             return "--" + name.replace("_", "-")
 
+        # an unset shell variable (--output-dir "$OUT") would mean the current folder, or a fresh start
+        if not str(self.output_dir).strip():
+            raise ConfigError(f"--output-dir is empty ({self.output_dir!r}; an unset shell variable?); name the "
+                              "folder the run writes to")
+        if self.resume is not None and not str(self.resume).strip():
+            raise ConfigError(f"--resume is empty ({self.resume!r}; an unset shell variable?); name a checkpoint "
+                              "folder, pass latest, or leave the flag out to start fresh")
+        # the shell leaves ~ unexpanded after = (--output-dir=~/x): expand once, so checks and writes agree
+        object.__setattr__(self, "output_dir", os.path.expanduser(self.output_dir))
+        if self.resume not in (None, "latest"):
+            object.__setattr__(self, "resume", os.path.expanduser(self.resume))
+
         for name in ("batch_size", "grad_accum", "keep_checkpoints", "eval_samples", "log_every"):
             check_number(flag(name), getattr(self, name), 1, integer=True)
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "num_workers"):
@@ -94,12 +113,17 @@ def make_accelerator(run: RunConfig, precision: PrecisionDecision):
     return accelerator
 
 
-def start_run_folder(accelerator, out: Path, log_name: str, **run_config) -> None:
-    """Create the output folder, write run_config.json and start the trackers (which write under
-    out/logs): called once every check has passed, so a refused run leaves no folder behind."""
+def start_run_folder(accelerator, out: Path, log_name: str, *, run: RunConfig, **run_config) -> None:
+    """Create the output folder, write run_config.json (`run` and the other configs given) and
+    start the trackers (which write under out/logs): called once every check has passed, so a
+    refused run leaves no folder behind. A run that does not continue this folder's own run first
+    sets the earlier run's checkpoints aside and says so (set_aside_earlier_run)."""
+    check_run_paths(run)  # again here: a stage's run() may be called without its parse()
     if accelerator.is_main_process:
+        for line in set_aside_earlier_run(out, run):
+            accelerator.print(line)
         out.mkdir(parents=True, exist_ok=True)
-        write_run_config(out, **run_config)
+        write_run_config(out, run=run, **run_config)
     if accelerator.log_with:
         accelerator.init_trackers(log_name)
 
@@ -168,3 +192,134 @@ def write_run_config(output_dir: str | Path, **configs: Any) -> None:
     """The resolved configuration of a run, next to its outputs."""
     resolved = {name: (asdict(c) if hasattr(c, "__dataclass_fields__") else c) for name, c in configs.items()}
     write_json(Path(output_dir) / "run_config.json", resolved)
+
+
+# ---- the run folder: checkpoints, --resume, an earlier run -----------------------------------
+
+PROGRESS_NAME = "progress.json"
+EARLIER_RUN = "earlier_run"  # where a fresh run puts the checkpoints an earlier run left in its folder
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints (step_N with a progress.json) under output_dir/checkpoints, oldest step first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.exists():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()
+            and (p / PROGRESS_NAME).exists()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def find_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint `--resume` names: None to start fresh (no flag, or `latest` with no
+    checkpoint yet); a CheckpointError for a path that is not a complete checkpoint."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = checkpoint_dirs(output_dir)
+        if not found:
+            log.warning("--resume latest: no checkpoint in %s, starting fresh", output_dir)
+            return None
+        return found[-1]
+    path = Path(resume)
+    if not (path / PROGRESS_NAME).exists():
+        why = ("it does not exist" if not path.exists() else "not a folder" if not path.is_dir()
+               else f"no {PROGRESS_NAME}")
+        raise CheckpointError(f"--resume {path} is not a complete checkpoint ({why}); pick one under "
+                              f"{Path(output_dir) / 'checkpoints'} or use --resume latest")
+    return path
+
+
+def checked_step(progress, total: int | None) -> int:
+    """The step a progress.json holds, checked before it drives anything (a step of 1e9 would
+    replay the schedule for hours): an integer in [0, total] (total None: >= 0), else a CheckpointError."""
+    step = progress.get("step") if isinstance(progress, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or (total is not None and step > total):
+        run = "a step count" if total is None else f"a step of this {total}-step run"
+        raise CheckpointError(f"its {PROGRESS_NAME} gives step {step!r}, not {run}")
+    return step
+
+
+def check_run_paths(run: RunConfig) -> None:
+    """Refuse, before any work and before anything is written, an output folder that cannot be
+    used (check_output_dir) and a --resume that cannot resume (check_resume)."""
+    check_output_dir(run.output_dir)
+    check_resume(run)
+
+
+def check_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
+    """Refuse an output folder that is empty (""), under a broken symbolic link (dangling, or a
+    loop), a file, or not writable (weights.check_writable)."""
+    if not str(path).strip():
+        raise ConfigError(f"{flag} is empty ({str(path)!r}; an unset shell variable?); name the folder the run "
+                          "writes to")
+    out = Path(path).expanduser()
+    for part in (out, *out.parents):
+        if part.is_symlink():
+            try:
+                part.stat()
+            except OSError as e:  # mkdir would fail late with a bare "File exists"
+                what = ("a symbolic link loop" if e.errno == errno.ELOOP else
+                        f"a symbolic link to {os.readlink(part)}, which does not exist")
+                raise ConfigError(f"{flag} {out}: {part} is {what}; remove or fix the link, or pass another "
+                                  f"{flag}") from e
+    check_writable(out, flag, folder=True)
+
+
+def check_resume(run: RunConfig) -> None:
+    """Refuse a --resume that names no complete checkpoint, or one whose progress.json cannot be
+    read or gives a step past --max-steps. `latest` with no checkpoint starts fresh, as documented;
+    the weights, optimizer and RNG states are checked when the loop loads them."""
+    if run.resume is None:
+        return
+    if run.resume == "latest":
+        found = checkpoint_dirs(run.output_dir)
+        if not found:
+            return
+        start_from = found[-1]
+    else:
+        start_from = find_resume(run.resume, run.output_dir)
+    # train-vqa's alignment phase (OUTPUT_DIR/align) counts its own steps, not --max-steps
+    align = Path(run.output_dir).resolve() / "align"
+    total = None if (run.max_steps == 0 or align in start_from.resolve().parents) else run.max_steps
+    try:
+        checked_step(read_json(start_from / PROGRESS_NAME), total)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume from {start_from}: {e}; pick another checkpoint with --resume PATH, "
+                              "or leave --resume out to start fresh") from e
+
+
+def set_aside_earlier_run(out: Path, run: RunConfig) -> list[str]:
+    """Prepare `out` for a run that does not continue from its own checkpoints (no --resume, or
+    one outside `out`); returns the lines to print. An earlier run's checkpoints/ (and train-vqa's
+    align/, which resumes from its own) move to out/earlier_run/, replacing what an older run left
+    there: mixed with this run's, rotation would keep their higher steps and delete this run's,
+    and --resume latest would pick them. Moved, not deleted, so a forgotten --resume costs no
+    training. An earlier model/ stays until this run saves its own; a line says it will be replaced."""
+    inside = run.resume is not None and (run.resume == "latest" or out.resolve() in Path(run.resume).resolve().parents)
+    lines = []
+    checkpoints, align = out / "checkpoints", out / "align"
+    stale = [p for p in (checkpoints, align) if not inside and p.is_dir() and any(p.iterdir())]
+    if stale:
+        steps = [p.name for p in checkpoint_dirs(out)]
+        held = ([f"checkpoints ({', '.join(steps) or 'unfinished ones'})"] if checkpoints in stale else []) + (
+            ["alignment phase (align/)"] if align in stale else [])
+        aside = out / EARLIER_RUN
+        replaced = aside.exists() or aside.is_symlink()
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside)
+        elif replaced:
+            aside.unlink()
+        aside.mkdir()
+        for p in stale:
+            os.replace(p, aside / p.name)
+        again = f"; to continue it instead, stop this run and pass --resume {aside / 'checkpoints' / steps[-1]}" \
+            if steps else ""
+        lines.append(f"note: {out} holds an earlier run's {' and '.join(held)}: moved to {aside}"
+                     + (" (replacing an older run's)" if replaced else "")
+                     + " so that this run's checkpoint rotation and --resume latest see only its own" + again)
+    fresh = not inside or (run.resume == "latest" and not checkpoint_dirs(out))
+    if fresh and is_mmfusion_folder(out / "model"):
+        lines.append(f"note: {out / 'model'} holds an earlier run's model; this run replaces it and metrics.json "
+                     "when it ends (copy them elsewhere now to keep them)")
+    return lines

@@ -1,0 +1,217 @@
+"""A run's folder: an --output-dir or --resume that cannot work is refused before any work and
+before anything is written; `~` after `=` means the home folder everywhere; a fresh run into a
+folder that holds an earlier run sets that run's checkpoints aside (and says so), so checkpoint
+rotation and --resume latest see only its own."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from mmfusion.cli import main
+from mmfusion.config import ConfigError
+from mmfusion.training import pretrain_vit
+from mmfusion.training.loop import save_checkpoint
+from mmfusion.training.setup import EARLIER_RUN, RunConfig, checkpoint_dirs, find_resume, start_run_folder
+
+# A dataset that does not exist: a flag refused at parse time is named before the data is read.
+NOWHERE = ["--dataset", "/nonexistent/mmfusion-test-data.jsonl"]
+TINY = ["--image-size", "16", "--patch-size", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+        "--batch-size", "4", "--warmup-steps", "0", "--no-progress", "--mixed-precision", "no", "--holdout", "0"]
+
+
+def error_lines(capsys, args: list) -> list[str]:
+    """Runs the CLI, expects exit code 2; its stderr lines (no traceback)."""
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()
+
+
+def one_line_error(capsys, args: list) -> str:
+    lines = error_lines(capsys, args)
+    assert len(lines) == 1 and lines[0].startswith("mmfusion: error: "), lines
+    return lines[0]
+
+
+def checkpoint(out: Path, step: int, progress: str | None = None) -> Path:
+    """A stand-in checkpoint folder: what the run-folder checks look at (progress.json)."""
+    folder = out / "checkpoints" / f"step_{step}"
+    folder.mkdir(parents=True)
+    if progress != "":
+        (folder / "progress.json").write_text(progress or json.dumps({"step": step}))
+    return folder
+
+
+class Printer(SimpleNamespace):
+    """The parts of an Accelerator start_run_folder uses, printing into a list."""
+
+    def __init__(self) -> None:
+        super().__init__(is_main_process=True, log_with=[], lines=[])
+
+    def print(self, line: str) -> None:
+        self.lines.append(line)
+
+
+# ---- --resume ----------------------------------------------------------------------------------
+
+RESUME_CASES = {
+    "missing": (["--resume", "{out}/checkpoints/step_9"], ["step_9 is not a complete checkpoint (it does not exist)",
+                                                          "--resume latest"]),
+    "incomplete": (["--resume", "{out}/checkpoints/step_1"], ["step_1 is not a complete checkpoint (no progress.json)"]),
+    "a_file": (["--resume", "{out}/run_config.json"], ["run_config.json is not a complete checkpoint (not a folder)"]),
+    "latest_past_max_steps": (["--resume", "latest", "--max-steps", "3"],
+                              ["cannot resume from", "step_4", "gives step 4, not a step of this 3-step run"]),
+    "progress_unreadable": (["--resume", "{out}/checkpoints/step_2"],
+                            ["cannot resume from", "step_2", "is not valid JSON"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_a_resume_that_cannot_resume_is_refused_before_any_work_and_writes_nothing(tmp_path, capsys, case):
+    """The refusal comes before the data is read (it does not even exist here) and leaves the
+    earlier run's run_config.json as it was; into a new folder it creates nothing."""
+    flags, fragments = RESUME_CASES[case]
+    out = tmp_path / "run"
+    checkpoint(out, 1, progress="")
+    checkpoint(out, 2, progress="{")
+    checkpoint(out, 4)
+    (out / "run_config.json").write_text('{"earlier": "run"}\n')
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    flags = [f.format(out=out) for f in flags]
+    for target in (out,) if "latest" in flags else (out, tmp_path / "new"):  # latest reads the target's own
+        line = one_line_error(capsys, ["pretrain-vit", *NOWHERE, "--output-dir", target, *flags])
+        assert all(f in line for f in fragments) and "nonexistent" not in line, line
+    assert (out / "run_config.json").read_text() == '{"earlier": "run"}\n'
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert not (tmp_path / "new").exists()
+
+
+def test_resume_latest_without_a_checkpoint_still_starts_fresh(tmp_path):
+    """As documented (README: newest complete, else fresh): a restart script may always pass it."""
+    _, run = pretrain_vit.parse(["--output-dir", str(tmp_path / "run"), "--resume", "latest"])
+    assert run.resume == "latest" and find_resume("latest", run.output_dir) is None
+
+
+# ---- empty values, ~, symbolic links --------------------------------------------------------------
+
+def test_an_empty_output_dir_or_resume_is_refused(tmp_path, capsys, monkeypatch):
+    """An unset shell variable (`--output-dir "$OUT"`) must not mean the current folder, nor
+    `--resume "$CKPT"` a fresh start."""
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(capsys, ["pretrain-vit", *NOWHERE, "--output-dir", ""])
+    assert "--output-dir is empty" in line and "unset shell variable" in line
+    for flag in ("--resume", "--init-from", "--eval-dataset"):
+        lines = error_lines(capsys, ["pretrain-vit", *NOWHERE, "--output-dir", "out", flag, ""])
+        assert len(lines) == 1 and f"argument {flag}: empty" in lines[0] and "none" in lines[0], lines
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="--output-dir is empty"):
+        RunConfig(output_dir="")
+    with pytest.raises(ConfigError, match="--resume is empty"):
+        RunConfig(resume=" ")
+
+
+def test_a_tilde_after_equals_means_the_home_folder_everywhere(tmp_path, monkeypatch):
+    """bash leaves `~` in `--output-dir=~/x` as it is: the checks and every write must use the same
+    expanded path, never a literal ./~ folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    stage, run = pretrain_vit.parse(["--output-dir=~/runs/x"])
+    assert run.output_dir == str(tmp_path / "home" / "runs" / "x")
+    start_run_folder(Printer(), Path(run.output_dir), "pretrain_vit", stage=stage, run=run)
+    assert (tmp_path / "home" / "runs" / "x" / "run_config.json").exists() and not (tmp_path / "~").exists()
+    assert RunConfig(resume="~/ck").resume == str(tmp_path / "home" / "ck")
+
+
+@pytest.mark.parametrize("link, fragment", [("dangling", "is a symbolic link to /nowhere/x, which does not exist"),
+                                             ("dangling/sub", "is a symbolic link to /nowhere/x, which does not exist"),
+                                             ("loop_a", "is a symbolic link loop"),
+                                             ("loop_a/sub", "is a symbolic link loop")])
+def test_a_broken_symbolic_link_as_output_dir_is_refused_before_any_work(tmp_path, capsys, link, fragment):
+    (tmp_path / "dangling").symlink_to("/nowhere/x")
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    line = one_line_error(capsys, ["pretrain-vit", *NOWHERE, "--output-dir", tmp_path / link])
+    assert fragment in line and "--output-dir" in line and "nonexistent" not in line, line
+
+
+# ---- a fresh run into a folder with an earlier run --------------------------------------------------
+
+def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside_and_says_so(tmp_path):
+    from mmfusion import ViT, ViTConfig
+
+    out = tmp_path / "run"
+    for step in (3, 4):
+        checkpoint(out, step)
+    (out / "align" / "model").mkdir(parents=True)
+    ViT(ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=16)).save_pretrained(out / "model")
+    printer = Printer()
+    start_run_folder(printer, out, "pretrain_vit", run=RunConfig(output_dir=str(out)))
+    aside = out / EARLIER_RUN
+    assert checkpoint_dirs(out) == [] and not (out / "align").exists()
+    assert [p.name for p in checkpoint_dirs(aside)] == ["step_3", "step_4"] and (aside / "align" / "model").is_dir()
+    moved, model = printer.lines
+    assert f"{out} holds an earlier run's checkpoints (step_3, step_4) and alignment phase (align/)" in moved
+    assert f"moved to {aside}" in moved and f"--resume {aside / 'checkpoints' / 'step_4'}" in moved
+    assert f"{out / 'model'} holds an earlier run's model; this run replaces it" in model
+
+    checkpoint(out, 1)  # a second fresh run: the one set aside before is replaced, not piled up
+    printer = Printer()
+    start_run_folder(printer, out, "pretrain_vit", run=RunConfig(output_dir=str(out)))
+    assert [p.name for p in checkpoint_dirs(aside)] == ["step_1"] and "(replacing an older run's)" in printer.lines[0]
+
+    for resume in ("latest", str(aside / "checkpoints" / "step_1")):  # continuing this folder's run moves nothing
+        checkpoint(out, 2)
+        printer = Printer()
+        start_run_folder(printer, out, "pretrain_vit", run=RunConfig(output_dir=str(out), resume=resume))
+        assert [p.name for p in checkpoint_dirs(out)] == ["step_2"] and not printer.lines, printer.lines
+        shutil.rmtree(out / "checkpoints" / "step_2")
+
+    (out / "checkpoints" / ".tmp_step_5").mkdir(parents=True)  # only a save cut short: moved too, no --resume to offer
+    printer = Printer()
+    start_run_folder(printer, out, "pretrain_vit", run=RunConfig(output_dir=str(out)))
+    assert printer.lines[0].startswith(f"note: {out} holds an earlier run's checkpoints (unfinished ones): moved to")
+    assert "--resume" not in printer.lines[0].split("see only")[1] and (aside / "checkpoints" / ".tmp_step_5").is_dir()
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
+    """A higher step in the folder (another run's) must not push this run's new checkpoint out."""
+    from accelerate import Accelerator
+
+    checkpoint(tmp_path, 9)
+    save_checkpoint(Accelerator(cpu=True), tmp_path, 1, keep=1)
+    save_checkpoint(Accelerator(cpu=True), tmp_path, 2, keep=1)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_2", "step_9"]
+
+
+@pytest.mark.slow
+def test_a_second_fresh_run_into_the_same_folder_keeps_and_resumes_its_own_checkpoints(tmp_path, capsys):
+    """The reviewer's case: a 4-step run leaves step_3 and step_4; a fresh 2-step run into the same
+    folder used to have its own step_1 and step_2 rotated away at once."""
+    data = tmp_path / "data"
+    for split in ("train", "test"):
+        for color in ("red", "blue"):
+            (data / split / color).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (16, 16), color).save(data / split / color / f"{i}.png")
+    out = tmp_path / "run"
+    args = ["pretrain-vit", "--dataset", str(data), "--output-dir", str(out), *TINY, "--save-every", "1"]
+    assert main([*args, "--max-steps", "4"]) == 0
+    assert [p.name for p in checkpoint_dirs(out)] == ["step_3", "step_4"]
+    capsys.readouterr()
+    assert main([*args, "--max-steps", "2", "--lr", "5e-4"]) == 0
+    printed = capsys.readouterr().out
+    assert "holds an earlier run's checkpoints (step_3, step_4)" in printed and "holds an earlier run's model" in printed
+    assert [p.name for p in checkpoint_dirs(out)] == ["step_1", "step_2"]
+    assert json.loads((out / "checkpoints" / "step_2" / "progress.json").read_text()) == {"step": 2}
+    assert find_resume("latest", out) == out / "checkpoints" / "step_2"
+    assert main([*args, "--max-steps", "3", "--resume", "latest"]) == 0
+    assert "resumed from" in capsys.readouterr().out and [p.name for p in checkpoint_dirs(out)] == ["step_2", "step_3"]
