@@ -21,18 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input (not a bug), or a training stopped on a NaN/inf loss:
-    shown as one line, exit code 2."""
-    from .errors import MMFusionError
-
-    return (MMFusionError, FileNotFoundError, NotADirectoryError)
+from .errors import fail, run_command
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A parser whose own errors (unknown flag, bad type) are one line, exit code 2, like the stages'."""
-    from .training.args import OneLineErrorParser
+    from .errors import OneLineErrorParser
 
     return OneLineErrorParser(prog=prog, description=description)
 
@@ -263,11 +257,6 @@ def _auto_task(args) -> str:
     return "both" if questions and captions else "vqa" if questions else "caption"
 
 
-def _fail(message: str) -> int:
-    print(f"mmfusion: error: {message}", file=sys.stderr)
-    return 2
-
-
 # The jobs and stages are imported when their command runs: they pull in accelerate.
 def cmd_main(argv: list[str]) -> None:
     from .training import main
@@ -368,19 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
-        return 0 if not argv or argv[0] in ("-h", "--help") else _fail(f"unknown command {argv[0]!r}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else fail(f"unknown command {argv[0]!r}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        COMMANDS[argv[0]](argv[1:])
-    except _user_errors() as e:
-        return _fail(str(e))
-    except OSError as e:  # the machine, not the code: a read-only or full disk, a permission
-        where = f"{e.filename}: " if e.filename else ""
-        return _fail(f"{where}{e.strerror or e}; check the path, the free space and the permissions")
-    except KeyboardInterrupt:
-        return _fail("interrupted")
-    return 0
+    return run_command(COMMANDS[argv[0]], argv[1:])
 
 
 if __name__ == "__main__":

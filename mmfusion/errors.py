@@ -7,6 +7,8 @@ derives from the built-in type callers would expect (`ValueError`, `RuntimeError
 
 from __future__ import annotations
 
+import argparse
+
 
 class MMFusionError(Exception):
     """Base of every user-facing mmfusion error."""
@@ -47,6 +49,14 @@ class TokenizerFilesError(MMFusionError, RuntimeError):
 
 class NonFiniteLossError(MMFusionError, RuntimeError):
     """The loss (or the weights) became NaN or infinite; the last good checkpoint is kept."""
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A flag argparse cannot parse (unknown flag, bad type or choice) ends like any other bad
+    input: one line on stderr, exit code 2; argparse's default also prints the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def fail(message: str) -> int:

@@ -45,3 +45,18 @@ def test_the_same_flags_parse_where_they_apply(flags):
 
     stage, _ = train_vqa.parse(["--vit", "vit-tiny", *flags])
     assert stage.vit == "vit-tiny"
+
+
+@pytest.mark.parametrize("job", ["main", "captions"])
+def test_the_jobs_refuse_an_empty_output_dir_and_expand_a_tilde(job, tmp_path, monkeypatch):
+    import importlib
+    import os
+
+    parse = importlib.import_module(f"mmfusion.training.{job}").parse
+    with pytest.raises(ConfigError, match="--output-dir is empty"):
+        parse(["--output-dir", ""])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse(["--output-dir=~/runs"]).output_dir == os.path.join(str(tmp_path), "runs")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    with pytest.raises(ConfigError, match="dangling is a symbolic link to .*nowhere, which does not exist"):
+        parse(["--output-dir", str(tmp_path / "dangling")])

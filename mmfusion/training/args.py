@@ -17,6 +17,7 @@ import typing
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..errors import OneLineErrorParser
 from .setup import RunConfig, check_run_paths
 
 
@@ -96,14 +97,6 @@ def _add(group, flag: Flag, default: Any) -> None:
     else:
         group.add_argument(option, dest=flag.name, type=_optional(flag.kind) if flag.optional else flag.kind,
                            default=default, choices=flag.choices, help=f"{flag.help} (default: {default})")
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """A flag argparse cannot parse (unknown flag, bad type or choice) ends like any other bad
-    input: one line on stderr, exit code 2; argparse's default also prints the whole usage."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_configs(argv: list[str] | None, prog: str, description: str, defaults: dict[str, Any],

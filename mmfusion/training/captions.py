@@ -20,21 +20,20 @@ results.md holds the table printed at the end. Stage-2 flags can be passed throu
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from ..config import AdapterConfig, ConfigError
-from ..errors import run_command
+from ..errors import OneLineErrorParser, run_command
 from ..evaluation import format_caption_table, format_examples, format_template_table, format_vqa_table, read_jsonl
 from ..layers import INIT_STD
-from ..weights import check_writable
 from . import pretrain_vit, train_vqa
-from .args import OneLineErrorParser
 from .main import check_stage_flags
 from .precision import PRECISIONS
-from .setup import RunConfig
+from .setup import RunConfig, check_output_dir
 
 # Chosen by measurement on the 2-core CPU: the whole job trains in under 15 minutes there; the
 # records (stage-1 learning rate, the GPT's init scale, pixel shuffle and image positions) are in
@@ -84,7 +83,8 @@ def parse(argv: list[str] | None):
             raise ConfigError(f"{flag} after -- applies to stage 2 only; give it before -- "
                               f"(mmfusion captions {flag} ...), where it sets the whole job")
     check_stage_flags(args, "vit")
-    check_writable(args.output_dir, "--output-dir", folder=True)
+    check_output_dir(args.output_dir)  # empty, a broken link, a file: refused before stage 1
+    args.output_dir = os.path.expanduser(args.output_dir)  # the shell leaves ~ after = (--output-dir=~/x)
     return args
 
 

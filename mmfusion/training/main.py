@@ -20,19 +20,18 @@ questions much later).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from ..config import ATTENTION_INITS, check_number
-from ..errors import run_command
+from ..errors import OneLineErrorParser, run_command
 from ..evaluation import format_examples, format_vqa_table, read_jsonl
-from ..weights import check_writable
 from . import pretrain_vit, train_vqa
-from .args import OneLineErrorParser
 from .precision import PRECISIONS
-from .setup import RunConfig
+from .setup import RunConfig, check_output_dir
 
 
 def parse(argv: list[str] | None):
@@ -76,7 +75,8 @@ def parse(argv: list[str] | None):
     if args.vqa_balance_answers is not None:
         check_number("--vqa-balance-answers", args.vqa_balance_answers, 0, 1)
     check_number("--vit-patch-init-std", args.vit_patch_init_std, 0, low_open=True)
-    check_writable(args.output_dir, "--output-dir", folder=True)
+    check_output_dir(args.output_dir)  # empty, a broken link, a file: refused before stage 1
+    args.output_dir = os.path.expanduser(args.output_dir)  # the shell leaves ~ after = (--output-dir=~/x)
     return args
 
 

@@ -30,14 +30,14 @@ from torch.utils.data import default_collate
 from ..config import VIT_PRESETS, ConfigError, ViTConfig, check_number, vit_preset
 from ..data import load_classification
 from ..data.splits import align_labels
-from ..errors import run_command
+from ..errors import OneLineErrorParser, run_command
 from ..layers import init_linear_and_norm
 from ..loading import load_vit
 from ..metrics import top1_accuracy
 from ..processing import ImageProcessor
 from ..vit import ViT
 from . import augment
-from .args import OneLineErrorParser, parse_configs
+from .args import parse_configs
 from .data import EVAL_DATASET_FIELD, HOLDOUT_FIELD, check_eval_choice, evaluation_rows, example_generator, split_index
 from .features import MEMORY_LIMIT_BYTES
 from .loop import steps_per_epoch, train
