@@ -120,6 +120,25 @@ def test_eval_warns_when_the_rows_are_the_models_training_rows(tmp_path, capsys)
     assert "WARNING" not in capsys.readouterr().out
 
 
+def test_eval_warns_from_another_folder_for_a_run_given_a_relative_dataset(tmp_path, capsys, monkeypatch):
+    """The run records the folder it ran from, so a relative --dataset is found from anywhere."""
+    from mmfusion.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    vqa_file(data, 10)
+    monkeypatch.chdir(data)
+    train_vqa.run(*train_vqa.parse(["--vit", "vit-tiny", "--dataset", "qa.jsonl", "--output-dir",
+                                    str(tmp_path / "out"), *QUIET]))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "out" / "model"), "--dataset", str(data / "qa.jsonl"),
+                 "--limit", "2"]) == 0
+    assert "was trained on qa.jsonl [train]" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("spelling", ["./qa.jsonl", "absolute", "link.jsonl", "~/qa.jsonl"])
 def test_another_spelling_of_the_training_file_is_still_the_training_rows(tmp_path, monkeypatch, spelling):
     """--eval-dataset naming --dataset's file another way (./x, absolute, a symbolic link, ~) used

@@ -189,8 +189,10 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def write_run_config(output_dir: str | Path, **configs: Any) -> None:
-    """The resolved configuration of a run, next to its outputs."""
+    """The resolved configuration of a run, next to its outputs, with the folder it ran from
+    (relative paths in it, such as --dataset, are relative to that: `mmfusion eval` reads it)."""
     resolved = {name: (asdict(c) if hasattr(c, "__dataclass_fields__") else c) for name, c in configs.items()}
+    resolved["cwd"] = os.getcwd()
     write_json(Path(output_dir) / "run_config.json", resolved)
 
 
