@@ -60,3 +60,15 @@ def test_the_jobs_refuse_an_empty_output_dir_and_expand_a_tilde(job, tmp_path, m
     os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
     with pytest.raises(ConfigError, match="dangling is a symbolic link to .*nowhere, which does not exist"):
         parse(["--output-dir", str(tmp_path / "dangling")])
+
+
+@pytest.mark.parametrize("stage", ["pretrain_vit", "train_vqa"])
+def test_help_states_each_default_once(stage, capsys):
+    import importlib
+    import re
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"mmfusion.training.{stage}").parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: --lr)" in text or stage == "pretrain_vit"
+    assert not re.search(r"\(default: [^()]*(\([^()]*\))?[^()]*\) \(default:", text)

@@ -86,17 +86,22 @@ def _optional(kind: type):
     return convert
 
 
+def _with_default(text: str, default: str) -> str:
+    """Help text ending in its default, unless the text already says what the default is."""
+    return text if "(default:" in text else f"{text} (default: {default})"
+
+
 def _add(group, flag: Flag, default: Any) -> None:
     option = "--" + flag.name.replace("_", "-")
     if flag.kind is bool:
         group.add_argument(option, dest=flag.name, action=argparse.BooleanOptionalAction, default=default,
-                           help=f"{flag.help} (default: {default})")
+                           help=_with_default(flag.help, str(default)))
     elif typing.get_origin(flag.kind) is tuple:
         group.add_argument(option, dest=flag.name, type=typing.get_args(flag.kind)[0], nargs="*", default=default,
-                           help=f"{flag.help} (default: {' '.join(map(str, default)) or 'none'})")
+                           help=_with_default(flag.help, " ".join(map(str, default)) or "none"))
     else:
         group.add_argument(option, dest=flag.name, type=_optional(flag.kind) if flag.optional else flag.kind,
-                           default=default, choices=flag.choices, help=f"{flag.help} (default: {default})")
+                           default=default, choices=flag.choices, help=_with_default(flag.help, str(default)))
 
 
 def parse_configs(argv: list[str] | None, prog: str, description: str, defaults: dict[str, Any],
