@@ -1,8 +1,10 @@
-"""Every exception mmfusion raises for bad input, in one place.
+"""Every exception mmfusion raises for bad input, in one place, and how a command reports them.
 
-Each one means "the input is wrong, here is how to fix it", not a bug: the `mmfusion` command
-prints its message as one line and exits with code 2. All derive from `MMFusionError`; each also
-derives from the built-in type callers would expect (`ValueError`, `RuntimeError`).
+Each one means "the input is wrong, here is how to fix it", not a bug: `run_command` (the
+`mmfusion` command and the entry scripts) prints its message as one line and exits with code 2,
+and `OneLineErrorParser` does the same for flags argparse cannot parse. All derive from
+`MMFusionError`; each also derives from the built-in type callers would expect (`ValueError`,
+`RuntimeError`).
 """
 
 from __future__ import annotations
