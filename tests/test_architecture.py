@@ -136,6 +136,7 @@ def test_entry_scripts_run_from_the_repo_root(how):
     assert "--output-dir" in done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [["-m", "training.main", "--vit-epochs", "nan"], ["training/train_vqa.py", "--lr", "nan"]],
                          ids=["module", "path"])
 def test_entry_scripts_report_bad_input_in_one_line_as_the_command_does(how, tmp_path):

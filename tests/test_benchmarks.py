@@ -75,6 +75,7 @@ def test_every_benchmark_produces_its_rows(smoke):
                if r.metric == "tokens/s (end to end)")
 
 
+@pytest.mark.slow
 def test_numbers_are_finite_and_positive(smoke):
     _, run, _ = smoke
     for row in run.rows:
@@ -83,6 +84,7 @@ def test_numbers_are_finite_and_positive(smoke):
                 assert math.isfinite(value) and value > 0, row
 
 
+@pytest.mark.slow
 def test_report_is_written(smoke):
     _, run, out = smoke
     text = out.read_text()
@@ -206,6 +208,7 @@ def test_stage2_variants_benchmark_runs(tmp_path):
     assert json.loads(out.read_text())["results"] == info
 
 
+@pytest.mark.slow
 def test_attention_benchmark_runs_and_both_sides_agree():
     rows = load_script("attention").main(["--smoke"])
     assert [r["pass"] for r in rows] == ["forward + backward", "forward"]

@@ -99,6 +99,7 @@ def test_upscale_note_names_the_native_size_flags():
     assert upscale_note(folder(64, 64), 64, 8) is None and upscale_note(folder(100, 30), 64, 8) is None
 
 
+@pytest.mark.slow
 def test_small_images_are_upscaled_with_a_note(image_folder, tmp_path):
     result = run_stage("pretrain_vit", ["--dataset", str(image_folder), "--output-dir", str(tmp_path / "vit"),
                                         "--max-steps", "1", "--batch-size", "8", *TINY_VIT, "--image-size", "32",
@@ -107,6 +108,7 @@ def test_small_images_are_upscaled_with_a_note(image_folder, tmp_path):
            "--patch-size 4" in result.stdout
 
 
+@pytest.mark.slow
 def test_pretrain_vit_on_image_folder(image_folder, tmp_path):
     out = tmp_path / "vit"
     result = run_stage("pretrain_vit", ["--dataset", str(image_folder), "--output-dir", str(out), "--max-steps", "20",
@@ -293,6 +295,7 @@ def test_conversations_group_every_row_once_by_image():
     assert len(orders) > 1 and Conversations(ds, 3, 5).groups == Conversations(ds, 3, 5).groups
 
 
+@pytest.mark.slow
 def test_train_vqa_on_parquet_with_imported_transformers_weights(tmp_path, vqa_jsonl):
     """Stage 2 on a parquet dataset, starting from transformers ViT and GPT-2 folders."""
     import datasets
