@@ -253,14 +253,15 @@ def _stop_prefix_length(text: str, stop_strings: tuple[str, ...]) -> int:
 
 
 def _check_batch(images, questions) -> tuple[list, list]:
-    if isinstance(images, (str, bytes)) or not isinstance(questions, (list, tuple)):
+    # a str is one image path or one question, not a sequence of them (any other iterable is)
+    if isinstance(images, (str, bytes)) or isinstance(questions, (str, bytes)):
         raise PromptError("images and questions must be lists with one entry per image (got "
                           f"{type(images).__name__} and {type(questions).__name__}); for one image use answer()")
-    images = list(images)
+    images, questions = list(images), list(questions)
     if len(images) != len(questions):
         raise PromptError(f"got {len(images)} images but {len(questions)} questions; pass one question per image "
                           "(None asks for a caption)")
-    return images, list(questions)
+    return images, questions
 
 
 def _prompt_ids(vlm, questions: list[str | None]) -> list[list[int]]:

@@ -47,6 +47,8 @@ MAX_IMAGE_PIXELS = 89_478_485
 # while that intermediate holds at most this many outputs (images up to about 16:1); a thinner image
 # resizes only the crop box, or a 1x20000 PNG would grow to gigabytes before the crop.
 CROP_AFTER_RESIZE_LIMIT = 16
+# Float pixels this far outside [0, 1] are clipped (resampling overshoot); farther, refused as 0..255 data.
+FLOAT_OVERSHOOT = 0.5
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     except Exception as e:  # corrupt EXIF makes Pillow raise SyntaxError, ValueError, struct.error, ...
         raise ImageError(f"the image's EXIF metadata is corrupt ({type(e).__name__}: {e}), so its orientation "
                          "is unknown; re-save the image without EXIF (or fix its orientation tag)") from e
+    # Pillow's meaning, and transformers' CLIP processor's: after image.convert("RGB") of a palette
+    # image, every pixel of the transparent index's colour counts as transparent.
     transparent = image.info.get("transparency")
     if image.mode == "RGB" and transparent is None:
         return image
@@ -177,16 +181,17 @@ def load_image(image) -> Image.Image:
 
 
 def _unit_floats_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Float pixels in [0, 1] -> uint8. Others are refused, not clipped: floats in [0, 255] (what
+    """Float pixels in [0, 1] -> uint8; an overshoot of up to FLOAT_OVERSHOOT (bicubic resampling
+    rings to about -0.1..1.1) is clipped. Others are refused: floats in 0..255 (what
     `np.asarray(image).astype(np.float32)` gives) would come out white, and NaN black."""
     if not np.isfinite(arr).all():
         raise ImageError("float pixels include NaN or inf; fix where the image was computed "
                          "(np.nan_to_num if they stand for 0)")
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
-    if lo < 0.0 or hi > 1.0:
-        raise ImageError(f"float pixels must lie in [0, 1], these span [{lo:.4g}, {hi:.4g}]; divide by 255 "
+    if lo < -FLOAT_OVERSHOOT or hi > 1.0 + FLOAT_OVERSHOOT:
+        raise ImageError(f"float pixels must lie in [0, 1], these span [{lo:.6g}, {hi:.6g}]; divide by 255 "
                          "or pass uint8 if they are 0..255, or clip them")
-    return (arr * 255.0 + 0.5).astype(np.uint8)
+    return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 class ImageProcessor:

@@ -238,6 +238,16 @@ def test_a_split_that_is_no_split_name_is_named(split, tmp_path):
         load_vqa(str(path), split)
 
 
+@pytest.mark.parametrize("split, rows", [("train[:2]", 2), ("train+test", 8), ("test[50%:]", 2)])
+def test_split_slices_and_sums_still_load_from_a_folder(split, rows, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("train", "test"):
+        write_source(folder, name, qa())
+    dataset, _ = load_vqa(str(folder), split)
+    assert len(dataset) == rows
+
+
 def test_save_to_disk_folders_load_as_datasets(tmp_path):
     """A Dataset.save_to_disk folder ("use load_from_disk" before) is one split, as a single file
     is; a DatasetDict's has its splits; both with an Image column holding the pixels."""

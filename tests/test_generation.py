@@ -321,3 +321,9 @@ def test_a_rows_answer_does_not_depend_on_the_other_prompts_in_its_batch(fusion,
     assert vlm.caption_batch([], max_new_tokens=4) == [] and vlm.answer_batch([], []) == []
     with pytest.raises(PromptError, match="must be lists"):
         vlm.answer_batch(images[:1], "what?")  # a string is one question, not five
+    # any other sequence of questions is one per image: a datasets column, an array, a generator
+    import datasets
+
+    column = datasets.Dataset.from_dict({"question": questions})["question"]
+    for given in (column, np.array(questions), (q for q in questions)):
+        assert vlm.answer_batch(images, given, max_new_tokens=20) == alone

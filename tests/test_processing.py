@@ -115,13 +115,24 @@ def test_a_tensor_dtype_numpy_lacks_is_an_image_error():
         load_image(t)
 
 
+def test_float_pixels_a_little_outside_0_1_are_clipped_not_refused():
+    """Bicubic resampling of a [0, 1] image rings to about -0.1..1.1, and rounding can pass 1 by an ulp."""
+    base = np.linspace(0, 1, 48, dtype=np.float32).reshape(4, 4, 3)
+    ringing = base * 1.2 - 0.1
+    expected = np.asarray(load_image((np.clip(ringing, 0, 1) * 255 + 0.5).astype(np.uint8)))
+    assert np.array_equal(np.asarray(load_image(ringing)), expected)
+    assert np.array_equal(np.asarray(load_image(np.nextafter(np.float32(1), np.float32(2)) * np.ones((2, 2, 3),
+                                                                                                     np.float32))),
+                          np.full((2, 2, 3), 255, np.uint8))
+
+
 @pytest.mark.parametrize("bad, message", [
     (np.zeros((4, 4, 2)), "not an image"),
     (np.zeros((4, 4), np.int64), "not supported"),
     # floats were clipped to [0, 1]: a 0..255 array came out white, NaN black, inf white
     (np.full((4, 4, 3), 200.0, np.float32), r"float pixels must lie in \[0, 1\], these span \[200, 200\]; divide by 255"),
     (torch.full((3, 4, 4), 128.0), "float pixels must lie in .0, 1.*divide by 255 or pass uint8"),
-    (np.full((4, 4), -0.5), "float pixels must lie in"),
+    (np.full((4, 4), -0.75), "float pixels must lie in"),
     (np.full((4, 4, 3), np.nan, np.float32), "float pixels include NaN or inf"),
     (torch.full((3, 4, 4), float("inf")), "float pixels include NaN or inf"),
     (Image.fromarray(np.full((4, 4), np.nan, np.float32), "F"), "float pixels include NaN or inf"),

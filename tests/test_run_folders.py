@@ -163,12 +163,16 @@ def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside_and_says_so(tmp_path
     assert f"moved to {aside}" in moved and f"--resume {aside / 'checkpoints' / 'step_4'}" in moved
     assert f"{out / 'model'} holds an earlier run's model; this run replaces it" in model
 
-    checkpoint(out, 1)  # a second fresh run: the one set aside before is replaced, not piled up
+    assert "run its stage command (mmfusion pretrain-vit or train-vqa) with --resume" in moved  # not `main`'s
+
+    checkpoint(out, 1)  # a second fresh run: the first set-aside stays, this one goes next to it
     printer = Printer()
     start_run_folder(printer, out, "pretrain_vit", run=RunConfig(output_dir=str(out)))
-    assert [p.name for p in checkpoint_dirs(aside)] == ["step_1"] and "(replacing an older run's)" in printer.lines[0]
+    second = out / f"{EARLIER_RUN}.2"
+    assert [p.name for p in checkpoint_dirs(aside)] == ["step_3", "step_4"]
+    assert [p.name for p in checkpoint_dirs(second)] == ["step_1"] and f"moved to {second}" in printer.lines[0]
 
-    for resume in ("latest", str(aside / "checkpoints" / "step_1")):  # continuing this folder's run moves nothing
+    for resume in ("latest", str(second / "checkpoints" / "step_1")):  # continuing this folder's run moves nothing
         checkpoint(out, 2)
         printer = Printer()
         start_run_folder(printer, out, "pretrain_vit", run=RunConfig(output_dir=str(out), resume=resume))
@@ -179,7 +183,8 @@ def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside_and_says_so(tmp_path
     printer = Printer()
     start_run_folder(printer, out, "pretrain_vit", run=RunConfig(output_dir=str(out)))
     assert printer.lines[0].startswith(f"note: {out} holds an earlier run's checkpoints (unfinished ones): moved to")
-    assert "--resume" not in printer.lines[0].split("see only")[1] and (aside / "checkpoints" / ".tmp_step_5").is_dir()
+    third = out / f"{EARLIER_RUN}.3"
+    assert "--resume" not in printer.lines[0].split("see only")[1] and (third / "checkpoints" / ".tmp_step_5").is_dir()
 
 
 def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):

@@ -74,13 +74,19 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and (path / "state.json").is_file()
 
 
+# What `datasets` takes as a split: names of \w parts joined by dots, each maybe sliced
+# (test[:500], train[10%:]), several joined by + (train+test).
+_ONE_SPLIT = r"\w+(\.\w+)*(\[[^\[\]]*\])?"
+SPLIT = re.compile(rf"{_ONE_SPLIT}(\+{_ONE_SPLIT})*")
+
+
 def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[datasets.Dataset, Path | None]:
     """Load one split of `source`; return it and the folder that relative image paths are relative to."""
     if not str(source).strip():
         raise DatasetError("the dataset name is empty; pass easy-vqa, scenes, a file or folder, or a Hub id")
-    if not re.fullmatch(r"\w+(\.\w+)*", split):  # what `datasets` accepts as a split name
+    if not SPLIT.fullmatch(split):
         raise DatasetError(f"{split!r} is not a split name (letters, digits and _, parts joined by dots, e.g. "
-                           "train or test); pass one with --split, --train-split or --eval-split")
+                           "train, test or test[:500]); pass one with --split, --train-split or --eval-split")
     path = Path(source).expanduser()
     try:
         if path.exists() and not (path.is_file() or path.is_dir()):

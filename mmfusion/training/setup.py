@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -294,9 +293,9 @@ def check_resume(run: RunConfig) -> None:
 def set_aside_earlier_run(out: Path, run: RunConfig) -> list[str]:
     """Prepare `out` for a run that does not continue from its own checkpoints (no --resume, or
     one outside `out`); returns the lines to print. An earlier run's checkpoints/ (and train-vqa's
-    align/, which resumes from its own) move to out/earlier_run/, replacing what an older run left
-    there: mixed with this run's, rotation would keep their higher steps and delete this run's,
-    and --resume latest would pick them. Moved, not deleted, so a forgotten --resume costs no
+    align/, which resumes from its own) move to out/earlier_run/ (earlier_run.2/, ... when that is
+    taken): mixed with this run's, rotation would keep their higher steps and delete this run's,
+    and --resume latest would pick them. Moved, never deleted, so a forgotten --resume costs no
     training. An earlier model/ stays until this run saves its own; a line says it will be replaced."""
     inside = run.resume is not None and (run.resume == "latest" or out.resolve() in Path(run.resume).resolve().parents)
     lines = []
@@ -306,20 +305,17 @@ def set_aside_earlier_run(out: Path, run: RunConfig) -> list[str]:
         steps = [p.name for p in checkpoint_dirs(out)]
         held = ([f"checkpoints ({', '.join(steps) or 'unfinished ones'})"] if checkpoints in stale else []) + (
             ["alignment phase (align/)"] if align in stale else [])
-        aside = out / EARLIER_RUN
-        replaced = aside.exists() or aside.is_symlink()
-        if aside.is_dir() and not aside.is_symlink():
-            shutil.rmtree(aside)
-        elif replaced:
-            aside.unlink()
+        aside = next(out / name for n in range(1, 10**6)
+                     if not os.path.lexists(out / (name := EARLIER_RUN if n == 1 else f"{EARLIER_RUN}.{n}")))
         aside.mkdir()
         for p in stale:
             os.replace(p, aside / p.name)
-        again = f"; to continue it instead, stop this run and pass --resume {aside / 'checkpoints' / steps[-1]}" \
-            if steps else ""
-        lines.append(f"note: {out} holds an earlier run's {' and '.join(held)}: moved to {aside}"
-                     + (" (replacing an older run's)" if replaced else "")
-                     + " so that this run's checkpoint rotation and --resume latest see only its own" + again)
+        # a stage command's flag: the jobs (mmfusion main, captions) have no --resume
+        again = (f"; to continue that run instead, stop this one and run its stage command (mmfusion "
+                 f"pretrain-vit or train-vqa) with --resume {aside / 'checkpoints' / steps[-1]}") if steps else ""
+        lines.append(f"note: {out} holds an earlier run's {' and '.join(held)}: moved to {aside} so that this "
+                     "run's checkpoint rotation and --resume latest see only its own; delete it when no longer "
+                     "needed" + again)
     fresh = not inside or (run.resume == "latest" and not checkpoint_dirs(out))
     if fresh and is_mmfusion_folder(out / "model"):
         lines.append(f"note: {out / 'model'} holds an earlier run's model; this run replaces it and metrics.json "
