@@ -161,7 +161,7 @@ def test_another_spelling_of_the_training_file_is_still_the_training_rows(tmp_pa
 
 
 def test_sources_compare_as_files_only_when_they_are_local(tmp_path, monkeypatch):
-    from mmfusion.training.data import same_source
+    from mmfusion.data.splits import same_source
 
     monkeypatch.chdir(tmp_path)
     vqa_file(tmp_path, 1)

@@ -10,6 +10,7 @@ side), with a choice that depends on the data only -- not on the seed, not on ro
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import datasets
@@ -26,9 +27,23 @@ def single_split(source: str) -> bool:
     return path.is_file() or is_saved_dataset(path)
 
 
+def same_source(a: str, b: str) -> bool:
+    """Whether two --dataset values name the same data: the same string, or the same local file
+    or folder however spelled (./x, an absolute path, a symbolic link, ~). Built-in names and hub
+    ids compare as strings."""
+    if a == b:
+        return True
+    if a in BUILT_IN or b in BUILT_IN:
+        return False
+    try:
+        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
+    except OSError:  # one of them is not a local path (a hub id): different strings, different data
+        return False
+
+
 def same_rows(source: str, train_split: str, eval_source: str | None, eval_split: str) -> bool:
     """Whether evaluating on (eval_source or source, eval_split) would reuse the training rows."""
-    if eval_source is not None and eval_source != source:
+    if eval_source is not None and not same_source(eval_source, source):
         return False
     return train_split == eval_split or single_split(source)
 

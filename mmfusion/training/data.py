@@ -3,9 +3,7 @@ generators for augmentation, the dataset views both stages train on, and which r
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -212,22 +210,6 @@ def check_eval_choice(eval_dataset: str | None, holdout: float | None) -> None:
             raise ConfigError("--holdout and --eval-dataset both choose the evaluation rows; pass one")
 
 
-def same_source(a: str, b: str) -> bool:
-    """Whether two --dataset values name the same data: the same string, or the same local file
-    or folder however spelled (./x, an absolute path, a symbolic link, ~). Built-in names and hub
-    ids compare as strings."""
-    from ..data import BUILT_IN
-
-    if a == b:
-        return True
-    if a in BUILT_IN or b in BUILT_IN:
-        return False
-    try:
-        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
-    except OSError:  # one of them is not a local path (a hub id): different strings, different data
-        return False
-
-
 def evaluation_rows(dataset: str, train_split: str, eval_dataset: str | None, eval_split: str,
                     holdout: float | None, train_rows: list, load_eval: Callable[[str], Any]):
     """Which rows evaluate a run: (training rows, held-out rows or None, load_eval's result or
@@ -238,9 +220,6 @@ def evaluation_rows(dataset: str, train_split: str, eval_dataset: str | None, ev
     the two would be the same rows (a single file has one split)."""
     from ..data.splits import hold_out, same_rows
 
-    alias = eval_dataset if eval_dataset is not None and same_source(eval_dataset, dataset) else None
-    if alias is not None:  # the training data however spelled (./x, a link): its rows are the training rows
-        eval_dataset = None
     reuse = same_rows(dataset, train_split, eval_dataset, eval_split)
     fraction = (DEFAULT_HOLDOUT if reuse else 0.0) if holdout is None else holdout
     present = [rows for rows in train_rows if rows is not None]
@@ -251,7 +230,8 @@ def evaluation_rows(dataset: str, train_split: str, eval_dataset: str | None, ev
         kept, held = [p[0] for p in pairs], [p[1] for p in pairs]
         n_held, n_kept = next((len(h), len(k)) for k, h in pairs if k is not None)
         why = " (a single file or saved Dataset has one split; --eval-dataset names other data)" if holdout is None else ""
-        why = f" (--eval-dataset {alias} is the training data)" if alias is not None else why
+        if eval_dataset is not None:  # it names the training data, however spelled (./x, a link)
+            why = f" (--eval-dataset {eval_dataset} is the training data)"
         return kept, held, None, (f"evaluation: {n_held} of the {n_held + n_kept} rows of {dataset} held out of "
                                   f"training by image (--holdout {fraction:g}){why}")
     source = eval_dataset or dataset
