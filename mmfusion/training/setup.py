@@ -23,6 +23,15 @@ from .precision import PRECISIONS, PrecisionDecision, decide, model_step_timer, 
 
 log = logging.getLogger("mmfusion.training")
 
+OUTPUT_DIR_FIX = "name the folder the run writes to"
+
+
+def refuse_empty(flag: str, value: Any, fix: str) -> None:
+    """An empty path flag is an unset shell variable (--output-dir "$OUT"), not the current folder or a fresh start."""
+    if not str(value).strip():
+        raise ConfigError(f"{flag} is empty ({str(value)!r}; an unset shell variable?); {fix}")
+
+
 # Seeds feed numpy (which takes < 2**32) and the per-step seeds derived from them (< 2**63).
 MAX_SEED = 2**32 - 1
 
@@ -64,13 +73,10 @@ class RunConfig:
         def flag(name: str) -> str:
             return "--" + name.replace("_", "-")
 
-        # an unset shell variable (--output-dir "$OUT") would mean the current folder, or a fresh start
-        if not str(self.output_dir).strip():
-            raise ConfigError(f"--output-dir is empty ({self.output_dir!r}; an unset shell variable?); name the "
-                              "folder the run writes to")
-        if self.resume is not None and not str(self.resume).strip():
-            raise ConfigError(f"--resume is empty ({self.resume!r}; an unset shell variable?); name a checkpoint "
-                              "folder, pass latest, or leave the flag out to start fresh")
+        refuse_empty("--output-dir", self.output_dir, OUTPUT_DIR_FIX)
+        if self.resume is not None:
+            refuse_empty("--resume", self.resume, "name a checkpoint folder, pass latest, or leave the flag out to "
+                         "start fresh")
         # the shell leaves ~ unexpanded after = (--output-dir=~/x): expand once, so checks and writes agree
         object.__setattr__(self, "output_dir", os.path.expanduser(self.output_dir))
         if self.resume not in (None, "latest"):
@@ -251,9 +257,7 @@ def check_run_paths(run: RunConfig) -> None:
 def check_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
     """Refuse an output folder that is empty (""), under a broken symbolic link (dangling, or a
     loop), a file, or not writable (weights.check_writable)."""
-    if not str(path).strip():
-        raise ConfigError(f"{flag} is empty ({str(path)!r}; an unset shell variable?); name the folder the run "
-                          "writes to")
+    refuse_empty(flag, path, OUTPUT_DIR_FIX)
     out = Path(path).expanduser()
     for part in (out, *out.parents):
         if part.is_symlink():
