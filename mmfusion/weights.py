@@ -115,6 +115,21 @@ def check_writable(path: str | Path, flag: str, folder: bool) -> None:
                           "pass a path you can write to") from e
 
 
+def stat_regular_file(path: Path, error: type[Exception], fix: str, should_be: str,
+                      missing: str | None = None) -> os.stat_result:
+    """`path`'s stat, or one `error`: it cannot be read (`missing` says what a missing file means,
+    where given), or it is not a regular file -- a folder, or a FIFO that would block a read forever."""
+    try:
+        info = path.stat()
+    except OSError as e:
+        if missing is not None and isinstance(e, FileNotFoundError):
+            raise error(missing) from e
+        raise error(f"{path} cannot be read ({e.strerror or e}); {fix}") from e  # e.g. a symbolic link loop
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{path} is not a regular file (a folder, FIFO or device); {should_be}")
+    return info
+
+
 def read_json(path: str | Path, error: type[Exception] = CheckpointError) -> Any:
     """The contents of a small JSON metadata file, or one `error` naming the file and the fix.
 
@@ -122,12 +137,7 @@ def read_json(path: str | Path, error: type[Exception] = CheckpointError) -> Any
     block), a file over MAX_JSON_BYTES. Then: bytes that are not UTF-8, invalid JSON, and
     nesting deep enough to exhaust Python's recursion limit."""
     path = Path(path)
-    try:
-        info = path.stat()
-    except OSError as e:
-        raise error(f"{path} cannot be read ({e.strerror or e}); check the path") from e
-    if not stat.S_ISREG(info.st_mode):
-        raise error(f"{path} is not a regular file (a folder, FIFO or device); it should be a JSON file")
+    info = stat_regular_file(path, error, fix="check the path", should_be="it should be a JSON file")
     if info.st_size > MAX_JSON_BYTES:
         raise error(f"{path} is {info.st_size} bytes, too large for a metadata file (limit {MAX_JSON_BYTES}); "
                     "it is not a file mmfusion wrote")
@@ -219,19 +229,12 @@ class PretrainedMixin:
         that is not a regular file (a FIFO would block forever), a device torch cannot use."""
         path = Path(path)
         device = checked_device(map_location)
-        try:
-            info = path.stat()
-        except FileNotFoundError as e:
-            target = f" (a symbolic link to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
-            raise CheckpointError(f"{path} is missing{target}: the folder is incomplete; save the model again, or "
-                                  "restore the file from a copy") from e
-        except OSError as e:  # e.g. a symbolic link loop, a folder we may not enter
-            raise CheckpointError(f"{path} cannot be read ({e.strerror or e}); check the path, or restore the "
-                                  "file from a copy") from e
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"{path} is not a regular file (a folder, FIFO or device); it should be the "
-                                  "safetensors file save_pretrained writes: save the model again, or restore it "
-                                  "from a copy")
+        target = f" (a symbolic link to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
+        stat_regular_file(path, CheckpointError, fix="check the path, or restore the file from a copy",
+                          should_be="it should be the safetensors file save_pretrained writes: save the model "
+                                    "again, or restore it from a copy",
+                          missing=f"{path} is missing{target}: the folder is incomplete; save the model again, or "
+                                  "restore the file from a copy")
         try:
             tensors = load_file(path, device=str(device))
         except (SafetensorError, OSError, ValueError) as e:
