@@ -20,7 +20,6 @@ results.md holds the table printed at the end. Stage-2 flags can be passed throu
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import replace
@@ -83,8 +82,7 @@ def parse(argv: list[str] | None):
             raise ConfigError(f"{flag} after -- applies to stage 2 only; give it before -- "
                               f"(mmfusion captions {flag} ...), where it sets the whole job")
     check_stage_flags(args, "vit")
-    check_output_dir(args.output_dir)  # empty, a broken link, a file: refused before stage 1
-    args.output_dir = os.path.expanduser(args.output_dir)  # the shell leaves ~ after = (--output-dir=~/x)
+    args.output_dir = check_output_dir(args.output_dir)  # empty, a broken link, a file: refused before stage 1
     return args
 
 

@@ -20,7 +20,6 @@ questions much later).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import replace
@@ -75,8 +74,7 @@ def parse(argv: list[str] | None):
     if args.vqa_balance_answers is not None:
         check_number("--vqa-balance-answers", args.vqa_balance_answers, 0, 1)
     check_number("--vit-patch-init-std", args.vit_patch_init_std, 0, low_open=True)
-    check_output_dir(args.output_dir)  # empty, a broken link, a file: refused before stage 1
-    args.output_dir = os.path.expanduser(args.output_dir)  # the shell leaves ~ after = (--output-dir=~/x)
+    args.output_dir = check_output_dir(args.output_dir)  # empty, a broken link, a file: refused before stage 1
     return args
 
 

@@ -254,9 +254,10 @@ def check_run_paths(run: RunConfig) -> None:
     check_resume(run)
 
 
-def check_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
+def check_output_dir(path: str | Path, flag: str = "--output-dir") -> str:
     """Refuse an output folder that is empty (""), under a broken symbolic link (dangling, or a
-    loop), a file, or not writable (weights.check_writable)."""
+    loop), a file, or not writable (weights.check_writable); else the path with ~ expanded (the
+    shell leaves it after =: --output-dir=~/x)."""
     refuse_empty(flag, path, OUTPUT_DIR_FIX)
     out = Path(path).expanduser()
     for part in (out, *out.parents):
@@ -269,6 +270,7 @@ def check_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
                 raise ConfigError(f"{flag} {out}: {part} is {what}; remove or fix the link, or pass another "
                                   f"{flag}") from e
     check_writable(out, flag, folder=True)
+    return str(out)
 
 
 def check_resume(run: RunConfig) -> None:
