@@ -145,21 +145,19 @@ class VQAStageConfig:
 
     def _check_unused_flags(self) -> None:
         """A flag this configuration would ignore is a ConfigError, not a silent no-op."""
-        unused = {
-            "--lora-alpha": self.lora_alpha is not None and not self.lora_rank,
-            "--lora-targets": self.lora_targets != ",".join(TARGETS) and not self.lora_rank,
-            "--cross-every": self.cross_every != 1 and self.fusion != "cross",
-            "--lr-vit": self.lr_vit is not None and self.freeze_vit,
-            "--lr-adapter": self.lr_adapter is not None and self.freeze_adapter and not self.align_epochs,
-            "--lr-gpt": self.lr_gpt is not None and self.freeze_gpt and not self.lora_rank,
-        }
-        why = {"--lora-alpha": "add --lora-rank R", "--lora-targets": "add --lora-rank R",
-               "--cross-every": "add --fusion cross", "--lr-vit": "the ViT is frozen: add --no-freeze-vit",
-               "--lr-adapter": "the adapter is frozen: drop --freeze-adapter or add --align-epochs",
-               "--lr-gpt": "the GPT is frozen: drop --freeze-gpt or add --lora-rank R"}
-        for flag, ignored in unused.items():
+        unused = (  # (flag, ignored here, what would make it count)
+            ("--lora-alpha", self.lora_alpha is not None and not self.lora_rank, "add --lora-rank R"),
+            ("--lora-targets", self.lora_targets != ",".join(TARGETS) and not self.lora_rank, "add --lora-rank R"),
+            ("--cross-every", self.cross_every != 1 and self.fusion != "cross", "add --fusion cross"),
+            ("--lr-vit", self.lr_vit is not None and self.freeze_vit, "the ViT is frozen: add --no-freeze-vit"),
+            ("--lr-adapter", self.lr_adapter is not None and self.freeze_adapter and not self.align_epochs,
+             "the adapter is frozen: drop --freeze-adapter or add --align-epochs"),
+            ("--lr-gpt", self.lr_gpt is not None and self.freeze_gpt and not self.lora_rank,
+             "the GPT is frozen: drop --freeze-gpt or add --lora-rank R"),
+        )
+        for flag, ignored, fix in unused:
             if ignored:
-                raise ConfigError(f"{flag} would be ignored here ({why[flag]}), or drop it")
+                raise ConfigError(f"{flag} would be ignored here ({fix}), or drop it")
 
     @property
     def lora_target_names(self) -> tuple[str, ...]:
