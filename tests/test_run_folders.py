@@ -17,7 +17,7 @@ from mmfusion.cli import main
 from mmfusion.config import ConfigError
 from mmfusion.training import pretrain_vit
 from mmfusion.training.loop import save_checkpoint
-from mmfusion.training.setup import EARLIER_RUN, RunConfig, checkpoint_dirs, find_resume, start_run_folder
+from mmfusion.training.setup import EARLIER_RUN, RunConfig, checkpoint_dirs, find_resume, run_log_name, start_run_folder
 
 # A dataset that does not exist: a flag refused at parse time is named before the data is read.
 NOWHERE = ["--dataset", "/nonexistent/mmfusion-test-data.jsonl"]
@@ -220,3 +220,16 @@ def test_a_second_fresh_run_into_the_same_folder_keeps_and_resumes_its_own_check
     assert find_resume("latest", out) == out / "checkpoints" / "step_2"
     assert main([*args, "--max-steps", "3", "--resume", "latest"]) == 0
     assert "resumed from" in capsys.readouterr().out and [p.name for p in checkpoint_dirs(out)] == ["step_2", "step_3"]
+    # each of the three runs logged into a folder of its own, so TensorBoard shows three runs
+    runs = {p.parent for p in (out / "logs" / "pretrain_vit").rglob("events.out.tfevents.*")}
+    assert len(runs) == 3 and all(p.parent == out / "logs" / "pretrain_vit" for p in runs), runs
+
+
+def test_runs_started_in_the_same_second_log_into_folders_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.setattr("time.strftime", lambda fmt: "2026-12-01_23-59-59")
+    first = run_log_name(tmp_path)
+    (tmp_path / first).mkdir()
+    second = run_log_name(tmp_path)
+    (tmp_path / second).mkdir()
+    assert (first, second, run_log_name(tmp_path)) == ("2026-12-01_23-59-59", "2026-12-01_23-59-59.2",
+                                                       "2026-12-01_23-59-59.3")

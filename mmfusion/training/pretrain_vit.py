@@ -11,7 +11,7 @@ tokens learn what is where (a CLS-only objective leaves them free to forget it).
 mirror the label grid with the image.
 
 Writes OUTPUT_DIR/model (config.json + model.safetensors), metrics.json, run_config.json,
-logs/ (tensorboard) and checkpoints/ (with --save-every).
+logs/ (tensorboard, a folder per run) and checkpoints/ (with --save-every).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -120,8 +121,10 @@ def make_accelerator(run: RunConfig, precision: PrecisionDecision):
 
 def start_run_folder(accelerator, out: Path, log_name: str, *, run: RunConfig, **run_config) -> None:
     """Create the output folder, write run_config.json (`run` and the other configs given) and
-    start the trackers (which write under out/logs): called once every check has passed, so a
-    refused run leaves no folder behind. A run that does not continue this folder's own run first
+    start the trackers (which write under out/logs/log_name/<start time>, one folder per run, so
+    TensorBoard shows a rerun into the same folder as a run of its own instead of one curve
+    that jumps back to step 0): called once every check has passed, so a refused run leaves no
+    folder behind. A run that does not continue this folder's own run first
     sets the earlier run's checkpoints aside and says so (set_aside_earlier_run)."""
     check_run_paths(run)  # again here: a stage's run() may be called without its parse()
     if accelerator.is_main_process:
@@ -130,7 +133,15 @@ def start_run_folder(accelerator, out: Path, log_name: str, *, run: RunConfig, *
         out.mkdir(parents=True, exist_ok=True)
         write_run_config(out, run=run, **run_config)
     if accelerator.log_with:
-        accelerator.init_trackers(log_name)
+        accelerator.init_trackers(f"{log_name}/{run_log_name(out / 'logs' / log_name)}")
+
+
+def run_log_name(logs: Path) -> str:
+    """A new folder name under `logs` for this run's events: its start time (.2, .3, ... when a
+    run started in the same second)."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return next(name for n in range(1, 10**6)
+                if not os.path.lexists(logs / (name := stamp if n == 1 else f"{stamp}.{n}")))
 
 
 def choose_precision(run: RunConfig, model: torch.nn.Module, make_batch: Callable[[], Any],
