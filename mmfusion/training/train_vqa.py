@@ -13,7 +13,8 @@ freeze flags leave open on the task. Alignment writes OUTPUT_DIR/align/ (checkpo
 The ViT comes from a saved mmfusion folder, a preset name (fresh), or transformers ViT/CLIP
 weights; the GPT from a preset name (fresh), a saved folder, or transformers GPT-2 weights.
 The ViT is frozen by default. Writes OUTPUT_DIR/model (the whole VLM), metrics.json,
-predictions.jsonl (questions) and captions.jsonl (captions), run_config.json, logs/ (tensorboard, a folder per run) and checkpoints/.
+predictions.jsonl (questions) and captions.jsonl (captions), run_config.json, logs/ (tensorboard, a
+folder per run) and checkpoints/.
 """
 
 from __future__ import annotations
