@@ -16,6 +16,7 @@ from .errors import (
     NonFiniteLossError,
     PromptError,
     SlotCountError,
+    TokenIdError,
 )
 from .gpt import GPT
 from .vit import ViT
@@ -24,4 +25,4 @@ from .vlm import VLM
 __version__ = "0.1.0"
 __all__ = ["ViT", "GPT", "VLM", "ViTAdapter", "ViTConfig", "GPTConfig", "VLMConfig", "AdapterConfig",
            "MMFusionError", "ConfigError", "CheckpointError", "ConversionError", "DatasetError", "ImageError",
-           "PromptError", "SlotCountError", "NonFiniteLossError", "__version__"]
+           "PromptError", "SlotCountError", "TokenIdError", "NonFiniteLossError", "__version__"]

@@ -41,6 +41,10 @@ class PromptError(MMFusionError, ValueError):
     """A question or answer is empty or cannot fit the context."""
 
 
+class TokenIdError(MMFusionError, ValueError):
+    """A token id to decode is not an integer, or not in the tokenizer's vocabulary."""
+
+
 class SlotCountError(MMFusionError, ValueError):
     """The number of `<|image|>` slots in a row differs from the image tokens the adapter yields."""
 

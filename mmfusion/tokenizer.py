@@ -12,6 +12,7 @@ Special tokens are only ever produced by the code that builds prompts: text a us
 from __future__ import annotations
 
 import hashlib
+import operator
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-from .errors import TokenizerFilesError
+from .errors import TokenIdError, TokenizerFilesError
 
 ENDOFTEXT = "<|endoftext|>"
 IMAGE = "<|image|>"
@@ -81,13 +82,33 @@ class Tokenizer:
         return self.enc.encode_ordinary_batch(texts)
 
     def decode(self, ids, skip_special: bool = True) -> str:
-        ids = [int(i) for i in ids]
+        """Ids (ints, numpy or torch integers, or a 1-D integer tensor) to text; `<|endoftext|>`
+        and `<|image|>` are left out unless skip_special=False."""
+        ids = self.checked_ids(ids)
         if skip_special:
             ids = [i for i in ids if i not in (EOT_ID, IMAGE_ID)]
         return self.enc.decode(ids)
 
     def decode_bytes(self, ids) -> bytes:
-        return self.enc.decode_bytes([int(i) for i in ids if int(i) not in (EOT_ID, IMAGE_ID)])
+        return self.enc.decode_bytes([i for i in self.checked_ids(ids) if i not in (EOT_ID, IMAGE_ID)])
+
+    def checked_ids(self, ids) -> list[int]:
+        """The ids as ints, or a TokenIdError naming the first that is not an integer token id of
+        this vocabulary (1.5 would otherwise decode as 1, and 50300 fail deep in tiktoken)."""
+        out = []
+        for pos, i in enumerate(ids):
+            try:
+                if isinstance(i, bool) or str(getattr(i, "dtype", "")) in ("bool", "torch.bool"):
+                    raise TypeError
+                i = operator.index(i)
+            except TypeError:
+                raise TokenIdError(f"token id at position {pos} is {i!r}, not an integer; decode takes integer "
+                                   "token ids (a list of ints or an integer tensor)") from None
+            if not 0 <= i < self.vocab_size:
+                raise TokenIdError(f"token id {i} at position {pos} is outside the vocabulary: ids run from 0 to "
+                                   f"{self.vocab_size - 1}")
+            out.append(i)
+        return out
 
 
 @lru_cache(maxsize=1)

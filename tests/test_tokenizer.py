@@ -4,14 +4,18 @@
 from __future__ import annotations
 
 import inspect
+import re
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiktoken
+import torch
 from tiktoken_ext import openai_public
 
 import mmfusion.tokenizer as tokenizer_module
+from mmfusion.errors import TokenIdError
 from mmfusion.tokenizer import EOT_ID, IMAGE_ID, TokenizerFilesError, bpe_files, get_tokenizer
 
 TEXTS = [
@@ -123,3 +127,26 @@ def test_missing_file_raises(monkeypatch, tmp_path):
     monkeypatch.setattr(tokenizer_module.resources, "files", lambda package: tmp_path)
     with pytest.raises(TokenizerFilesError, match="missing"):
         bpe_files()
+
+
+@pytest.mark.parametrize("ids, fragment", [
+    ([31373, 50300], "token id 50300 at position 1 is outside the vocabulary: ids run from 0 to 50257"),
+    ([-1], "token id -1 at position 0 is outside"),
+    ([1.5], "is 1.5, not an integer"),  # int() would have decoded it as token 1
+    (["a"], "is 'a', not an integer"),
+    ([True], "is True, not an integer"),
+    (torch.tensor([True]), "not an integer"),
+    (torch.tensor([1.0]), "not an integer"),
+])
+def test_decode_names_an_id_that_is_not_a_token_of_the_vocabulary(ids, fragment):
+    tok = get_tokenizer()
+    for decode in (tok.decode, tok.decode_bytes):
+        with pytest.raises(TokenIdError, match=re.escape(fragment)):
+            decode(ids)
+
+
+def test_decode_takes_integer_tensors_and_numpy_ids():
+    tok = get_tokenizer()
+    ids = tok.encode("hello world")
+    assert tok.decode(torch.tensor(ids)) == tok.decode(np.array(ids)) == tok.decode([torch.tensor(i) for i in ids]) \
+        == "hello world"
