@@ -15,7 +15,10 @@ from mmfusion.config import AdapterConfig, GPTConfig
 from mmfusion.gpt import GPT
 from mmfusion.processing import ImageProcessor, PromptBuilder, VQACollator
 from mmfusion.training.data import Conversations
-from mmfusion.training.features import FeatureRows
+from mmfusion.training.features import FeatureRows, distinct_images
+from mmfusion.training.setup import RunConfig
+from mmfusion.training.train_vqa import short_run_rows
+from mmfusion.training.vqa_config import VQAStageConfig
 from mmfusion.vlm import VLM
 
 
@@ -98,3 +101,16 @@ def test_collator_batches_features_instead_of_pixels_and_refuses_a_mix():
     assert all("image_features" in conv[i] and "image" not in conv[i] for i in range(len(conv)))
     with pytest.raises(ValueError, match="exactly one of"):
         model.encode_images()
+
+
+def test_a_short_run_counts_its_rows_against_the_distinct_images():
+    """train-vqa caches features only when that costs fewer ViT passes than the run makes."""
+    with_ids = datasets.Dataset.from_dict({"image_id": [0, 0, 1, 2, 2, 2], "question": ["q"] * 6})
+    without = datasets.Dataset.from_dict({"question": ["q"] * 5})
+    unknown = datasets.Dataset.from_dict({"image_id": [0, -1, 0], "question": ["q"] * 3})  # -1: no id
+    assert distinct_images(with_ids) == 3 and distinct_images(without) == 5 and distinct_images(unknown) == 3
+    assert distinct_images(with_ids, None, without) == 8
+    stage = VQAStageConfig()
+    assert short_run_rows(stage, RunConfig(max_steps=3, batch_size=4, grad_accum=2)) == 24
+    assert short_run_rows(stage, RunConfig(max_steps=0)) is None  # whole epochs: caching pays
+    assert short_run_rows(VQAStageConfig(align_epochs=1, task="both"), RunConfig(max_steps=3)) is None

@@ -326,6 +326,9 @@ def test_stage_two_trains_to_the_same_weights_with_or_without_precomputed_featur
     plain = train_tiny_vqa(vqa_jsonl, tiny_vit_dir, tmp_path / "plain", "--max-steps", "6", "--no-cache-features")
     assert "ViT features of 24 images for 24 rows" in cached.stdout + cached.stderr
     assert "ViT features of" not in plain.stdout + plain.stderr
+    short = train_tiny_vqa(vqa_jsonl, tiny_vit_dir, tmp_path / "short", "--max-steps", "2")  # 8 rows, 24 images
+    assert "2 steps train on 8 rows, fewer than the 24 distinct images" in short.stdout + short.stderr
+    assert "ViT features of" not in short.stdout + short.stderr
     a, b = weights(tmp_path / "cached"), weights(tmp_path / "plain")
     diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]

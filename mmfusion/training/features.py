@@ -19,6 +19,19 @@ import torch
 MEMORY_LIMIT_BYTES = 2 * 1024**3
 
 
+def image_keys(dataset):
+    """A key per row that is equal for rows of the same image: `image_id` where the source gives
+    one to every row, else the row number."""
+    ids = dataset["image_id"] if "image_id" in dataset.column_names else None
+    return ids if ids is not None and all(i >= 0 for i in ids) else range(len(dataset))
+
+
+def distinct_images(*datasets) -> int:
+    """Distinct images over the datasets given (None for an absent one): the ViT passes that
+    computing every image's features once costs."""
+    return sum(len(set(image_keys(ds))) for ds in datasets if ds is not None)
+
+
 class FeatureRows(torch.utils.data.Dataset):
     """The rows of a datasets.Dataset with `image_features` (1+N, Dv) in place of `image`.
 
@@ -53,8 +66,7 @@ class FeatureRows(torch.utils.data.Dataset):
         would take more than `limit_bytes`."""
         from tqdm.auto import tqdm
 
-        ids = dataset["image_id"] if "image_id" in dataset.column_names else None
-        keys = ids if ids is not None and all(i >= 0 for i in ids) else range(len(dataset))
+        keys = image_keys(dataset)
         slot_of: dict[int, int] = {}  # image key -> its index in the features
         rows, slots = [], []  # the first row showing each image; each row's slot
         for r, k in enumerate(keys):

@@ -45,7 +45,7 @@ from .data import (
     rarest_answer_share,
     target_tokens,
 )
-from .features import MEMORY_LIMIT_BYTES, FeatureRows
+from .features import MEMORY_LIMIT_BYTES, FeatureRows, distinct_images
 from .loop import find_resume, steps_per_epoch, train
 from .lora import add_lora, merge_lora, save_lora
 from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_groups, start_run_folder, write_json
@@ -179,6 +179,15 @@ def tasks(stage: VQAStageConfig) -> tuple[bool, bool]:
     return questions, captions
 
 
+def short_run_rows(stage: VQAStageConfig, run_cfg: RunConfig) -> int | None:
+    """Rows one process trains on in a --max-steps run without an alignment phase (ViT passes
+    without cached features), else None: whole epochs, where easy-VQA's ~10 questions per image
+    make caching pay many times over."""
+    if run_cfg.max_steps == 0 or stage.align_epochs > 0:
+        return None
+    return run_cfg.max_steps * run_cfg.batch_size * run_cfg.grad_accum
+
+
 def probe_batch(model: VLM, processor: ImageProcessor, rows, batch_size: int, cached: bool) -> dict:
     """A training batch as the step will see it (ViT features instead of images if cached)."""
     probe = VQACollator(processor, PromptBuilder(model.prompt_slots, model.config.gpt.block_size))
@@ -218,6 +227,11 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     vocab_lines = set_output_vocab(model, stage, prompts, train_vqa, train_cap)
     processor = ImageProcessor.from_config(model.config.vit)
     cached = stage.freeze_vit and stage.cache_features
+    rows = short_run_rows(stage, run_cfg)
+    if cached and rows is not None and rows < (images := distinct_images(train_vqa, train_cap)):
+        cached = False  # a smoke run of a few steps would otherwise wait for every image's features
+        data_lines.append(f"data: {run_cfg.max_steps} steps train on {rows} rows, fewer than the {images} distinct "
+                          "images: the frozen ViT runs every step instead of computing every image's features first")
     probe = functools.partial(probe_batch, model, processor, train_vqa if train_vqa is not None else train_cap,
                               run_cfg.batch_size, cached)
     step = functools.partial(vqa_step, loss_per=stage.loss_per)

@@ -88,7 +88,8 @@ class VQAStageConfig:
     freeze_vit: bool = field(default=True, metadata={"help": "keep the ViT's weights fixed"})
     cache_features: bool = field(default=True, metadata={
         "help": "with a frozen ViT, compute each training image's ViT features once, before training "
-                "(the same numbers; saves the ViT and the image decoding every step)"})
+                "(the same numbers; saves the ViT and the image decoding every step); skipped when --max-steps "
+                "trains on fewer rows than there are images"})
     freeze_adapter: bool = field(default=False, metadata={"help": "keep the adapter's weights fixed"})
     freeze_gpt: bool = field(default=False, metadata={"help": "keep the GPT's weights fixed"})
     lora_rank: int = field(default=0, metadata={
