@@ -228,6 +228,8 @@ def test_captions_job_on_other_question_data_reports_without_a_template_table(pa
     report = (tmp_path / "job" / "results.md").read_text()
     assert "per_template" not in result and "| **all** |" in report
     assert f"Evaluated on 1 of the 8 rows of {data}" in report  # not "Scenes test split"
+    # the evaluation line, though other data lines (here: no feature cache for 1 step) follow it
+    assert result["evaluation"].startswith(f"evaluation: 1 of the 8 rows of {data} held out of training")
 
 
 @pytest.mark.parametrize("flag", ["--output-dir", "--seed", "--mixed-precision", "--vit", "--no-progress"])

@@ -217,6 +217,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     questions, captions = tasks(stage)
     set_seed(run_cfg.seed)
     train_vqa, train_cap, eval_vqa, eval_cap, data_lines = load_all(stage, captions, questions)
+    evaluated_on = data_lines[-1]  # load_all's last line; more data lines follow
     if train_cap is not None:
         train_cap = caption_rows(train_cap)
         if stage.caption_any_order:
@@ -288,7 +289,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
         metrics["truncated_questions"] = prompts.truncated
         metrics["dropped_turns"] = prompts.dropped_turns
         metrics["precision"] = precision.resolved
-        metrics["evaluation"] = data_lines[-1]
+        metrics["evaluation"] = evaluated_on
         write_json(out / "metrics.json", metrics)
         accelerator.print(f"model saved to {out / 'model'}")
     accelerator.end_training()
