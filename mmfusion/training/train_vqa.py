@@ -231,8 +231,9 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     rows = short_run_rows(stage, run_cfg)
     if cached and rows is not None and rows < (images := distinct_images(train_vqa, train_cap)):
         cached = False  # a smoke run of a few steps would otherwise wait for every image's features
-        data_lines.append(f"data: {run_cfg.max_steps} steps train on {rows} rows, fewer than the {images} distinct "
-                          "images: the frozen ViT runs every step instead of computing every image's features first")
+        steps = "1 step trains" if run_cfg.max_steps == 1 else f"{run_cfg.max_steps} steps train"
+        data_lines.append(f"data: {steps} on {rows} rows, fewer than the {images} images caching their ViT "
+                          "features would encode first: the frozen ViT runs every step instead")
     probe = functools.partial(probe_batch, model, processor, train_vqa if train_vqa is not None else train_cap,
                               run_cfg.batch_size, cached)
     step = functools.partial(vqa_step, loss_per=stage.loss_per)
