@@ -51,13 +51,14 @@ def counted(model: VLM) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize("ids, distinct", [([3, 1, 3, 3, 1, 2], 3), ([-1, -1, -1, -1], 4), ([5, -1, 5], 3)])
+# ids < 0 anywhere: images are told apart by their bytes (rows 0 and 2 of the last case show one image)
+@pytest.mark.parametrize("ids, distinct", [([3, 1, 3, 3, 1, 2], 3), ([-1, -1, -1, -1], 4), ([5, -1, 5], 2)])
 def test_each_image_goes_through_the_vit_once_and_each_row_gets_its_own(ids, distinct):
     model, ds = tiny_vlm(), qa_dataset(ids)
     processor = ImageProcessor.from_config(model.config.vit)
     seen = counted(model)
     rows = FeatureRows.compute(model, ds, processor, batch_size=2, progress=False)
-    assert sum(seen) == distinct and len(rows.features) == distinct  # ids < 0 anywhere: one image per row
+    assert sum(seen) == distinct and len(rows.features) == distinct
     model.eval()
     for r in range(len(ds)):
         row = rows[r]
@@ -105,12 +106,24 @@ def test_collator_batches_features_instead_of_pixels_and_refuses_a_mix():
 
 def test_a_short_run_counts_its_rows_against_the_distinct_images():
     """train-vqa caches features only when that costs fewer ViT passes than the run makes."""
-    with_ids = datasets.Dataset.from_dict({"image_id": [0, 0, 1, 2, 2, 2], "question": ["q"] * 6})
-    without = datasets.Dataset.from_dict({"question": ["q"] * 5})
-    unknown = datasets.Dataset.from_dict({"image_id": [0, -1, 0], "question": ["q"] * 3})  # -1: no id
-    assert distinct_images(with_ids) == 3 and distinct_images(without) == 5 and distinct_images(unknown) == 3
-    assert distinct_images(with_ids, None, without) == 8
+    with_ids = qa_dataset([0, 0, 1, 2, 2, 2])
+    by_content = qa_dataset([-1, -1, -1]).remove_columns("image_id")  # three different images
+    same = by_content.map(lambda r: {"image": image(7)})  # one image, three rows
+    assert distinct_images(with_ids) == 3 and distinct_images(by_content) == 3 and distinct_images(same) == 1
+    assert distinct_images(with_ids, None, by_content) == 6
     stage = VQAStageConfig()
     assert short_run_rows(stage, RunConfig(max_steps=3, batch_size=4, grad_accum=2)) == 24
     assert short_run_rows(stage, RunConfig(max_steps=0)) is None  # whole epochs: caching pays
     assert short_run_rows(VQAStageConfig(align_epochs=1, task="both"), RunConfig(max_steps=3)) is None
+
+
+def test_one_file_name_over_different_images_is_not_one_image(tmp_path):
+    """A parquet file may store different images under one file name: features follow the bytes."""
+    ds = qa_dataset([-1, -1]).remove_columns("image_id")
+    ds = ds.cast_column("image", datasets.Image(decode=False))
+    ds = ds.map(lambda r: {"image": {"bytes": r["image"]["bytes"], "path": "image.png"}})
+    ds = ds.cast_column("image", datasets.Image())
+    assert distinct_images(ds) == 2
+    model = tiny_vlm()
+    rows = FeatureRows.compute(model, ds, ImageProcessor.from_config(model.config.vit), progress=False)
+    assert len(rows.features) == 2 and not torch.equal(rows[0]["image_features"], rows[1]["image_features"])

@@ -3,8 +3,8 @@
 Stage 2 freezes the ViT by default and does not augment images, so an image's ViT features are
 the same in every epoch: easy-VQA asks ~10 questions about each image, so 3.5 epochs would
 decode and encode every image ~35 times. `FeatureRows` computes the features once, before
-training, for every distinct image of a dataset (by `image_id`, or by row where the source has
-none) and serves its rows with `image_features` in place of `image`; `VQACollator` then
+training, for every distinct image of a dataset (by `image_id`, or by file path or content where
+the source has none) and serves its rows with `image_features` in place of `image`; `VQACollator` then
 batches them and the VLM skips its ViT. The computation is the same in every run (same batches,
 same order), so a resumed run still ends with the same weights as an uninterrupted one.
 """
@@ -15,21 +15,24 @@ from contextlib import nullcontext
 
 import torch
 
+from ..data.splits import image_keys
+
 # Past this, features (stage 2) or decoded images (stage 1) are not kept in memory: recomputed each step.
 MEMORY_LIMIT_BYTES = 2 * 1024**3
 
 
-def image_keys(dataset):
-    """A key per row that is equal for rows of the same image: `image_id` where the source gives
-    one to every row, else the row number."""
+def same_image_keys(dataset) -> list:
+    """A key per row, equal for the rows of one image: `image_id` where the source gives one to
+    every row, else a digest of the image's bytes or, for an image read from disk, its path
+    (data.splits.image_keys, exact), so a file that asks ten questions about an image encodes it once."""
     ids = dataset["image_id"] if "image_id" in dataset.column_names else None
-    return ids if ids is not None and all(i >= 0 for i in ids) else range(len(dataset))
+    return ids if ids is not None and all(i >= 0 for i in ids) else image_keys(dataset, exact=True)
 
 
 def distinct_images(*datasets) -> int:
     """Distinct images over the datasets given (None for an absent one): the ViT passes that
     computing every image's features once costs."""
-    return sum(len(set(image_keys(ds))) for ds in datasets if ds is not None)
+    return sum(len(set(same_image_keys(ds))) for ds in datasets if ds is not None)
 
 
 class FeatureRows(torch.utils.data.Dataset):
@@ -66,7 +69,7 @@ class FeatureRows(torch.utils.data.Dataset):
         would take more than `limit_bytes`."""
         from tqdm.auto import tqdm
 
-        keys = image_keys(dataset)
+        keys = same_image_keys(dataset)
         slot_of: dict[int, int] = {}  # image key -> its index in the features
         rows, slots = [], []  # the first row showing each image; each row's slot
         for r, k in enumerate(keys):
