@@ -61,6 +61,24 @@ def test_holdout_takes_whole_images_and_depends_on_the_data_only(tmp_path):
         hold_out(ds.filter(lambda r: r["answers"] == ["a0"]), 0.1, "qa")
 
 
+def test_holdout_tells_images_apart_by_their_bytes_not_a_shared_file_name(tmp_path):
+    """A parquet file may store different images under one file name: they are still 20 images
+    (the name alone made them one, and the hold-out was refused)."""
+    import io
+
+    import numpy as np
+
+    rows = []
+    for i in range(20):
+        png = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(png, format="PNG")
+        rows.append({"image": {"bytes": png.getvalue(), "path": "image.png"}, "question": "q?", "answers": ["a"]})
+    datasets.Dataset.from_list(rows).cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "qa.parquet"))
+    ds, _ = load_vqa(str(tmp_path / "qa.parquet"), "train")
+    train, held = hold_out(ds, 0.1, "qa")
+    assert (len(train), len(held)) == (18, 2)
+
+
 def test_classes_of_other_data_are_matched_by_name(tmp_path):
     train, _ = load_image_classification(str(cls_file(tmp_path, ["cat", "dog", "emu"] * 2, "train")), "train")
     other, _ = load_image_classification(str(cls_file(tmp_path, ["emu", "cat"], "other")), "train")

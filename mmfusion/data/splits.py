@@ -48,11 +48,10 @@ def same_rows(source: str, train_split: str, eval_source: str | None, eval_split
     return train_split == eval_split or single_split(source)
 
 
-def image_keys(ds: datasets.Dataset, column: str = "image", exact: bool = False) -> list[str]:
-    """One key per row naming its image: the file path, else a digest of the image's bytes.
-    exact=True: the digest wherever there are bytes, the path only where there are none (a file
-    read from disk), so rows that share a key share their pixels: a parquet file may store many
-    different images under one file name."""
+def image_keys(ds: datasets.Dataset, column: str = "image") -> list[str]:
+    """One key per row naming its image: a digest of the image's bytes, or its path where it has
+    none (a file read from disk). Not the path first: a parquet file may store many different
+    images under one file name, which would make them one image."""
     raw = ds.select_columns([column])
     if isinstance(raw.features[column], datasets.Image):
         raw = raw.cast_column(column, datasets.Image(decode=False))  # paths and bytes, nothing decoded
@@ -61,8 +60,7 @@ def image_keys(ds: datasets.Dataset, column: str = "image", exact: bool = False)
         for value in batch[column]:
             path = value.get("path") if isinstance(value, dict) else None
             data = value.get("bytes") if isinstance(value, dict) else value
-            by_path = path and not (exact and data)
-            keys.append(f"path:{path}" if by_path else "sha256:" + hashlib.sha256(data or b"").hexdigest())
+            keys.append("sha256:" + hashlib.sha256(data or b"").hexdigest() if data or not path else f"path:{path}")
     return keys
 
 
