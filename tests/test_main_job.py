@@ -64,6 +64,7 @@ def test_the_stage_commands_repeat_the_main_job():
     assert (vqa_stage, vqa_run) == train_vqa.parse(["--vit", "runs/m/vit/model", "--output-dir", "runs/m/vqa",
                                                     "--seed", "3", *precision])
     assert vqa_stage.adapter.keep_cls and vqa_stage.balance_answers == 0.5
+    assert vqa_run.min_lr_ratio == 0 and vit_run.min_lr_ratio == 0.05  # stage 2's cosine ends at zero
     unbalanced = stage_configs(parse(["--vqa-balance-answers", "0"]))[2]
     assert unbalanced == train_vqa.parse(["--vit", "runs/main/vit/model", "--balance-answers", "0"])[0]
     with pytest.raises(ConfigError, match=r"--vqa-balance-answers must be in \[0, 1\]"):
