@@ -4,7 +4,8 @@ machine's own limits (matrix-multiply peak, memory bandwidth).
     python benchmarks/run.py                 # full run, writes benchmarks/RESULTS.md (+ RESULTS.json)
     python benchmarks/run.py --smoke         # tiny shapes, one repeat: checks that it all runs
     python benchmarks/run.py --only decode   # machine, vit, decode, vlm, memory, data, gpu (comma-separated)
-    python benchmarks/run.py --device cuda   # the GPU section (gpu.py); auto picks it where CUDA is present
+    python benchmarks/run.py --device cuda   # the GPU section (gpu.py), to RESULTS_gpu.md; auto picks it
+                                             # where CUDA is present
 
 Method: both sides run in the same process with the same weights (transformers models are built
 from configs with random weights and converted with `ViT.from_hf` / `GPT.from_hf`), alternating
@@ -16,7 +17,8 @@ Nothing is downloaded.
 The pieces: timing.py (alternating medians, machine limits and description), models.py (sizes,
 both sides' models and steps), sections.py (the measured sections), memory.py (the children),
 results.py (rows), report.py (RESULTS.md / RESULTS.json). Run it as a script, as above: its
-folder is then first on sys.path, which is how it imports them.
+folder is then first on sys.path, which is how it imports them; the repository root comes next,
+so the mmfusion it measures is this checkout's, installed or not.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's mmfusion, installed or not
 
 from gpu import bench_gpu
 from memory import bench_memory, child_main
@@ -51,7 +55,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat (for CI)")
     p.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(BENCHMARKS)} (mfu: vit,vlm)")
-    p.add_argument("--out", default=str(HERE / "RESULTS.md"), help="Markdown report to write")
+    p.add_argument("--out", default=None, help="Markdown report to write (default: RESULTS.md here; RESULTS_gpu.md "
+                                               "for the GPU section alone, which leaves the CPU report as it is)")
     p.add_argument("--notes", default=str(HERE / "NOTES.md"),
                    help="Markdown appended to the report as its notes section (skipped if missing)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -72,7 +77,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
     default = BENCHMARKS if args.smoke else ("gpu",) if args.device == "cuda" else CPU_BENCHMARKS
-    return args, [b for b in BENCHMARKS if (b in only if only else b in default)]
+    chosen = [b for b in BENCHMARKS if (b in only if only else b in default)]
+    if args.out is None:
+        args.out = str(HERE / ("RESULTS_gpu.md" if chosen == ["gpu"] else "RESULTS.md"))
+    return args, chosen
 
 
 def main(argv: list[str] | None = None) -> Run:

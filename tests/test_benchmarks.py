@@ -105,6 +105,37 @@ def test_only_picks_benchmarks_and_rejects_unknown_names(tmp_path):
         bench.main(["--smoke", "--only", "nope", "--out", str(tmp_path / "r.md")])
 
 
+def test_the_gpu_section_alone_writes_its_own_report_and_leaves_the_cpu_one():
+    bench = load_runner()
+    gpu_only = bench.parse_args(["--only", "gpu", "--device", "cpu"])[0].out
+    assert Path(gpu_only).name == "RESULTS_gpu.md" and Path(gpu_only).parent == BENCHMARKS
+    assert Path(bench.parse_args(["--device", "cpu"])[0].out).name == "RESULTS.md"
+    assert Path(bench.parse_args(["--smoke"])[0].out).name == "RESULTS.md"  # every section, GPU one on the CPU
+    assert bench.parse_args(["--only", "gpu", "--out", "x.md"])[0].out == "x.md"
+
+
+def test_gpu_decode_rows_say_where_the_tokens_part():
+    gpu = load_script("gpu")
+    assert gpu.agreeing_tokens([1, 2, 3], [1, 2, 3]) == 3 and gpu.agreeing_tokens([1, 5, 3], [1, 2, 3]) == 1
+    assert gpu.tokens_note(128, 128, "bf16") == "transformers' tokens: yes"
+    assert gpu.tokens_note(6, 128, "bf16").startswith("transformers' tokens for the first 6 of 128")
+    assert gpu.tokens_note(6, 128, "fp32") == "transformers' tokens: NO, they part at token 6"
+
+
+def test_cuda_graph_recordings_are_counted_and_the_patch_is_undone():
+    from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+
+    gpu = load_script("gpu")
+    original = CUDAGraphTreeManager.record_function
+    recordings = gpu.CudaGraphRecordings()
+    assert CUDAGraphTreeManager.record_function is not original
+    recordings.original = lambda manager, *args, **kwargs: "recorded"  # no GPU here: a stand-in recorder
+    assert CUDAGraphTreeManager.record_function(None, "step") == "recorded"
+    recordings.original = original
+    assert recordings.stop().startswith("CUDA graph recordings while timed: 1")
+    assert CUDAGraphTreeManager.record_function is original
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("caps", ["on", "off"])
 def test_bf16_caps_follow_the_decision_either_way(caps, tmp_path):
