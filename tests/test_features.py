@@ -127,3 +127,14 @@ def test_one_file_name_over_different_images_is_not_one_image(tmp_path):
     model = tiny_vlm()
     rows = FeatureRows.compute(model, ds, ImageProcessor.from_config(model.config.vit), progress=False)
     assert len(rows.features) == 2 and not torch.equal(rows[0]["image_features"], rows[1]["image_features"])
+
+
+def test_a_column_of_file_paths_is_keyed_by_path(tmp_path):
+    for i in range(2):
+        image(i).save(tmp_path / f"{i}.png")
+    ds = datasets.Dataset.from_dict({"image": [str(tmp_path / f"{i}.png") for i in (0, 1, 0)],
+                                     "question": ["q"] * 3, "answers": [["a"]] * 3})
+    assert distinct_images(ds) == 2
+    model = tiny_vlm()
+    rows = FeatureRows.compute(model, ds, ImageProcessor.from_config(model.config.vit), progress=False)
+    assert len(rows.features) == 2 and torch.equal(rows[0]["image_features"], rows[2]["image_features"])

@@ -97,6 +97,21 @@ def test_bad_caption_rows_are_counted_and_bad_columns_named(tmp_path):
         load_caption_dataset("scenes", "test", caption_column="text")
 
 
+def test_a_row_without_an_image_id_never_takes_another_rows_id(tmp_path):
+    """Row 1 has no id: its row number (1) would be row 0's id, and the feature cache would give
+    row 1 row 0's picture. It gets a number past the largest id instead."""
+    from mmfusion.training.features import distinct_images
+
+    path = caption_file(tmp_path, 3)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row, image_id in zip(rows, [1, None, 7]):
+        row["image_id"] = image_id
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds, _ = load_captions(str(path), "train")
+    assert ds["image_id"][:] == [1, 9, 7]  # 8 + row 1
+    assert distinct_images(ds) == 3
+
+
 # ---- training and evaluation on a caption file ---------------------------------------------
 
 

@@ -4,8 +4,9 @@ The source is anything `local.py` reads (a parquet or JSON lines file, a folder,
 `save_to_disk` folder, a Hub id). The caption column may hold a string, a list of
 strings, or a list of `{"caption": ...}` / `{"raw": ...}` records (COCO-style: several
 captions per image). The output schema: `image` (`Image()`), `captions` (list[str],
-stripped, at least one), `image_id` (int: the source's `image_id`, else the row number,
-so a frozen ViT's features are computed once per image however many captions it has).
+stripped, at least one), `image_id` (int: the source's `image_id`, else the row number, past
+the source's largest id where only some rows have one; so a frozen ViT's features are computed
+once per image however many captions it has).
 
 `caption_rows` turns that into training rows, one per caption (`caption`: str).
 """
@@ -96,6 +97,10 @@ def load_captions(
     columns = [image_column, caption_column] + (["image_id"] if has_id else [])
     raw = prepare_image_column(raw.select_columns(columns), src, image_column)
     check = ImageChecker(base_dir)
+    # a row without an id gets its row number, past the source's largest id: a row number equal
+    # to another row's id would make two images one (their cached ViT features, for one)
+    given_ids = [i for i in raw["image_id"][:] if i is not None and i >= 0] if has_id else []
+    offset = max(given_ids) + 1 if given_ids else 0
 
     def normalize(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"image": [], "captions": [], "image_id": [], "_skip": []}
@@ -107,13 +112,13 @@ def load_captions(
             given = batch["image_id"][i] if has_id else None
             out["image"].append(image)
             out["captions"].append(captions)
-            out["image_id"].append(indices[i] if given is None or given < 0 else given)
+            out["image_id"].append(offset + indices[i] if given is None or given < 0 else given)
             out["_skip"].append(reason or "")
         return out
 
     work = datasets.Features({"image": datasets.Image(decode=False), "captions": FEATURES["captions"],
                               "image_id": datasets.Value("int64"), "_skip": datasets.Value("string")})
-    mapped = map_rows(raw, normalize, work, f"cap:{columns}:{base_dir}", with_indices=True)
+    mapped = map_rows(raw, normalize, work, f"cap:{columns}:{base_dir}:{offset}", with_indices=True)
     return finish(mapped, src, split, len(raw), max_bad_fraction, FEATURES)
 
 

@@ -58,6 +58,8 @@ def image_keys(ds: datasets.Dataset, column: str = "image") -> list[str]:
     keys = []
     for batch in raw.iter(batch_size=1000):  # a batch of bytes at a time, not the whole set
         for value in batch[column]:
+            if isinstance(value, str):  # a column of file paths
+                value = {"path": value}
             path = value.get("path") if isinstance(value, dict) else None
             data = value.get("bytes") if isinstance(value, dict) else value
             keys.append("sha256:" + hashlib.sha256(data or b"").hexdigest() if data or not path else f"path:{path}")

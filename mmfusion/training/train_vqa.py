@@ -231,7 +231,8 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     processor = ImageProcessor.from_config(model.config.vit)
     cached = stage.freeze_vit and stage.cache_features
     rows = short_run_rows(stage, run_cfg)
-    if cached and rows is not None and rows < (images := distinct_images(train_vqa, train_cap)):
+    total = sum(len(ds) for ds in (train_vqa, train_cap) if ds is not None)  # >= the images: no hashing needed
+    if cached and rows is not None and rows < total and rows < (images := distinct_images(train_vqa, train_cap)):
         cached = False  # a smoke run of a few steps would otherwise wait for every image's features
         steps = "1 step trains" if run_cfg.max_steps == 1 else f"{run_cfg.max_steps} steps train"
         data_lines.append(f"data: {steps} on {rows} rows, fewer than the {images} images caching their ViT "
