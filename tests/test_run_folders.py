@@ -216,13 +216,28 @@ def test_a_second_fresh_run_into_the_same_folder_keeps_and_resumes_its_own_check
     printed = capsys.readouterr().out
     assert "holds an earlier run's checkpoints (step_3, step_4)" in printed and "holds an earlier run's model" in printed
     assert [p.name for p in checkpoint_dirs(out)] == ["step_1", "step_2"]
-    assert json.loads((out / "checkpoints" / "step_2" / "progress.json").read_text()) == {"step": 2}
+    progress = json.loads((out / "checkpoints" / "step_2" / "progress.json").read_text())
+    assert progress["step"] == 2 and progress["run"]["lr"] == 5e-4 and progress["run"]["max_steps"] == 2
     assert find_resume("latest", out) == out / "checkpoints" / "step_2"
     assert main([*args, "--max-steps", "3", "--resume", "latest"]) == 0
-    assert "resumed from" in capsys.readouterr().out and [p.name for p in checkpoint_dirs(out)] == ["step_2", "step_3"]
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and [p.name for p in checkpoint_dirs(out)] == ["step_2", "step_3"]
+    # this resume left out --lr 5e-4 and raised --max-steps: both named, since neither continues the run exactly
+    assert "settings differ from the checkpoint's run (max_steps 2 -> 3, lr 0.0005 -> 0.002;" in printed
     # each of the three runs logged into a folder of its own, so TensorBoard shows three runs
     runs = {p.parent for p in (out / "logs" / "pretrain_vit").rglob("events.out.tfevents.*")}
     assert len(runs) == 3 and all(p.parent == out / "logs" / "pretrain_vit" for p in runs), runs
+
+
+def test_a_resume_names_the_schedule_settings_that_changed():
+    from mmfusion.training.loop import changed_settings, schedule_settings
+
+    saved = schedule_settings(RunConfig(lr=1e-3, min_lr_ratio=0.05, max_steps=100))
+    assert changed_settings(saved, RunConfig(lr=1e-3, min_lr_ratio=0.05, max_steps=100)) == []
+    assert changed_settings(saved, RunConfig(lr=1e-3, min_lr_ratio=0.0, max_steps=100)) == ["min_lr_ratio 0.05 -> 0.0"]
+    assert changed_settings(saved, RunConfig(lr=1e-3, min_lr_ratio=0.05, max_steps=100, epochs=9)) == []  # steps count
+    assert changed_settings(schedule_settings(RunConfig(epochs=3)), RunConfig(epochs=4)) == ["epochs 3 -> 4"]
+    assert changed_settings(None, RunConfig()) == []  # a checkpoint from before settings were saved
 
 
 def test_runs_started_in_the_same_second_log_into_folders_of_their_own(tmp_path, monkeypatch):

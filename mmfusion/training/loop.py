@@ -75,10 +75,32 @@ class WeightEMA:
 
 # ---- checkpoints ----------------------------------------------------------------------------
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int, ema: WeightEMA | None = None) -> None:
+# The settings that shape a run's updates: a resume with others does not continue the run exactly.
+SCHEDULE_FIELDS = ("seed", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
+                   "weight_decay", "beta2", "adam_eps", "grad_clip")
+
+
+def schedule_settings(run: RunConfig) -> dict:
+    return {name: getattr(run, name) for name in SCHEDULE_FIELDS}
+
+
+def changed_settings(saved, run: RunConfig) -> list[str]:
+    """`name old -> new` for each schedule setting of `run` that differs from a checkpoint's
+    (epochs not where both runs count steps, which make epochs moot)."""
+    if not isinstance(saved, dict):
+        return []  # a checkpoint from before settings were saved
+    now = schedule_settings(run)
+    moot = {"epochs"} if saved.get("max_steps") and run.max_steps else set()
+    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in SCHEDULE_FIELDS
+            if k in saved and k not in moot and saved[k] != now[k]]
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int, ema: WeightEMA | None = None,
+                    run: RunConfig | None = None) -> None:
     """accelerate's save_state into a temporary folder, fsync, then an atomic rename: a crash
     mid-write leaves the earlier checkpoints intact (and a `.tmp_step_*` folder that the next save
-    removes). `progress.json` written last marks it complete."""
+    removes). `progress.json` written last marks it complete; it holds the step and `run`'s
+    schedule settings, which a resume compares with its own."""
     root = Path(output_dir) / "checkpoints"
     final = root / f"step_{step}"
     tmp = root / f".tmp_step_{step}"
@@ -91,7 +113,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int, e
     if accelerator.is_main_process:
         if ema is not None:
             ema.save(tmp)
-        write_json(tmp / PROGRESS_NAME, {"step": step})
+        write_json(tmp / PROGRESS_NAME, {"step": step} | ({"run": schedule_settings(run)} if run is not None else {}))
         fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -225,7 +247,8 @@ def _resume(accelerator, run: RunConfig, scheduler, total: int, ema: WeightEMA |
     if start_from is None:
         return 0
     try:
-        step = checked_step(read_json(start_from / PROGRESS_NAME), total)
+        progress = read_json(start_from / PROGRESS_NAME)
+        step = checked_step(progress, total)
         has_ema = (start_from / WeightEMA.FILE).is_file()
         if has_ema != (ema is not None):
             raise CheckpointError("it was saved " + ("with" if has_ema else "without") + " an average of the "
@@ -245,6 +268,11 @@ def _resume(accelerator, run: RunConfig, scheduler, total: int, ema: WeightEMA |
         for _ in range(step):
             scheduler.step()
     accelerator.print(f"resumed from {start_from} at step {step}")
+    changed = changed_settings(progress.get("run"), run)
+    if changed:
+        accelerator.print(f"note: this run's settings differ from the checkpoint's run ({', '.join(changed)}; a changed "
+                          "default counts too): it goes on with the new ones, so it will not end where the first "
+                          "run would have; pass the old values to continue that run exactly")
     return step
 
 
@@ -282,4 +310,4 @@ def _after_step(accelerator, run: RunConfig, model, scheduler, bar, evaluate: Ev
         model.train()
     if run.save_every and step % run.save_every == 0:
         _check_finite_weights(model, step, run.output_dir)
-        save_checkpoint(accelerator, run.output_dir, step, run.keep_checkpoints, ema)
+        save_checkpoint(accelerator, run.output_dir, step, run.keep_checkpoints, ema, run)
