@@ -224,9 +224,13 @@ def test_a_second_fresh_run_into_the_same_folder_keeps_and_resumes_its_own_check
     assert "resumed from" in printed and [p.name for p in checkpoint_dirs(out)] == ["step_2", "step_3"]
     # this resume left out --lr 5e-4 and raised --max-steps: both named, since neither continues the run exactly
     assert "settings differ from the checkpoint's run (max_steps 2 -> 3, lr 0.0005 -> 0.002;" in printed
-    # each of the three runs logged into a folder of its own, so TensorBoard shows three runs
+    assert "the checkpoint's values of" not in printed  # the schedule takes both; only AdamW's own settings stay
+    assert main([*args, "--max-steps", "4", "--resume", "latest", "--weight-decay", "0.1"]) == 0
+    printed = capsys.readouterr().out
+    assert "weight_decay 0.05 -> 0.1" in printed and "the checkpoint's values of weight_decay stay" in printed
+    # each of the four runs logged into a folder of its own, so TensorBoard shows four runs
     runs = {p.parent for p in (out / "logs" / "pretrain_vit").rglob("events.out.tfevents.*")}
-    assert len(runs) == 3 and all(p.parent == out / "logs" / "pretrain_vit" for p in runs), runs
+    assert len(runs) == 4 and all(p.parent == out / "logs" / "pretrain_vit" for p in runs), runs
 
 
 def test_a_resume_names_the_schedule_settings_that_changed():

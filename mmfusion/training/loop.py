@@ -80,6 +80,10 @@ SCHEDULE_FIELDS = ("seed", "epochs", "max_steps", "batch_size", "grad_accum", "l
                    "weight_decay", "beta2", "adam_eps", "grad_clip")
 
 
+# AdamW's own settings travel in its saved state: a resume keeps the checkpoint's, whatever it is given.
+OPTIMIZER_FIELDS = ("weight_decay", "beta2", "adam_eps")
+
+
 def schedule_settings(run: RunConfig) -> dict:
     return {name: getattr(run, name) for name in SCHEDULE_FIELDS}
 
@@ -270,9 +274,12 @@ def _resume(accelerator, run: RunConfig, scheduler, total: int, ema: WeightEMA |
     accelerator.print(f"resumed from {start_from} at step {step}")
     changed = changed_settings(progress.get("run"), run)
     if changed:
+        kept = [c for c in changed if c.split()[0] in OPTIMIZER_FIELDS]
         accelerator.print(f"note: this run's settings differ from the checkpoint's run ({', '.join(changed)}; a changed "
-                          "default counts too): it goes on with the new ones, so it will not end where the first "
-                          "run would have; pass the old values to continue that run exactly")
+                          "default counts too), so it will not end where that run would have"
+                          + (f"; the checkpoint's values of {', '.join(c.split()[0] for c in kept)} stay, since its "
+                             "optimizer state holds them" if kept else "")
+                          + "; pass the old values to continue that run exactly")
     return step
 
 
