@@ -139,9 +139,12 @@ def start_run_folder(accelerator, out: Path, log_name: str, *, run: RunConfig, *
 def run_log_name(logs: Path) -> str:
     """A new folder name under `logs` for this run's events: its start time (.2, .3, ... when a
     run started in the same second)."""
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    return next(name for n in range(1, 10**6)
-                if not os.path.lexists(logs / (name := stamp if n == 1 else f"{stamp}.{n}")))
+    return free_name(logs, time.strftime("%Y-%m-%d_%H-%M-%S"))
+
+
+def free_name(folder: Path, name: str) -> str:
+    """`name`, or the first of name.2, name.3, ... that nothing in `folder` is called yet."""
+    return next(free for n in range(1, 10**6) if not os.path.lexists(folder / (free := name if n == 1 else f"{name}.{n}")))
 
 
 def choose_precision(run: RunConfig, model: torch.nn.Module, make_batch: Callable[[], Any],
@@ -322,8 +325,7 @@ def set_aside_earlier_run(out: Path, run: RunConfig) -> list[str]:
         steps = [p.name for p in checkpoint_dirs(out)]
         held = ([f"checkpoints ({', '.join(steps) or 'unfinished ones'})"] if checkpoints in stale else []) + (
             ["alignment phase (align/)"] if align in stale else [])
-        aside = next(out / name for n in range(1, 10**6)
-                     if not os.path.lexists(out / (name := EARLIER_RUN if n == 1 else f"{EARLIER_RUN}.{n}")))
+        aside = out / free_name(out, EARLIER_RUN)
         aside.mkdir()
         for p in stale:
             os.replace(p, aside / p.name)
