@@ -109,7 +109,7 @@ def load_splits(stage: VQAStageConfig, source: str, split: str, captions: bool, 
 
 def load_all(stage: VQAStageConfig, captions: bool, questions: bool):
     """Training and evaluation rows: (train questions, train captions, eval questions, eval
-    captions, report lines). Evaluation rows are a held-out share of the training images where
+    captions, report lines, the line saying what is evaluated). Evaluation rows are a held-out share of the training images where
     the two would otherwise be the same rows (data.evaluation_rows); captions are one row per
     image here (all its references), the training captions become one row per caption later."""
     train_vqa, train_cap, reports = load_splits(stage, stage.dataset, stage.train_split, captions, questions)
@@ -122,7 +122,7 @@ def load_all(stage: VQAStageConfig, captions: bool, questions: bool):
         eval_cap = eval_cap if eval_captions else None  # alignment-only captions are not scored
     else:
         eval_vqa, eval_cap, eval_reports = loaded
-    return train_vqa, train_cap, eval_vqa, eval_cap, [f"data: {r}" for r in reports + eval_reports] + [line]
+    return train_vqa, train_cap, eval_vqa, eval_cap, [f"data: {r}" for r in reports + eval_reports], line
 
 
 def set_trainable(model: VLM, vit: bool, adapter: bool, gpt: bool) -> None:
@@ -218,8 +218,8 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     out = Path(run_cfg.output_dir)
     questions, captions = tasks(stage)
     set_seed(run_cfg.seed)
-    train_vqa, train_cap, eval_vqa, eval_cap, data_lines = load_all(stage, captions, questions)
-    evaluated_on = data_lines[-1]  # load_all's last line; more data lines follow
+    train_vqa, train_cap, eval_vqa, eval_cap, data_lines, evaluated_on = load_all(stage, captions, questions)
+    data_lines.append(evaluated_on)
     if train_cap is not None:
         train_cap = caption_rows(train_cap)
         if stage.caption_any_order:
