@@ -79,6 +79,46 @@ def test_holdout_tells_images_apart_by_their_bytes_not_a_shared_file_name(tmp_pa
     assert (len(train), len(held)) == (18, 2)
 
 
+def test_holdout_is_the_same_wherever_the_files_sit_and_keeps_a_copied_picture_on_one_side(tmp_path):
+    """Keys come from the files' bytes, not their paths: the same data cloned into another folder
+    holds out the same images, and one picture saved under two names is one image."""
+    import shutil
+
+    (tmp_path / "a").mkdir()
+    vqa_file(tmp_path / "a", 20)
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
+    color = lambda d: {row["image"].getpixel((0, 0)) for row in d}  # noqa: E731 -- the image's color is its name
+    held_a = hold_out(load_vqa(str(tmp_path / "a" / "qa.jsonl"), "train")[0], 0.1, "qa")[1]
+    held_b = hold_out(load_vqa(str(tmp_path / "elsewhere" / "b" / "qa.jsonl"), "train")[0], 0.1, "qa")[1]
+    assert len(color(held_a)) == 2 and color(held_a) == color(held_b)
+
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    rows = []
+    for i in range(10):
+        Image.new("RGB", (16, 16), (10 * i, 0, 0)).save(copies / f"img{i}.png")
+        shutil.copy(copies / f"img{i}.png", copies / f"again{i}.png")  # the same picture under a second name
+        rows += [{"image": f"img{i}.png", "question": "q?", "answers": ["a"]},
+                 {"image": f"again{i}.png", "question": "q?", "answers": ["a"]}]
+    (copies / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, held = hold_out(load_vqa(str(copies / "qa.jsonl"), "train")[0], 0.2, "qa")
+    assert len(held) == 4 and not color(held) & color(train)  # 2 of 10 pictures, both names of each
+
+
+def test_image_keys_of_paths_no_loader_checked_do_not_open_a_pipe(tmp_path):
+    import os
+
+    from mmfusion.data.splits import image_keys
+
+    os.mkfifo(tmp_path / "pipe.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "real.png")
+    rows = datasets.Dataset.from_dict({"image": [str(tmp_path / "pipe.png"), str(tmp_path / "missing.png"),
+                                                 str(tmp_path / "real.png")]})
+    keys = image_keys(rows)  # reading the pipe would wait forever for a writer
+    assert keys[:2] == [f"path:{tmp_path / 'pipe.png'}", f"path:{tmp_path / 'missing.png'}"]
+    assert keys[2].startswith("sha256:")
+
+
 def test_classes_of_other_data_are_matched_by_name(tmp_path):
     train, _ = load_image_classification(str(cls_file(tmp_path, ["cat", "dog", "emu"] * 2, "train")), "train")
     other, _ = load_image_classification(str(cls_file(tmp_path, ["emu", "cat"], "other")), "train")

@@ -9,8 +9,10 @@ side), with a choice that depends on the data only -- not on the seed, not on ro
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 import datasets
@@ -49,9 +51,10 @@ def same_rows(source: str, train_split: str, eval_source: str | None, eval_split
 
 
 def image_keys(ds: datasets.Dataset, column: str = "image") -> list[str]:
-    """One key per row naming its image: a digest of the image's bytes, or its path where it has
-    none (a file read from disk). Not the path first: a parquet file may store many different
-    images under one file name, which would make them one image."""
+    """One key per row naming its image: a digest of the image's bytes, read from its file where
+    the row holds only a path. Not the path: a parquet file may store many different images under
+    one file name, and a path names the folder the data sits in, so the same files moved or
+    cloned elsewhere would split differently. The same picture under two names is one image."""
     raw = ds.select_columns([column])
     if isinstance(raw.features[column], datasets.Image):
         raw = raw.cast_column(column, datasets.Image(decode=False))  # paths and bytes, nothing decoded
@@ -62,8 +65,36 @@ def image_keys(ds: datasets.Dataset, column: str = "image") -> list[str]:
                 value = {"path": value}
             path = value.get("path") if isinstance(value, dict) else None
             data = value.get("bytes") if isinstance(value, dict) else value
-            keys.append("sha256:" + hashlib.sha256(data or b"").hexdigest() if data or not path else f"path:{path}")
+            keys.append(_bytes_key(data) if data or not path else _file_key(path))
     return keys
+
+
+def _bytes_key(data: bytes | None) -> str:
+    return "sha256:" + hashlib.sha256(data or b"").hexdigest()
+
+
+def _file_key(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):  # not there, or a pipe that would block: rows no loader checked
+        return f"path:{path}"
+    return _file_digest(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2**17)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """The file's bytes digest, remembered while its size and modification time hold (the hold-out,
+    the short-run check and the feature cache each ask for every image's key)."""
+    try:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(2**20):
+                digest.update(chunk)
+        return "sha256:" + digest.hexdigest()
+    except OSError:
+        return f"path:{path}"
 
 
 def align_labels(ds: datasets.Dataset, names: list[str], what: str) -> datasets.Dataset:

@@ -23,8 +23,8 @@ MEMORY_LIMIT_BYTES = 2 * 1024**3
 
 def same_image_keys(dataset) -> list:
     """A key per row, equal for the rows of one image: `image_id` where the source gives one to
-    every row, else a digest of the image's bytes or, for an image read from disk, its path
-    (data.splits.image_keys), so a file that asks ten questions about an image encodes it once."""
+    every row, else a digest of the image's bytes, in the row or in its file (data.splits.image_keys),
+    so a file that asks ten questions about an image encodes it once."""
     ids = dataset["image_id"][:] if "image_id" in dataset.column_names else None  # [:]: a list, not a lazy column
     return ids if ids is not None and all(i >= 0 for i in ids) else image_keys(dataset)
 
