@@ -228,9 +228,15 @@ def test_a_second_fresh_run_into_the_same_folder_keeps_and_resumes_its_own_check
     assert main([*args, "--max-steps", "4", "--resume", "latest", "--weight-decay", "0.1"]) == 0
     printed = capsys.readouterr().out
     assert "weight_decay 0.05 -> 0.1" in printed and "the checkpoint's values of weight_decay stay" in printed
-    # each of the four runs logged into a folder of its own, so TensorBoard shows four runs
+    assert "records no run settings" not in printed
+    older = out / "checkpoints" / "step_4" / "progress.json"  # as checkpoints were written before they held settings
+    older.write_text(json.dumps({"step": 4}))
+    assert main([*args, "--max-steps", "5", "--resume", "latest"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "records no run settings" in printed and "settings differ" not in printed
+    # each of the five runs logged into a folder of its own, so TensorBoard shows five runs
     runs = {p.parent for p in (out / "logs" / "pretrain_vit").rglob("events.out.tfevents.*")}
-    assert len(runs) == 4 and all(p.parent == out / "logs" / "pretrain_vit" for p in runs), runs
+    assert len(runs) == 5 and all(p.parent == out / "logs" / "pretrain_vit" for p in runs), runs
 
 
 def test_a_resume_names_the_schedule_settings_that_changed():

@@ -273,7 +273,11 @@ def _resume(accelerator, run: RunConfig, scheduler, total: int, ema: WeightEMA |
             scheduler.step()
     accelerator.print(f"resumed from {start_from} at step {step}")
     changed = changed_settings(progress.get("run"), run)
-    if changed:
+    if not isinstance(progress.get("run"), dict):
+        accelerator.print("note: this checkpoint records no run settings (it predates them), so flags or defaults "
+                          "changed since it was saved cannot be named; pass the flags its run had to continue it "
+                          "exactly")
+    elif changed:
         kept = [c for c in changed if c.split()[0] in OPTIMIZER_FIELDS]
         accelerator.print(f"note: this run's settings differ from the checkpoint's run ({', '.join(changed)}; a changed "
                           "default counts too), so it will not end where that run would have"
