@@ -8,7 +8,8 @@ same comparisons on a GPU, at the scale GPUs train.
   samples/s, MFU against the measured bf16 peak, and each side's peak GPU memory;
 - decode: GPT-2 124M greedy decoding at batch 1, prompt 128 + 128 new tokens, fp32 and bf16
   weights, mmfusion's three decoders (eager, static, compiled: a CUDA graph) against
-  transformers' `generate`; every decoder must give transformers' tokens.
+  transformers' `generate`; every decoder must give transformers' tokens;
+- gpu-compile (its own section, after those): the vlm step with both sides through torch.compile.
 
 With `--smoke` it runs on tiny shapes on the CPU (CI), so the code cannot rot where no GPU is.
 MFU counts the model FLOPs of one step (FlopCounterMode: 6 x matmul parameters x tokens plus
@@ -234,12 +235,54 @@ class CudaGraphRecordings:
         return f"CUDA graph recordings while timed: {self.count} (0: replays only); cudagraph skips so far: {skips}"
 
 
+def bench_gpu_vlm_compiled(run: Run, s: GPUShapes, device: torch.device, peak_bf16: float) -> None:
+    """The VLM step of bench_gpu_vlm with both models through torch.compile (default mode, as
+    `--compile` trains), each against the other compiled: fused elementwise kernels are what the
+    eager step lacks on a GPU. On the CPU smoke run the backend is "eager" (dynamo's capture
+    only), so CI checks that both models compile without spending minutes in code generation."""
+    pair = vlm_pair(s.vit, s.gpt, adapter=AdapterConfig(projection="mlp", keep_cls=True))
+    backend = "inductor" if device.type == "cuda" else "eager"
+    models = {side: torch.compile(m.to(device), backend=backend) for side, m in pair.items()}
+    batch = vlm_batch(s.vit, s.gpt, s.batch, s.text, s.answer, image_tokens=s.vit.num_patches + 1)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    case = (f"ViT {s.vit.n_layer}L/{s.vit.n_embd} @{s.vit.image_size} + MLP + GPT-2 {s.gpt.n_layer}L/{s.gpt.n_embd}, "
+            "torch.compile")
+    print(f"gpu vlm train, compiled ({backend}): batch {s.batch}, {device}", flush=True)
+    steps = {k: train_step(m, k, batch, device) for k, m in models.items()}
+    times = timed_median(steps, s.repeats, device, warmup=3)  # the first calls compile forward and backward
+    rates = {k: s.batch / t for k, t in times.items()}
+    target_row(run, "gpu", case, "bf16", "train samples/s", rates, 2.5,
+               note=f"batch {s.batch}, as the eager row; both sides compiled (backend {backend}), timed after 3 "
+                    "warm-up steps that compile")
+    with torch.autocast(device.type, dtype=BF16):
+        flops = count_flops(lambda m=pair["mmfusion"]: m(**batch).loss)  # the plain module: same FLOPs
+    mfu = {k: flops / t / 1e9 / peak_bf16 * 100 for k, t in times.items()}
+    run.add("gpu", case, "bf16", "% of measured bf16 matmul peak (MFU)", mfu["mmfusion"], mfu["transformers"],
+            "ours >= 50%", mfu["mmfusion"] >= 50, note=f"{flops / 1e12:.2f} TFLOP/step, as the eager row")
+    del steps, models, pair
+    gc.collect()
+
+
+def gpu_peaks(run: Run, s: GPUShapes, device: torch.device, smoke: bool) -> dict[str, float]:
+    """The GPU's name into run.machine, and its bf16 and fp32 matmul peaks as rows (measured once
+    per run, whichever GPU section comes first)."""
+    if "gpu_peaks" not in run.machine:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)"
+        run.machine["gpu"] = name
+        run.machine["gpu_peaks"] = {d: matmul_peak(s.matmul, t, device, 3 if smoke else 10)
+                                    for d, t in (("bf16", BF16), ("fp32", torch.float32))}
+        for d, p in run.machine["gpu_peaks"].items():
+            run.add("gpu", f"matmul {s.matmul}^3 on {name}", d, "peak GFLOP/s", p)
+    return run.machine["gpu_peaks"]
+
+
 def bench_gpu(run: Run, smoke: bool, device: torch.device) -> None:
     s = gpu_shapes(smoke)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)"
-    run.machine["gpu"] = name
-    peak = {d: matmul_peak(s.matmul, t, device, 3 if smoke else 10) for d, t in (("bf16", BF16), ("fp32", torch.float32))}
-    for d, p in peak.items():
-        run.add("gpu", f"matmul {s.matmul}^3 on {name}", d, "peak GFLOP/s", p)
+    peak = gpu_peaks(run, s, device, smoke)
     bench_gpu_vlm(run, s, device, peak["bf16"])
     bench_gpu_decode(run, s, device)
+
+
+def bench_gpu_compiled(run: Run, smoke: bool, device: torch.device) -> None:
+    s = gpu_shapes(smoke)
+    bench_gpu_vlm_compiled(run, s, device, gpu_peaks(run, s, device, smoke)["bf16"])

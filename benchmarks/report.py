@@ -4,6 +4,7 @@ RESULTS.json next to it (the machine, the run's header and every row)."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,6 +34,8 @@ SECTION_TITLES = {
 def markdown(run: Run, info: dict, header: dict) -> str:
     out = ["# Benchmark results", ""]
     out.append(f"Written by `python benchmarks/run.py{header['args']}` on {header['date']} in {header['wall']:.0f} s.")
+    if header.get("unfinished"):
+        out.append(f"**Partial: written before {', '.join(header['unfinished'])} ran; a finished run rewrites it.**")
     out.append("")
     out.append(f"- Machine: {info['cpu']}, {info['cores']} cores ({info['isa']}), torch threads {info['threads']}; "
                f"GPU: {info.get('gpu') or ('yes' if info['cuda'] else 'none lent to this run')}")
@@ -68,6 +71,9 @@ def markdown(run: Run, info: dict, header: dict) -> str:
 def write_report(run: Run, info: dict, header: dict, out: Path) -> None:
     """`out` (Markdown) and the same path with .json: the machine, `header` and every row."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(run, info, header))
-    out.with_suffix(".json").write_text(json.dumps(
-        {"machine": info, **header, "rows": [{**asdict(r), "ratio": r.ratio} for r in run.rows]}, indent=1))
+    texts = {out: markdown(run, info, header), out.with_suffix(".json"): json.dumps(
+        {"machine": info, **header, "rows": [{**asdict(r), "ratio": r.ratio} for r in run.rows]}, indent=1)}
+    for path, text in texts.items():  # whole files only: it is rewritten after every section, and a run may be cut
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)

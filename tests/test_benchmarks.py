@@ -53,6 +53,10 @@ def test_every_benchmark_produces_its_rows(smoke):
     gpu = by_section["gpu"]  # the GPU section's code on tiny CPU shapes: what a GPU run will execute
     assert [r.metric for r in gpu[:4]] == ["peak GFLOP/s", "peak GFLOP/s", "train samples/s",
                                           "% of measured bf16 matmul peak (MFU)"]
+    compiled = [r for r in gpu if r.case.endswith("torch.compile")]  # the gpu-compile section, after decoding
+    assert [r.metric for r in compiled] == ["train samples/s", "% of measured bf16 matmul peak (MFU)"]
+    assert "backend eager" in compiled[0].note and all(r.ref > 0 for r in compiled)
+    assert sum(r.metric == "peak GFLOP/s" for r in gpu) == 2  # measured once for both GPU sections
     decode = [r for r in gpu if "decode" in r.case]
     assert len(decode) == 6 and all("transformers' tokens: yes" in r.note for r in decode)
     assert {r.case.rsplit(", ", 1)[1] for r in decode} == {"eager", "static", "compiled"}
@@ -105,10 +109,32 @@ def test_only_picks_benchmarks_and_rejects_unknown_names(tmp_path):
         bench.main(["--smoke", "--only", "nope", "--out", str(tmp_path / "r.md")])
 
 
+def test_a_run_cut_short_keeps_the_sections_it_finished(tmp_path, monkeypatch):
+    """The report is rewritten after every section, so a time limit (a lent GPU's) loses only
+    the section it cut, and the report says which did not run."""
+    bench = load_runner()
+
+    def cut(run, s):
+        raise KeyboardInterrupt  # as a time limit's signal would stop the run
+
+    monkeypatch.setitem(bench.SECTIONS, "data", cut)
+    out = tmp_path / "r.md"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--smoke", "--only", "machine,data", "--out", str(out)])
+    text = out.read_text()
+    assert "## Machine limits" in text and "**Partial: written before data ran" in text
+    assert json.loads(out.with_suffix(".json").read_text())["unfinished"] == ["data"]
+    assert not list(tmp_path.glob("*.tmp"))
+    bench.main(["--smoke", "--only", "machine", "--out", str(out)])
+    assert "Partial" not in out.read_text()
+
+
 def test_the_gpu_section_alone_writes_its_own_report_and_leaves_the_cpu_one():
     bench = load_runner()
     gpu_only = bench.parse_args(["--only", "gpu", "--device", "cpu"])[0].out
     assert Path(gpu_only).name == "RESULTS_gpu.md" and Path(gpu_only).parent == BENCHMARKS
+    assert Path(bench.parse_args(["--only", "gpu,gpu-compile", "--device", "cpu"])[0].out).name == "RESULTS_gpu.md"
+    assert Path(bench.parse_args(["--only", "gpu,data", "--device", "cpu"])[0].out).name == "RESULTS.md"
     assert Path(bench.parse_args(["--device", "cpu"])[0].out).name == "RESULTS.md"
     assert Path(bench.parse_args(["--smoke"])[0].out).name == "RESULTS.md"  # every section, GPU one on the CPU
     assert bench.parse_args(["--only", "gpu", "--out", "x.md"])[0].out == "x.md"
