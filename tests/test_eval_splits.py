@@ -140,6 +140,41 @@ def test_a_single_file_is_evaluated_on_held_out_images(tmp_path, capsys):
     assert "fewer than the 18 images caching" in out  # training saw the rows of the other 18 images only
 
 
+def image_folder(root: Path, classes: int = 2, per_class: int = 10) -> Path:
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (16, 16), (20 * i, 100 * c, 0)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_a_folder_of_class_subfolders_alone_is_one_split_held_out_by_image(tmp_path, capsys):
+    """README's `mmfusion pretrain-vit --dataset my_images/`: with no train/ and test/ inside,
+    `datasets` finds one split, and asking it for "test" failed ("Unknown split")."""
+    from mmfusion.data.local import as_only_split, unsplit_folder
+
+    folder = image_folder(tmp_path / "my_images")
+    split_folder = tmp_path / "split"
+    for split in ("train", "test"):
+        image_folder(split_folder / split)
+    named = tmp_path / "named"  # train/ alone: a split by name, so "test" is not there
+    image_folder(named / "train")
+    assert unsplit_folder(folder) and not unsplit_folder(split_folder) and not unsplit_folder(named)
+    assert single_split(str(folder)) and not single_split(str(split_folder)) and not single_split(str(named))
+    with pytest.raises(DatasetError, match="Unknown split"):
+        load_image_classification(str(named), "test")
+    assert as_only_split("test[:5]+validation[10%:]", "train") == "train[:5]+train[10%:]"
+    test_rows, _ = load_image_classification(str(folder), "test[:5]")  # the one split, as a single file gives
+    assert len(test_rows) == 5
+
+    metrics = pretrain_vit.run(*pretrain_vit.parse(["--dataset", str(folder), "--output-dir", str(tmp_path / "vit"),
+                                                    *TINY, *QUIET]))
+    assert "evaluation: 2 of the 20 rows of" in capsys.readouterr().out and metrics["test_examples"] == 2
+    pretrain_vit.run(*pretrain_vit.parse(["--dataset", str(folder), "--holdout", "0", "--output-dir",
+                                          str(tmp_path / "vit0"), *TINY, *QUIET]))
+    assert "WARNING: evaluating on the training rows" in capsys.readouterr().out
+
+
 def test_holdout_zero_warns_and_eval_dataset_is_used(tmp_path, capsys):
     path = vqa_file(tmp_path, 4)
     train_vqa.run(*train_vqa.parse(["--vit", "vit-tiny", "--dataset", str(path), "--holdout", "0",

@@ -74,6 +74,29 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and (path / "state.json").is_file()
 
 
+def unsplit_folder(path: Path) -> bool:
+    """Whether `path` is a data folder whose files name no split: class subfolders alone, or data
+    files not named train, test, ... `datasets` calls all of it "train"; like a single file, it is
+    one split, whatever the name asked. A folder with train/ (or train.parquet) alone names its
+    split, and asking it for "test" stays an error."""
+    if not path.is_dir() or is_saved_dataset(path) or (path / "dataset_dict.json").is_file():
+        return False
+    from datasets.data_files import get_data_patterns
+
+    try:
+        patterns = get_data_patterns(str(path))
+        splits = list(datasets.load_dataset_builder(str(path)).config.data_files)  # a README's configs too
+    except Exception:  # no data files it knows, malformed metadata: loading says what is wrong
+        return False
+    return {str(k): v for k, v in patterns.items()} == {"train": ["**"]} and [str(s) for s in splits] == ["train"]
+
+
+def as_only_split(split: str, only: str) -> str:
+    """`split` asking for `only` instead, slices kept: test[:500] -> train[:500]. A source with one
+    split gives it whatever the name, as a single file does."""
+    return re.sub(r"(^|\+)\w+(\.\w+)*", lambda m: m.group(1) + only, split)
+
+
 # What `datasets` takes as a split: names of \w parts joined by dots, each maybe sliced
 # (test[:500], train[10%:]), several joined by + (train+test).
 _ONE_SPLIT = r"\w+(\.\w+)*(\[[^\[\]]*\])?"
@@ -118,6 +141,8 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
                     raise DatasetError(f"{source}: no split {split!r}; it has {sorted(splits)}. Pass one of those "
                                        "as the split")
                 return splits[split], path.resolve()
+            if unsplit_folder(path):  # one split, like a single file
+                split = as_only_split(split, "train")
             ds = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)
             return ds, path.resolve()
         if path.suffix.lower() in _LOCAL_SUFFIXES or str(source).startswith((".", "/", "~")):

@@ -1,7 +1,8 @@
 """Evaluation rows that are not training rows.
 
-A single file (or a `Dataset.save_to_disk` folder) has one split: asked for "train" and for
-"test" it gives the same rows, so a run would report its accuracy on what it trained on.
+A single file (or a `Dataset.save_to_disk` folder, or a folder whose files name no split: class
+subfolders alone) has one split: asked for "train" and for "test" it gives the same rows, so a run would
+report its accuracy on what it trained on.
 `same_rows` says when that would happen; `hold_out` then takes a share of the rows out of
 training, by image (a VQA set asks several questions about one image: they go to the same
 side), with a choice that depends on the data only -- not on the seed, not on row order.
@@ -18,15 +19,16 @@ from pathlib import Path
 import datasets
 
 from . import BUILT_IN
-from .local import DatasetError, is_saved_dataset
+from .local import DatasetError, is_saved_dataset, unsplit_folder
 
 
 def single_split(source: str) -> bool:
-    """Whether every split name gives the same rows of `source`: a single file or a saved Dataset."""
+    """Whether every split name gives the same rows of `source`: a single file, a saved Dataset, or
+    a folder whose files name no split."""
     if source in BUILT_IN:
         return False
     path = Path(source).expanduser()
-    return path.is_file() or is_saved_dataset(path)
+    return path.is_file() or is_saved_dataset(path) or unsplit_folder(path)
 
 
 def same_source(a: str, b: str) -> bool:

@@ -199,8 +199,9 @@ DEFAULT_HOLDOUT = 0.1
 # Both stages' --eval-dataset and --holdout flags (field metadata) and their check.
 EVAL_DATASET_FIELD = {"help": "evaluate on this source instead of --dataset (a file, folder or hub id; its --eval-split)"}
 HOLDOUT_FIELD = {"help": "evaluate on this share of the training images, kept out of training (default: 0.1 when "
-                         "the evaluation rows would be the training rows -- a single file or saved Dataset, or "
-                         "--eval-split equal to --train-split -- else 0: the evaluation split)"}
+                         "the evaluation rows would be the training rows -- a single file, a saved Dataset or a "
+                         "folder that names no split (class subfolders alone), or --eval-split equal to "
+                         "--train-split -- else 0: the evaluation split)"}
 
 
 def check_eval_choice(eval_dataset: str | None, holdout: float | None) -> None:
@@ -229,7 +230,8 @@ def evaluation_rows(dataset: str, train_split: str, eval_dataset: str | None, ev
                  for rows in train_rows]
         kept, held = [p[0] for p in pairs], [p[1] for p in pairs]
         n_held, n_kept = next((len(h), len(k)) for k, h in pairs if k is not None)
-        why = " (a single file or saved Dataset has one split; --eval-dataset names other data)" if holdout is None else ""
+        why = "" if holdout is not None else (" (a single file, saved Dataset or folder has one split here; "
+                                              "--eval-dataset names other data)")
         if eval_dataset is not None:  # it names the training data, however spelled (./x, a link)
             why = f" (--eval-dataset {eval_dataset} is the training data)"
         return kept, held, None, (f"evaluation: {n_held} of the {n_held + n_kept} rows of {dataset} held out of "
