@@ -17,6 +17,7 @@ from .errors import (
     PromptError,
     SlotCountError,
     TokenIdError,
+    TokenizerFilesError,
 )
 from .gpt import GPT
 from .vit import ViT
@@ -25,4 +26,5 @@ from .vlm import VLM
 __version__ = "0.1.0"
 __all__ = ["ViT", "GPT", "VLM", "ViTAdapter", "ViTConfig", "GPTConfig", "VLMConfig", "AdapterConfig",
            "MMFusionError", "ConfigError", "CheckpointError", "ConversionError", "DatasetError", "ImageError",
-           "PromptError", "SlotCountError", "TokenIdError", "NonFiniteLossError", "__version__"]
+           "PromptError", "SlotCountError", "TokenIdError", "TokenizerFilesError", "NonFiniteLossError",
+           "__version__"]

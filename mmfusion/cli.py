@@ -315,7 +315,8 @@ def cmd_export(argv: list[str]) -> None:
     parser = _parser("mmfusion export", (
         "Write a saved model as transformers models: a GPT as GPT2LMHeadModel with GPT-2's tokenizer, a ViT as "
         "ViTModel / ViTForImageClassification / CLIPVisionModel with its image processor config, a VLM as both "
-        "(OUT/gpt2, OUT/vit) plus its adapter and a model card. transformers has no class for a whole VLM."))
+        "(OUT/gpt2, OUT/vit) plus its adapter and a model card, and also whole as LlavaForConditionalGeneration with "
+        "a processor (OUT/llava) where LLaVA can represent it (the model card names what stops it otherwise)."))
     parser.add_argument("--model", required=True, help="a saved mmfusion VLM, GPT or ViT folder")
     parser.add_argument("--output", required=True, help="the folder to write")
     args = parser.parse_args(argv)

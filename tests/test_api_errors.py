@@ -60,3 +60,16 @@ def test_bad_input_raises_an_mmfusion_error_that_is_also_a_value_error(case):
     with pytest.raises(kind, match=message) as caught:
         call()
     assert isinstance(caught.value, MMFusionError) and isinstance(caught.value, ValueError)
+
+
+def test_every_error_class_is_exported_from_the_package():
+    """The README lists the errors the public API raises; each is importable from `mmfusion`."""
+    import inspect
+
+    import mmfusion
+    from mmfusion import errors
+
+    classes = {name for name, c in inspect.getmembers(errors, inspect.isclass)
+               if issubclass(c, MMFusionError) and c.__module__ == errors.__name__}
+    assert "TokenizerFilesError" in classes and classes <= set(mmfusion.__all__)
+    assert all(getattr(mmfusion, name) is getattr(errors, name) for name in classes)
