@@ -43,13 +43,19 @@ class StaticStep(nn.Module):
         key_ok.index_fill_(1, slot, True)
         mask = key_ok[:, None, None, :]  # (B, 1, 1, S_max)
         x = gpt.wte(token[:, None]) + gpt.wpe(position[:, None])  # (B, 1, C)
+        # Where the new keys go, as indices into the whole cache: an in-place write into a view
+        # (keys[i]) the compiler turns into a copy of the layer's cache and back, every step.
+        L, _, H = keys.shape[:3]
+        layer = torch.arange(L, device=keys.device).view(L, 1, 1, 1)
+        rows = (torch.arange(B, device=keys.device).view(B, 1, 1), torch.arange(H, device=keys.device).view(1, H, 1),
+                slot.view(1, 1, 1))
         for i, block in enumerate(gpt.blocks):
             if before_block is not None:  # a cross-fusion VLM's cross-attention (eager only)
                 x = before_block(i, x)
             attn = block.attn
             q, k, v = attn.qkv(block.ln1(x)).view(B, 1, 3, attn.n_head, attn.head_dim).permute(2, 0, 3, 1, 4)
-            keys[i].index_copy_(2, slot, k.to(keys.dtype))  # (B, H, 1, D) into (B, H, S_max, D)
-            values[i].index_copy_(2, slot, v.to(values.dtype))
+            keys.index_put_((layer[i], *rows), k.to(keys.dtype))  # (B, H, 1, D) at [i, :, :, slot]
+            values.index_put_((layer[i], *rows), v.to(values.dtype))
             y = F.scaled_dot_product_attention(q, keys[i].to(q.dtype), values[i].to(q.dtype), attn_mask=mask)
             x = x + attn.proj(y.transpose(1, 2).reshape(B, 1, -1))
             x = x + block.mlp(block.ln2(x))

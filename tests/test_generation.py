@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -252,6 +254,25 @@ def test_compiled_decoder_gives_the_eager_tokens():
     again = generate(gpt, input_ids=ids, attention_mask=mask, config=compiled)  # the kept compiled step
     assert again == eager and "cpu" in gpt.__dict__["_compiled_steps"]
     assert "_compiled_steps" not in dict(gpt.named_modules())  # not a submodule: never saved
+
+
+@pytest.mark.slow
+def test_the_compiled_step_writes_the_cache_in_place_without_copying_it():
+    """Each step writes one position of each layer's cache. Written into a view (keys[i]), the
+    compiler copied the layer's whole cache out and back every step, which made the compiled
+    decoder slower than the eager one on a CPU (22 against 36 tokens/s for GPT-2 124M, batch 1)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=64)).eval()  # head width 8
+    ids = torch.randint(0, 50000, (1, 8))
+    steps = 29  # a cache of 8 + 29 = 37 positions: 2 x 37 x 8 = 592 numbers a layer, 1,184 in all
+    config = GenerationConfig(max_new_tokens=steps, decoder="compiled")
+    tokens, code = run_and_get_code(lambda: generate(gpt, input_ids=ids, config=config))
+    assert tokens == generate(gpt, input_ids=ids, config=GenerationConfig(max_new_tokens=steps))
+    code = "\n".join(code)
+    assert "index_put" in code and "index_copy" not in code
+    assert not re.search(r"x\d+<static_cast<int64_t>\((592|1184)L\)", code)  # no loop over a layer's cache
 
 
 def test_decoder_must_be_known():
