@@ -219,12 +219,12 @@ class Clock:
         pass
 
 
-def decode_fn(model: nn.Module, side: str, ids: torch.Tensor, new: int, clocks: list[Clock]
-              ) -> Callable[[], torch.Tensor]:
-    """Greedy decoding of exactly `new` tokens per row, KV cache on, ids (B, T) -> (B, new).
-    Each call appends a Clock holding the time of every token to `clocks`."""
+def decode_fn(model: nn.Module, side: str, ids: torch.Tensor, new: int, clocks: list[Clock],
+              decoder: str = "eager") -> Callable[[], torch.Tensor]:
+    """Greedy decoding of exactly `new` tokens per row, KV cache on, ids (B, T) -> (B, new), with
+    mmfusion's `decoder`. Each call appends a Clock holding the time of every token to `clocks`."""
     if side == "mmfusion":
-        config = GenerationConfig(max_new_tokens=new)
+        config = GenerationConfig(max_new_tokens=new, decoder=decoder)
 
         def run() -> torch.Tensor:
             clock = Clock(prompt_first=False)

@@ -94,7 +94,12 @@ def bench_decode(run: Run, s: Shapes) -> None:
         ids = torch.randint(0, s.gpt.vocab_size - 1, (b, s.prompt_len), generator=torch.Generator().manual_seed(b))
         clocks: dict[str, list[Clock]] = {k: [] for k in models}
         full = {k: decode_fn(m, k, ids, s.new_tokens, clocks[k]) for k, m in models.items()}
-        same = bool(torch.equal(full["mmfusion"](), full["transformers"]()))  # also the warm-up
+        if b == 1:  # the compiled decoder too (torch.compile of a fixed-shape step), for users choosing one
+            clocks["compiled"] = []
+            full["compiled"] = decode_fn(models["mmfusion"], "mmfusion", ids, s.new_tokens, clocks["compiled"],
+                                         decoder="compiled")
+        tokens = {k: f() for k, f in full.items()}  # also the warm-up, and the compiled decoder's compiling
+        same = {k: bool(torch.equal(t, tokens["transformers"])) for k, t in tokens.items()}
         for k in clocks:
             clocks[k].clear()
         reps = 1 if run.smoke or b > 1 else 2  # batch 8 at 128 tokens is minutes per run on 2 busy cores
@@ -105,9 +110,8 @@ def bench_decode(run: Run, s: Shapes) -> None:
         rates = {k: b * s.new_tokens / t for k, t in total.items()}
         case = f"GPT-2 {s.gpt.n_layer}L, batch {b}"
         target_row(run, "decode", case, "fp32", "tokens/s (end to end)", rates, 1.5 if b == 1 else 1.3,
-                   note=f"prompt {s.prompt_len}, {s.new_tokens} greedy tokens, median of {reps} run(s) after a warm-up "
-                        f"run; same tokens as transformers: "
-                        f"{'yes' if same else 'NO'}")
+                      note=f"prompt {s.prompt_len}, {s.new_tokens} greedy tokens, median of {reps} run(s) after a "
+                        f"warm-up run; same tokens as transformers: {'yes' if same['mmfusion'] else 'NO'}")
         target_row(run, "decode", case, "fp32", "time to first token ms", {k: v * 1000 for k, v in ttft.items()},
                    None, higher_is_better=False, note="prefill + first token")
         target_row(run, "decode", case, "fp32", "ms per decoded token", {k: v * 1000 for k, v in per_token.items()},
@@ -118,6 +122,12 @@ def bench_decode(run: Run, s: Shapes) -> None:
                 "ours >= 50%" if b == 1 else "", frac["mmfusion"] >= 50 if b == 1 else None,
                 note=f"bound {bound:.1f} tokens/s = {b} x {run.machine['copy_gbs']:.1f} GB/s / "
                      f"{wbytes / 1e6:.0f} MB of weights per step")
+        if "compiled" in total:
+            target_row(run, "decode", case + ", compiled decoder", "fp32", "tokens/s (end to end)",
+                       {"mmfusion": rates["compiled"], "transformers": rates["transformers"]}, None,
+                       note=f"decoder='compiled' (torch.compile, default mode on CPU), timed as the row above, "
+                            f"compiled in the warm-up run; same tokens as transformers: "
+                            f"{'yes' if same['compiled'] else 'NO'}")
     del models
     gc.collect()
 

@@ -66,7 +66,9 @@ def test_every_benchmark_produces_its_rows(smoke):
     decode_metrics = {r.metric for r in by_section["decode"]}
     assert decode_metrics == {"tokens/s (end to end)", "time to first token ms", "ms per decoded token",
                               "% of memory-bandwidth bound"}
-    assert len(by_section["decode"]) == 4 * 2  # two batch sizes
+    assert len(by_section["decode"]) == 4 * 2 + 1  # two batch sizes; batch 1 with the compiled decoder too
+    compiled = [r for r in by_section["decode"] if r.case.endswith("compiled decoder")]
+    assert len(compiled) == 1 and "same tokens as transformers: yes" in compiled[0].note
     assert {r.dtype for r in by_section["vlm"]} == {"fp32", "bf16"}
     assert len(by_section["mfu"]) == 4  # ViT fp32/bf16, VLM fp32/bf16
     assert len(by_section["memory"]) == 3 * 2  # ViT, VLM, decode; above imports and whole process
