@@ -113,35 +113,46 @@ def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_emb
                               "(mmfusion.processing.pad_batch(..., left=True))")
         mask = torch.ones(B, T + steps, dtype=torch.long, device=device)  # (B, T + steps)
         mask[:, :T] = attention_mask
-    cache = gpt.new_cache(B, T + steps)
-    hidden = gpt.hidden_states(input_ids, None if mask is None else mask[:, :T], inputs_embeds=inputs_embeds,
-                               cache=cache, bidirectional=bidirectional, before_block=before_block)  # (B, T, C)
-    logits = gpt.row_logits(hidden[:, -1])  # (B, V)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    fixed = _fixed_shape_step(gpt, config, cache, attention_mask if mask is not None else None, T, before_block)
-    for step in range(steps):
-        token = next_token(logits, config, generator).masked_fill(done, eot_id)  # (B,)
-        yield token
-        done |= token == eot_id
-        if step == steps - 1 or bool(done.all()):
-            return
-        if fixed is not None:
-            logits = fixed(token)
-            continue
-        # Positions come from the mask's running count of real tokens, as in the prefill.
-        hidden = gpt.hidden_states(token[:, None], None if mask is None else mask[:, :T + step + 1],
-                                   cache=cache, before_block=before_block)  # (B, 1, C)
-        logits = gpt.row_logits(hidden[:, -1])
+    buffers = None
+    if config.decoder == "compiled" and before_block is None:
+        from .static_decode import compiled_length, step_buffers
+
+        buffers = step_buffers(gpt, B, compiled_length(T + steps, gpt.config.block_size), device)
+    try:
+        cache = buffers.cache if buffers is not None else gpt.new_cache(B, T + steps)
+        hidden = gpt.hidden_states(input_ids, None if mask is None else mask[:, :T], inputs_embeds=inputs_embeds,
+                                   cache=cache, bidirectional=bidirectional, before_block=before_block)  # (B, T, C)
+        logits = gpt.row_logits(hidden[:, -1])  # (B, V)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        fixed = _fixed_shape_step(gpt, config, cache, attention_mask if mask is not None else None, T, before_block,
+                                  buffers)
+        for step in range(steps):
+            token = next_token(logits, config, generator).masked_fill(done, eot_id)  # (B,)
+            yield token
+            done |= token == eot_id
+            if step == steps - 1 or bool(done.all()):
+                return
+            if fixed is not None:
+                logits = fixed(token)
+                continue
+            # Positions come from the mask's running count of real tokens, as in the prefill.
+            hidden = gpt.hidden_states(token[:, None], None if mask is None else mask[:, :T + step + 1],
+                                       cache=cache, before_block=before_block)  # (B, 1, C)
+            logits = gpt.row_logits(hidden[:, -1])
+    finally:  # also when the caller stops early: a generator closed, or dropped, runs this
+        if buffers is not None:
+            buffers.release()
 
 
 def _fixed_shape_step(gpt: GPT, config: GenerationConfig, cache, prompt_mask: torch.Tensor | None, T: int,
-                      before_block=None):
+                      before_block=None, buffers=None):
     """For the static and compiled decoders: a function token (B,) -> logits (B, V) that feeds
     each decoded token through `StaticStep` over the prefilled cache, its inputs kept in buffers
-    of fixed address that advance in place. None for the eager decoder."""
+    of fixed address that advance in place (the compiled decoder's `buffers`, kept on the model
+    from call to call). None for the eager decoder."""
     if config.decoder == "eager":
         return None
-    from .static_decode import mark_static, static_step
+    from .static_decode import StepBuffers, mark_static, static_step
 
     if before_block is not None and config.decoder == "compiled":
         raise ConfigError("the compiled decoder serves early fusion; decode a cross-fusion VLM with decoder "
@@ -149,12 +160,16 @@ def _fixed_shape_step(gpt: GPT, config: GenerationConfig, cache, prompt_mask: to
     step = static_step(gpt, config.decoder == "compiled")
     B, S = cache.shape[1], cache.shape[3]
     device = cache.k.device
-    key_ok = torch.zeros(B, S, dtype=torch.bool, device=device)
+    if buffers is None:
+        buffers = StepBuffers(gpt, B, S, device)
+    key_ok, token_buf, position, slot = buffers.key_ok, buffers.token, buffers.position, buffers.slot
+    key_ok.zero_()  # the cache's later positions may hold an earlier call's keys: masked off
     key_ok[:, :T] = True if prompt_mask is None else prompt_mask.bool()
-    real = torch.full((B,), T, device=device) if prompt_mask is None else prompt_mask.long().sum(1)
-    token_buf = torch.zeros(B, dtype=torch.long, device=device)
-    position = real.clone()  # (B,): the next token's position, counting real tokens only
-    slot = torch.tensor([T], device=device)  # the next token's cache position
+    if prompt_mask is None:  # the next token's position, counting real tokens only
+        position.fill_(T)
+    else:
+        position.copy_(prompt_mask.long().sum(1))
+    slot.fill_(T)  # the next token's cache position
     if config.decoder == "compiled":
         mark_static(cache.k, cache.v, key_ok, token_buf, position, slot)
 

@@ -6,7 +6,8 @@ slice that grows by one every step: a new shape per step, which a CUDA graph can
 writes the new key and value at a position given as a tensor, and takes the position ids as a
 tensor too, so every step has the same shapes and no Python value changes between steps. Then
 `torch.compile(step, mode="reduce-overhead")` captures one CUDA graph and replays it per token:
-at batch 1 decoding is bound by kernel launches, not by the GPU's arithmetic.
+at batch 1 decoding is bound by kernel launches, not by the GPU's arithmetic. The graph reads its
+inputs where it was recorded, so the compiled decoder keeps them on the model (`StepBuffers`).
 
 Masked keys get no weight, so the logits equal the eager loop's up to summation order; the tests
 compare the greedy tokens (tests/test_generation.py).
@@ -15,6 +16,8 @@ Notation: B batch, L layers, H heads, S_max cache positions, D head width, C wid
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +76,59 @@ def static_step(gpt: GPT, compiled: bool) -> nn.Module:
         steps[device] = torch.compile(StaticStep(gpt), mode="reduce-overhead" if device == "cuda" else None,
                                       fullgraph=True)
     return steps[device]
+
+
+# The compiled decoder's cache length is rounded up to a multiple of this (at most block_size), so
+# prompts of nearby lengths share one compiled step (and one CUDA graph).
+LENGTH_STEP = 64
+
+
+class StepBuffers:
+    """The compiled step's inputs, kept on the model from one call to the next: the KV cache and
+    the key mask, token, position and slot buffers. A CUDA graph reads its inputs at the addresses
+    it was recorded with, so buffers allocated afresh per call would make it re-record every call
+    (torch re-records when a static input moves). One set per model, for the last (device, batch,
+    length); a second decoding that starts while the first is still running gets its own."""
+
+    def __init__(self, gpt: GPT, batch: int, length: int, device: torch.device) -> None:
+        self.key = (str(device), batch, length)
+        self.cache = gpt.new_cache(batch, length)
+        self.key_ok = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        self.token = torch.zeros(batch, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.in_use = False
+
+    def start(self) -> StepBuffers:
+        """Claim the buffers for a decoding: an empty cache that keeps its tensors (the prefill writes
+        into them in place while its dtype stays the same)."""
+        self.in_use = True
+        self.cache.length = 0
+        return self
+
+    def release(self) -> None:
+        self.in_use = False
+
+
+def step_buffers(gpt: GPT, batch: int, length: int, device: torch.device) -> StepBuffers:
+    """The model's kept StepBuffers for (device, batch, length) if free, else new ones (kept in
+    their place unless the old ones are in use)."""
+    with _CLAIM:  # two threads decoding with one model must not both take the kept set
+        kept = gpt.__dict__.get("_step_buffers")  # a plain attribute: not a submodule, not saved
+        if kept is not None and kept.key == (str(device), batch, length) and not kept.in_use:
+            return kept.start()
+        fresh = StepBuffers(gpt, batch, length, device)
+        if kept is None or not kept.in_use:
+            gpt.__dict__["_step_buffers"] = fresh  # one set per model: the memory of one cache
+        return fresh.start()
+
+
+_CLAIM = threading.Lock()
+
+
+def compiled_length(needed: int, block_size: int) -> int:
+    """The cache length the compiled decoder allocates for `needed` positions."""
+    return min(block_size, -(-needed // LENGTH_STEP) * LENGTH_STEP)
 
 
 def mark_static(*tensors: torch.Tensor) -> None:

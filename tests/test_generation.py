@@ -257,6 +257,44 @@ def test_compiled_decoder_gives_the_eager_tokens():
 
 
 @pytest.mark.slow
+def test_compiled_decoder_keeps_its_buffers_from_call_to_call():
+    """A CUDA graph reads its inputs where it was recorded, and torch records again when one moves:
+    the compiled decoder keeps the KV cache and its buffers on the model, so the next decoding of
+    the same batch size and rounded length writes into the same memory. A decoding that starts
+    while another runs gets buffers of its own."""
+    from mmfusion.generation import decode_stream
+
+    gpt = _varied_gpt(7)
+    ids, mask = _left_padded(7)
+    compiled, eager = GenerationConfig(max_new_tokens=20, decoder="compiled"), GenerationConfig(max_new_tokens=20)
+    first = generate(gpt, input_ids=ids, attention_mask=mask, config=compiled)
+    assert first == generate(gpt, input_ids=ids, attention_mask=mask, config=eager)
+    kept = gpt.__dict__["_step_buffers"]
+    address = kept.cache.k.data_ptr()
+    assert kept.cache.shape[3] == 64 and not kept.in_use  # 9 + 20 positions, rounded up to 64
+    short_ids, short_mask = ids[:, 4:], mask[:, 4:]  # 5 prompt tokens: the same 64 positions, old keys in them
+    assert (generate(gpt, input_ids=short_ids, attention_mask=short_mask, config=compiled)
+            == generate(gpt, input_ids=short_ids, attention_mask=short_mask, config=eager))
+    assert gpt.__dict__["_step_buffers"] is kept and kept.cache.k.data_ptr() == address
+
+    one = decode_stream(gpt, input_ids=ids, attention_mask=mask, config=compiled)
+    two = decode_stream(gpt, input_ids=ids, attention_mask=mask, config=compiled)
+    steps = [(next(one), next(two))]  # both running: the second cannot share the first's cache
+    assert kept.in_use and gpt.__dict__["_step_buffers"] is kept
+    steps += list(zip(one, two))
+    for tokens in zip(*steps):  # each decoding's tokens, row by row
+        assert torch.stack(tokens, 1).tolist() == first
+    assert not kept.in_use  # the first decoding ended
+    stopped = decode_stream(gpt, input_ids=ids, attention_mask=mask, config=compiled)
+    next(stopped)
+    assert kept.in_use
+    stopped.close()  # a caller that stops early frees them too
+    assert not kept.in_use
+    assert generate(gpt, input_ids=ids, attention_mask=mask, config=compiled) == first
+    assert kept.cache.k.data_ptr() == address
+
+
+@pytest.mark.slow
 def test_the_compiled_step_writes_the_cache_in_place_without_copying_it():
     """Each step writes one position of each layer's cache. Written into a view (keys[i]), the
     compiler copied the layer's whole cache out and back every step, which made the compiled
