@@ -30,7 +30,7 @@ from mmfusion.config import AdapterConfig, GPTConfig, ViTConfig, gpt_preset, vit
 from mmfusion.generation import GenerationConfig, decode_stream
 from mmfusion.tokenizer import EOT_ID
 
-from models import BF16, count_flops, hf_gpt_config, vlm_batch, vlm_pair
+from models import BF16, count_flops, for_side, hf_gpt_config, vlm_batch, vlm_pair
 from results import Run, target_row
 from timing import alternate
 
@@ -78,6 +78,7 @@ def matmul_peak(n: int, dtype: torch.dtype, device: torch.device, repeats: int =
 def train_step(model: nn.Module, side: str, batch: dict, device: torch.device) -> Callable[[], None]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     model.train()
+    batch = for_side(batch, side)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=BF16):
@@ -121,7 +122,7 @@ def bench_gpu_vlm(run: Run, s: GPUShapes, device: torch.device, peak_bf16: float
     case = f"ViT {s.vit.n_layer}L/{s.vit.n_embd} @{s.vit.image_size} + MLP + GPT-2 {s.gpt.n_layer}L/{s.gpt.n_embd}"
     print(f"gpu vlm train: {case}, batch {s.batch}, {device}", flush=True)
     with torch.no_grad(), torch.autocast(device.type, dtype=BF16):
-        losses = {k: float(m(**batch).loss if k == "mmfusion" else m(**batch)) for k, m in models.items()}
+        losses = {k: float(m(**for_side(batch, k)).loss if k == "mmfusion" else m(**batch)) for k, m in models.items()}
     steps = {k: train_step(m, k, batch, device) for k, m in models.items()}
     times = timed_median(steps, s.repeats, device)
     rates = {k: s.batch / t for k, t in times.items()}
@@ -129,7 +130,7 @@ def bench_gpu_vlm(run: Run, s: GPUShapes, device: torch.device, peak_bf16: float
             f"autocast, fused AdamW; losses {abs(losses['mmfusion'] - losses['transformers']):.1e} apart")
     target_row(run, "gpu", case, "bf16", "train samples/s", rates, 2.5, note=note)
     with torch.autocast(device.type, dtype=BF16):
-        flops = count_flops(lambda m=models["mmfusion"]: m(**batch).loss)
+        flops = count_flops(lambda m=models["mmfusion"]: m(**for_side(batch, "mmfusion")).loss)
     mfu = {k: flops / t / 1e9 / peak_bf16 * 100 for k, t in times.items()}
     run.add("gpu", case, "bf16", "% of measured bf16 matmul peak (MFU)", mfu["mmfusion"], mfu["transformers"],
             "ours >= 50%", mfu["mmfusion"] >= 50, note=f"{flops / 1e12:.2f} TFLOP/step, peak {peak_bf16 / 1e3:.0f} "
@@ -238,10 +239,12 @@ class CudaGraphRecordings:
 def bench_gpu_vlm_compiled(run: Run, s: GPUShapes, device: torch.device, peak_bf16: float) -> None:
     """The VLM step of bench_gpu_vlm with both models through torch.compile (default mode, as
     `--compile` trains), each against the other compiled: fused elementwise kernels are what the
-    eager step lacks on a GPU. On the CPU smoke run the backend is "eager" (dynamo's capture
-    only), so CI checks that both models compile without spending minutes in code generation."""
+    eager step lacks on a GPU. On the CPU smoke run the backend is "aot_eager" (dynamo's capture
+    and AOT autograd, no code generation), so CI checks that both models and their backward
+    compile without spending minutes generating kernels. mmfusion's batch carries what
+    VQACollator gives training (models.for_side), so its forward has no graph breaks."""
     pair = vlm_pair(s.vit, s.gpt, adapter=AdapterConfig(projection="mlp", keep_cls=True))
-    backend = "inductor" if device.type == "cuda" else "eager"
+    backend = "inductor" if device.type == "cuda" else "aot_eager"  # CPU smoke: capture and autograd, no codegen
     models = {side: torch.compile(m.to(device), backend=backend) for side, m in pair.items()}
     batch = vlm_batch(s.vit, s.gpt, s.batch, s.text, s.answer, image_tokens=s.vit.num_patches + 1)
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -255,7 +258,7 @@ def bench_gpu_vlm_compiled(run: Run, s: GPUShapes, device: torch.device, peak_bf
                note=f"batch {s.batch}, as the eager row; both sides compiled (backend {backend}), timed after 3 "
                     "warm-up steps that compile")
     with torch.autocast(device.type, dtype=BF16):
-        flops = count_flops(lambda m=pair["mmfusion"]: m(**batch).loss)  # the plain module: same FLOPs
+        flops = count_flops(lambda m=pair["mmfusion"]: m(**for_side(batch, "mmfusion")).loss)  # the plain module
     mfu = {k: flops / t / 1e9 / peak_bf16 * 100 for k, t in times.items()}
     run.add("gpu", case, "bf16", "% of measured bf16 matmul peak (MFU)", mfu["mmfusion"], mfu["transformers"],
             "ours >= 50%", mfu["mmfusion"] >= 50, note=f"{flops / 1e12:.2f} TFLOP/step, as the eager row")

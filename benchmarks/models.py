@@ -161,6 +161,16 @@ def vlm_batch(vit_c: ViTConfig, gpt_c: GPTConfig, batch: int, text: int, answer:
             "pixel_values": torch.randn(batch, 3, vit_c.image_size, vit_c.image_size, generator=g)}
 
 
+def for_side(batch: dict, side: str) -> dict:
+    """The batch as each side trains on it. mmfusion's comes as VQACollator builds it in training,
+    with the supervised positions and the slot count computed once on the host; without them the
+    forward finds both on the device, a wait every step."""
+    if side != "mmfusion":
+        return batch
+    positions = (batch["labels"][:, 1:] != IGNORE_INDEX).flatten().nonzero().squeeze(1)  # (K,)
+    return {**batch, "label_positions": positions, "slots_per_row": int((batch["input_ids"][0] == IMAGE_ID).sum())}
+
+
 # ----------------------------------------------------------------------------- steps
 
 def autocast(dtype: str):
@@ -188,6 +198,7 @@ def vit_step(model: nn.Module, side: str, batch: int, c: ViTConfig, dtype: str) 
 def vlm_step(model: nn.Module, side: str, batch: dict, dtype: str) -> Callable[[], float]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
+    batch = for_side(batch, side)
 
     def step() -> float:
         with autocast(dtype):
