@@ -119,6 +119,47 @@ def test_image_keys_of_paths_no_loader_checked_do_not_open_a_pipe(tmp_path):
     assert keys[2].startswith("sha256:")
 
 
+def test_questions_and_captions_hold_out_the_same_images_where_they_cover_different_ones(tmp_path):
+    """Chosen per kind, an image missing from one kind moved the other kind's cut: 20 images with
+    questions and 19 with captions held out {7, 11} and {11, 13}, so image 13's questions were
+    trained on while its caption was scored."""
+    from mmfusion.data.splits import hold_out_all, image_keys
+
+    paths = []
+    for i in range(20):
+        Image.new("RGB", (8, 8), (10 * i, 5, 0)).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    questions = datasets.Dataset.from_dict({"image": paths, "question": ["q?"] * 20})
+    first_held = set(image_keys(hold_out(questions, 0.1, "qa")[1]))
+    lowest = next(p for p in paths if image_keys(datasets.Dataset.from_dict({"image": [p]}))[0] in first_held)
+    captions = datasets.Dataset.from_dict({"image": [p for p in paths if p != lowest], "caption": ["c"] * 19})
+    (q_kept, q_held), none, (c_kept, c_held) = hold_out_all([questions, None, captions], 0.1, "data")
+    assert none == (None, None)
+    keys = lambda d: set(image_keys(d))  # noqa: E731
+    assert not keys(q_kept) & keys(c_held) and not keys(c_kept) & keys(q_held)  # no image on both sides
+    assert keys(c_held) <= keys(q_held) and len(keys(q_held)) == 2
+    with pytest.raises(DatasetError, match="none of its images is among the 2 held-out"):
+        hold_out_all([questions, captions.select([0])], 0.1, "data")  # one captioned image, trained on
+
+
+def test_image_keys_see_a_file_rewritten_with_its_size_and_time_kept(tmp_path):
+    """Digests are remembered per file version; `cp -p` or `rsync -a` keep size and mtime, so the
+    version includes the inode change time too. A stale digest would give the file another
+    image's features."""
+    import os
+
+    from mmfusion.data.splits import image_keys
+
+    path = tmp_path / "a.png"
+    path.write_bytes(b"x" * 100)
+    rows = datasets.Dataset.from_dict({"image": [str(path)]})
+    before, st = image_keys(rows), path.stat()
+    path.write_bytes(b"y" * 100)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert image_keys(rows) != before
+
+
 def test_classes_of_other_data_are_matched_by_name(tmp_path):
     train, _ = load_image_classification(str(cls_file(tmp_path, ["cat", "dog", "emu"] * 2, "train")), "train")
     other, _ = load_image_classification(str(cls_file(tmp_path, ["emu", "cat"], "other")), "train")
@@ -163,7 +204,17 @@ def test_a_folder_of_class_subfolders_alone_is_one_split_held_out_by_image(tmp_p
     assert single_split(str(folder)) and not single_split(str(split_folder)) and not single_split(str(named))
     with pytest.raises(DatasetError, match="Unknown split"):
         load_image_classification(str(named), "test")
-    assert as_only_split("test[:5]+validation[10%:]", "train") == "train[:5]+train[10%:]"
+    assert as_only_split("test[:5]", "train") == "train[:5]" and as_only_split("validation", "train") == "train"
+    with pytest.raises(DatasetError, match=r"name no split, so it has one; 'train\+test' asks for several"):
+        load_image_classification(str(folder), "train+test")  # would give every row twice
+    assert same_rows(str(folder), "train", None, "test") and same_rows(str(folder), "train", None, "test[:5]")
+    assert not same_rows(str(folder), "train[:80%]", None, "train[80%:]")  # slices the user chose
+    assert same_rows(str(folder), "train[:80%]", None, "test[:80%]")
+    card = image_folder(tmp_path / "card")  # a README whose configs may name splits: datasets decides
+    (card / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files: class0/*\n---\n# card\n")
+    assert not unsplit_folder(card)
+    (card / "README.md").write_text("---\nlicense: mit\n---\n# a card without configs\n")
+    assert unsplit_folder(card)
     test_rows, _ = load_image_classification(str(folder), "test[:5]")  # the one split, as a single file gives
     assert len(test_rows) == 5
 

@@ -85,16 +85,28 @@ def unsplit_folder(path: Path) -> bool:
 
     try:
         patterns = get_data_patterns(str(path))
-        splits = list(datasets.load_dataset_builder(str(path)).config.data_files)  # a README's configs too
-    except Exception:  # no data files it knows, malformed metadata: loading says what is wrong
+    except Exception:  # no data files it knows: loading says what is wrong
         return False
-    return {str(k): v for k, v in patterns.items()} == {"train": ["**"]} and [str(s) for s in splits] == ["train"]
+    return {str(k): v for k, v in patterns.items()} == {"train": ["**"]} and not _card_configs(path)
+
+
+def _card_configs(path: Path) -> bool:
+    """Whether the folder's README.md declares `configs:` (which may name splits) in its YAML header."""
+    card = path / "README.md"
+    if not card.is_file():
+        return False
+    with open(card, "rb") as f:
+        head = f.read(65536).decode("utf-8", "replace")
+    if not head.startswith("---"):
+        return False
+    header = head[3:].split("\n---", 1)[0]
+    return any(line.startswith("configs:") for line in header.splitlines())
 
 
 def as_only_split(split: str, only: str) -> str:
-    """`split` asking for `only` instead, slices kept: test[:500] -> train[:500]. A source with one
-    split gives it whatever the name, as a single file does."""
-    return re.sub(r"(^|\+)\w+(\.\w+)*", lambda m: m.group(1) + only, split)
+    """`split` (one part) asking for `only` instead, its slice kept: test[:500] -> train[:500]. A
+    source with one split gives it whatever the name, as a single file does."""
+    return re.sub(r"^\w+(\.\w+)*", only, split)
 
 
 # What `datasets` takes as a split: names of \w parts joined by dots, each maybe sliced
@@ -142,6 +154,10 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
                                        "as the split")
                 return splits[split], path.resolve()
             if unsplit_folder(path):  # one split, like a single file
+                if "+" in split:
+                    raise DatasetError(f"{source}: its files name no split, so it has one; {split!r} asks for "
+                                       "several, which would repeat its rows. Ask for one (train, or a slice "
+                                       "such as train[:80%])")
                 split = as_only_split(split, "train")
             ds = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)
             return ds, path.resolve()

@@ -10,7 +10,6 @@ side), with a choice that depends on the data only -- not on the seed, not on ro
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import stat
@@ -46,10 +45,17 @@ def same_source(a: str, b: str) -> bool:
 
 
 def same_rows(source: str, train_split: str, eval_source: str | None, eval_split: str) -> bool:
-    """Whether evaluating on (eval_source or source, eval_split) would reuse the training rows."""
+    """Whether evaluating on (eval_source or source, eval_split) would reuse the training rows. In a
+    source of one split the names do not matter but slices do: train[:80%] and test[80%:] of a
+    file are the rows asked for, test and train[:80%] share rows."""
     if eval_source is not None and not same_source(eval_source, source):
         return False
-    return train_split == eval_split or single_split(source)
+    if train_split == eval_split:
+        return True
+    if not single_split(source):
+        return False
+    slices = [s[s.index("["):] if "[" in s and "+" not in s else "" for s in (train_split, eval_split)]
+    return not all(slices) or slices[0] == slices[1]
 
 
 def image_keys(ds: datasets.Dataset, column: str = "image") -> list[str]:
@@ -76,27 +82,30 @@ def _bytes_key(data: bytes | None) -> str:
 
 
 def _file_key(path: str) -> str:
+    """The digest of a regular file's bytes; for anything else (not there, a pipe: rows no loader
+    checked) its path. Opened without blocking and checked on the open file, so a pipe put in
+    its place cannot hang the read."""
     try:
-        st = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
-        st = None
-    if st is None or not stat.S_ISREG(st.st_mode):  # not there, or a pipe that would block: rows no loader checked
         return f"path:{path}"
-    return _file_digest(path, st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=2**17)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    """The file's bytes digest, remembered while its size and modification time hold (the hold-out,
-    the short-run check and the feature cache each ask for every image's key)."""
-    try:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return f"path:{path}"
+        # the hold-out, the short-run check and the feature cache each ask for every image's key
+        version = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # ctime: any rewrite
+        if (known := _DIGESTS.get(version)) is None:
+            digest = hashlib.sha256()
             while chunk := f.read(2**20):
                 digest.update(chunk)
-        return "sha256:" + digest.hexdigest()
-    except OSError:
-        return f"path:{path}"
+            known = _DIGESTS[version] = "sha256:" + digest.hexdigest()
+            if len(_DIGESTS) > 2**17:  # a bound on memory: the oldest first
+                del _DIGESTS[next(iter(_DIGESTS))]
+        return known
+
+
+_DIGESTS: dict[tuple, str] = {}
 
 
 def align_labels(ds: datasets.Dataset, names: list[str], what: str) -> datasets.Dataset:
@@ -125,14 +134,33 @@ def align_labels(ds: datasets.Dataset, names: list[str], what: str) -> datasets.
 def hold_out(ds: datasets.Dataset, fraction: float, what: str) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(training rows, held-out rows): the images whose key hashes lowest, about `fraction` of
     the distinct images (at least one), with every row of each; `what` names the data in errors."""
-    keys = image_keys(ds)
-    images = sorted(set(keys), key=lambda k: hashlib.sha256(k.encode()).digest())
+    return hold_out_all([ds], fraction, what)[0]
+
+
+def hold_out_all(sets: list, fraction: float, what: str) -> list[tuple]:
+    """`hold_out` over several kinds of rows of one source at once (questions, captions; None for
+    a kind not used, which gives (None, None)): the held-out images are chosen from all kinds'
+    images together, so an image is held out of every kind or of none -- its questions are never
+    trained on while its caption is scored, even where the kinds cover different images."""
+    keys = [image_keys(ds) if ds is not None else None for ds in sets]
+    images = sorted(set().union(*(k for k in keys if k is not None)), key=lambda k: hashlib.sha256(k.encode()).digest())
     n = max(1, round(fraction * len(images)))
     if n >= len(images):
         raise DatasetError(f"{what}: {len(images)} distinct image(s) cannot be split into training and held-out "
                            "rows; name evaluation data with --eval-dataset, or pass --holdout 0 to evaluate on "
                            "the training rows knowingly")
     held = set(images[:n])
-    out = [i for i, k in enumerate(keys) if k in held]
-    kept = [i for i, k in enumerate(keys) if k not in held]
-    return ds.select(kept), ds.select(out)
+    pairs: list[tuple] = []
+    for ds, k in zip(sets, keys):
+        if ds is None:
+            pairs.append((None, None))
+            continue
+        out = [i for i, key in enumerate(k) if key in held]
+        kept = [i for i, key in enumerate(k) if key not in held]
+        if not out or not kept:
+            side = "none of its images is" if not out else "all of its images are"
+            raise DatasetError(f"{what}: {side} among the {n} held-out image(s) in a set of {len(ds)} rows, so it "
+                               "could not be both trained and evaluated; raise or lower --holdout, or name "
+                               "evaluation data with --eval-dataset")
+        pairs.append((ds.select(kept), ds.select(out)))
+    return pairs

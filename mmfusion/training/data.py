@@ -219,15 +219,13 @@ def evaluation_rows(dataset: str, train_split: str, eval_dataset: str | None, ev
     shape. The evaluation split of `eval_dataset or dataset` is loaded by load_eval(source); a
     held-out share of the training images is taken instead with --holdout, and by default when
     the two would be the same rows (a single file has one split)."""
-    from ..data.splits import hold_out, same_rows
+    from ..data.splits import hold_out_all, same_rows
 
     reuse = same_rows(dataset, train_split, eval_dataset, eval_split)
     fraction = (DEFAULT_HOLDOUT if reuse else 0.0) if holdout is None else holdout
     present = [rows for rows in train_rows if rows is not None]
     if fraction > 0 and present:
-        # by a hash of each image, so every kind of row holds out the same images
-        pairs = [hold_out(rows, fraction, f"{dataset} [{train_split}]") if rows is not None else (None, None)
-                 for rows in train_rows]
+        pairs = hold_out_all(train_rows, fraction, f"{dataset} [{train_split}]")  # the same images from every kind
         kept, held = [p[0] for p in pairs], [p[1] for p in pairs]
         n_held, n_kept = next((len(h), len(k)) for k, h in pairs if k is not None)
         why = "" if holdout is not None else (" (a single file, saved Dataset or folder has one split here; "

@@ -3,10 +3,11 @@
 Stage 2 freezes the ViT by default and does not augment images, so an image's ViT features are
 the same in every epoch: easy-VQA asks ~10 questions about each image, so 3.5 epochs would
 decode and encode every image ~35 times. `FeatureRows` computes the features once, before
-training, for every distinct image of a dataset (by `image_id`, or by file path or content where
-the source has none) and serves its rows with `image_features` in place of `image`; `VQACollator` then
-batches them and the VLM skips its ViT. The computation is the same in every run (same batches,
-same order), so a resumed run still ends with the same weights as an uninterrupted one.
+training, for every distinct image of a dataset (by `image_id`, or where the source has none by
+a digest of its bytes, in the row or in its file) and serves its rows with `image_features` in
+place of `image`; `VQACollator` then batches them and the VLM skips its ViT. The computation is
+the same in every run (same batches, same order), so a resumed run still ends with the same
+weights as an uninterrupted one.
 """
 
 from __future__ import annotations
