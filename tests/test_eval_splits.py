@@ -226,6 +226,20 @@ def test_a_folder_of_class_subfolders_alone_is_one_split_held_out_by_image(tmp_p
     assert "WARNING: evaluating on the training rows" in capsys.readouterr().out
 
 
+def test_slices_of_a_single_file_are_the_rows_asked_for(tmp_path, capsys):
+    path = vqa_file(tmp_path, 10, questions=1)
+    head, _ = load_vqa(str(path), "train[:80%]")
+    tail, _ = load_vqa(str(path), "test[80%:]")  # the name does not matter in a file of one split
+    assert (len(head), len(tail)) == (8, 2)
+    with pytest.raises(DatasetError, match="a single file has one split; 'train\\+test' asks for several"):
+        load_vqa(str(path), "train+test")
+    metrics = train_vqa.run(*train_vqa.parse(["--vit", "vit-tiny", "--dataset", str(path), "--train-split",
+                                              "train[:80%]", "--eval-split", "train[80%:]", "--output-dir",
+                                              str(tmp_path / "out"), *QUIET]))
+    assert metrics["count"] == 2 and metrics["evaluation"] == f"evaluation: {path} [train[80%:]]"
+    assert "held out" not in capsys.readouterr().out
+
+
 def test_holdout_zero_warns_and_eval_dataset_is_used(tmp_path, capsys):
     path = vqa_file(tmp_path, 4)
     train_vqa.run(*train_vqa.parse(["--vit", "vit-tiny", "--dataset", str(path), "--holdout", "0",

@@ -103,6 +103,14 @@ def _card_configs(path: Path) -> bool:
     return any(line.startswith("configs:") for line in header.splitlines())
 
 
+def one_part(source, split: str, why: str) -> str:
+    """`split` if it asks for one part of a source of one split; parts joined by + would repeat its rows."""
+    if "+" in split:
+        raise DatasetError(f"{source}: {why}; {split!r} asks for several, which would repeat its rows. Ask for "
+                           "one (train, or a slice such as train[:80%])")
+    return split
+
+
 def as_only_split(split: str, only: str) -> str:
     """`split` (one part) asking for `only` instead, its slice kept: test[:500] -> train[:500]. A
     source with one split gives it whatever the name, as a single file does."""
@@ -141,8 +149,9 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
                 _check_utf8(path)  # pyarrow reads invalid UTF-8 in and fails later, on first access to the row
                 _check_json_start(path)
             builder = "parquet" if suffix == ".parquet" else "json"
-            # A single file is exactly one split: name it as asked.
-            ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
+            # A single file is exactly one split: named as asked, sliced as asked.
+            name = re.match(r"\w+(\.\w+)*", one_part(source, split, "a single file has one split")).group(0)
+            ds = datasets.load_dataset(builder, data_files={name: str(path)}, split=split, cache_dir=cache_dir)
             return ds, path.parent.resolve()
         if path.is_dir():
             if is_saved_dataset(path):  # one split, like a single file
@@ -154,11 +163,7 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
                                        "as the split")
                 return splits[split], path.resolve()
             if unsplit_folder(path):  # one split, like a single file
-                if "+" in split:
-                    raise DatasetError(f"{source}: its files name no split, so it has one; {split!r} asks for "
-                                       "several, which would repeat its rows. Ask for one (train, or a slice "
-                                       "such as train[:80%])")
-                split = as_only_split(split, "train")
+                split = as_only_split(one_part(source, split, "its files name no split, so it has one"), "train")
             ds = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)
             return ds, path.resolve()
         if path.suffix.lower() in _LOCAL_SUFFIXES or str(source).startswith((".", "/", "~")):
