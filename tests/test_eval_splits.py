@@ -176,7 +176,7 @@ def test_a_single_file_is_evaluated_on_held_out_images(tmp_path, capsys):
     metrics = train_vqa.run(*train_vqa.parse(["--vit", "vit-tiny", "--dataset", str(path), "--output-dir",
                                               str(tmp_path / "out"), *QUIET]))
     out = capsys.readouterr().out
-    assert "evaluation: 6 of the 60 rows of" in out and "held out of training by image (--holdout 0.1)" in out
+    assert "evaluation: 6 of the 60 rows of" in out and "held out of training by image (--holdout 0.1; images " in out
     assert metrics["count"] == 6 and "held out" in metrics["evaluation"]
     assert "fewer than the 18 images caching" in out  # training saw the rows of the other 18 images only
 
@@ -238,6 +238,26 @@ def test_slices_of_a_single_file_are_the_rows_asked_for(tmp_path, capsys):
                                               str(tmp_path / "out"), *QUIET]))
     assert metrics["count"] == 2 and metrics["evaluation"] == f"evaluation: {path} [train[80%:]]"
     assert "held out" not in capsys.readouterr().out
+
+
+def test_a_resume_whose_held_out_images_changed_warns(tmp_path, capsys):
+    """A checkpoint records the evaluation line, whose digest names the held-out images: data
+    changed between the runs (or a change in how images are keyed) would otherwise resume a run
+    that may be scored on images it trained on, without a word."""
+    path = vqa_file(tmp_path, 20)
+    out = str(tmp_path / "out")
+    args = ["--vit", "vit-tiny", "--dataset", str(path), "--output-dir", out, "--save-every", "1", *QUIET]
+    train_vqa.run(*train_vqa.parse(args))
+    first = capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "checkpoints" / "step_1" / "progress.json").read_text())
+    assert saved["data"]["evaluation"] in first and "images " in saved["data"]["evaluation"]
+    train_vqa.run(*train_vqa.parse([*args, "--max-steps", "2", "--resume", "latest"]))
+    assert "resumed from" in (again := capsys.readouterr().out) and "evaluation rows differ" not in again
+    vqa_file(tmp_path, 30)  # ten more images: another held-out set
+    train_vqa.run(*train_vqa.parse([*args, "--max-steps", "3", "--resume", "latest"]))
+    printed = capsys.readouterr().out
+    assert "WARNING: this run's evaluation rows differ from the checkpoint's run" in printed
+    assert "9 of the 90 rows" in printed and "6 of the 60 rows" in printed
 
 
 def test_holdout_zero_warns_and_eval_dataset_is_used(tmp_path, capsys):

@@ -108,6 +108,13 @@ def _file_key(path: str) -> str:
 _DIGESTS: dict[tuple, str] = {}
 
 
+def held_out_digest(held: list) -> str:
+    """A short digest of the images held out (over every kind of row; None for a kind not used):
+    the same data and fraction give the same one, so a run's record names its evaluation images."""
+    keys = sorted(set().union(*(image_keys(ds) for ds in held if ds is not None)))
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:12]
+
+
 def align_labels(ds: datasets.Dataset, names: list[str], what: str) -> datasets.Dataset:
     """`ds`'s class labels renumbered to `names` (the training set's classes), by name: another
     file's ids follow its own classes. A class the training set lacks is a DatasetError."""

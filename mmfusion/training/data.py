@@ -219,7 +219,7 @@ def evaluation_rows(dataset: str, train_split: str, eval_dataset: str | None, ev
     shape. The evaluation split of `eval_dataset or dataset` is loaded by load_eval(source); a
     held-out share of the training images is taken instead with --holdout, and by default when
     the two would be the same rows (a single file has one split)."""
-    from ..data.splits import hold_out_all, same_rows
+    from ..data.splits import held_out_digest, hold_out_all, same_rows
 
     reuse = same_rows(dataset, train_split, eval_dataset, eval_split)
     fraction = (DEFAULT_HOLDOUT if reuse else 0.0) if holdout is None else holdout
@@ -233,7 +233,7 @@ def evaluation_rows(dataset: str, train_split: str, eval_dataset: str | None, ev
         if eval_dataset is not None:  # it names the training data, however spelled (./x, a link)
             why = f" (--eval-dataset {eval_dataset} is the training data)"
         return kept, held, None, (f"evaluation: {n_held} of the {n_held + n_kept} rows of {dataset} held out of "
-                                  f"training by image (--holdout {fraction:g}){why}")
+                                  f"training by image (--holdout {fraction:g}; images {held_out_digest(held)}){why}")
     source = eval_dataset or dataset
     line = f"evaluation: {source} [{eval_split}]"
     if reuse and present:

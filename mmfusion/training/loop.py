@@ -100,11 +100,11 @@ def changed_settings(saved, run: RunConfig) -> list[str]:
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int, ema: WeightEMA | None = None,
-                    run: RunConfig | None = None) -> None:
+                    run: RunConfig | None = None, data: dict | None = None) -> None:
     """accelerate's save_state into a temporary folder, fsync, then an atomic rename: a crash
     mid-write leaves the earlier checkpoints intact (and a `.tmp_step_*` folder that the next save
-    removes). `progress.json` written last marks it complete; it holds the step and `run`'s
-    schedule settings, which a resume compares with its own."""
+    removes). `progress.json` written last marks it complete; it holds the step, `run`'s
+    schedule settings and `data` (what the run evaluates on), which a resume compares with its own."""
     root = Path(output_dir) / "checkpoints"
     final = root / f"step_{step}"
     tmp = root / f".tmp_step_{step}"
@@ -117,7 +117,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int, e
     if accelerator.is_main_process:
         if ema is not None:
             ema.save(tmp)
-        write_json(tmp / PROGRESS_NAME, {"step": step} | ({"run": schedule_settings(run)} if run is not None else {}))
+        write_json(tmp / PROGRESS_NAME, {"step": step} | ({"run": schedule_settings(run)} if run is not None else {})
+                   | ({"data": data} if data is not None else {}))
         fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -154,7 +155,7 @@ def _check_finite_weights(model: torch.nn.Module, step: int, output_dir: str | P
 def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           dataset, collate: Callable, step_fn: StepFn, evaluate: EvalFn | None = None,
           unit: str = "ex", tag: str = "train", ema_decay: float = 0.0,
-          weights: torch.Tensor | None = None) -> torch.nn.Module:
+          weights: torch.Tensor | None = None, data: dict | None = None) -> torch.nn.Module:
     """Train `model` for the configured steps; returns the unwrapped model.
 
     step_fn(model, batch) -> (mean loss, items in the batch), items counted for throughput
@@ -163,6 +164,8 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
     With `ema_decay` > 0 the returned model holds the moving average of the weights (WeightEMA);
     periodic evaluations see the raw weights. `weights` (one per row) draws each epoch's rows
     with replacement in proportion to them (WeightedEpochSampler) instead of a permutation.
+    `data` ({"evaluation": the line saying which rows evaluate}) goes into each checkpoint; a
+    resume whose evaluation rows differ says so, since it may then evaluate on rows it trained on.
     """
     from tqdm.auto import tqdm
 
@@ -183,7 +186,7 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
     if run.compile:  # after prepare, so checkpoints and the saved model hold the plain module's keys
         model = torch.compile(model)
     ema = WeightEMA(plain(model), ema_decay) if ema_decay > 0 else None
-    step = _resume(accelerator, run, scheduler, total, ema)
+    step = _resume(accelerator, run, scheduler, total, ema, data)
 
     bar = tqdm(total=total, initial=step, disable=not (run.progress and accelerator.is_local_main_process),
                desc=Path(run.output_dir).name, dynamic_ncols=True)
@@ -205,7 +208,8 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
             if ema is not None:
                 ema.update(plain(model))
             rate = float(seen) / (time.perf_counter() - t0)
-            _after_step(accelerator, run, model, scheduler, bar, evaluate, step, total, loss, rate, unit, tag, ema)
+            _after_step(accelerator, run, model, scheduler, bar, evaluate, step, total, loss, rate, unit, tag, ema,
+                        data)
             if step >= total or step % per_epoch == 0:
                 break
     bar.close()
@@ -245,7 +249,8 @@ def _check_rng_state(folder: Path, process_index: int) -> None:
         raise CheckpointError(f"{path.name} does not hold the random states accelerate saves")
 
 
-def _resume(accelerator, run: RunConfig, scheduler, total: int, ema: WeightEMA | None = None) -> int:
+def _resume(accelerator, run: RunConfig, scheduler, total: int, ema: WeightEMA | None = None,
+            data: dict | None = None) -> int:
     """Load the checkpoint `run.resume` names (if any) and replay the schedule; its step, else 0."""
     start_from = find_resume(run.resume, run.output_dir)
     if start_from is None:
@@ -284,6 +289,12 @@ def _resume(accelerator, run: RunConfig, scheduler, total: int, ema: WeightEMA |
                           + (f"; the checkpoint's values of {', '.join(c.split()[0] for c in kept)} stay, since its "
                              "optimizer state holds them" if kept else "")
                           + "; pass the old values to continue that run exactly")
+    saved_data = progress.get("data")
+    if data is not None and isinstance(saved_data, dict) and saved_data != data:
+        accelerator.print(f"WARNING: this run's evaluation rows differ from the checkpoint's run (was "
+                          f"{saved_data.get('evaluation')!r}, now {data.get('evaluation')!r}): the data or the "
+                          "flags choosing them changed, so the resumed run may be scored on rows it trained on; "
+                          "start afresh for a clean evaluation")
     return step
 
 
@@ -307,7 +318,8 @@ def _micro_step(accelerator, run: RunConfig, model, optimizer, scheduler, step_f
 
 
 def _after_step(accelerator, run: RunConfig, model, scheduler, bar, evaluate: EvalFn | None, step: int,
-                total: int, loss: float, rate: float, unit: str, tag: str, ema: WeightEMA | None = None) -> None:
+                total: int, loss: float, rate: float, unit: str, tag: str, ema: WeightEMA | None = None,
+                data: dict | None = None) -> None:
     """Progress bar, tracker logging, periodic evaluation and checkpoints after optimizer step `step`."""
     lr = scheduler.get_last_lr()[0]
     bar.update(1)
@@ -321,4 +333,4 @@ def _after_step(accelerator, run: RunConfig, model, scheduler, bar, evaluate: Ev
         model.train()
     if run.save_every and step % run.save_every == 0:
         _check_finite_weights(model, step, run.output_dir)
-        save_checkpoint(accelerator, run.output_dir, step, run.keep_checkpoints, ema, run)
+        save_checkpoint(accelerator, run.output_dir, step, run.keep_checkpoints, ema, run, data)

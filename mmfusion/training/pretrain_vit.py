@@ -303,7 +303,8 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
         image, cell = accuracies(model, eval_set, None if full else run_cfg.eval_samples)
         return {"accuracy": image, **({"cell_accuracy": cell} if label_grid > 1 else {})}
 
-    vit = train(accelerator, run_cfg, vit, optimizer, train_set, None, step, evaluate, unit="img", ema_decay=stage.ema)
+    vit = train(accelerator, run_cfg, vit, optimizer, train_set, None, step, evaluate, unit="img", ema_decay=stage.ema,
+                data={"evaluation": eval_line})
     metrics = {}
     if accelerator.is_main_process:
         with accelerator.autocast():

@@ -281,7 +281,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
 
     evaluate = functools.partial(periodic_evaluation, stage, run_cfg, eval_vqa, eval_cap)
     model = train(accelerator, run_cfg, model, optimizer, Rows(task_rows), collate, step, evaluate, unit="tok",
-                  weights=weights)
+                  weights=weights, data={"evaluation": evaluated_on})
     if lora is not None:
         if accelerator.is_main_process:
             save_lora(lora, model.gpt, out / "lora")
