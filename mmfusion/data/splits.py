@@ -165,9 +165,9 @@ def hold_out_all(sets: list, fraction: float, what: str) -> list[tuple]:
         out = [i for i, key in enumerate(k) if key in held]
         kept = [i for i, key in enumerate(k) if key not in held]
         if not out or not kept:
-            side = "none of its images is" if not out else "all of its images are"
+            side, fix = ("none of its images is", "raise") if not out else ("all of its images are", "lower")
             raise DatasetError(f"{what}: {side} among the {n} held-out image(s) in a set of {len(ds)} rows, so it "
-                               "could not be both trained and evaluated; raise or lower --holdout, or name "
-                               "evaluation data with --eval-dataset")
+                               f"could not be both trained and evaluated; {fix} --holdout, or name evaluation "
+                               "data with --eval-dataset")
         pairs.append((ds.select(kept), ds.select(out)))
     return pairs
