@@ -106,7 +106,7 @@ def _training_cwds(record: dict, run_folder: Path) -> list[Path]:
 def _training_rows_warning(model: str, dataset: str, split: str) -> str | None:
     """A warning when the model's own run_config.json says it trained on these rows."""
     from .data import BUILT_IN
-    from .data.splits import same_source, single_split
+    from .data.splits import same_rows, same_source
     from .errors import CheckpointError
     from .weights import read_json
 
@@ -126,7 +126,7 @@ def _training_rows_warning(model: str, dataset: str, split: str) -> str | None:
     # the recorded path from the first folder that holds it; none does: a Hub id, or data since moved
     found = next((p for p in candidates if p.exists()), None)
     same = same_source(str(found), dataset) if found is not None else source == dataset
-    if same and (split == train_split or single_split(dataset)):
+    if same and same_rows(dataset, train_split, None, split):
         return (f"WARNING: {model} was trained on {source} [{train_split}]; these rows include its training rows, "
                 "so the accuracy says how well it fits them (its own held-out score is in its metrics.json)")
     return None

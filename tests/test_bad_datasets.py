@@ -268,3 +268,11 @@ def test_save_to_disk_folders_load_as_datasets(tmp_path):
     assert report.kept == 2
     with pytest.raises(DatasetError, match=r"no split 'test'; it has \['train', 'validation'\]"):
         load_vqa(str(tmp_path / "two"), "test")
+    # slices as `datasets` cuts the splits it loads; they were ignored, so train[:75%] and
+    # test[75%:] of a saved Dataset were the same four rows, trained on and scored
+    head, _ = load_vqa(str(tmp_path / "one"), "train[:75%]")
+    tail, _ = load_vqa(str(tmp_path / "one"), "test[75%:]")
+    assert [r["image"].getpixel((0, 0))[0] for r in head] == [0, 40, 80] and len(tail) == 1
+    assert len(load_vqa(str(tmp_path / "two"), "validation[:1]")[0]) == 1
+    with pytest.raises(DatasetError, match="a saved Dataset has one split; 'train\\+test' asks for several"):
+        load_vqa(str(tmp_path / "one"), "train+test")

@@ -112,11 +112,13 @@ def test_image_keys_of_paths_no_loader_checked_do_not_open_a_pipe(tmp_path):
 
     os.mkfifo(tmp_path / "pipe.png")
     Image.new("RGB", (4, 4)).save(tmp_path / "real.png")
+    (tmp_path / "folder.png").mkdir()
     rows = datasets.Dataset.from_dict({"image": [str(tmp_path / "pipe.png"), str(tmp_path / "missing.png"),
-                                                 str(tmp_path / "real.png")]})
+                                                 str(tmp_path / "folder.png"), str(tmp_path / "real.png")]})
+    open_files = len(os.listdir("/proc/self/fd"))
     keys = image_keys(rows)  # reading the pipe would wait forever for a writer
-    assert keys[:2] == [f"path:{tmp_path / 'pipe.png'}", f"path:{tmp_path / 'missing.png'}"]
-    assert keys[2].startswith("sha256:")
+    assert keys[:3] == [f"path:{tmp_path / n}" for n in ("pipe.png", "missing.png", "folder.png")]
+    assert keys[3].startswith("sha256:") and len(os.listdir("/proc/self/fd")) == open_files  # none left open
 
 
 def test_questions_and_captions_hold_out_the_same_images_where_they_cover_different_ones(tmp_path):
@@ -140,6 +142,9 @@ def test_questions_and_captions_hold_out_the_same_images_where_they_cover_differ
     assert keys(c_held) <= keys(q_held) and len(keys(q_held)) == 2
     with pytest.raises(DatasetError, match="none of its images is among the 2 held-out"):
         hold_out_all([questions, captions.select([0])], 0.1, "data")  # one captioned image, trained on
+    # captions that only align (--task vqa --align-epochs) are never scored: they need no held rows
+    (_, _), (aligning, none_held) = hold_out_all([questions, captions.select([0])], 0.1, "data", scored=[True, False])
+    assert len(aligning) == 1 and len(none_held) == 0
 
 
 def test_image_keys_see_a_file_rewritten_with_its_size_and_time_kept(tmp_path):
@@ -209,7 +214,11 @@ def test_a_folder_of_class_subfolders_alone_is_one_split_held_out_by_image(tmp_p
         load_image_classification(str(folder), "train+test")  # would give every row twice
     assert same_rows(str(folder), "train", None, "test") and same_rows(str(folder), "train", None, "test[:5]")
     assert not same_rows(str(folder), "train[:80%]", None, "train[80%:]")  # slices the user chose
-    assert same_rows(str(folder), "train[:80%]", None, "test[:80%]")
+    assert not same_rows(str(folder), "train[:8]", None, "test[8:10]")
+    assert same_rows(str(folder), "train[:80%]", None, "test[0%:80%]")  # the same rows spelled otherwise
+    assert same_rows(str(folder), "train[:90%]", None, "test[80%:]")  # overlapping
+    assert same_rows(str(folder), "train[:8]", None, "test[80%:]")  # rows and percent: unknown, so held out
+    assert same_rows(str(folder), "train[:-2]", None, "test[-2:]")  # negative bounds: likewise
     card = image_folder(tmp_path / "card")  # a README whose configs may name splits: datasets decides
     (card / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files: class0/*\n---\n# card\n")
     assert not unsplit_folder(card)
@@ -250,14 +259,16 @@ def test_a_resume_whose_held_out_images_changed_warns(tmp_path, capsys):
     train_vqa.run(*train_vqa.parse(args))
     first = capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "checkpoints" / "step_1" / "progress.json").read_text())
-    assert saved["data"]["evaluation"] in first and "images " in saved["data"]["evaluation"]
-    train_vqa.run(*train_vqa.parse([*args, "--max-steps", "2", "--resume", "latest"]))
-    assert "resumed from" in (again := capsys.readouterr().out) and "evaluation rows differ" not in again
+    digest = saved["data"]["held_out_images"]
+    assert f"(--holdout 0.1; images {digest})" in first
+    # the same data spelled another way, and the default fraction named: the same images
+    respelled = ["--dataset", f"{tmp_path}/./{path.name}", "--holdout", "0.1"]
+    train_vqa.run(*train_vqa.parse([*args, *respelled, "--max-steps", "2", "--resume", "latest"]))
+    assert "resumed from" in (again := capsys.readouterr().out) and "holds out other images" not in again
     vqa_file(tmp_path, 30)  # ten more images: another held-out set
     train_vqa.run(*train_vqa.parse([*args, "--max-steps", "3", "--resume", "latest"]))
     printed = capsys.readouterr().out
-    assert "WARNING: this run's evaluation rows differ from the checkpoint's run" in printed
-    assert "9 of the 90 rows" in printed and "6 of the 60 rows" in printed
+    assert f"WARNING: this run holds out other images than the checkpoint's run (held-out images {digest}, now" in printed
 
 
 def test_holdout_zero_warns_and_eval_dataset_is_used(tmp_path, capsys):

@@ -111,6 +111,21 @@ def one_part(source, split: str, why: str) -> str:
     return split
 
 
+def split_name(part: str) -> str:
+    """The name of a one-part split request: test[:500] -> test."""
+    return re.match(r"\w+(\.\w+)*", part).group(0)
+
+
+def sliced(ds: datasets.Dataset, part: str) -> datasets.Dataset:
+    """`ds` (all of one split) cut to the slice a one-part request names, as `datasets` cuts the
+    splits it loads (test[:500], train[80%:]); all of it where there is none."""
+    if "[" not in part:
+        return ds
+    name = split_name(part)
+    (cut,) = datasets.ReadInstruction.from_spec(part).to_absolute({name: len(ds)})
+    return ds.select(range(cut.from_, cut.to))
+
+
 def as_only_split(split: str, only: str) -> str:
     """`split` (one part) asking for `only` instead, its slice kept: test[:500] -> train[:500]. A
     source with one split gives it whatever the name, as a single file does."""
@@ -150,18 +165,20 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
                 _check_json_start(path)
             builder = "parquet" if suffix == ".parquet" else "json"
             # A single file is exactly one split: named as asked, sliced as asked.
-            name = re.match(r"\w+(\.\w+)*", one_part(source, split, "a single file has one split")).group(0)
+            name = split_name(one_part(source, split, "a single file has one split"))
             ds = datasets.load_dataset(builder, data_files={name: str(path)}, split=split, cache_dir=cache_dir)
             return ds, path.parent.resolve()
         if path.is_dir():
-            if is_saved_dataset(path):  # one split, like a single file
-                return datasets.load_from_disk(str(path)), path.resolve()
+            if is_saved_dataset(path):  # one split, like a single file: named as asked, sliced as asked
+                part = one_part(source, split, "a saved Dataset has one split")
+                return sliced(datasets.load_from_disk(str(path)), part), path.resolve()
             if (path / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: memory-mapped, no copy
                 splits = datasets.load_from_disk(str(path))
-                if split not in splits:
-                    raise DatasetError(f"{source}: no split {split!r}; it has {sorted(splits)}. Pass one of those "
-                                       "as the split")
-                return splits[split], path.resolve()
+                part = one_part(source, split, "a saved DatasetDict is read one split at a time")
+                if split_name(part) not in splits:
+                    raise DatasetError(f"{source}: no split {split_name(part)!r}; it has {sorted(splits)}. Pass one "
+                                       "of those as the split")
+                return sliced(splits[split_name(part)], part), path.resolve()
             if unsplit_folder(path):  # one split, like a single file
                 split = as_only_split(one_part(source, split, "its files name no split, so it has one"), "train")
             ds = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -47,15 +48,29 @@ def same_source(a: str, b: str) -> bool:
 def same_rows(source: str, train_split: str, eval_source: str | None, eval_split: str) -> bool:
     """Whether evaluating on (eval_source or source, eval_split) would reuse the training rows. In a
     source of one split the names do not matter but slices do: train[:80%] and test[80%:] of a
-    file are the rows asked for, test and train[:80%] share rows."""
+    file are disjoint rows; test and train[:80%], or train[:90%] and test[80%:], share rows."""
     if eval_source is not None and not same_source(eval_source, source):
         return False
     if train_split == eval_split:
         return True
     if not single_split(source):
         return False
-    slices = [s[s.index("["):] if "[" in s and "+" not in s else "" for s in (train_split, eval_split)]
-    return not all(slices) or slices[0] == slices[1]
+    a, b = _row_range(train_split), _row_range(eval_split)
+    return a is None or b is None or a[2] != b[2] or (a[0] < b[1] and b[0] < a[1])
+
+
+_SLICE = re.compile(r"^\w+(?:\.\w+)*\[(\d*)(%?):(\d*)(%?)\]$")
+
+
+def _row_range(split: str) -> tuple[float, float, str] | None:
+    """(from, to, unit) of a one-part split's slice with non-negative bounds in one unit ("%" or
+    rows): train[80%:] -> (80, inf, "%"). None where it cannot be told apart from every other
+    request without the row count (no slice, negative bounds, mixed units, several parts)."""
+    m = _SLICE.match(split)
+    if m is None or (m.group(1) and m.group(3) and m.group(2) != m.group(4)):
+        return None
+    unit = m.group(2) or m.group(4)
+    return float(m.group(1) or 0), float(m.group(3) or "inf"), unit
 
 
 def image_keys(ds: datasets.Dataset, column: str = "image") -> list[str]:
@@ -89,20 +104,24 @@ def _file_key(path: str) -> str:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return f"path:{path}"
-    with os.fdopen(fd, "rb") as f:
+    try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode):  # a folder, a pipe
             return f"path:{path}"
         # the hold-out, the short-run check and the feature cache each ask for every image's key
         version = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # ctime: any rewrite
         if (known := _DIGESTS.get(version)) is None:
             digest = hashlib.sha256()
-            while chunk := f.read(2**20):
+            while chunk := os.read(fd, 2**20):
                 digest.update(chunk)
             known = _DIGESTS[version] = "sha256:" + digest.hexdigest()
             if len(_DIGESTS) > 2**17:  # a bound on memory: the oldest first
                 del _DIGESTS[next(iter(_DIGESTS))]
         return known
+    except OSError:
+        return f"path:{path}"
+    finally:
+        os.close(fd)
 
 
 _DIGESTS: dict[tuple, str] = {}
@@ -144,11 +163,12 @@ def hold_out(ds: datasets.Dataset, fraction: float, what: str) -> tuple[datasets
     return hold_out_all([ds], fraction, what)[0]
 
 
-def hold_out_all(sets: list, fraction: float, what: str) -> list[tuple]:
+def hold_out_all(sets: list, fraction: float, what: str, scored: list[bool] | None = None) -> list[tuple]:
     """`hold_out` over several kinds of rows of one source at once (questions, captions; None for
     a kind not used, which gives (None, None)): the held-out images are chosen from all kinds'
     images together, so an image is held out of every kind or of none -- its questions are never
-    trained on while its caption is scored, even where the kinds cover different images."""
+    trained on while its caption is scored, even where the kinds cover different images. A kind
+    not `scored` (captions used only to align) may be left with no held-out rows."""
     keys = [image_keys(ds) if ds is not None else None for ds in sets]
     images = sorted(set().union(*(k for k in keys if k is not None)), key=lambda k: hashlib.sha256(k.encode()).digest())
     n = max(1, round(fraction * len(images)))
@@ -158,13 +178,13 @@ def hold_out_all(sets: list, fraction: float, what: str) -> list[tuple]:
                            "the training rows knowingly")
     held = set(images[:n])
     pairs: list[tuple] = []
-    for ds, k in zip(sets, keys):
+    for ds, k, needs_held in zip(sets, keys, scored or [True] * len(sets)):
         if ds is None:
             pairs.append((None, None))
             continue
         out = [i for i, key in enumerate(k) if key in held]
         kept = [i for i, key in enumerate(k) if key not in held]
-        if not out or not kept:
+        if (needs_held and not out) or not kept:
             side, fix = ("none of its images is", "raise") if not out else ("all of its images are", "lower")
             raise DatasetError(f"{what}: {side} among the {n} held-out image(s) in a set of {len(ds)} rows, so it "
                                f"could not be both trained and evaluated; {fix} --holdout, or name evaluation "
