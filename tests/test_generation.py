@@ -292,6 +292,9 @@ def test_compiled_decoder_keeps_its_buffers_from_call_to_call():
     assert not kept.in_use
     assert generate(gpt, input_ids=ids, attention_mask=mask, config=compiled) == first
     assert kept.cache.k.data_ptr() == address
+    gpt.free_decoder_cache()  # its memory back; the next compiled decoding allocates again
+    assert "_step_buffers" not in gpt.__dict__
+    assert generate(gpt, input_ids=ids, attention_mask=mask, config=compiled) == first
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ generators for augmentation, the dataset views both stages train on, and which r
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -211,8 +212,16 @@ def check_eval_choice(eval_dataset: str | None, holdout: float | None) -> None:
             raise ConfigError("--holdout and --eval-dataset both choose the evaluation rows; pass one")
 
 
+def held_out_record(line: str) -> dict | None:
+    """What a checkpoint records of a run's evaluation rows, from evaluation_rows' line: the digest
+    of the held-out images, or None when it evaluates on a split (nothing held out of training)."""
+    found = re.search(r"; images ([0-9a-f]{12})\)", line)
+    return {"held_out_images": found.group(1)} if found else None
+
+
 def evaluation_rows(dataset: str, train_split: str, eval_dataset: str | None, eval_split: str,
-                    holdout: float | None, train_rows: list, load_eval: Callable[[str], Any]):
+                    holdout: float | None, train_rows: list, load_eval: Callable[[str], Any],
+                    scored: list[bool] | None = None):
     """Which rows evaluate a run: (training rows, held-out rows or None, load_eval's result or
     None, a line saying which). `train_rows` is a list of the training datasets (None where a
     kind is not used, e.g. [questions, captions]); the held-out rows come as a list of the same
@@ -225,7 +234,7 @@ def evaluation_rows(dataset: str, train_split: str, eval_dataset: str | None, ev
     fraction = (DEFAULT_HOLDOUT if reuse else 0.0) if holdout is None else holdout
     present = [rows for rows in train_rows if rows is not None]
     if fraction > 0 and present:
-        pairs = hold_out_all(train_rows, fraction, f"{dataset} [{train_split}]")  # the same images from every kind
+        pairs = hold_out_all(train_rows, fraction, f"{dataset} [{train_split}]", scored)  # the same images, every kind
         kept, held = [p[0] for p in pairs], [p[1] for p in pairs]
         n_held, n_kept = next((len(h), len(k)) for k, h in pairs if k is not None)
         why = "" if holdout is not None else (" (a single file, saved Dataset or folder has one split here; "

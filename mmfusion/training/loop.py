@@ -164,8 +164,9 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
     With `ema_decay` > 0 the returned model holds the moving average of the weights (WeightEMA);
     periodic evaluations see the raw weights. `weights` (one per row) draws each epoch's rows
     with replacement in proportion to them (WeightedEpochSampler) instead of a permutation.
-    `data` ({"evaluation": the line saying which rows evaluate}) goes into each checkpoint; a
-    resume whose evaluation rows differ says so, since it may then evaluate on rows it trained on.
+    `data` ({"held_out_images": digest} where the evaluation rows are held out of the training
+    data) goes into each checkpoint; a resume that holds out other images says so, since it may
+    then evaluate on images it trained on.
     """
     from tqdm.auto import tqdm
 
@@ -291,10 +292,10 @@ def _resume(accelerator, run: RunConfig, scheduler, total: int, ema: WeightEMA |
                           + "; pass the old values to continue that run exactly")
     saved_data = progress.get("data")
     if data is not None and isinstance(saved_data, dict) and saved_data != data:
-        accelerator.print(f"WARNING: this run's evaluation rows differ from the checkpoint's run (was "
-                          f"{saved_data.get('evaluation')!r}, now {data.get('evaluation')!r}): the data or the "
-                          "flags choosing them changed, so the resumed run may be scored on rows it trained on; "
-                          "start afresh for a clean evaluation")
+        accelerator.print(f"WARNING: this run holds out other images than the checkpoint's run (held-out images "
+                          f"{saved_data.get('held_out_images')}, now {data.get('held_out_images')}): the data or "
+                          "--holdout changed, so the resumed run may be scored on images it trained on; start "
+                          "afresh for a clean evaluation")
     return step
 
 

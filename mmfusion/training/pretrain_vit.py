@@ -38,7 +38,15 @@ from ..processing import ImageProcessor
 from ..vit import ViT
 from . import augment
 from .args import parse_configs
-from .data import EVAL_DATASET_FIELD, HOLDOUT_FIELD, check_eval_choice, evaluation_rows, example_generator, split_index
+from .data import (
+    EVAL_DATASET_FIELD,
+    HOLDOUT_FIELD,
+    check_eval_choice,
+    evaluation_rows,
+    example_generator,
+    held_out_record,
+    split_index,
+)
 from .features import MEMORY_LIMIT_BYTES
 from .loop import steps_per_epoch, train
 from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_groups, start_run_folder, write_json
@@ -304,7 +312,7 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
         return {"accuracy": image, **({"cell_accuracy": cell} if label_grid > 1 else {})}
 
     vit = train(accelerator, run_cfg, vit, optimizer, train_set, None, step, evaluate, unit="img", ema_decay=stage.ema,
-                data={"evaluation": eval_line})
+                data=held_out_record(eval_line))
     metrics = {}
     if accelerator.is_main_process:
         with accelerator.autocast():

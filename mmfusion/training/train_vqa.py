@@ -42,6 +42,7 @@ from .data import (
     answer_balance_weights,
     captions_in_any_order,
     evaluation_rows,
+    held_out_record,
     rarest_answer_share,
     target_tokens,
 )
@@ -116,7 +117,8 @@ def load_all(stage: VQAStageConfig, captions: bool, questions: bool):
     eval_captions = stage.task != "vqa"
     (train_vqa, train_cap), held, loaded, line = evaluation_rows(
         stage.dataset, stage.train_split, stage.eval_dataset, stage.eval_split, stage.holdout, [train_vqa, train_cap],
-        lambda source: load_splits(stage, source, stage.eval_split, eval_captions, questions))
+        lambda source: load_splits(stage, source, stage.eval_split, eval_captions, questions),
+        scored=[True, eval_captions])  # captions only aligning are never scored
     if loaded is None:
         (eval_vqa, eval_cap), eval_reports = held, []
         eval_cap = eval_cap if eval_captions else None  # alignment-only captions are not scored
@@ -281,7 +283,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
 
     evaluate = functools.partial(periodic_evaluation, stage, run_cfg, eval_vqa, eval_cap)
     model = train(accelerator, run_cfg, model, optimizer, Rows(task_rows), collate, step, evaluate, unit="tok",
-                  weights=weights, data={"evaluation": evaluated_on})
+                  weights=weights, data=held_out_record(evaluated_on))
     if lora is not None:
         if accelerator.is_main_process:
             save_lora(lora, model.gpt, out / "lora")
