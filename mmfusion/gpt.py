@@ -91,6 +91,11 @@ class GPT(PretrainedMixin, nn.Module):
         self.apply(functools.partial(init_linear_and_norm, std=std))
         scale_residual_projections(self.blocks, self.config.n_layer, std=std)
 
+    def free_decoder_cache(self) -> None:
+        """Drop the KV cache the compiled decoder keeps between calls (static_decode.StepBuffers):
+        the memory of the last compiled decoding's cache, until a later one allocates it again."""
+        self.__dict__.pop("_step_buffers", None)
+
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for `batch_size` rows and up to `max_len` positions."""
         c = self.config
