@@ -18,6 +18,7 @@ from mmfusion import GPT, VLM, ViT
 from mmfusion.config import AdapterConfig, GPTConfig, ViTConfig, gpt_preset, vit_preset
 from mmfusion.generation import GenerationConfig, decode_stream
 from mmfusion.loss import IGNORE_INDEX
+from mmfusion.processing import supervised_positions
 from mmfusion.tokenizer import EOT_ID, IMAGE_ID
 
 BF16 = torch.bfloat16
@@ -167,8 +168,8 @@ def for_side(batch: dict, side: str) -> dict:
     forward finds both on the device, a wait every step."""
     if side != "mmfusion":
         return batch
-    positions = (batch["labels"][:, 1:] != IGNORE_INDEX).flatten().nonzero().squeeze(1)  # (K,)
-    return {**batch, "label_positions": positions, "slots_per_row": int((batch["input_ids"][0] == IMAGE_ID).sum())}
+    return {**batch, "label_positions": supervised_positions(batch["labels"]),
+            "slots_per_row": int((batch["input_ids"][0] == IMAGE_ID).sum())}
 
 
 # ----------------------------------------------------------------------------- steps

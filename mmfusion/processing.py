@@ -348,6 +348,12 @@ class PromptBuilder:
         return ids, labels
 
 
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(K,) flat indices into (B, T-1) where labels[:, 1:] is supervised: VLM.forward's
+    `label_positions`, found on the host so the training step need not read them off the device."""
+    return (labels[:, 1:] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+
+
 def pad_batch(sequences: list[list[int]], pad_value: int, left: bool = False) -> torch.Tensor:
     """Pad to the longest sequence: (B, T)."""
     longest = max(len(s) for s in sequences)
@@ -397,7 +403,7 @@ class VQACollator:
             "attention_mask": pad_batch([[1] * len(i) for i in ids], 0),
             "labels": pad_batch(labels, IGNORE_INDEX),
         }
-        batch["label_positions"] = (batch["labels"][:, 1:] != IGNORE_INDEX).flatten().nonzero().squeeze(1)  # (K,)
+        batch["label_positions"] = supervised_positions(batch["labels"])  # (K,)
         batch["slots_per_row"] = self.prompts.num_image_tokens
         with_features = ["image_features" in row for row in rows]
         if all(with_features):  # a frozen ViT's features, computed once (training.features)
