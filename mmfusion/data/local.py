@@ -129,7 +129,7 @@ def sliced(ds: datasets.Dataset, part: str) -> datasets.Dataset:
 def as_only_split(split: str, only: str) -> str:
     """`split` (one part) asking for `only` instead, its slice kept: test[:500] -> train[:500]. A
     source with one split gives it whatever the name, as a single file does."""
-    return re.sub(r"^\w+(\.\w+)*", only, split)
+    return only + split[len(split_name(split)):]
 
 
 # What `datasets` takes as a split: names of \w parts joined by dots, each maybe sliced
