@@ -125,7 +125,7 @@ def test_questions_and_captions_hold_out_the_same_images_where_they_cover_differ
     """Chosen per kind, an image missing from one kind moved the other kind's cut: 20 images with
     questions and 19 with captions held out {7, 11} and {11, 13}, so image 13's questions were
     trained on while its caption was scored."""
-    from mmfusion.data.splits import hold_out_all, image_keys
+    from mmfusion.data.splits import held_out_digest, hold_out_all, image_keys
 
     paths = []
     for i in range(20):
@@ -135,15 +135,17 @@ def test_questions_and_captions_hold_out_the_same_images_where_they_cover_differ
     first_held = set(image_keys(hold_out(questions, 0.1, "qa")[1]))
     lowest = next(p for p in paths if image_keys(datasets.Dataset.from_dict({"image": [p]}))[0] in first_held)
     captions = datasets.Dataset.from_dict({"image": [p for p in paths if p != lowest], "caption": ["c"] * 19})
-    (q_kept, q_held), none, (c_kept, c_held) = hold_out_all([questions, None, captions], 0.1, "data")
+    ((q_kept, q_held), none, (c_kept, c_held)), digest = hold_out_all([questions, None, captions], 0.1, "data")
     assert none == (None, None)
     keys = lambda d: set(image_keys(d))  # noqa: E731
     assert not keys(q_kept) & keys(c_held) and not keys(c_kept) & keys(q_held)  # no image on both sides
     assert keys(c_held) <= keys(q_held) and len(keys(q_held)) == 2
+    assert digest == held_out_digest(keys(q_held) | keys(c_held))  # names the held images, every kind
     with pytest.raises(DatasetError, match="none of its images is among the 2 held-out"):
         hold_out_all([questions, captions.select([0])], 0.1, "data")  # one captioned image, trained on
     # captions that only align (--task vqa --align-epochs) are never scored: they need no held rows
-    (_, _), (aligning, none_held) = hold_out_all([questions, captions.select([0])], 0.1, "data", scored=[True, False])
+    ((_, _), (aligning, none_held)), _ = hold_out_all([questions, captions.select([0])], 0.1, "data",
+                                                      scored=[True, False])
     assert len(aligning) == 1 and len(none_held) == 0
 
 
@@ -342,11 +344,13 @@ def test_another_spelling_of_the_training_file_is_still_the_training_rows(tmp_pa
     rows, _ = load_vqa("qa.jsonl", "train")
     never = lambda source: pytest.fail(f"{source} was loaded as other data")  # noqa: E731
 
-    (kept,), (held,), loaded, line = evaluation_rows("qa.jsonl", "train", other, "test", None, [rows], never)
+    (kept,), (held,), loaded, line, record = evaluation_rows("qa.jsonl", "train", other, "test", None, [rows], never)
     assert loaded is None and len(held) == 6 and len(kept) == 54
+    assert record == {"held_out_images": line.split("; images ")[1][:12]}
     assert line.startswith("evaluation: 6 of the 60 rows of qa.jsonl held out") and f"--eval-dataset {other} is" in line
-    (kept,), held, loaded, line = evaluation_rows("qa.jsonl", "train", other, "test", 0.0, [rows], lambda s: "loaded")
-    assert held is None and len(kept) == 60 and line.startswith("WARNING: evaluating on the training rows")
+    (kept,), held, loaded, line, record = evaluation_rows("qa.jsonl", "train", other, "test", 0.0, [rows],
+                                                         lambda s: "loaded")
+    assert held is None and record is None and len(kept) == 60 and line.startswith("WARNING: evaluating on the training rows")
 
 
 def test_sources_compare_as_files_only_when_they_are_local(tmp_path, monkeypatch):

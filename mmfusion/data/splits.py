@@ -127,11 +127,10 @@ def _file_key(path: str) -> str:
 _DIGESTS: dict[tuple, str] = {}
 
 
-def held_out_digest(held: list) -> str:
-    """A short digest of the images held out (over every kind of row; None for a kind not used):
-    the same data and fraction give the same one, so a run's record names its evaluation images."""
-    keys = sorted(set().union(*(image_keys(ds) for ds in held if ds is not None)))
-    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:12]
+def held_out_digest(keys) -> str:
+    """A short digest of the held-out images' keys: the same data and fraction give the same one,
+    so a run's record names its evaluation images."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:12]
 
 
 def align_labels(ds: datasets.Dataset, names: list[str], what: str) -> datasets.Dataset:
@@ -160,15 +159,17 @@ def align_labels(ds: datasets.Dataset, names: list[str], what: str) -> datasets.
 def hold_out(ds: datasets.Dataset, fraction: float, what: str) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(training rows, held-out rows): the images whose key hashes lowest, about `fraction` of
     the distinct images (at least one), with every row of each; `what` names the data in errors."""
-    return hold_out_all([ds], fraction, what)[0]
+    return hold_out_all([ds], fraction, what)[0][0]
 
 
-def hold_out_all(sets: list, fraction: float, what: str, scored: list[bool] | None = None) -> list[tuple]:
+def hold_out_all(sets: list, fraction: float, what: str,
+                 scored: list[bool] | None = None) -> tuple[list[tuple], str]:
     """`hold_out` over several kinds of rows of one source at once (questions, captions; None for
     a kind not used, which gives (None, None)): the held-out images are chosen from all kinds'
     images together, so an image is held out of every kind or of none -- its questions are never
     trained on while its caption is scored, even where the kinds cover different images. A kind
-    not `scored` (captions used only to align) may be left with no held-out rows."""
+    not `scored` (captions used only to align) may be left with no held-out rows. Returns the
+    (kept, held) pairs and the held-out images' digest (held_out_digest)."""
     keys = [image_keys(ds) if ds is not None else None for ds in sets]
     images = sorted(set().union(*(k for k in keys if k is not None)), key=lambda k: hashlib.sha256(k.encode()).digest())
     n = max(1, round(fraction * len(images)))
@@ -190,4 +191,4 @@ def hold_out_all(sets: list, fraction: float, what: str, scored: list[bool] | No
                                f"could not be both trained and evaluated; {fix} --holdout, or name evaluation "
                                "data with --eval-dataset")
         pairs.append((ds.select(kept), ds.select(out)))
-    return pairs
+    return pairs, held_out_digest(held)

@@ -3,9 +3,8 @@ generators for augmentation, the dataset views both stages train on, and which r
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Sampler
@@ -212,40 +211,43 @@ def check_eval_choice(eval_dataset: str | None, holdout: float | None) -> None:
             raise ConfigError("--holdout and --eval-dataset both choose the evaluation rows; pass one")
 
 
-def held_out_record(line: str) -> dict | None:
-    """What a checkpoint records of a run's evaluation rows, from evaluation_rows' line: the digest
-    of the held-out images, or None when it evaluates on a split (nothing held out of training)."""
-    found = re.search(r"; images ([0-9a-f]{12})\)", line)
-    return {"held_out_images": found.group(1)} if found else None
+class EvaluationRows(NamedTuple):
+    """Which rows evaluate a run (evaluation_rows)."""
+    train: list  # the training datasets, in train_rows' shape
+    held: list | None  # the held-out rows, in the same shape; None when a split evaluates
+    loaded: Any  # load_eval's result, when it was called
+    line: str  # what the run prints about it
+    record: dict | None  # what checkpoints keep of it: {"held_out_images": digest}, or None
 
 
 def evaluation_rows(dataset: str, train_split: str, eval_dataset: str | None, eval_split: str,
                     holdout: float | None, train_rows: list, load_eval: Callable[[str], Any],
                     scored: list[bool] | None = None):
-    """Which rows evaluate a run: (training rows, held-out rows or None, load_eval's result or
-    None, a line saying which). `train_rows` is a list of the training datasets (None where a
-    kind is not used, e.g. [questions, captions]); the held-out rows come as a list of the same
-    shape. The evaluation split of `eval_dataset or dataset` is loaded by load_eval(source); a
-    held-out share of the training images is taken instead with --holdout, and by default when
-    the two would be the same rows (a single file has one split)."""
-    from ..data.splits import held_out_digest, hold_out_all, same_rows
+    """Which rows evaluate a run (EvaluationRows: training rows, held-out rows or None, load_eval's
+    result or None, a line saying which, the checkpoint's record of it). `train_rows` is a list of
+    the training datasets (None where a kind is not used, e.g. [questions, captions]); the held-out
+    rows come as a list of the same shape. The evaluation split of `eval_dataset or dataset` is
+    loaded by load_eval(source); a held-out share of the training images is taken instead with
+    --holdout, and by default when the two would be the same rows (a single file has one split)."""
+    from ..data.splits import hold_out_all, same_rows
 
     reuse = same_rows(dataset, train_split, eval_dataset, eval_split)
     fraction = (DEFAULT_HOLDOUT if reuse else 0.0) if holdout is None else holdout
     present = [rows for rows in train_rows if rows is not None]
     if fraction > 0 and present:
-        pairs = hold_out_all(train_rows, fraction, f"{dataset} [{train_split}]", scored)  # the same images, every kind
+        pairs, digest = hold_out_all(train_rows, fraction, f"{dataset} [{train_split}]", scored)  # the same images, every kind
         kept, held = [p[0] for p in pairs], [p[1] for p in pairs]
         n_held, n_kept = next((len(h), len(k)) for k, h in pairs if k is not None)
         why = "" if holdout is not None else (" (a single file, saved Dataset or folder has one split here; "
                                               "--eval-dataset names other data)")
         if eval_dataset is not None:  # it names the training data, however spelled (./x, a link)
             why = f" (--eval-dataset {eval_dataset} is the training data)"
-        return kept, held, None, (f"evaluation: {n_held} of the {n_held + n_kept} rows of {dataset} held out of "
-                                  f"training by image (--holdout {fraction:g}; images {held_out_digest(held)}){why}")
+        line = (f"evaluation: {n_held} of the {n_held + n_kept} rows of {dataset} held out of training by image "
+                f"(--holdout {fraction:g}; images {digest}){why}")
+        return EvaluationRows(kept, held, None, line, {"held_out_images": digest})
     source = eval_dataset or dataset
     line = f"evaluation: {source} [{eval_split}]"
     if reuse and present:
         line = (f"WARNING: evaluating on the training rows ({source} [{eval_split}], --holdout 0): the accuracy "
                 "says how well the model fits them, not how it does on new data")
-    return train_rows, None, load_eval(source), line
+    return EvaluationRows(train_rows, None, load_eval(source), line, None)

@@ -44,7 +44,6 @@ from .data import (
     check_eval_choice,
     evaluation_rows,
     example_generator,
-    held_out_record,
     split_index,
 )
 from .features import MEMORY_LIMIT_BYTES
@@ -257,10 +256,12 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     columns = {"image_column": stage.image_column, "label_column": stage.label_column,
                "max_bad_fraction": stage.max_bad_fraction}
     train_ds, train_report = load_classification(stage.dataset, stage.train_split, **columns)
-    (train_ds,), held, loaded, eval_line = evaluation_rows(
+    chosen = evaluation_rows(
         stage.dataset, stage.train_split, stage.eval_dataset, stage.eval_split, stage.holdout, [train_ds],
         lambda source: load_classification(source, stage.eval_split, **columns))
-    eval_ds, eval_report = (held[0], f"{len(held[0])} held-out rows") if loaded is None else loaded
+    (train_ds,), eval_line = chosen.train, chosen.line
+    eval_ds, eval_report = (chosen.held[0], f"{len(chosen.held[0])} held-out rows") if chosen.loaded is None \
+        else chosen.loaded
     class_names, label_grid = label_layout(train_ds)
     eval_ds = align_labels(eval_ds, class_names, f"{stage.eval_dataset or stage.dataset} [{stage.eval_split}]")
     if stage.shift and label_grid > 1:
@@ -312,7 +313,7 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
         return {"accuracy": image, **({"cell_accuracy": cell} if label_grid > 1 else {})}
 
     vit = train(accelerator, run_cfg, vit, optimizer, train_set, None, step, evaluate, unit="img", ema_decay=stage.ema,
-                data=held_out_record(eval_line))
+                data=chosen.record)
     metrics = {}
     if accelerator.is_main_process:
         with accelerator.autocast():

@@ -42,7 +42,6 @@ from .data import (
     answer_balance_weights,
     captions_in_any_order,
     evaluation_rows,
-    held_out_record,
     rarest_answer_share,
     target_tokens,
 )
@@ -110,21 +109,23 @@ def load_splits(stage: VQAStageConfig, source: str, split: str, captions: bool, 
 
 def load_all(stage: VQAStageConfig, captions: bool, questions: bool):
     """Training and evaluation rows: (train questions, train captions, eval questions, eval
-    captions, report lines, the line saying what is evaluated). Evaluation rows are a held-out share of the training images where
-    the two would otherwise be the same rows (data.evaluation_rows); captions are one row per
-    image here (all its references), the training captions become one row per caption later."""
+    captions, report lines, data.EvaluationRows saying what is evaluated). Evaluation rows are a
+    held-out share of the training images where the two would otherwise be the same rows
+    (data.evaluation_rows); captions are one row per image here (all its references), the
+    training captions become one row per caption later."""
     train_vqa, train_cap, reports = load_splits(stage, stage.dataset, stage.train_split, captions, questions)
     eval_captions = stage.task != "vqa"
-    (train_vqa, train_cap), held, loaded, line = evaluation_rows(
+    chosen = evaluation_rows(
         stage.dataset, stage.train_split, stage.eval_dataset, stage.eval_split, stage.holdout, [train_vqa, train_cap],
         lambda source: load_splits(stage, source, stage.eval_split, eval_captions, questions),
         scored=[True, eval_captions])  # captions only aligning are never scored
-    if loaded is None:
-        (eval_vqa, eval_cap), eval_reports = held, []
+    train_vqa, train_cap = chosen.train
+    if chosen.loaded is None:
+        (eval_vqa, eval_cap), eval_reports = chosen.held, []
         eval_cap = eval_cap if eval_captions else None  # alignment-only captions are not scored
     else:
-        eval_vqa, eval_cap, eval_reports = loaded
-    return train_vqa, train_cap, eval_vqa, eval_cap, [f"data: {r}" for r in reports + eval_reports], line
+        eval_vqa, eval_cap, eval_reports = chosen.loaded
+    return train_vqa, train_cap, eval_vqa, eval_cap, [f"data: {r}" for r in reports + eval_reports], chosen
 
 
 def set_trainable(model: VLM, vit: bool, adapter: bool, gpt: bool) -> None:
@@ -221,7 +222,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     questions, captions = tasks(stage)
     set_seed(run_cfg.seed)
     train_vqa, train_cap, eval_vqa, eval_cap, data_lines, evaluated_on = load_all(stage, captions, questions)
-    data_lines.append(evaluated_on)
+    data_lines.append(evaluated_on.line)
     if train_cap is not None:
         train_cap = caption_rows(train_cap)
         if stage.caption_any_order:
@@ -283,7 +284,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
 
     evaluate = functools.partial(periodic_evaluation, stage, run_cfg, eval_vqa, eval_cap)
     model = train(accelerator, run_cfg, model, optimizer, Rows(task_rows), collate, step, evaluate, unit="tok",
-                  weights=weights, data=held_out_record(evaluated_on))
+                  weights=weights, data=evaluated_on.record)
     if lora is not None:
         if accelerator.is_main_process:
             save_lora(lora, model.gpt, out / "lora")
@@ -295,7 +296,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
         metrics["truncated_questions"] = prompts.truncated
         metrics["dropped_turns"] = prompts.dropped_turns
         metrics["precision"] = precision.resolved
-        metrics["evaluation"] = evaluated_on
+        metrics["evaluation"] = evaluated_on.line
         write_json(out / "metrics.json", metrics)
         accelerator.print(f"model saved to {out / 'model'}")
     accelerator.end_training()
