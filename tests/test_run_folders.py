@@ -95,10 +95,16 @@ def test_a_resume_that_cannot_resume_is_refused_before_any_work_and_writes_nothi
     assert not (tmp_path / "new").exists()
 
 
-def test_resume_latest_without_a_checkpoint_still_starts_fresh(tmp_path):
-    """As documented (README: newest complete, else fresh): a restart script may always pass it."""
+def test_resume_latest_without_a_checkpoint_still_starts_fresh(tmp_path, caplog):
+    """As documented (README: newest complete, else fresh): a restart script may always pass it.
+    The run says so once: the early check (check_resume) stays quiet, the loop warns."""
+    from mmfusion.training.setup import check_resume
+
     _, run = pretrain_vit.parse(["--output-dir", str(tmp_path / "run"), "--resume", "latest"])
+    check_resume(run)
+    assert "starting fresh" not in caplog.text
     assert run.resume == "latest" and find_resume("latest", run.output_dir) is None
+    assert caplog.text.count("--resume latest: no checkpoint in") == 1
 
 
 # ---- empty values, ~, symbolic links --------------------------------------------------------------

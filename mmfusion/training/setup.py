@@ -231,15 +231,16 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
-def find_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+def find_resume(resume: str | None, output_dir: str | Path, warn: bool = True) -> Path | None:
     """The checkpoint `--resume` names: None to start fresh (no flag, or `latest` with no
-    checkpoint yet); a CheckpointError for a path that is not a complete checkpoint."""
+    checkpoint yet, which `warn` says); a CheckpointError for a path that is not a complete checkpoint."""
     if resume is None:
         return None
     if resume == "latest":
         found = checkpoint_dirs(output_dir)
         if not found:
-            log.warning("--resume latest: no checkpoint in %s, starting fresh", output_dir)
+            if warn:
+                log.warning("--resume latest: no checkpoint in %s, starting fresh", output_dir)
             return None
         return found[-1]
     path = Path(resume)
@@ -291,15 +292,9 @@ def check_resume(run: RunConfig) -> None:
     """Refuse a --resume that names no complete checkpoint, or one whose progress.json cannot be
     read or gives a step past --max-steps. `latest` with no checkpoint starts fresh, as documented;
     the weights, optimizer and RNG states are checked when the loop loads them."""
-    if run.resume is None:
+    start_from = find_resume(run.resume, run.output_dir, warn=False)  # the loop says it when it starts fresh
+    if start_from is None:
         return
-    if run.resume == "latest":
-        found = checkpoint_dirs(run.output_dir)
-        if not found:
-            return
-        start_from = found[-1]
-    else:
-        start_from = find_resume(run.resume, run.output_dir)
     # train-vqa's alignment phase (OUTPUT_DIR/align) counts its own steps, not --max-steps
     align = Path(run.output_dir).resolve() / "align"
     total = None if (run.max_steps == 0 or align in start_from.resolve().parents) else run.max_steps
