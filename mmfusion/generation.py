@@ -161,7 +161,7 @@ def _fixed_shape_step(gpt: GPT, config: GenerationConfig, cache, prompt_mask: to
     B, S = cache.shape[1], cache.shape[3]
     device = cache.k.device
     if buffers is None:
-        buffers = StepBuffers(gpt, B, S, device)
+        buffers = StepBuffers(gpt, B, S, device, cache)
     key_ok, token_buf, position, slot = buffers.key_ok, buffers.token, buffers.position, buffers.slot
     key_ok.zero_()  # the cache's later positions may hold an earlier call's keys: masked off
     key_ok[:, :T] = True if prompt_mask is None else prompt_mask.bool()

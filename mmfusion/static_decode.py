@@ -88,11 +88,12 @@ class StepBuffers:
     the key mask, token, position and slot buffers. A CUDA graph reads its inputs at the addresses
     it was recorded with, so buffers allocated afresh per call would make it re-record every call
     (torch re-records when a static input moves). One set per model, for the last (device, batch,
-    length); a second decoding that starts while the first is still running gets its own."""
+    length); a second decoding that starts while the first is still running gets its own. The
+    static decoder passes the cache it prefilled, and keeps nothing."""
 
-    def __init__(self, gpt: GPT, batch: int, length: int, device: torch.device) -> None:
+    def __init__(self, gpt: GPT, batch: int, length: int, device: torch.device, cache=None) -> None:
         self.key = (str(device), batch, length)
-        self.cache = gpt.new_cache(batch, length)
+        self.cache = cache if cache is not None else gpt.new_cache(batch, length)
         self.key_ok = torch.zeros(batch, length, dtype=torch.bool, device=device)
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, dtype=torch.long, device=device)
