@@ -30,7 +30,7 @@ from mmfusion.config import AdapterConfig, GPTConfig, ViTConfig, gpt_preset, vit
 from mmfusion.generation import GenerationConfig, decode_stream
 from mmfusion.tokenizer import EOT_ID
 
-from models import BF16, count_flops, for_side, hf_gpt_config, vlm_batch, vlm_pair
+from models import BF16, count_flops, for_side, hf_gpt_config, vlm_batch, vlm_loss, vlm_pair
 from results import Run, target_row
 from timing import alternate
 
@@ -82,7 +82,7 @@ def train_step(model: nn.Module, side: str, batch: dict, device: torch.device) -
 
     def step() -> None:
         with torch.autocast(device.type, dtype=BF16):
-            loss = model(**batch).loss if side == "mmfusion" else model(**batch)
+            loss = vlm_loss(model, side, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -122,7 +122,7 @@ def bench_gpu_vlm(run: Run, s: GPUShapes, device: torch.device, peak_bf16: float
     case = f"ViT {s.vit.n_layer}L/{s.vit.n_embd} @{s.vit.image_size} + MLP + GPT-2 {s.gpt.n_layer}L/{s.gpt.n_embd}"
     print(f"gpu vlm train: {case}, batch {s.batch}, {device}", flush=True)
     with torch.no_grad(), torch.autocast(device.type, dtype=BF16):
-        losses = {k: float(m(**for_side(batch, k)).loss if k == "mmfusion" else m(**batch)) for k, m in models.items()}
+        losses = {k: float(vlm_loss(m, k, for_side(batch, k))) for k, m in models.items()}
     steps = {k: train_step(m, k, batch, device) for k, m in models.items()}
     times = timed_median(steps, s.repeats, device)
     rates = {k: s.batch / t for k, t in times.items()}
@@ -130,7 +130,7 @@ def bench_gpu_vlm(run: Run, s: GPUShapes, device: torch.device, peak_bf16: float
             f"autocast, fused AdamW; losses {abs(losses['mmfusion'] - losses['transformers']):.1e} apart")
     target_row(run, "gpu", case, "bf16", "train samples/s", rates, 2.5, note=note)
     with torch.autocast(device.type, dtype=BF16):
-        flops = count_flops(lambda m=models["mmfusion"]: m(**for_side(batch, "mmfusion")).loss)
+        flops = count_flops(lambda m=models["mmfusion"]: vlm_loss(m, "mmfusion", for_side(batch, "mmfusion")))
     mfu = {k: flops / t / 1e9 / peak_bf16 * 100 for k, t in times.items()}
     run.add("gpu", case, "bf16", "% of measured bf16 matmul peak (MFU)", mfu["mmfusion"], mfu["transformers"],
             "ours >= 50%", mfu["mmfusion"] >= 50, note=f"{flops / 1e12:.2f} TFLOP/step, peak {peak_bf16 / 1e3:.0f} "
@@ -258,7 +258,8 @@ def bench_gpu_vlm_compiled(run: Run, s: GPUShapes, device: torch.device, peak_bf
                note=f"batch {s.batch}, as the eager row; both sides compiled (backend {backend}), timed after 3 "
                     "warm-up steps that compile")
     with torch.autocast(device.type, dtype=BF16):
-        flops = count_flops(lambda m=pair["mmfusion"]: m(**for_side(batch, "mmfusion")).loss)  # the plain module
+        plain = pair["mmfusion"]  # the uncompiled module
+        flops = count_flops(lambda: vlm_loss(plain, "mmfusion", for_side(batch, "mmfusion")))
     mfu = {k: flops / t / 1e9 / peak_bf16 * 100 for k, t in times.items()}
     run.add("gpu", case, "bf16", "% of measured bf16 matmul peak (MFU)", mfu["mmfusion"], mfu["transformers"],
             "ours >= 50%", mfu["mmfusion"] >= 50, note=f"{flops / 1e12:.2f} TFLOP/step, as the eager row")

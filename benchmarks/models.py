@@ -172,6 +172,12 @@ def for_side(batch: dict, side: str) -> dict:
             "slots_per_row": int((batch["input_ids"][0] == IMAGE_ID).sum())}
 
 
+def vlm_loss(model: nn.Module, side: str, batch: dict) -> torch.Tensor:
+    """One side's training loss on its batch (for_side's): mmfusion's VLM returns an output with
+    .loss, the composed reference the loss itself."""
+    return model(**batch).loss if side == "mmfusion" else model(**batch)
+
+
 # ----------------------------------------------------------------------------- steps
 
 def autocast(dtype: str):
@@ -203,7 +209,7 @@ def vlm_step(model: nn.Module, side: str, batch: dict, dtype: str) -> Callable[[
 
     def step() -> float:
         with autocast(dtype):
-            loss = model(**batch).loss if side == "mmfusion" else model(**batch)
+            loss = vlm_loss(model, side, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

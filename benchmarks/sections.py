@@ -27,6 +27,7 @@ from models import (
     vit_step,
     vlm_batch,
     vlm_configs,
+    vlm_loss,
     vlm_pair,
     vlm_step,
 )
@@ -145,8 +146,7 @@ def bench_vlm(run: Run, s: Shapes) -> None:
         print(f"vlm train: {case} {dtype} batch {s.vlm_batch}", flush=True)
         steps = {k: vlm_step(m, k, batch, dtype) for k, m in models.items()}
         with torch.no_grad():
-            losses = {k: float(m(**for_side(batch, k)).loss if k == "mmfusion" else m(**batch))
-                      for k, m in models.items()}
+            losses = {k: float(vlm_loss(m, k, for_side(batch, k))) for k, m in models.items()}
         single = capped and not run.smoke
         times = alternate(steps, 1 if single else s.repeats, warmup=0 if single else 1)
         rates = {k: s.vlm_batch / t for k, t in times.items()}
@@ -158,7 +158,7 @@ def bench_vlm(run: Run, s: Shapes) -> None:
                 + " (bf16 cap)"
         target_row(run, "vlm", case, dtype, "train samples/s (fwd+bwd+AdamW)", rates,
                    1.2 if dtype == "bf16" else None, note=note)
-        flops = count_flops(lambda m=models["mmfusion"], b=for_side(batch, "mmfusion"): m(**b).loss)
+        flops = count_flops(lambda m=models["mmfusion"], b=for_side(batch, "mmfusion"): vlm_loss(m, "mmfusion", b))
         mfu_rows(run, f"VLM train {case}", dtype, flops, times, None)
         del models
         gc.collect()
