@@ -14,6 +14,7 @@ from .errors import (
     ImageError,
     MMFusionError,
     NonFiniteLossError,
+    NonFiniteOutputError,
     PromptError,
     SlotCountError,
     TokenIdError,
@@ -27,4 +28,5 @@ __version__ = "0.1.0"
 __all__ = ["ViT", "GPT", "VLM", "ViTAdapter", "ViTConfig", "GPTConfig", "VLMConfig", "AdapterConfig",
            "MMFusionError", "ConfigError", "CheckpointError", "ConversionError", "DatasetError", "ImageError",
            "PromptError", "SlotCountError", "TokenIdError", "TokenizerFilesError", "NonFiniteLossError",
+           "NonFiniteOutputError",
            "__version__"]

@@ -57,6 +57,11 @@ class NonFiniteLossError(MMFusionError, RuntimeError):
     """The loss (or the weights) became NaN or infinite; the last good checkpoint is kept."""
 
 
+class NonFiniteOutputError(MMFusionError, RuntimeError):
+    """A model's outputs are NaN or infinite for an input: its weights overflow or the input holds
+    such values; nothing it would generate means anything."""
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """A flag argparse cannot parse (unknown flag, bad type or choice) ends like any other bad
     input: one line on stderr, exit code 2; argparse's default also prints the whole usage."""

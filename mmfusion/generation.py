@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ConfigError, check_number
-from .errors import PromptError
+from .errors import NonFiniteOutputError, PromptError
 from .gpt import GPT
 from .tokenizer import EOT_ID, get_tokenizer
 
@@ -83,6 +83,18 @@ def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def check_finite(logits: torch.Tensor) -> None:
+    """Refuse logits holding NaN or +inf, or no finite score (checked once, after the prefill; -inf
+    marks tokens outside a restricted output vocabulary): argmax would read NaN as token 0 and
+    sampling would fail deep in torch, so a broken model would answer "!!!" silently."""
+    bad = logits.isnan().any(-1) | logits.isposinf().any(-1) | ~logits.isfinite().any(-1)  # (B,)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise NonFiniteOutputError(
+            f"the model's next-token scores are NaN or infinite for prompt row(s) {rows[:5]}: its weights overflow "
+            "(a diverged run or a damaged checkpoint: use an earlier checkpoint) or the input holds NaN/inf")
+
+
 @torch.no_grad()
 def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                   attention_mask: torch.Tensor | None = None, bidirectional: torch.Tensor | None = None,
@@ -123,6 +135,7 @@ def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_emb
         hidden = gpt.hidden_states(input_ids, None if mask is None else mask[:, :T], inputs_embeds=inputs_embeds,
                                    cache=cache, bidirectional=bidirectional, before_block=before_block)  # (B, T, C)
         logits = gpt.row_logits(hidden[:, -1])  # (B, V)
+        check_finite(logits)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         fixed = _fixed_shape_step(gpt, config, cache, attention_mask if mask is not None else None, T, before_block,
                                   buffers)

@@ -182,3 +182,27 @@ def test_eval_and_generate_help_show_their_defaults(capsys):
     for flag, value in [("--dataset", "easy-vqa"), ("--split", "test"), ("--batch-size", "256"),
                         ("--max-new-tokens", "8"), ("--caption-max-new-tokens", "48"), ("--max-bad-fraction", "0.01")]:
         assert _default_shown(text, flag) == value, flag
+
+
+@pytest.mark.parametrize("temperature", ["0", "1"])
+def test_a_model_whose_finite_weights_overflow_is_refused_not_answered(tiny_model, tmp_path, capsys, temperature):
+    """Every weight finite, so loading accepts it, but the scores overflow to NaN: greedy decoding
+    answered "!!!!!" (argmax of NaN is token 0) and sampling ended in a torch traceback."""
+    model = VLM.from_pretrained(tiny_model / "model")
+    with torch.no_grad():
+        model.gpt.wte.weight.mul_(3e37)
+    model.save_pretrained(tmp_path / "huge")
+    code = main(["generate", "--model", str(tmp_path / "huge"), "--image", str(tiny_model / "img.png"),
+                 "--temperature", temperature, "--max-new-tokens", "3"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "scores are NaN or infinite" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_restricted_output_vocabulary_is_not_mistaken_for_overflow(tiny_model):
+    """-inf marks the tokens outside config.output_tokens: legitimate scores, not an overflow."""
+    from mmfusion.generation import GenerationConfig, generate
+
+    gpt = VLM.from_pretrained(tiny_model / "model").gpt
+    gpt.restrict_output([5, 6, 7])
+    out = generate(gpt, input_ids=torch.tensor([[1, 2, 3]]), config=GenerationConfig(max_new_tokens=4))
+    assert out[0] and all(t in (5, 6, 7) for t in out[0])
