@@ -264,3 +264,42 @@ def test_runs_started_in_the_same_second_log_into_folders_of_their_own(tmp_path,
     (tmp_path / second).mkdir()
     assert (first, second, run_log_name(tmp_path)) == ("2026-12-01_23-59-59", "2026-12-01_23-59-59.2",
                                                        "2026-12-01_23-59-59.3")
+
+
+def test_a_resume_with_other_model_settings_is_refused_before_the_folder_is_touched(tmp_path, capsys):
+    """Weights of the same shapes loaded into a model built with other flags (the reviewer's
+    `--attention prefix --adapter-layer 1`) resumed silently as another model; a refused resume
+    still rewrote run_config.json and started a log folder."""
+    data = tmp_path / "data"
+    for color in ("red", "blue"):
+        (data / color).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), color).save(data / color / f"{i}.png")
+    out = tmp_path / "run"
+    args = ["pretrain-vit", "--dataset", str(data), "--output-dir", str(out), *TINY, "--save-every", "1"]
+    assert main([*args, "--max-steps", "1"]) == 0
+    progress = json.loads((out / "checkpoints" / "step_1" / "progress.json").read_text())
+    assert progress["model"]["kind"] == "ViTConfig" and progress["model"]["config"]["n_embd"] == 16
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    line = error_lines(capsys, [*args, "--max-steps", "2", "--resume", "latest", "--dropout", "0.1"])[-1]
+    assert "its model was built with other settings (dropout 0.0 -> 0.1)" in line and "--resume" in line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written, nothing added
+    assert main([*args, "--max-steps", "2", "--resume", "latest"]) == 0  # the same flags resume
+
+
+def test_a_resume_into_a_run_of_the_other_stage_is_refused_before_the_folder_is_touched(tmp_path):
+    from mmfusion.config import GPTConfig, ViTConfig, VLMConfig
+    from mmfusion.errors import CheckpointError
+    from mmfusion.training.setup import model_record
+
+    vit = ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=16, num_classes=2)
+    checkpoint(tmp_path, 3, json.dumps({"step": 3, "model": model_record(vit)}))
+    (tmp_path / "run_config.json").write_text("{}")
+    vlm = VLMConfig(vit=vit.replace(num_classes=0), gpt=GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64))
+    with pytest.raises(CheckpointError, match="it holds a ViT training run, this run trains a VLM"):
+        start_run_folder(Printer(), tmp_path, "train_vqa", run=RunConfig(output_dir=str(tmp_path), resume="latest"),
+                         model=vlm)
+    assert (tmp_path / "run_config.json").read_text() == "{}" and not (tmp_path / "logs").exists()
+    start_run_folder(Printer(), tmp_path, "pretrain_vit", run=RunConfig(output_dir=str(tmp_path), resume="latest"),
+                     model=vit)  # its own kind and settings

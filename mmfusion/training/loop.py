@@ -22,7 +22,16 @@ from torch.utils.data import DataLoader
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..weights import fsync_dir, fsync_tree, read_json
 from .data import EpochSampler, WeightedEpochSampler
-from .setup import PROGRESS_NAME, RunConfig, checked_step, checkpoint_dirs, find_resume, warmup_cosine, write_json
+from .setup import (
+    PROGRESS_NAME,
+    RunConfig,
+    checked_step,
+    checkpoint_dirs,
+    find_resume,
+    model_record,
+    warmup_cosine,
+    write_json,
+)
 
 # checkpoint_dirs, find_resume, checked_step: in setup.py, which checks --resume before any work
 
@@ -100,11 +109,12 @@ def changed_settings(saved, run: RunConfig) -> list[str]:
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int, ema: WeightEMA | None = None,
-                    run: RunConfig | None = None, data: dict | None = None) -> None:
+                    run: RunConfig | None = None, data: dict | None = None, model: dict | None = None) -> None:
     """accelerate's save_state into a temporary folder, fsync, then an atomic rename: a crash
     mid-write leaves the earlier checkpoints intact (and a `.tmp_step_*` folder that the next save
     removes). `progress.json` written last marks it complete; it holds the step, `run`'s
-    schedule settings and `data` (what the run evaluates on), which a resume compares with its own."""
+    schedule settings, `data` (what the run evaluates on) and `model` (setup.model_record), which a
+    resume compares with its own."""
     root = Path(output_dir) / "checkpoints"
     final = root / f"step_{step}"
     tmp = root / f".tmp_step_{step}"
@@ -118,7 +128,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int, e
         if ema is not None:
             ema.save(tmp)
         write_json(tmp / PROGRESS_NAME, {"step": step} | ({"run": schedule_settings(run)} if run is not None else {})
-                   | ({"data": data} if data is not None else {}))
+                   | ({"data": data} if data is not None else {}) | ({"model": model} if model is not None else {}))
         fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -188,6 +198,7 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
         model = torch.compile(model)
     ema = WeightEMA(plain(model), ema_decay) if ema_decay > 0 else None
     step = _resume(accelerator, run, scheduler, total, ema, data)
+    record = model_record(plain(model).config) if hasattr(plain(model), "config") else None
 
     bar = tqdm(total=total, initial=step, disable=not (run.progress and accelerator.is_local_main_process),
                desc=Path(run.output_dir).name, dynamic_ncols=True)
@@ -210,7 +221,7 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
                 ema.update(plain(model))
             rate = float(seen) / (time.perf_counter() - t0)
             _after_step(accelerator, run, model, scheduler, bar, evaluate, step, total, loss, rate, unit, tag, ema,
-                        data)
+                        data, record)
             if step >= total or step % per_epoch == 0:
                 break
     bar.close()
@@ -320,7 +331,7 @@ def _micro_step(accelerator, run: RunConfig, model, optimizer, scheduler, step_f
 
 def _after_step(accelerator, run: RunConfig, model, scheduler, bar, evaluate: EvalFn | None, step: int,
                 total: int, loss: float, rate: float, unit: str, tag: str, ema: WeightEMA | None = None,
-                data: dict | None = None) -> None:
+                data: dict | None = None, record: dict | None = None) -> None:
     """Progress bar, tracker logging, periodic evaluation and checkpoints after optimizer step `step`."""
     lr = scheduler.get_last_lr()[0]
     bar.update(1)
@@ -334,4 +345,4 @@ def _after_step(accelerator, run: RunConfig, model, scheduler, bar, evaluate: Ev
         model.train()
     if run.save_every and step % run.save_every == 0:
         _check_finite_weights(model, step, run.output_dir)
-        save_checkpoint(accelerator, run.output_dir, step, run.keep_checkpoints, ema, run, data)
+        save_checkpoint(accelerator, run.output_dir, step, run.keep_checkpoints, ema, run, data, record)

@@ -127,6 +127,8 @@ def start_run_folder(accelerator, out: Path, log_name: str, *, run: RunConfig, *
     folder behind. A run that does not continue this folder's own run first
     sets the earlier run's checkpoints aside and says so (set_aside_earlier_run)."""
     check_run_paths(run)  # again here: a stage's run() may be called without its parse()
+    if "model" in run_config:
+        check_resume_model(run, run_config["model"])
     if accelerator.is_main_process:
         for line in set_aside_earlier_run(out, run):
             accelerator.print(line)
@@ -303,6 +305,48 @@ def check_resume(run: RunConfig) -> None:
     except CheckpointError as e:
         raise CheckpointError(f"cannot resume from {start_from}: {e}; pick another checkpoint with --resume PATH, "
                               "or leave --resume out to start fresh") from e
+
+
+def model_record(config) -> dict:
+    """What a checkpoint records of the model it holds (its config's kind and fields, as JSON
+    gives them back), so a resume can compare before anything is written."""
+    return json.loads(json.dumps({"kind": type(config).__name__, "config": config.to_dict()}))
+
+
+def check_resume_model(run: RunConfig, config) -> None:
+    """Refuse a --resume whose checkpoint holds another kind of model, or one built with other model
+    settings (weights of the same shapes would load and silently train another model); before the
+    run folder is touched. Checkpoints that record no model are checked when their weights load."""
+    start_from = find_resume(run.resume, run.output_dir, warn=False)
+    if start_from is None:
+        return
+    saved = read_json(start_from / PROGRESS_NAME).get("model")
+    if not isinstance(saved, dict):
+        return
+    now = model_record(config)
+    if saved.get("kind") != now["kind"]:
+        raise CheckpointError(f"cannot resume from {start_from}: it holds a {str(saved.get('kind')).removesuffix('Config')}"
+                              f" training run, this run trains a {now['kind'].removesuffix('Config')}; pass another "
+                              "--output-dir, or leave out --resume to start fresh")
+    old, new = _flat(saved.get("config")), _flat(now["config"])
+    changed = [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k)]
+    if changed:
+        raise CheckpointError(f"cannot resume from {start_from}: its model was built with other settings "
+                              f"({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''}); resume with the "
+                              "model flags its run had, or leave out --resume to start fresh")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """{"adapter": {"layer": -1}} -> {"adapter.layer": -1}."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree} if prefix else {}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
 
 
 def set_aside_earlier_run(out: Path, run: RunConfig) -> list[str]:
