@@ -5,6 +5,7 @@ rotation and --resume latest see only its own."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -303,3 +304,26 @@ def test_a_resume_into_a_run_of_the_other_stage_is_refused_before_the_folder_is_
     assert (tmp_path / "run_config.json").read_text() == "{}" and not (tmp_path / "logs").exists()
     start_run_folder(Printer(), tmp_path, "pretrain_vit", run=RunConfig(output_dir=str(tmp_path), resume="latest"),
                      model=vit)  # its own kind and settings
+
+
+def test_a_run_that_would_save_over_the_model_it_starts_from_is_refused(tmp_path, capsys):
+    """`--vit runs/vit/model --output-dir runs/vit` replaced the pretrained ViT with the VLM at the
+    end of the run, with only a note; refused at parse time now, and in run() too."""
+    from mmfusion import ViT
+    from mmfusion.config import ViTConfig
+    from mmfusion.training import train_vqa
+
+    vit = tmp_path / "vit" / "model"
+    ViT(ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=16, num_classes=2)).save_pretrained(vit)
+    saved = (vit / "model.safetensors").read_bytes()
+    for args in (["train-vqa", *NOWHERE, "--vit", vit, "--output-dir", tmp_path / "vit"],
+                 ["train-vqa", *NOWHERE, "--vit", "vit-tiny", "--gpt", f"{tmp_path}/./vit/model", "--output-dir",
+                  tmp_path / "vit"],
+                 ["pretrain-vit", *NOWHERE, "--init-from", vit, "--output-dir", tmp_path / "vit"]):
+        line = one_line_error(capsys, args)
+        assert "is the model this run would save as" in line and "pass another --output-dir" in line, line
+    stage, run = train_vqa.parse([*NOWHERE, "--vit", str(vit), "--output-dir", str(tmp_path / "elsewhere")])
+    with pytest.raises(ConfigError, match="replacing the model it starts from"):
+        start_run_folder(Printer(), tmp_path / "vit", "train_vqa", run=dataclasses.replace(run, output_dir=str(tmp_path / "vit")),
+                         stage=stage)
+    assert (vit / "model.safetensors").read_bytes() == saved and not (tmp_path / "vit" / "run_config.json").exists()

@@ -119,6 +119,10 @@ class ViTStageConfig:
             raise ConfigError(f"--init-from brings its own architecture, so {', '.join(changed)} (or --preset) would "
                               "be ignored; drop them, or train a fresh ViT without --init-from")
 
+    def model_inputs(self) -> dict[str, str | None]:
+        """The model folders this stage reads (setup.check_keeps_inputs)."""
+        return {"--init-from": self.init_from}
+
 
 def label_layout(dataset) -> tuple[list[str], int]:
     """(class names, label grid side) of a classification dataset: a `ClassLabel` column is one

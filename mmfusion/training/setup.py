@@ -127,6 +127,8 @@ def start_run_folder(accelerator, out: Path, log_name: str, *, run: RunConfig, *
     folder behind. A run that does not continue this folder's own run first
     sets the earlier run's checkpoints aside and says so (set_aside_earlier_run)."""
     check_run_paths(run)  # again here: a stage's run() may be called without its parse()
+    if hasattr(run_config.get("stage"), "model_inputs"):
+        check_keeps_inputs(run.output_dir, run_config["stage"].model_inputs())
     if "model" in run_config:
         check_resume_model(run, run_config["model"])
     if accelerator.is_main_process:
@@ -305,6 +307,19 @@ def check_resume(run: RunConfig) -> None:
     except CheckpointError as e:
         raise CheckpointError(f"cannot resume from {start_from}: {e}; pick another checkpoint with --resume PATH, "
                               "or leave --resume out to start fresh") from e
+
+
+def check_keeps_inputs(output_dir: str | Path, inputs: dict[str, str | None]) -> None:
+    """Refuse a run whose saved model (OUTPUT_DIR/model) would replace a model folder it starts
+    from (`inputs`: flag -> value): `--vit runs/vit/model --output-dir runs/vit` would overwrite
+    the pretrained ViT when the run ends."""
+    target = (Path(output_dir).expanduser() / "model").resolve()
+    for flag, value in inputs.items():
+        source = Path(value).expanduser() if value else None
+        if source is not None and source.is_dir() and source.resolve() == target:
+            raise ConfigError(f"{flag} {value} is the model this run would save as {Path(output_dir) / 'model'}, "
+                              "replacing the model it starts from when it ends; pass another --output-dir "
+                              "(or copy the model elsewhere first)")
 
 
 def model_record(config) -> dict:

@@ -169,6 +169,10 @@ class VQAStageConfig:
         """The model's attention: --attention under early fusion; causal under cross (no image slots)."""
         return self.attention if self.fusion == "early" else "causal"
 
+    def model_inputs(self) -> dict[str, str | None]:
+        """The model folders this stage reads (setup.check_keeps_inputs)."""
+        return {"--vit": self.vit, "--gpt": self.gpt}
+
     def gpt_overrides(self) -> dict:
         """The preset fields a fresh GPT's flags override."""
         return {k: v for k, v in (("block_size", self.block_size), ("initializer_range", self.gpt_init_std))
