@@ -71,7 +71,8 @@ def score_captions(rows: list[dict]) -> dict:
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    """Written whole or not at all (a temporary name, then a rename)."""
+    """Written whole or not at all (a temporary name, then a rename), into folders made as needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 

@@ -107,7 +107,7 @@ def test_eval_writes_predictions_for_a_local_dataset(tiny_model, capsys):
     with open(tiny_model / "qa.jsonl", "w") as f:
         for i in range(5):
             f.write(json.dumps({"image": "img.png", "question": f"question {i}?", "answers": ["yes"] * 10}) + "\n")
-    out = tiny_model / "preds.jsonl"
+    out = tiny_model / "new" / "folder" / "preds.jsonl"  # made as needed: it failed after the whole evaluation
     code = main(["eval", "--model", str(tiny_model / "model"), "--dataset", str(tiny_model / "qa.jsonl"),
                  "--split", "test", "--output", str(out), "--max-new-tokens", "2"])
     assert code == 0
