@@ -249,6 +249,10 @@ def checked_device(map_location: str | torch.device) -> torch.device:
         device = torch.device(map_location)
     except (RuntimeError, TypeError, ValueError) as e:
         raise ConfigError(f"map_location {map_location!r} is not a device name ({e}); use 'cpu' or 'cuda'") from e
+    if device.type == "meta":
+        raise ConfigError("map_location 'meta' holds shapes, not weights; load on 'cpu' or 'cuda'")
+    if device.type == "cpu":
+        device = torch.device("cpu")  # one CPU device: safetensors refuses 'cpu:0'
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"map_location {str(device)!r} but torch sees no CUDA device; use 'cpu'")
     try:  # an index past the last device, or a backend this torch was built without

@@ -265,12 +265,21 @@ def test_a_fifo_weights_file_is_refused_before_it_is_opened(saved, tmp_path, cap
 @pytest.mark.parametrize("device, message", [
     ("cuda:99", "map_location 'cuda:99'"),  # no CUDA here, or not that many devices
     ("nonsense", "map_location 'nonsense' is not a device name"),
+    ("meta", "map_location 'meta' holds shapes, not weights"),  # was blamed on the file
 ])
 def test_a_device_torch_cannot_use_is_a_config_error(saved, device, message):
     from mmfusion.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         GPT.from_pretrained(saved / "gpt", map_location=device)
+
+
+@pytest.mark.parametrize("device", ["cpu:0", "cpu:5", torch.device("cpu", 0)])
+def test_an_indexed_cpu_device_loads(saved, device):
+    """torch takes 'cpu:0' (one CPU device, the index ignored); safetensors refused it, and the
+    refusal read as a damaged file."""
+    model = GPT.from_pretrained(saved / "gpt", map_location=device)
+    assert next(model.parameters()).device == torch.device("cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that sees no CUDA device")
