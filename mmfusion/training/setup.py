@@ -129,9 +129,10 @@ def start_run_folder(accelerator, out: Path, log_name: str, *, run: RunConfig, *
     check_run_paths(run)  # again here: a stage's run() may be called without its parse()
     if hasattr(run_config.get("stage"), "model_inputs"):
         check_keeps_inputs(run.output_dir, run_config["stage"].model_inputs())
-    if "model" in run_config:
-        check_resume_model(run, run_config["model"])
+    notes = check_resume_model(run, run_config["model"]) if "model" in run_config else []
     if accelerator.is_main_process:
+        for line in notes:
+            accelerator.print(line)
         for line in set_aside_earlier_run(out, run):
             accelerator.print(line)
         out.mkdir(parents=True, exist_ok=True)
@@ -328,31 +329,40 @@ def model_record(config) -> dict:
     return json.loads(json.dumps({"kind": type(config).__name__, "config": config.to_dict()}))
 
 
-def check_resume_model(run: RunConfig, config) -> None:
+# Model settings a stage derives from its data, not from flags: a resume on changed data may change them.
+FROM_DATA = {"gpt.output_tokens": "the output vocabulary (--output-vocab, from the training targets)"}
+
+
+def check_resume_model(run: RunConfig, config) -> list[str]:
     """Refuse a --resume whose checkpoint holds another kind of model, or one built with other model
     settings (weights of the same shapes would load and silently train another model); before the
-    run folder is touched. Checkpoints that record no model are checked when their weights load."""
+    run folder is touched. Checkpoints that record no model are checked when their weights load.
+    Returns notes on the settings the data decides (FROM_DATA) that changed."""
     start_from = find_resume(run.resume, run.output_dir, warn=False)
     if start_from is None:
-        return
+        return []
     saved = read_json(start_from / PROGRESS_NAME).get("model")
     if not isinstance(saved, dict):
-        return
+        return []
     now = model_record(config)
     if saved.get("kind") != now["kind"]:
         raise CheckpointError(f"cannot resume from {start_from}: it holds a {str(saved.get('kind')).removesuffix('Config')}"
                               f" training run, this run trains a {now['kind'].removesuffix('Config')}; pass another "
                               "--output-dir, or leave out --resume to start fresh")
     old, new = _flat(saved.get("config")), _flat(now["config"])
-    changed = [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(old.keys() | new.keys())
-               if old.get(k) != new.get(k)]
+    differ = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    changed = [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in differ if k not in FROM_DATA]
     if changed:
         raise CheckpointError(f"cannot resume from {start_from}: its model was built with other settings "
                               f"({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''}); resume with the "
                               "model flags its run had, or leave out --resume to start fresh")
+    return [f"note: {FROM_DATA[k]} differs from the checkpoint's ({_short(old.get(k))} -> {_short(new.get(k))}): the "
+            "training data changed since it was saved" for k in differ if k in FROM_DATA]
 
 
 def _short(value) -> str:
+    if isinstance(value, list) and len(value) > 4:
+        return f"{len(value)} values"
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
