@@ -206,6 +206,7 @@ def cmd_eval(argv: list[str]) -> None:
     if trained_on:
         print(trained_on)
     task = args.task if args.task != "auto" else _auto_task(args)
+    _check_eval_flags(parser, args, task)
     model = VLM.from_pretrained(args.model).eval()
     if task in ("caption", "both"):
         columns = {} if args.dataset in BUILT_IN else {"image_column": args.image_column,
@@ -234,6 +235,25 @@ def cmd_eval(argv: list[str]) -> None:
         write_jsonl(cap_out, rows)
         print(format_caption_table(score_captions(rows)))
         print(f"{len(rows)} images captioned in {time.perf_counter() - start:.1f}s; written to {cap_out}")
+
+
+def _check_eval_flags(parser, args, task: str) -> None:
+    """A column flag this evaluation would ignore is a ConfigError, not a silent no-op (a typo in
+    it would change nothing). The length limits may be given for either task, as scripts do."""
+    from .data import BUILT_IN
+    from .errors import ConfigError
+
+    builtin = args.dataset in BUILT_IN
+    own_data = builtin and "the built-in datasets name their own columns and have no bad rows"
+    found = f" (--task auto found no {args.question_column!r} column)" if args.task == "auto" else ""
+    no_questions = task == "caption" and f"only captions are evaluated{found}"
+    no_captions = task == "vqa" and "only questions are evaluated"
+    ignored = {"image_column": own_data, "max_bad_fraction": own_data,
+               "question_column": own_data or no_questions, "answer_column": own_data or no_questions,
+               "caption_column": own_data or no_captions}
+    for name, why in ignored.items():
+        if why and getattr(args, name) != parser.get_default(name):
+            raise ConfigError(f"--{name.replace('_', '-')} would be ignored here ({why}); drop it")
 
 
 def _auto_task(args) -> str:

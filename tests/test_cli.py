@@ -206,3 +206,31 @@ def test_a_restricted_output_vocabulary_is_not_mistaken_for_overflow(tiny_model)
     gpt.restrict_output([5, 6, 7])
     out = generate(gpt, input_ids=torch.tensor([[1, 2, 3]]), config=GenerationConfig(max_new_tokens=4))
     assert out[0] and all(t in (5, 6, 7) for t in out[0])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task", "vqa", "--caption-column", "nosuch"], "--caption-column would be ignored here (only questions"),
+    (["--dataset", "easy-vqa", "--image-column", "nosuch"], "--image-column would be ignored here (the built-in"),
+    (["--dataset", "easy-vqa", "--max-bad-fraction", "0.5"], "--max-bad-fraction would be ignored here"),
+])
+def test_eval_refuses_flags_it_would_ignore(tiny_model, tmp_path, capsys, flags, message):
+    """They were accepted and ignored: a typo in --caption-column or --image-column changed nothing."""
+    import json
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"image": str(tiny_model / "img.png"), "question": "q?", "answers": ["yes"]}) + "\n")
+    code = main(["eval", "--model", str(tiny_model / "model"), "--dataset", str(data), *flags,
+                 "--output", str(tmp_path / "p.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+@pytest.mark.parametrize("flags", [["--image-column", "x"], ["--max-bad-fraction", "0.5"], ["--answer-column", "a"]])
+def test_train_vqa_refuses_column_flags_the_built_in_data_would_ignore(flags, tmp_path):
+    from mmfusion.config import ConfigError
+    from mmfusion.training import train_vqa
+
+    with pytest.raises(ConfigError, match=f"{flags[0]} would be ignored here \\(the built-in datasets"):
+        train_vqa.parse([*flags, "--output-dir", str(tmp_path / "o")])
+    train_vqa.parse([*flags, "--eval-dataset", str(tmp_path / "mine.jsonl"), "--output-dir", str(tmp_path / "o")])

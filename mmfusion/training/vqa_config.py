@@ -15,7 +15,7 @@ from ..config import (
     gpt_preset,
     vit_preset,
 )
-from ..data import SCENES
+from ..data import BUILT_IN, SCENES
 from .data import EVAL_DATASET_FIELD, HOLDOUT_FIELD, check_eval_choice
 from .lora import TARGETS
 
@@ -146,7 +146,12 @@ class VQAStageConfig:
 
     def _check_unused_flags(self) -> None:
         """A flag this configuration would ignore is a ConfigError, not a silent no-op."""
-        unused = (  # (flag, ignored here, what would make it count)
+        builtin = self.dataset in BUILT_IN and (self.eval_dataset is None or self.eval_dataset in BUILT_IN)
+        own_data = "the built-in datasets name their own columns and have no bad rows: it applies to your data"
+        unused = tuple((f"--{name.replace('_', '-')}", builtin and getattr(self, name) != self.__dataclass_fields__[name].default,
+                        own_data) for name in ("image_column", "question_column", "answer_column", "caption_column",
+                                               "max_bad_fraction"))
+        unused += (  # (flag, ignored here, what would make it count)
             ("--lora-alpha", self.lora_alpha is not None and not self.lora_rank, "add --lora-rank R"),
             ("--lora-targets", self.lora_targets != ",".join(TARGETS) and not self.lora_rank, "add --lora-rank R"),
             ("--cross-every", self.cross_every != 1 and self.fusion != "cross", "add --fusion cross"),
