@@ -276,3 +276,27 @@ def test_save_to_disk_folders_load_as_datasets(tmp_path):
     assert len(load_vqa(str(tmp_path / "two"), "validation[:1]")[0]) == 1
     with pytest.raises(DatasetError, match="a saved Dataset has one split; 'train\\+test' asks for several"):
         load_vqa(str(tmp_path / "one"), "train+test")
+
+
+# ---- an image_id column that names several images ------------------------------------------------
+
+@pytest.mark.parametrize("task", ["vqa", "captions"])
+def test_an_image_id_shared_by_different_images_is_refused(task, tmp_path):
+    """Training trusts the ids: 4 images under id 0 trained on the first one's features alone."""
+    from mmfusion.data import load_captions
+
+    for name, color in (("a.png", (200, 0, 0)), ("b.png", (0, 200, 0)), ("a_copy.png", (200, 0, 0))):
+        (tmp_path / name).write_bytes(png(color))
+    loader = load_vqa if task == "vqa" else load_captions
+    text = {"question": "what color?", "answers": ["red"]} if task == "vqa" else {"captions": ["a square"]}
+
+    def load(images_and_ids):
+        path = tmp_path / "rows.jsonl"
+        path.write_text("".join(json.dumps({"image": i, "image_id": n, **text}) + "\n" for i, n in images_and_ids))
+        return loader(str(path), "train")[0]
+
+    # one id for the same bytes under two names, and several ids for one image, are fine
+    assert len(load([("a.png", 0), ("a_copy.png", 0), ("a.png", 1), ("b.png", 2)])) == 4
+    with pytest.raises(DatasetError, match=r"column 'image_id' gives id 0 to different images \('.*a\.png' and "
+                                           r"'.*b\.png'\).*Correct the column .* or drop it"):
+        load([("a.png", 0), ("a_copy.png", 0), ("b.png", 0), ("b.png", 1)])

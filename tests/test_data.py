@@ -24,6 +24,7 @@ from mmfusion.data import (
     load_vqa_dataset,
 )
 from mmfusion.data.easy_vqa import COLORS, SHAPES
+from mmfusion.data.splits import check_image_ids
 
 # ---------------------------------------------------------------------------------------------
 # easy-VQA
@@ -48,6 +49,7 @@ def test_easy_vqa_vqa_view(easy, split, images, questions, yes_no):
     ds = easy["vqa", split]
     assert len(ds) == questions
     assert len(set(ds["image_id"])) == images
+    check_image_ids(ds, EASY_VQA)  # why the loader need not check its own ids (0.3 s a load)
     assert ds.column_names == ["image", "question", "answers", "answer_type", "image_id"]
     assert isinstance(ds.features["image"], datasets.Image)
     answers = [a for row in ds["answers"] for a in row]

@@ -119,7 +119,12 @@ def load_captions(
     work = datasets.Features({"image": datasets.Image(decode=False), "captions": FEATURES["captions"],
                               "image_id": datasets.Value("int64"), "_skip": datasets.Value("string")})
     mapped = map_rows(raw, normalize, work, f"cap:{columns}:{base_dir}:{offset}", with_indices=True)
-    return finish(mapped, src, split, len(raw), max_bad_fraction, FEATURES)
+    ds, report = finish(mapped, src, split, len(raw), max_bad_fraction, FEATURES)
+    if has_id:
+        from .splits import check_image_ids  # not at the top: splits imports the package, which imports this
+
+        check_image_ids(ds, src)
+    return ds, report
 
 
 def caption_rows(ds: datasets.Dataset) -> datasets.Dataset:

@@ -92,6 +92,35 @@ def image_keys(ds: datasets.Dataset, column: str = "image") -> list[str]:
     return keys
 
 
+def check_image_ids(ds: datasets.Dataset, source: str) -> None:
+    """A DatasetError when rows that share an `image_id` (>= 0) show different images (different
+    bytes, as image_keys tells them). Training trusts the ids: it computes one image's features
+    for all rows of an id and groups them as turns about one picture. The same image under
+    several ids is fine. Reads only the rows whose id repeats (files once each, memoized)."""
+    ids = ds["image_id"][:]
+    counts: dict[int, int] = {}
+    for image_id in ids:
+        counts[image_id] = counts.get(image_id, 0) + 1
+    shared = [row for row, image_id in enumerate(ids) if image_id >= 0 and counts[image_id] > 1]
+    if not shared:
+        return
+    rows = ds.select(shared)
+    first: dict[int, tuple[int, str]] = {}
+    for at, (row, key) in enumerate(zip(shared, image_keys(rows))):
+        seen_at, seen_key = first.setdefault(ids[row], (at, key))
+        if seen_key != key:
+            names = [_image_name(rows, i) for i in (seen_at, at)]
+            raise DatasetError(f"{source}: column 'image_id' gives id {ids[row]} to different images ({names[0]} and "
+                               f"{names[1]}), so training would use one image for every row of that id. Correct "
+                               "the column so that one id names one image, or drop it: without it images are keyed "
+                               "by their bytes")
+
+
+def _image_name(rows: datasets.Dataset, i: int) -> str:
+    value = rows.cast_column("image", datasets.Image(decode=False))[i]["image"]
+    return repr(value["path"]) if value.get("path") else "an image given as bytes"
+
+
 def _bytes_key(data: bytes | None) -> str:
     return "sha256:" + hashlib.sha256(data or b"").hexdigest()
 

@@ -152,4 +152,9 @@ def load_vqa(
     work = datasets.Features({"image": datasets.Image(decode=False), **common, "_skip": datasets.Value("string")})
     mapped = map_rows(raw, normalize, work, f"vqa:{columns}:{base_dir}")
     features = datasets.Features({"image": datasets.Image(), **common})
-    return finish(mapped, src, split, len(raw), max_bad_fraction, features)
+    ds, report = finish(mapped, src, split, len(raw), max_bad_fraction, features)
+    if has_id:
+        from .splits import check_image_ids  # not at the top: splits imports the package, which imports this
+
+        check_image_ids(ds, src)
+    return ds, report
