@@ -271,6 +271,12 @@ def prepare_image_column(ds: datasets.Dataset, source: str, column: str) -> data
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "binary", "large_binary"):
         return ds
     if isinstance(feature, dict) and {"bytes", "path"} & feature.keys():
+        data = feature.get("bytes")
+        if data is not None and not (isinstance(data, datasets.Value) and
+                                     data.dtype in ("binary", "large_binary", "null")):
+            raise DatasetError(f"{source}: column {column!r} holds {{\"bytes\": {data}, ...}}; \"bytes\" must be the "
+                               "image file's binary data, not text or numbers (JSON holds no binary: base64 stays "
+                               "text). Give each image as a file path, or decode the base64 and save as parquet")
         return ds
     raise wrong_type(source, column, feature, "images (an Image feature, file paths, bytes, or {bytes, path})",
                       "--image-column")
