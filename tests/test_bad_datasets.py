@@ -317,3 +317,19 @@ def test_integer_labels_far_above_their_count_are_refused(tmp_path):
     assert load((0, 999)) == 1000  # so does any spread under 1,000 classes
     with pytest.raises(DatasetError, match="integer labels up to 1000 but only 4 distinct.*Renumber them 0..3"):
         load((0, 1, 2, 1000))
+
+
+def test_a_folder_read_as_an_image_folder_says_why_its_data_file_was_ignored(tmp_path):
+    """It said only "no column 'question'; the columns are ['image']"."""
+    photos = tmp_path / "js" / "train" / "photos"
+    photos.mkdir(parents=True)
+    for i in range(2):
+        (photos / f"{i}.png").write_bytes(png((100 * i, 0, 0)))
+    data = tmp_path / "js" / "train" / "data.jsonl"
+    data.write_text("".join(json.dumps({"image": f"photos/{i}.png", "question": "q?", "answers": "a"}) + "\n"
+                            for i in range(2)))
+    with pytest.raises(DatasetError, match=r"no column 'question'; the columns are \['image'\]: .* read as an image "
+                                           r"folder .*Move the images out of the split folders, or point --dataset "
+                                           rf"at a data file such as {data}$"):
+        load_vqa(str(tmp_path / "js"), "train")
+    assert len(load_vqa(str(data), "train")[0]) == 2

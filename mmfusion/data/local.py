@@ -247,8 +247,23 @@ def require_columns(ds: datasets.Dataset, source: str, wanted: dict[str, str]) -
     """`wanted` maps a command-line flag to the column name it selects."""
     for flag, column in wanted.items():
         if column not in ds.column_names:
+            if ignored := _files_an_image_folder_ignored(ds, source):
+                raise DatasetError(f"{source}: no column {column!r}; the columns are {ds.column_names}: its split "
+                                   "folders hold more images than data files, so it was read as an image folder and "
+                                   f"its data files were ignored ({', '.join(map(str, ignored[:3]))}). Move the "
+                                   "images out of the split folders, or point --dataset at a data file such as "
+                                   f"{ignored[0]}")
             raise DatasetError(f"{source}: no column {column!r}; the columns are {ds.column_names}. "
                                f"Name the right one with {flag}")
+
+
+def _files_an_image_folder_ignored(ds: datasets.Dataset, source: str) -> list[Path]:
+    """The data files of a folder that `datasets` read as an image folder (it picks the builder by
+    the most common file suffix), leaving them out; metadata.* files it reads, so they are not named."""
+    path = Path(source).expanduser()
+    if ds.info.builder_name != "imagefolder" or not path.is_dir():
+        return []
+    return sorted(f for f in path.rglob("*") if f.suffix.lower() in _LOCAL_SUFFIXES and f.stem != "metadata")
 
 
 def is_text(feature: Any) -> bool:
