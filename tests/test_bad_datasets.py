@@ -253,6 +253,17 @@ def test_split_slices_and_sums_still_load_from_a_folder(split, rows, tmp_path):
     assert len(dataset) == rows
 
 
+def test_a_folder_without_the_evaluation_split_names_the_flag_that_picks_another(tmp_path):
+    """The default --eval-split test of a train/validation folder said "pass one of those as the split"."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("train", "validation"):
+        write_source(folder, name, qa())
+    with pytest.raises(DatasetError, match=r"Unknown split \"test\".*\['train', 'validation'\]\. Pass one of those "
+                                           r"with --eval-split or --train-split \(training\), or --split"):
+        load_vqa(str(folder), "test")
+
+
 def test_save_to_disk_folders_load_as_datasets(tmp_path):
     """A Dataset.save_to_disk folder ("use load_from_disk" before) is one split, as a single file
     is; a DatasetDict's has its splits; both with an Image column holding the pixels."""
@@ -271,7 +282,8 @@ def test_save_to_disk_folders_load_as_datasets(tmp_path):
     assert report.kept == 4 and ds[3]["image"].getpixel((0, 0)) == (120, 0, 0)
     ds, report = load_vqa(str(tmp_path / "two"), "validation")
     assert report.kept == 2
-    with pytest.raises(DatasetError, match=r"no split 'test'; it has \['train', 'validation'\]"):
+    with pytest.raises(DatasetError, match=r"no split 'test'; it has \['train', 'validation'\]. Pass one of those "
+                                           "with --eval-split"):
         load_vqa(str(tmp_path / "two"), "test")
     # slices as `datasets` cuts the splits it loads; they were ignored, so train[:75%] and
     # test[75%:] of a saved Dataset were the same four rows, trained on and scored

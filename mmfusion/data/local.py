@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 SKIP_REASONS = ("missing_image", "unreadable_image", "empty_question", "empty_answer", "missing_label",
                 "empty_caption")
 _LOCAL_SUFFIXES = {".parquet", ".jsonl", ".json"}
+# loaders are not told which flag named the split; the evaluation split is the one a folder most often lacks
+_SPLIT_FLAGS = "with --eval-split or --train-split (training), or --split (mmfusion eval)"
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
                 part = one_part(source, split, "a saved DatasetDict is read one split at a time")
                 if split_name(part) not in splits:
                     raise DatasetError(f"{source}: no split {split_name(part)!r}; it has {sorted(splits)}. Pass one "
-                                       "of those as the split")
+                                       f"of those {_SPLIT_FLAGS}")
                 return sliced(splits[split_name(part)], part), path.resolve()
             if unsplit_folder(path):  # one split, like a single file
                 split = as_only_split(one_part(source, split, "its files name no split, so it has one"), "train")
@@ -191,7 +193,7 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
         raise
     except ValueError as e:
         if "should be one of" in str(e).lower():  # datasets: 'Unknown split "x". Should be one of [...]'
-            raise DatasetError(f"{source}: {e}; pass one of those as the split") from e
+            raise DatasetError(f"{source}: {str(e).rstrip('.')}. Pass one of those {_SPLIT_FLAGS}") from e
         raise DatasetError(f"{source}: could not load split {split!r}: {e}") from e
     except Exception as e:  # datasets raises many types here: offline, not found, malformed files
         where = "" if path.exists() else " (not a local file or folder, so it was looked up on the Hugging Face Hub)"
