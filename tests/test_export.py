@@ -195,3 +195,13 @@ def test_to_hf_methods():
     with torch.no_grad():
         assert (vit.to_hf()(x).logits - vit(x)).abs().max() <= ATOL
     assert type(llava_ready().to_hf()).__name__ == "LlavaForConditionalGeneration"
+
+
+def test_export_names_a_model_type_that_is_not_a_string(tmp_path, capsys):
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)).save_pretrained(tmp_path / "gpt")
+    config = json.loads((tmp_path / "gpt" / "config.json").read_text())
+    (tmp_path / "gpt" / "config.json").write_text(json.dumps({**config, "model_type": ["gpt"]}))
+    assert main(["export", "--model", str(tmp_path / "gpt"), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "\"model_type\" is ['gpt'], not a string" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
