@@ -180,9 +180,11 @@ def llava_blockers(model) -> list[str]:
 
 def vlm_to_llava(model):
     """The VLM as a transformers LlavaForConditionalGeneration with the same outputs, or a
-    ConversionError naming what LLaVA cannot represent. The image slot token gets an embedding row
-    of its own (GPT-2's vocabulary + 1, as LLaVA adds `<image>`); its logit is suppressed in the
-    generation config, since our model never predicts it."""
+    ConversionError naming what LLaVA cannot represent. The image slot token has the last embedding
+    row (LLaVA's text vocabulary is GPT-2's + 1, as LLaVA adds `<image>`): a zero row added for a
+    GPT with GPT-2's 50257 rows, the GPT's own row where its table has one (its logit is then ours).
+    Its logit is suppressed in the generation config: LLaVA cannot read an `<|image|>` it wrote back
+    as text, and ours is trained never to write one."""
     import transformers
 
     blockers = llava_blockers(model)
@@ -193,7 +195,7 @@ def vlm_to_llava(model):
     vit, _ = vit_to_hf(model.vit)
     if hasattr(vit, "vit"):  # ViTForImageClassification: LLaVA takes the backbone
         vit = vit.vit
-    text_config = transformers.GPT2Config(**{**gpt.config.to_dict(), "vocab_size": c.gpt.vocab_size + 1,
+    text_config = transformers.GPT2Config(**{**gpt.config.to_dict(), "vocab_size": c.image_token_id + 1,
                                              "tie_word_embeddings": False})
     linear = c.adapter.projection == "linear"
     config = transformers.LlavaConfig(
@@ -202,9 +204,6 @@ def vlm_to_llava(model):
         vision_feature_select_strategy="full" if c.adapter.keep_cls else "default",
         vision_feature_layer=-1 if c.adapter.layer == -1 else c.adapter.layer + 1, multimodal_projector_bias=True,
         tie_word_embeddings=False)
-    if c.image_token_id != c.gpt.vocab_size:
-        raise ConversionError(f"export: the image slot id {c.image_token_id} is not the first id after the GPT's "
-                              f"vocabulary ({c.gpt.vocab_size})")
     llava = transformers.LlavaForConditionalGeneration(config).eval()
     inner = llava.model
     missing, _ = inner.vision_tower.load_state_dict(vit.state_dict(), strict=False)
@@ -216,9 +215,10 @@ def vlm_to_llava(model):
         lm_state = {k.removeprefix("transformer."): v for k, v in gpt.state_dict().items()
                     if k.startswith("transformer.")}
         wte = lm_state.pop("wte.weight")
-        rows = torch.cat([wte, torch.zeros(1, wte.shape[1], dtype=wte.dtype)])  # the image slot's row: never read
-        inner.language_model.load_state_dict({**lm_state, "wte.weight": rows}, strict=False)
-        llava.lm_head.weight.copy_(rows)
+        if wte.shape[0] == c.image_token_id:  # GPT-2's rows only: the slot's row is never read, its logit suppressed
+            wte = torch.cat([wte, wte.new_zeros(1, wte.shape[1])])
+        inner.language_model.load_state_dict({**lm_state, "wte.weight": wte}, strict=False)
+        llava.lm_head.weight.copy_(wte)
         layers = [m for m in model.adapter.proj if isinstance(m, torch.nn.Linear)]
         proj = inner.multi_modal_projector
         proj.linear_1.weight.copy_(layers[0].weight)
@@ -229,7 +229,7 @@ def vlm_to_llava(model):
         else:
             proj.linear_2.weight.copy_(layers[1].weight)
             proj.linear_2.bias.copy_(layers[1].bias)
-    llava.generation_config.suppress_tokens = [c.image_token_id, *unscored_tokens(c.gpt)]
+    llava.generation_config.suppress_tokens = sorted({c.image_token_id, *unscored_tokens(c.gpt)})
     llava.generation_config.eos_token_id = llava.generation_config.pad_token_id = 50256
     return llava
 

@@ -124,21 +124,23 @@ def test_export_refusals_are_one_line(tmp_path, capsys):
 CLIP_LAYOUT = dict(activation="quick_gelu", patch_bias=False, pre_norm=True, final_norm="cls")
 
 
-def llava_ready(projection="mlp", keep_cls=True, layer=1, clip=False, seed=0) -> VLM:
+def llava_ready(projection="mlp", keep_cls=True, layer=1, clip=False, seed=0, vocab_size=50257) -> VLM:
     """A random-weight VLM of the kind LLaVA represents: causal, one token per patch."""
     vit = ViTConfig(**VIT, num_classes=0, **(CLIP_LAYOUT if clip else {}))
-    return randomized(VLM(VLMConfig(vit=vit, gpt=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64),
+    gpt = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=vocab_size)
+    return randomized(VLM(VLMConfig(vit=vit, gpt=gpt,
                                     adapter=AdapterConfig(pixel_shuffle=1, keep_cls=keep_cls, projection=projection,
                                                           layer=layer), attention="causal")), seed)
 
 
-@pytest.mark.parametrize("projection, keep_cls, layer, clip", [
-    ("mlp", True, 1, False),  # the last block's raw output, CLS kept
-    ("linear", False, 0, False),  # a lower block, CLS dropped (LLaVA's "default"), one Linear
-    ("mlp", True, -1, True),  # a CLIP tower's last layer: no final norm on its tokens
+@pytest.mark.parametrize("projection, keep_cls, layer, clip, vocab_size", [
+    ("mlp", True, 1, False, 50257),  # the last block's raw output, CLS kept
+    ("linear", False, 0, False, 50257),  # a lower block, CLS dropped (LLaVA's "default"), one Linear
+    ("mlp", True, -1, True, 50257),  # a CLIP tower's last layer: no final norm on its tokens
+    ("mlp", True, 1, False, 50258),  # a GPT whose table has a row for <|image|>: LLaVA's image row is that one
 ])
-def test_llava_export_gives_our_logits_and_greedy_tokens(projection, keep_cls, layer, clip):
-    vlm = llava_ready(projection, keep_cls, layer, clip)
+def test_llava_export_gives_our_logits_and_greedy_tokens(projection, keep_cls, layer, clip, vocab_size):
+    vlm = llava_ready(projection, keep_cls, layer, clip, vocab_size=vocab_size)
     llava = vlm_to_llava(vlm)
     assert type(llava).__name__ == "LlavaForConditionalGeneration"
     ids = torch.tensor([[vlm.config.image_token_id] * vlm.num_image_tokens + [10, 20, 30]])
@@ -146,7 +148,7 @@ def test_llava_export_gives_our_logits_and_greedy_tokens(projection, keep_cls, l
     with torch.no_grad():
         theirs = llava(input_ids=ids, pixel_values=pixels).logits
     assert theirs.shape[-1] == 50258  # GPT-2's vocabulary and the image slot
-    assert (theirs[..., :50257] - vlm(ids, pixels).logits).abs().max() <= ATOL
+    assert (theirs[..., :vocab_size] - vlm(ids, pixels).logits).abs().max() <= ATOL
     ours = vlm.generate(ids, pixels, config=GenerationConfig(max_new_tokens=12))[0]
     out = llava.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                          do_sample=False)
