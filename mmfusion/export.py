@@ -16,7 +16,11 @@ per-cell head, a GPT without biases) is refused or left out, and the caller is t
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -24,11 +28,11 @@ from safetensors.torch import save_file
 
 from .config import GPTConfig, ViTConfig
 from .convert import clip_vision_table, gpt2_table, vit_table
-from .errors import ConversionError
+from .errors import ConfigError, ConversionError
 from .gpt import GPT
 from .vit import ViT
 from .vlm import VLM
-from .weights import atomic_write, check_writable, unique_state_dict
+from .weights import check_writable, is_mmfusion_folder, unique_state_dict
 
 # our activation -> transformers' name for the same function
 GPT2_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "quick_gelu": "quick_gelu"}
@@ -253,13 +257,69 @@ def llava_processor(model, folder: Path):
         image_token="<|image|>")
 
 
+# What an export writes at the top of its folder (a VLM's parts, or a GPT's / ViT's transformers
+# files): an export over an earlier one replaces or removes these, and leaves anything else alone.
+VLM_PARTS = ("llava", "gpt2", "vit", "adapter", "README.md")
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+            "preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+            "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
+SHARDS = "model-*-of-*.safetensors"
+
+
+def is_export_entry(name: str) -> bool:
+    return name in VLM_PARTS or name in HF_FILES or fnmatch.fnmatch(name, SHARDS)
+
+
 def export(model, folder: str | Path, source: str | None = None) -> list[str]:
     """Write `model` (a VLM, GPT or ViT) as transformers folders under `folder`; returns notes on
     what was left out. A VLM gives folder/gpt2, folder/vit, folder/adapter, folder/README.md and,
-    where LLaVA can represent it, folder/llava (model and processor)."""
+    where LLaVA can represent it, folder/llava (model and processor).
+
+    Everything is written into a hidden folder inside `folder` first and moved into place only once
+    all of it is written, so a failure leaves `folder` as it was. Over an earlier export, the
+    earlier parts are replaced whole, and the ones this export does not write are removed (a note
+    says which); files that are not an export's stay. A folder holding a saved mmfusion model is
+    refused (ConfigError): the transformers files have the same names."""
     folder = Path(folder)
     check_writable(folder, "--output", folder=True)
+    if is_mmfusion_folder(folder):
+        raise ConfigError(f"{folder} holds a saved mmfusion model, which the export would overwrite: choose "
+                          "another folder (a new one, or an earlier export)")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
+    try:
+        notes = _write(model, staging, source)
+        notes += _move_in(staging, folder)
+    except BaseException:
+        shutil.rmtree(folder if created else staging, ignore_errors=True)
+        raise
+    staging.rmdir()
+    return notes
+
+
+def _move_in(staging: Path, folder: Path) -> list[str]:
+    """Replace `folder`'s export entries with `staging`'s; a note names the earlier ones removed."""
+    new = sorted(p.name for p in staging.iterdir())
+    stale = sorted(p.name for p in folder.iterdir() if is_export_entry(p.name) and p.name not in new)
+    shown = [f"{name}/" if (folder / name).is_dir() else name for name in stale]
+    for name in new + stale:
+        old = folder / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+    for name in new:
+        os.replace(staging / name, folder / name)
+    if not stale:
+        return []
+    return [f"removed the earlier export's {', '.join(shown)} from {folder}: this export does not write it, "
+            "and left there it would hold the earlier model"]
+
+
+def _write(model, folder: Path, source: str | None) -> list[str]:
+    """`export` into a new, empty `folder`."""
+    folder.mkdir(exist_ok=True)
     if isinstance(model, GPT):
         gpt_to_hf(model).save_pretrained(folder)
         save_tokenizer(folder)
@@ -271,14 +331,14 @@ def export(model, folder: str | Path, source: str | None = None) -> list[str]:
         return notes
     if not isinstance(model, VLM):
         raise ConversionError(f"export takes a VLM, GPT or ViT, not {type(model).__name__}")
-    notes = export(model.gpt, folder / "gpt2") + export(model.vit, folder / "vit")
-    (folder / "adapter").mkdir(exist_ok=True)
+    notes = _write(model.gpt, folder / "gpt2", source) + _write(model.vit, folder / "vit", source)
+    (folder / "adapter").mkdir()
     tensors = {k: v.detach().contiguous() for k, v in model.adapter.state_dict().items()}
     if model.config.fusion == "cross":  # the connector's other half: no transformers class reads it
         tensors |= {f"cross.{k}": v.detach().contiguous() for k, v in model.cross.state_dict().items()}
         notes.append("the cross-attention blocks are in adapter/model.safetensors (keys cross.*); the exported "
                      "GPT-2 alone is the text model without them")
-    atomic_write(folder / "adapter" / "model.safetensors", lambda p: save_file(tensors, p))
+    save_file(tensors, str(folder / "adapter" / "model.safetensors"))
     meta = {"adapter": model.config.adapter.to_dict(), "image_token_id": model.config.image_token_id,
             "attention": model.config.attention, "num_image_tokens": model.num_image_tokens,
             "fusion": model.config.fusion, "cross_layers": list(model.config.cross_layers)}
@@ -287,7 +347,7 @@ def export(model, folder: str | Path, source: str | None = None) -> list[str]:
     if blockers:
         notes.append("no LLaVA export: LLaVA cannot represent " + "; ".join(blockers))
     else:
-        (folder / "llava").mkdir(exist_ok=True)
+        (folder / "llava").mkdir()
         vlm_to_llava(model).save_pretrained(folder / "llava")
         llava_processor(model, folder / "llava").save_pretrained(folder / "llava")
     (folder / "README.md").write_text(model_card(model, source, notes, llava=not blockers))

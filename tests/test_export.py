@@ -18,8 +18,8 @@ from mmfusion.adapter import ViTAdapter  # noqa: E402
 from mmfusion.cli import main  # noqa: E402
 from mmfusion.config import AdapterConfig, GPTConfig, ViTConfig  # noqa: E402
 from mmfusion.convert import gpt_from_hf, vit_from_hf  # noqa: E402
-from mmfusion.errors import ConversionError  # noqa: E402
-from mmfusion.export import gpt_to_hf, vit_to_hf, vlm_to_llava  # noqa: E402
+from mmfusion.errors import ConfigError, ConversionError  # noqa: E402
+from mmfusion.export import export, gpt_to_hf, vit_to_hf, vlm_to_llava  # noqa: E402
 from mmfusion.generation import GenerationConfig, vlm_prompts  # noqa: E402
 from mmfusion.processing import ImageProcessor  # noqa: E402
 from mmfusion.tokenizer import get_tokenizer  # noqa: E402
@@ -207,3 +207,53 @@ def test_export_names_a_model_type_that_is_not_a_string(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "\"model_type\" is ['gpt'], not a string" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def cross_fusion(seed=0) -> VLM:
+    return randomized(VLM(VLMConfig(vit=ViTConfig(**VIT, num_classes=0), gpt=GPTConfig(n_layer=2, n_head=2, n_embd=32,
+                                                                                     block_size=64),
+                                    adapter=AdapterConfig(pixel_shuffle=1, layer=0), fusion="cross")), seed)
+
+
+def files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_over_an_earlier_export_leaves_nothing_of_it(tmp_path, capsys):
+    llava_ready(layer=0).save_pretrained(tmp_path / "a")
+    cross_fusion().save_pretrained(tmp_path / "b")
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(tmp_path / "a"), "--output", str(out)]) == 0
+    (out / "gpt2" / "stale.bin").write_bytes(b"A's")
+    (out / "notes.txt").write_text("not the export's: kept")
+    capsys.readouterr()
+    assert main(["export", "--model", str(tmp_path / "b"), "--output", str(out)]) == 0
+    assert "note: removed the earlier export's llava/ from" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == {"gpt2", "vit", "adapter", "README.md", "notes.txt"}
+    assert not (out / "gpt2" / "stale.bin").exists()
+    assert json.loads((out / "adapter" / "config.json").read_text())["fusion"] == "cross"
+
+
+def test_a_failed_export_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    export(llava_ready(), tmp_path / "out")
+    before = files(tmp_path / "out")
+
+    def fails(*args):
+        raise ConversionError("export: the processor failed")
+
+    monkeypatch.setattr("mmfusion.export.llava_processor", fails)  # after gpt2/, vit/, adapter/ and llava's model
+    for folder in (tmp_path / "out", tmp_path / "new"):
+        with pytest.raises(ConversionError, match="the processor failed"):
+            export(llava_ready(seed=1), folder)
+    assert files(tmp_path / "out") == before and {p.name for p in (tmp_path / "out").iterdir()} == {
+        "llava", "gpt2", "vit", "adapter", "README.md"}
+    assert not (tmp_path / "new").exists()
+
+
+def test_export_refuses_a_folder_holding_a_saved_mmfusion_model(tmp_path):
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    gpt.save_pretrained(tmp_path / "gpt")
+    before = files(tmp_path / "gpt")
+    with pytest.raises(ConfigError, match="holds a saved mmfusion model"):
+        export(llava_ready(), tmp_path / "gpt")
+    assert files(tmp_path / "gpt") == before
