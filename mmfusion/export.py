@@ -150,7 +150,8 @@ def processor_config(c: ViTConfig) -> dict:
 
 def save_tokenizer(folder: Path) -> None:
     """GPT-2's tokenizer (vocab.json, merges.txt and its config) from the hash-checked files
-    mmfusion's own tokenizer is built from."""
+    mmfusion's own tokenizer is built from, padding on the left with `<|endoftext|>` as mmfusion's
+    batched generation does."""
     from transformers import GPT2Tokenizer
 
     from .tokenizer import bpe_files
@@ -158,7 +159,9 @@ def save_tokenizer(folder: Path) -> None:
     vocab_bpe, encoder_json = bpe_files()
     vocab = json.loads(encoder_json.read_text(encoding="utf-8"))
     merges = [tuple(line.split()) for line in vocab_bpe.read_text(encoding="utf-8").split("\n")[1:] if line.strip()]
-    GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(str(folder))
+    # GPT-2 has no pad token; generation continues the last position, so a batch pads on the left
+    GPT2Tokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>", padding_side="left").save_pretrained(
+        str(folder))
 
 
 def llava_blockers(model) -> list[str]:
@@ -378,7 +381,9 @@ def model_card(model, source: str | None, notes: list[str], llava: bool = False)
     if llava:
         lines += ["With the processor, one `<|image|>` in the text stands for the image: "
                   "`processor(images=image, text=\"<|image|>Question: What color is the shape?\\nAnswer:\")`, "
-                  "then `model.generate(**inputs, max_new_tokens=8)`; greedy decoding gives mmfusion's tokens."]
+                  "then `model.generate(**inputs, max_new_tokens=8)`; greedy decoding gives mmfusion's tokens. For a batch, "
+                  "pass lists and `padding=True`: the tokenizer pads on the left with `<|endoftext|>`, as "
+                  "generation needs."]
     else:
         lines += ["transformers' LLaVA cannot represent this model (see below), so the parts are separate; to run "
                   "the VLM, load the mmfusion folder it was exported from with `mmfusion.VLM.from_pretrained`."]

@@ -257,3 +257,20 @@ def test_export_refuses_a_folder_holding_a_saved_mmfusion_model(tmp_path):
     with pytest.raises(ConfigError, match="holds a saved mmfusion model"):
         export(llava_ready(), tmp_path / "gpt")
     assert files(tmp_path / "gpt") == before
+
+
+def test_exported_llava_generates_a_padded_batch_as_answer_batch(tmp_path):
+    vlm = llava_ready()
+    export(vlm, tmp_path / "out")
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out" / "llava").eval()
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "out" / "llava")
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)) for _ in range(2)]
+    questions = ["How many shapes are there in the picture, counting every one?", "Color?"]
+    inputs = processor(images=images, text=[f"<|image|>Question: {q}\nAnswer:" for q in questions], padding=True,
+                       return_tensors="pt")
+    ours = vlm_prompts(vlm, images, questions)
+    assert inputs["input_ids"].tolist() == ours["input_ids"].tolist()  # left-padded with <|endoftext|>, as ours
+    new = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    theirs = [text.strip() for text in processor.batch_decode(new, skip_special_tokens=True)]
+    assert theirs == vlm.answer_batch(images, questions, max_new_tokens=8)
