@@ -38,6 +38,8 @@ from .weights import check_writable, is_mmfusion_folder, unique_state_dict
 GPT2_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "quick_gelu": "quick_gelu"}
 VIT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
 PIL_FILTER_IDS = {"bilinear": 2, "bicubic": 3}
+# transformers' image processor backend that gives mmfusion's pixels; no saved config can choose it
+PIXELS_BACKEND = "pil"
 
 
 def _fill(hf_model: torch.nn.Module, table: dict, ours: dict[str, torch.Tensor], optional: tuple[str, ...] = ()) -> None:
@@ -252,7 +254,8 @@ def llava_processor(model, folder: Path):
     if tokenizer.convert_tokens_to_ids("<|image|>") != model.config.image_token_id:
         raise ConversionError("export: the tokenizer's <|image|> id differs from the model's image slot id")
     (folder / "preprocessor_config.json").write_text(json.dumps(processor_config(model.config.vit), indent=2) + "\n")
-    images = transformers.AutoImageProcessor.from_pretrained(str(folder))
+    # the torchvision backend, picked where torchvision is installed, resizes off ours by a grey level
+    images = transformers.AutoImageProcessor.from_pretrained(str(folder), backend=PIXELS_BACKEND)
     c = model.config
     return transformers.LlavaProcessor(
         image_processor=images, tokenizer=tokenizer, patch_size=c.vit.patch_size,
@@ -371,11 +374,12 @@ def model_card(model, source: str | None, notes: list[str], llava: bool = False)
     ]
     if llava:
         lines.append("| `llava/` | the whole model and its processor | `transformers.LlavaForConditionalGeneration`, "
-                     "`AutoProcessor` |")
+                     f"`AutoProcessor.from_pretrained(path, backend=\"{PIXELS_BACKEND}\")` |")
     lines += [
         "| `gpt2/` | the language model and GPT-2's tokenizer | `transformers.GPT2LMHeadModel`, `AutoTokenizer` |",
         "| `vit/` | the vision tower and its image processor | `transformers.AutoModel` (a ViT: "
-        "`ViTModel.from_pretrained(path, add_pooling_layer=False)`, it has no pooler), `AutoImageProcessor` |",
+        "`ViTModel.from_pretrained(path, add_pooling_layer=False)`, it has no pooler), "
+        f"`AutoImageProcessor.from_pretrained(path, backend=\"{PIXELS_BACKEND}\")` |",
         "| `adapter/` | ViT hidden states -> image tokens (safetensors + JSON) | mmfusion's `ViTAdapter` |", "",
     ]
     if llava:
@@ -392,7 +396,10 @@ def model_card(model, source: str | None, notes: list[str], llava: bool = False)
         "Prompt format: M `<|image|>` slots (early fusion; none under cross fusion), then "
         "`Question: {question}\\nAnswer:` (the answer follows after a "
         "space and ends with `<|endoftext|>`), or `Caption:` for a caption. mmfusion's tokenizer reads a typed "
-        "`<|endoftext|>` as plain text; transformers' GPT-2 tokenizer reads it as the special token.",
+        "`<|endoftext|>` as plain text; transformers' GPT-2 tokenizer reads it as the special token.", "",
+        f"Pass `backend=\"{PIXELS_BACKEND}\"` when loading a processor: where torchvision is installed, transformers 5 "
+        "otherwise picks its torchvision image processor, whose resize differs from PIL's (mmfusion's) by up to "
+        "a grey level, and no saved config can choose the backend.",
     ]
     if notes:
         lines += ["", "Left out: " + "; ".join(notes) + "."]

@@ -4,6 +4,7 @@ export back gives the original model."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -274,3 +275,18 @@ def test_exported_llava_generates_a_padded_batch_as_answer_batch(tmp_path):
     new = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1]:]
     theirs = [text.strip() for text in processor.batch_decode(new, skip_special_tokens=True)]
     assert theirs == vlm.answer_batch(images, questions, max_new_tokens=8)
+
+
+def test_export_builds_the_pil_image_processor_and_tells_users_to_ask_for_it(tmp_path, monkeypatch):
+    auto = importlib.import_module("transformers.models.auto.image_processing_auto")
+    monkeypatch.setattr(auto, "is_torchvision_available", lambda: True)  # as in most users' environments
+    chosen = []
+    resolve = auto._resolve_backend
+    monkeypatch.setattr(auto, "_resolve_backend", lambda *args: chosen.append(resolve(*args)) or chosen[-1])
+    export(llava_ready(), tmp_path / "out")
+    assert chosen == ["pil"]  # torchvision's resize is a grey level off ours
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert 'AutoProcessor.from_pretrained(path, backend="pil")' in card
+    assert 'AutoImageProcessor.from_pretrained(path, backend="pil")' in card
+    transformers.AutoProcessor.from_pretrained(tmp_path / "out" / "llava", backend="pil")  # the card's call
+    assert chosen == ["pil", "pil"]
