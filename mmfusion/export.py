@@ -150,6 +150,17 @@ def processor_config(c: ViTConfig) -> dict:
     return {**base, "image_processor_type": "ViTImageProcessor", "size": side}
 
 
+def grayscale_note(c: ViTConfig) -> list[str]:
+    """transformers' image processors convert only to RGB: a 1-channel ViT's processor takes
+    grayscale images made as mmfusion makes them."""
+    if c.num_channels != 1:
+        return []
+    return ["the grayscale conversion: transformers' image processor cannot convert to grayscale and fails on an RGB "
+            "image (\"mean must have 3 elements\"); mmfusion resizes the RGB image, then converts it with PIL's "
+            "convert(\"L\"): do the same before the processor for its pixels (converting first is up to a grey "
+            "level off)"]
+
+
 def save_tokenizer(folder: Path) -> None:
     """GPT-2's tokenizer (vocab.json, merges.txt and its config) from the hash-checked files
     mmfusion's own tokenizer is built from, padding on the left with `<|endoftext|>` as mmfusion's
@@ -334,7 +345,7 @@ def _write(model, folder: Path, source: str | None) -> list[str]:
         hf, notes = vit_to_hf(model)
         hf.save_pretrained(folder)
         (folder / "preprocessor_config.json").write_text(json.dumps(processor_config(model.config), indent=2) + "\n")
-        return notes
+        return notes + grayscale_note(model.config)
     if not isinstance(model, VLM):
         raise ConversionError(f"export takes a VLM, GPT or ViT, not {type(model).__name__}")
     notes = _write(model.gpt, folder / "gpt2", source) + _write(model.vit, folder / "vit", source)

@@ -290,3 +290,16 @@ def test_export_builds_the_pil_image_processor_and_tells_users_to_ask_for_it(tmp
     assert 'AutoImageProcessor.from_pretrained(path, backend="pil")' in card
     transformers.AutoProcessor.from_pretrained(tmp_path / "out" / "llava", backend="pil")  # the card's call
     assert chosen == ["pil", "pil"]
+
+
+def test_one_channel_vit_export_says_how_to_get_our_grayscale_pixels(tmp_path):
+    vit = ViT(ViTConfig(**VIT, num_classes=0, num_channels=1, image_mean=(0.5,), image_std=(0.5,)))
+    notes = export(vit, tmp_path / "out")
+    assert len(notes) == 1 and "cannot convert to grayscale" in notes[0]
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "out", backend="pil")
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (45, 70, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="mean must have 3 elements"):  # what the note warns of
+        processor(images=image)
+    gray = image.resize((32, 32), Image.BICUBIC).convert("L")  # the note's recipe: resize, then convert
+    theirs = torch.as_tensor(np.asarray(processor(images=gray, return_tensors="np")["pixel_values"]))
+    assert torch.equal(theirs, ImageProcessor.from_config(vit.config)(image))
