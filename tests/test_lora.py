@@ -57,19 +57,26 @@ def test_train_vqa_with_lora_saves_a_plain_vlm_with_the_gpt_updated(tmp_path, ca
     changed = {k for k in start if not torch.equal(start[k], saved[k])}
     assert changed and all(k.split(".")[-2] in ("qkv", "proj", "fc") for k in changed), changed  # merged updates
     assert torch.equal(saved["wte.weight"], start["wte.weight"])  # the rest is fixed
-    # the updates were saved on their own, and merging them into the start gives the saved weights
+    # the updates were saved on their own as a peft adapter of the exported GPT-2; merged into the start
+    # (GPT-2's Conv1D layers hold W transposed) they give the saved weights
     from safetensors.torch import load_file
+
+    from mmfusion.convert import gpt2_table
 
     adapter = load_file(tmp_path / "out" / "lora" / "adapter_model.safetensors")
     meta = json.loads((tmp_path / "out" / "lora" / "adapter_config.json").read_text())
-    assert meta["rank"] == 4 and meta["scale"] == 2.0 and meta["targets"] == ["fc", "proj", "qkv"]
-    layers = {k.rsplit(".lora_", 1)[0] for k in adapter}
-    assert {f"{layer}.weight" for layer in layers} == {k for k in start if k.endswith(".weight") and
-                                                       k.split(".")[-2] in ("qkv", "proj", "fc")}
+    assert meta["peft_type"] == "LORA" and meta["r"] == 4 and meta["lora_alpha"] == 8 and meta["fan_in_fan_out"]
+    assert sorted(meta["target_modules"]) == ["c_attn", "c_fc", "c_proj"]
+    assert meta["base_model_name_or_path"] == str(tmp_path / "gpt")
+    ours = {source.keys[0]: key for key, source in gpt2_table(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64),
+                                                               "transformer.", lm_head=True).items()}
+    layers = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in adapter}
+    assert {ours[f"{layer}.weight"] for layer in layers} == {k for k in start if k.endswith(".weight") and
+                                                            k.split(".")[-2] in ("qkv", "proj", "fc")}
     for layer in layers:
-        merged = start[f"{layer}.weight"] + meta["scale"] * adapter[f"{layer}.lora_B.weight"] @ adapter[
-            f"{layer}.lora_A.weight"]
-        torch.testing.assert_close(saved[f"{layer}.weight"], merged, atol=1e-6, rtol=1e-5)
+        a, b = (adapter[f"base_model.model.{layer}.lora_{p}.weight"] for p in "AB")
+        torch.testing.assert_close(saved[ours[f"{layer}.weight"]], start[ours[f"{layer}.weight"]] + 2.0 * b @ a,
+                                   atol=1e-6, rtol=1e-5)
     # --lora-targets picks the layers
     stage, run = train_vqa.parse(["--vit", "vit-tiny", "--gpt", str(tmp_path / "gpt"), "--dataset",
                                   str(tmp_path / "qa.jsonl"), "--lora-rank", "4", "--lora-targets", "qkv",
@@ -80,6 +87,31 @@ def test_train_vqa_with_lora_saves_a_plain_vlm_with_the_gpt_updated(tmp_path, ca
     assert {k for k in start if not torch.equal(start[k], only[k])} == {"blocks.0.attn.qkv.weight"}
     with pytest.raises(ConfigError, match="--lora-targets 'qkv,attn': attn is not a GPT layer"):
         train_vqa.parse(["--lora-rank", "4", "--lora-targets", "qkv,attn"])
+
+
+def test_the_saved_updates_are_a_peft_adapter_of_the_exported_gpt2(tmp_path):
+    """OUTPUT_DIR/lora had peft's file names but our module names and config keys: peft could
+    not load it. Now peft applies it to transformers' GPT-2 (our GPT exported) with our outputs."""
+    from peft import PeftModel
+
+    from mmfusion.export import gpt_to_hf
+    from mmfusion.training.lora import save_lora
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)).eval()
+    base = gpt_to_hf(gpt).eval()  # before LoRA wraps the layers
+    lora = add_lora(gpt, rank=4, alpha=6, targets=("qkv", "fc"))
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            if ".lora_B" in name:
+                p.normal_(0, 0.5)
+    save_lora(lora, gpt, tmp_path / "lora")
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        ours, plain = gpt(ids), base(ids).logits
+        theirs = PeftModel.from_pretrained(base, tmp_path / "lora").eval()(ids).logits  # wraps base in place
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+        assert (theirs - plain).abs().max() > 1e-2  # the updates are applied, not dropped
 
 
 def test_lora_flags_are_checked_and_peft_is_named_when_missing(monkeypatch):

@@ -287,7 +287,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
                   weights=weights, data=evaluated_on.record)
     if lora is not None:
         if accelerator.is_main_process:
-            save_lora(lora, model.gpt, out / "lora")
+            save_lora(lora, model.gpt, out / "lora", base=None if stage.gpt in GPT_PRESETS else stage.gpt)
         merge_lora(lora)  # the saved model is a plain VLM
     metrics: dict = {}
     if accelerator.is_main_process:
