@@ -164,6 +164,9 @@ class ViTConfig(_JSONMixin):
     resize: str = "square"
     resize_size: int | None = None
     resample: str = "bicubic"
+    # The classifier's class names, in id order (from the training data, or an imported model's
+    # id2label); None: unnamed. Exported as transformers' id2label.
+    class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "image_size", "patch_size", "num_channels", "n_layer", "n_head", "n_embd", "label_grid")
@@ -180,6 +183,11 @@ class ViTConfig(_JSONMixin):
         if self.intermediate_size is not None:
             _positive(self, "intermediate_size")
         check_number("ViTConfig.num_classes", self.num_classes, 0, integer=True)  # True is an int, not a count
+        if self.class_names is not None and (
+                not isinstance(self.class_names, (tuple, list)) or len(self.class_names) != self.num_classes
+                or not all(isinstance(n, str) and n for n in self.class_names)):
+            raise ConfigError(f"ViTConfig.class_names must be None or {self.num_classes} non-empty strings (one per "
+                              f"class), got {str(self.class_names)[:80]}")
         _probability(self, "dropout")
         if self.n_embd % self.n_head:
             raise ConfigError(

@@ -129,8 +129,10 @@ def vit_to_hf(vit: ViT) -> tuple[torch.nn.Module, list[str]]:
         hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common))
         _fill(hf, clip_vision_table(c, ""), ours, optional=("position_ids",))
     elif head:
-        hf = transformers.ViTForImageClassification(transformers.ViTConfig(**common, qkv_bias=c.qkv_bias,
-                                                                           num_labels=c.num_classes))
+        names = dict(enumerate(c.class_names)) if c.class_names else {}  # else transformers' LABEL_i
+        hf = transformers.ViTForImageClassification(transformers.ViTConfig(
+            **common, qkv_bias=c.qkv_bias, num_labels=c.num_classes,
+            **({"id2label": names, "label2id": {n: i for i, n in names.items()}} if names else {})))
         _fill(hf, vit_table(c, "vit.", "classifier"), ours)
     else:
         hf = transformers.ViTModel(transformers.ViTConfig(**common, qkv_bias=c.qkv_bias), add_pooling_layer=False)

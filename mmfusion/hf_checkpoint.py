@@ -114,7 +114,18 @@ def vit_config_from_hf(hf_config: Any, family: str, num_classes: int = 0,
     )
     if family == "clip":
         return _make(ViTConfig, where, **fields, qkv_bias=True, patch_bias=False, pre_norm=True, final_norm="cls")
-    return _make(ViTConfig, where, **fields, qkv_bias=bool(hf_config.qkv_bias))
+    return _make(ViTConfig, where, **fields, qkv_bias=bool(hf_config.qkv_bias),
+                 class_names=class_names(hf_config, num_classes))
+
+
+def class_names(hf_config: Any, num_classes: int) -> tuple[str, ...] | None:
+    """A classifier's id2label as class names in id order; None for transformers' placeholders
+    (LABEL_0, LABEL_1, ...) or a table that does not name every class."""
+    labels = getattr(hf_config, "id2label", None) or {}
+    names = tuple(str(labels.get(i, labels.get(str(i), ""))) for i in range(num_classes))
+    if not num_classes or not all(names) or names == tuple(f"LABEL_{i}" for i in range(num_classes)):
+        return None
+    return names
 
 
 def gpt_config_from_hf(hf_config: Any, dropout: float = 0.0) -> GPTConfig:

@@ -88,8 +88,9 @@ class VLM(PretrainedMixin, nn.Module):
                    attention: str = "causal", fusion: str = "early", cross_every: int = 1) -> VLM:
         """A VLM whose ViT and GPT start from the given (e.g. pretrained or imported) models."""
         # The VLM's ViT has no classifier: an unused head would only confuse DDP and the optimizer.
-        config = VLMConfig(vit=vit.config.replace(num_classes=0), gpt=gpt.config, adapter=adapter or AdapterConfig(),
-                           attention=attention, fusion=fusion, cross_every=cross_every)
+        config = VLMConfig(vit=vit.config.replace(num_classes=0, class_names=None), gpt=gpt.config,
+                           adapter=adapter or AdapterConfig(), attention=attention, fusion=fusion,
+                           cross_every=cross_every)
         model = cls(config)
         model.vit.load_state_dict({k: v for k, v in vit.state_dict().items() if not k.startswith("head.")})
         model.gpt.load_state_dict(gpt.state_dict())

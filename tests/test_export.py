@@ -303,3 +303,25 @@ def test_one_channel_vit_export_says_how_to_get_our_grayscale_pixels(tmp_path):
     gray = image.resize((32, 32), Image.BICUBIC).convert("L")  # the note's recipe: resize, then convert
     theirs = torch.as_tensor(np.asarray(processor(images=gray, return_tensors="np")["pixel_values"]))
     assert torch.equal(theirs, ImageProcessor.from_config(vit.config)(image))
+
+
+def test_a_classifiers_class_names_survive_export_and_import(tmp_path):
+    """The exported classifier said LABEL_2 in transformers' pipeline: the names lived only in the
+    run's metrics.json. They are the config's now, and go out as id2label and come back in."""
+    names = ("blue", "green", "red")
+    vit = randomized(ViT(ViTConfig(**VIT, num_classes=3, class_names=names)), 6)
+    export(vit, tmp_path / "out")
+    hf = transformers.ViTForImageClassification.from_pretrained(tmp_path / "out")
+    assert hf.config.id2label == {0: "blue", 1: "green", 2: "red"} and hf.config.label2id["red"] == 2
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    best = transformers.pipeline("image-classification", model=str(tmp_path / "out"))(image, top_k=1)[0]
+    with torch.no_grad():
+        ours = vit(ImageProcessor.from_config(vit.config)([image]))[0]
+    assert best["label"] == names[int(ours.argmax())]
+    assert vit_from_hf(hf).config.class_names == names  # and back
+    unnamed = transformers.ViTForImageClassification(transformers.ViTConfig(image_size=32, patch_size=8,
+                                                                            hidden_size=32, num_hidden_layers=1,
+                                                                            num_attention_heads=2, num_labels=3))
+    assert vit_from_hf(unnamed).config.class_names is None  # LABEL_0..: transformers' placeholders
+    with pytest.raises(ConfigError, match="class_names must be None or 3 non-empty strings"):
+        ViTConfig(**VIT, num_classes=3, class_names=("a", "b"))

@@ -119,7 +119,7 @@ def test_pretrain_vit_on_image_folder(image_folder, tmp_path):
     assert metrics["test_accuracy"] == 1.0  # color of a big square: trivially learnable in 20 steps
     assert "upscaled" not in result.stdout  # 16x16 images at --image-size 16
     vit = ViT.from_pretrained(out / "model")
-    assert vit.config.num_classes == 2 and vit.config.image_size == 16
+    assert vit.config.num_classes == 2 and vit.config.image_size == 16 and vit.config.class_names == ("blue", "red")
     resolved = json.loads((out / "run_config.json").read_text())
     assert resolved["run"]["max_steps"] == 20 and resolved["stage"]["dataset"] == str(image_folder)
     assert list((out / "logs").rglob("events.out.tfevents.*")), "tensorboard logs missing"

@@ -220,16 +220,18 @@ def upscale_note(dataset, image_size: int, patch_size: int) -> str | None:
             f"resolution pass --image-size {side} --patch-size {patch}")
 
 
-def build_vit(stage: ViTStageConfig, num_classes: int, label_grid: int = 1) -> ViT:
-    """A fresh ViT of `stage.vit`, or one initialized from saved/imported weights (`--init-from`)."""
+def build_vit(stage: ViTStageConfig, class_names: list[str], label_grid: int = 1) -> ViT:
+    """A fresh ViT of `stage.vit`, or one initialized from saved/imported weights (`--init-from`),
+    whose head names the data's classes."""
+    num_classes, names = len(class_names), tuple(str(n) for n in class_names)
     if not stage.init_from:
-        return ViT(stage.vit.replace(num_classes=num_classes, label_grid=label_grid))
+        return ViT(stage.vit.replace(num_classes=num_classes, label_grid=label_grid, class_names=names))
     vit = load_vit(stage.init_from, flag="--init-from")
     if vit.config.num_classes != num_classes or vit.config.label_grid != label_grid:
         # a new task: a fresh head, initialized as a new ViT's (a zero head learns slower)
-        vit.config = vit.config.replace(num_classes=num_classes, label_grid=label_grid)
         vit.head = torch.nn.Linear(vit.config.n_embd, num_classes)
         init_linear_and_norm(vit.head)
+    vit.config = vit.config.replace(num_classes=num_classes, label_grid=label_grid, class_names=names)
     return vit
 
 
@@ -277,7 +279,7 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
         raise ConfigError(f"{', '.join(k for k, on in spatial.items() if on)} would mix or move shapes across the "
                           f"{label_grid}x{label_grid} label cells of this dataset; leave them off with per-cell labels")
     shift = (DEFAULT_SHIFT if label_grid == 1 else 0) if stage.shift is None else stage.shift
-    vit = build_vit(stage, len(class_names), label_grid)
+    vit = build_vit(stage, class_names, label_grid)
     processor = ImageProcessor.from_config(vit.config)
     train_set = ClassificationImages(train_ds, processor, hflip=stage.hflip, seed=run_cfg.seed,
                                      cache=stage.cache_images, shift=shift, trivial=stage.trivial_augment,
