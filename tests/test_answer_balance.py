@@ -157,5 +157,8 @@ def test_stage_two_weights_say_what_they_change_and_step_aside_where_they_cannot
     assert "not conversations (--turns 2)" in out.lines[-1]
     free_form = stage_rows(["why?", "how old?", "what?"], ["because", "ten", "this"])
     assert sampling_weights(out, VQAStageConfig(), free_form, None) is None
-    assert "changes nothing here" in out.lines[-1]
+    assert "changes nothing here (each question text's answers are already equally common, or it has one)" in \
+        out.lines[-1]
+    even = stage_rows(["is it red?"] * 3, ["yes", "no", "maybe"])  # it said "no text has more than one answer"
+    assert sampling_weights(out, VQAStageConfig(), even, None) is None and "equally common" in out.lines[-1]
     assert VQAStageConfig().balance_answers == 0.5  # the main job's recipe

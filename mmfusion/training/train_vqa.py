@@ -339,8 +339,8 @@ def sampling_weights(accelerator, stage: VQAStageConfig, questions, captions) ->
     texts, answers = list(questions["question"]), list(questions["answers"])
     weights = answer_balance_weights(texts, answers, stage.balance_answers)
     if torch.allclose(weights, torch.ones_like(weights)):
-        accelerator.print(f"data: --balance-answers {stage.balance_answers:g} changes nothing here (no question text "
-                          "has more than one answer): rows are drawn as a permutation")
+        accelerator.print(f"data: --balance-answers {stage.balance_answers:g} changes nothing here (each question "
+                          "text's answers are already equally common, or it has one): rows are drawn as a permutation")
         return None
     before, after = rarest_answer_share(texts, answers), rarest_answer_share(texts, answers, weights)
     accelerator.print(f"data: answers balanced within each question text (--balance-answers {stage.balance_answers:g}): "
