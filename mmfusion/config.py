@@ -419,6 +419,11 @@ class VLMConfig(_JSONMixin):
         return self.num_image_tokens if self.fusion == "early" else 0
 
     @property
+    def parameter_count(self) -> int:
+        """A lower bound: the towers' weights (the adapter and cross-attention left out)."""
+        return self.vit.parameter_count + self.gpt.parameter_count
+
+    @property
     def cross_layers(self) -> tuple[int, ...]:
         """The GPT blocks a cross-attention block runs before (cross fusion), else ()."""
         return tuple(range(0, self.gpt.n_layer, self.cross_every)) if self.fusion == "cross" else ()

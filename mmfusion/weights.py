@@ -8,6 +8,7 @@ kind, that every weight is finite, and that tied weights stored twice agree.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import tempfile
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, ConfigError
@@ -215,12 +216,19 @@ class PretrainedMixin:
                 f"{folder} holds a {data['model_type']!r} model, not a {cls.model_type!r}; "
                 f"load it with the matching class"
             )
-        try:  # construction too: a config that validates but cannot be built is still the file's fault
+        def invalid(e: Exception) -> CheckpointError:
+            return CheckpointError(f"{Path(folder) / CONFIG_NAME} holds an invalid {cls.model_type} config ({e}); "
+                                   "was it edited by hand? save the model again")
+
+        try:
             config = cls.config_class.from_dict(data["config"])
-            model = cls(config)
         except (ValueError, TypeError, AttributeError) as e:  # ConfigError is a ValueError
-            raise CheckpointError(f"{Path(folder) / CONFIG_NAME} holds an invalid {cls.model_type} config ({e}); "
-                                  "was it edited by hand? save the model again") from e
+            raise invalid(e) from e
+        check_config_fits_weights(config, Path(folder))  # before building: a lying size would allocate it
+        try:  # construction too: a config that validates but cannot be built is still the file's fault
+            model = cls(config)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise invalid(e) from e
         model.load_weights(Path(folder) / WEIGHTS_NAME, map_location)
         return model
 
@@ -241,6 +249,28 @@ class PretrainedMixin:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated: "
                                   "save the model again, or restore the file from a copy") from e
         load_state_strict(self, tensors, source=str(path))  # type: ignore[arg-type]
+
+
+def check_config_fits_weights(config, folder: Path) -> None:
+    """Refuse, before building anything, a config.json describing a model far larger than the
+    weights file holds (a lying block_size or n_layer would allocate gigabytes, or be killed for
+    memory, before the shape check). `parameter_count` is a lower bound (biases and norms left
+    out). Reads the safetensors header only; a file that cannot be read is left to load_weights."""
+    bound = getattr(config, "parameter_count", None)  # a lower bound on the stored elements
+    path = folder / WEIGHTS_NAME
+    if bound is None or not path.is_file():
+        return
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except Exception:  # safetensors raises several types for a damaged header
+        return
+    # Only where building would cost memory (over 2**26 weights, 256 MB, more than the file and
+    # twice it); smaller mismatches build and get load_state_strict's message naming the tensor.
+    if bound > max(2 * stored, stored + 2**26):
+        raise CheckpointError(f"{folder / CONFIG_NAME} describes a model of at least {bound:,} weights, but {path.name} "
+                              f"holds {stored:,} values: config.json and the weights come from different models (or "
+                              "config.json was edited); save the model again, or restore config.json from a copy")
 
 
 def checked_device(map_location: str | torch.device) -> torch.device:

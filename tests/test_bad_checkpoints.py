@@ -414,7 +414,8 @@ RESUME_DEFECTS = {
                           ["cannot resume from", "random_states_0.pkl is missing"]),
     "rng_state_not_states": (lambda c: torch.save({"step": 2}, c / "step_2" / "random_states_0.pkl"), [],
                              ["cannot resume from", "does not hold the random states"]),
-    "other_model_flags": (lambda c: None, ["--n-embd", "64"], ["cannot resume from", "step_2", "with the same flags"]),
+    "other_model_flags": (lambda c: None, ["--n-embd", "64"], ["cannot resume from", "step_2",
+                                                               "model was built with other settings (n_embd 32 -> 64)"]),
     "named_checkpoint_incomplete": (lambda c: (c / "step_1" / "progress.json").unlink(),
                                     ["--resume", "{ckpt}/step_1"], ["is not a complete checkpoint", "--resume latest"]),
     "named_checkpoint_missing": (lambda c: None, ["--resume", "{ckpt}/step_9"], ["step_9 is not a complete checkpoint"]),
@@ -537,3 +538,24 @@ def test_saved_files_get_the_usual_permissions(saved):
 
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         assert (saved / "gpt" / name).stat().st_mode & 0o777 == FILE_MODE
+
+
+@pytest.mark.parametrize("kind, lie", [
+    ("gpt", {"block_size": 10_000_000}),  # positions: 3.2e8 weights at width 32
+    ("vit", {"n_layer": 20_000}),  # blocks the file does not hold: 2.5e8 weights
+    ("vlm", {"gpt": {"n_layer": 20_000}}),
+])
+def test_a_config_far_larger_than_its_weights_is_refused_before_building(saved, tmp_path, kind, lie):
+    """A config.json that lies about sizes (under the parameter cap) built the whole model first:
+    1.5 GB and 5 s for the block_size lie before the shape check, an out-of-memory kill for larger ones."""
+    folder = Path(shutil.copytree(saved / kind, tmp_path / kind))
+
+    def grow(meta):
+        config = meta["config"]
+        for key, value in lie.items():
+            config[key].update(value) if isinstance(value, dict) else config.update({key: value})
+
+    edit_meta(folder, grow)
+    cls = KINDS[kind][0]
+    with pytest.raises(CheckpointError, match="describes a model of at least .* weights, but model.safetensors holds"):
+        cls.from_pretrained(folder)
