@@ -24,7 +24,7 @@ from mmfusion.data import (
     load_vqa_dataset,
 )
 from mmfusion.data.easy_vqa import COLORS, SHAPES
-from mmfusion.data.splits import check_image_ids
+from mmfusion.data.image_keys import check_image_ids
 
 # ---------------------------------------------------------------------------------------------
 # easy-VQA

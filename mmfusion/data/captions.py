@@ -18,6 +18,7 @@ from typing import Any
 
 import datasets
 
+from .image_keys import check_image_ids
 from .local import (
     DatasetError,
     ImageChecker,
@@ -121,8 +122,6 @@ def load_captions(
     mapped = map_rows(raw, normalize, work, f"cap:{columns}:{base_dir}:{offset}", with_indices=True)
     ds, report = finish(mapped, src, split, len(raw), max_bad_fraction, FEATURES)
     if has_id:
-        from .splits import check_image_ids  # not at the top: splits imports the package, which imports this
-
         check_image_ids(ds, src)
     return ds, report
 

@@ -11,6 +11,7 @@ import datasets
 
 from ..errors import DatasetError
 from ..metrics import normalize_answer
+from .image_keys import check_image_ids
 from .local import (
     ImageChecker,
     LoadReport,
@@ -154,7 +155,5 @@ def load_vqa(
     features = datasets.Features({"image": datasets.Image(), **common})
     ds, report = finish(mapped, src, split, len(raw), max_bad_fraction, features)
     if has_id:
-        from .splits import check_image_ids  # not at the top: splits imports the package, which imports this
-
         check_image_ids(ds, src)
     return ds, report
