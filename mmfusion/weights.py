@@ -165,6 +165,9 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     data = read_json(path)
     if not isinstance(data, dict) or "model_type" not in data or "config" not in data:
         raise CheckpointError(f"{path} is not an mmfusion config (no model_type/config keys)")
+    if not isinstance(data["model_type"], str):  # a hand-edited list or number: `in` a dict would raise TypeError
+        raise CheckpointError(f"{path}: \"model_type\" is {data['model_type']!r}, not a string; an mmfusion folder "
+                              "names its model as \"vit\", \"gpt\" or \"vlm\"")
     version = data.get("format_version", 0)
     if not isinstance(version, int) or isinstance(version, bool):
         raise CheckpointError(f"{path}: format_version must be an integer, got {version!r}")

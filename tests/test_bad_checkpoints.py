@@ -135,6 +135,8 @@ DEFECTS = {
                             ["not an mmfusion config"]),
     "config_of_another_kind": (lambda f: edit_meta(f, lambda m: m.update(model_type=OTHER_KIND[m["model_type"]])),
                                ["model, not a", "load it with the matching class"]),
+    "config_model_type_not_a_string": (lambda f: edit_meta(f, lambda m: m.update(model_type=[m["model_type"]])),
+                                       ['"model_type" is [', "not a string"]),
     "config_impossible_values": (lambda f: edit_meta(f, impossible), ["holds an invalid", "not divisible by n_head"]),
     "config_unknown_field": (lambda f: edit_meta(f, unknown_field), ["holds an invalid", "rotary_base"]),
     "config_huge_sizes": (lambda f: edit_meta(f, huge), ["holds an invalid", "parameters", "check these sizes"]),
