@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from mmfusion.cli import main  # noqa: E402
 from mmfusion.config import AdapterConfig, GPTConfig, ViTConfig  # noqa: E402
 from mmfusion.convert import gpt_from_hf, vit_from_hf  # noqa: E402
 from mmfusion.errors import ConfigError, ConversionError  # noqa: E402
-from mmfusion.export import export, gpt_to_hf, vit_to_hf, vlm_to_llava  # noqa: E402
+from mmfusion.export import MARKER, export, gpt_to_hf, vit_to_hf, vlm_to_llava  # noqa: E402
 from mmfusion.generation import GenerationConfig, vlm_prompts  # noqa: E402
 from mmfusion.processing import ImageProcessor  # noqa: E402
 from mmfusion.tokenizer import get_tokenizer  # noqa: E402
@@ -86,7 +87,7 @@ def test_mmfusion_export_writes_parts_transformers_load(tmp_path, capsys):
     assert main(["export", "--model", str(tmp_path / "model"), "--output", str(tmp_path / "out")]) == 0
     assert "exported vlm to" in capsys.readouterr().out
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} == {"gpt2", "vit", "adapter", "README.md"}
+    assert {p.name for p in out.iterdir()} == {"gpt2", "vit", "adapter", "README.md", MARKER}
     # the tokenizer: the same ids as ours
     tok = transformers.AutoTokenizer.from_pretrained(out / "gpt2")
     for text in ["What color is the shape?", " 日本 🙂 é\n", "a  b"]:
@@ -161,7 +162,7 @@ def test_mmfusion_export_writes_llava_with_its_processor(tmp_path, capsys):
     vlm.save_pretrained(tmp_path / "model")
     assert main(["export", "--model", str(tmp_path / "model"), "--output", str(tmp_path / "out")]) == 0
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} == {"llava", "gpt2", "vit", "adapter", "README.md"}
+    assert {p.name for p in out.iterdir()} == {"llava", "gpt2", "vit", "adapter", "README.md", MARKER}
     assert "transformers.LlavaForConditionalGeneration" in (out / "README.md").read_text()
     model = transformers.LlavaForConditionalGeneration.from_pretrained(out / "llava").eval()
     processor = transformers.AutoProcessor.from_pretrained(out / "llava")
@@ -230,7 +231,7 @@ def test_export_over_an_earlier_export_leaves_nothing_of_it(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", "--model", str(tmp_path / "b"), "--output", str(out)]) == 0
     assert "note: removed the earlier export's llava/ from" in capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} == {"gpt2", "vit", "adapter", "README.md", "notes.txt"}
+    assert {p.name for p in out.iterdir()} == {"gpt2", "vit", "adapter", "README.md", "notes.txt", MARKER}
     assert not (out / "gpt2" / "stale.bin").exists()
     assert json.loads((out / "adapter" / "config.json").read_text())["fusion"] == "cross"
 
@@ -247,8 +248,47 @@ def test_a_failed_export_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
         with pytest.raises(ConversionError, match="the processor failed"):
             export(llava_ready(seed=1), folder)
     assert files(tmp_path / "out") == before and {p.name for p in (tmp_path / "out").iterdir()} == {
-        "llava", "gpt2", "vit", "adapter", "README.md"}
+        "llava", "gpt2", "vit", "adapter", "README.md", MARKER}
     assert not (tmp_path / "new").exists()
+
+
+def test_a_failure_halfway_through_the_move_puts_the_earlier_export_back(tmp_path, monkeypatch):
+    """The earlier parts were deleted before the new ones moved in: a failure between the two left
+    one config.json of five files."""
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    export(gpt, tmp_path / "out")
+    before = files(tmp_path / "out")
+    real, calls = os.replace, []
+
+    def second_move_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == len(before) + 2:  # the earlier entries moved aside, then the new ones' second
+            raise OSError("disk gone")
+        return real(src, dst)
+
+    monkeypatch.setattr("mmfusion.export.os.replace", second_move_fails)
+    with pytest.raises(OSError, match="disk gone"):
+        export(randomized(GPT(gpt.config), 1), tmp_path / "out")
+    assert files(tmp_path / "out") == before and len(calls) > len(before) + 2  # and the moves were undone
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".export")] == []
+
+
+def test_export_never_replaces_what_no_export_wrote(tmp_path, capsys):
+    """Exporting next to a run (OUT = runs/main) replaced the stage-1 run folder runs/main/vit/ with
+    the exported ViT, without a word."""
+    vlm = llava_ready()
+    vlm.save_pretrained(tmp_path / "runs" / "vqa" / "model")
+    (tmp_path / "runs" / "vit" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "vit" / "metrics.json").write_text("{}")
+    (tmp_path / "runs" / "README.md").write_text("mine")
+    before = files(tmp_path / "runs")
+    assert main(["export", "--model", str(tmp_path / "runs" / "vqa" / "model"), "--output", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "already holds vit/, README.md, which no mmfusion export wrote there" in err and len(err.splitlines()) == 1
+    assert files(tmp_path / "runs") == before and not [p for p in (tmp_path / "runs").iterdir()
+                                                      if p.name.startswith(".export")]
+    export(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)), tmp_path / "runs" / "vit" / "checkpoints")
+    assert (tmp_path / "runs" / "README.md").read_text() == "mine"  # a GPT export writes no README.md
 
 
 def test_export_refuses_a_folder_holding_a_saved_mmfusion_model(tmp_path):
