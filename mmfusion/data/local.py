@@ -386,8 +386,9 @@ def check_fraction(max_bad_fraction: float) -> None:
 # Classification
 
 # Integer labels are class ids, so the largest sets the class count; ids far above it are refused:
-SPARSE_LABEL_FLOOR = 1000  # up to ImageNet's 1,000 classes, unused ids cost little
-SPARSE_LABEL_RATIO = 4  # a slice holding a quarter of the classes still loads
+# A bound on the largest id, not a ratio to the ids present: an evaluation file or a slice holds
+# few of a large label set's ids, and its classes are matched to the training set's by name.
+MAX_LABEL_ID = 2**20 - 1  # over a million classes: ids, hashes or timestamps, not classes
 
 
 def _label_names(ds: datasets.Dataset, source: str, column: str) -> tuple[list[str], str]:
@@ -397,11 +398,11 @@ def _label_names(ds: datasets.Dataset, source: str, column: str) -> tuple[list[s
         return list(feature.names), "id"
     if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
         ids = [v for v in ds.unique(column) if v is not None and v >= 0]
-        if ids and max(ids) >= SPARSE_LABEL_FLOOR and max(ids) + 1 > SPARSE_LABEL_RATIO * len(ids):
-            raise DatasetError(f"{source}: column {column!r} holds integer labels up to {max(ids)} but only {len(ids)} "
-                               f"distinct ones; as class ids 0..{max(ids)} they would make {max(ids) + 1} classes. "
-                               f"Renumber them 0..{len(ids) - 1}, or write them as strings (\"{max(ids)}\"): each "
-                               "distinct string is one class")
+        if ids and max(ids) > MAX_LABEL_ID:
+            raise DatasetError(f"{source}: column {column!r} holds integer labels up to {max(ids)} ({len(ids)} distinct "
+                               f"ones); as class ids 0..{max(ids)} they would make {max(ids) + 1} classes (at most "
+                               f"{MAX_LABEL_ID + 1} are allowed). If they are ids or codes, write them as strings "
+                               f"(\"{max(ids)}\"): each distinct string is one class")
         return [str(i) for i in range(max(ids) + 1)] if ids else [], "id"
     if is_text(feature):
         names = sorted({v.strip() for v in ds.unique(column) if isinstance(v, str) and v.strip()})
@@ -423,9 +424,8 @@ def load_image_classification(
     `label` (`ClassLabel`: the source's own names, `"0".."K-1"` for plain
     integers, or the sorted distinct strings for string labels). Rows with a
     missing or unreadable image or a null/empty/negative label are skipped.
-    Raises `DatasetError` (see the module docstring), also for integer labels
-    whose largest is at least `SPARSE_LABEL_FLOOR` and over `SPARSE_LABEL_RATIO`
-    times their count (2,000,000 among 4 labels would make 2,000,001 classes).
+    Raises `DatasetError` (see the module docstring), also for an integer label
+    over `MAX_LABEL_ID` (2,000,000 among 4 labels would make 2,000,001 classes).
     """
     check_fraction(max_bad_fraction)
     raw, base_dir = load_raw(source, split, cache_dir)
