@@ -12,6 +12,7 @@ from accelerate.utils import set_seed
 from mmfusion.cli import main as cli_main
 from mmfusion.data import scenes
 from mmfusion.data.scenes import question_template
+from mmfusion.errors import CheckpointError
 from mmfusion.evaluation import format_template_table, score_by_template
 from mmfusion.training import train_vqa
 from mmfusion.vit import ViT
@@ -71,6 +72,9 @@ def test_resume_skips_a_finished_alignment(small_scenes, parts, tmp_path, capsys
     assert "loaded the finished phase" in capsys.readouterr().out
     again = VLM.from_pretrained(out / "model").state_dict()
     assert all(torch.equal(first[k], again[k]) for k in first)
+    # the alignment phase's model is compared too: another attention would load its weights silently
+    with pytest.raises(CheckpointError, match="cannot load the finished alignment .*attention 'prefix' -> 'causal'"):
+        train_vqa.run(*train_vqa.parse(base + ["--resume", "latest", "--attention", "causal"]))
 
 
 @pytest.mark.slow

@@ -272,7 +272,7 @@ def test_a_resume_whose_held_out_images_changed_warns(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"WARNING: this run holds out other images than the checkpoint's run (held-out images {digest}, now" in printed
     # the answers' tokens changed with the data: the LM head scores other tokens, which is named, not refused
-    assert "note: the output vocabulary (--output-vocab, from the training targets) differs from the checkpoint's" in printed
+    assert "note: the output vocabulary (--output-vocab, from the training targets): " in printed
 
 
 def test_holdout_zero_warns_and_eval_dataset_is_used(tmp_path, capsys):

@@ -327,3 +327,21 @@ def test_a_run_that_would_save_over_the_model_it_starts_from_is_refused(tmp_path
         start_run_folder(Printer(), tmp_path / "vit", "train_vqa", run=dataclasses.replace(run, output_dir=str(tmp_path / "vit")),
                          stage=stage)
     assert (vit / "model.safetensors").read_bytes() == saved and not (tmp_path / "vit" / "run_config.json").exists()
+
+
+def test_a_resume_ignores_fresh_init_settings_and_names_data_decided_ones():
+    """A fresh model's starting weights (--gpt-init-std, the ViT's init) change nothing once the
+    checkpoint's weights load, so a changed default must not refuse old runs; the class names
+    come from the data, no flag sets them."""
+    from mmfusion.config import ViTConfig
+    from mmfusion.errors import CheckpointError
+    from mmfusion.training.setup import compare_models, model_record
+
+    vit = ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=16, num_classes=2, class_names=("a", "b"))
+    saved = model_record(vit)
+    assert compare_models(saved, vit.replace(patch_init_std=0.02, attention_init="normal"), "x") == []
+    notes = compare_models(saved, vit.replace(class_names=("a", "c")), "x")
+    assert len(notes) == 1
+    assert "the class names (from the training data): ['a', 'b'] in the checkpoint, ['a', 'c'] now" in notes[0]
+    with pytest.raises(CheckpointError, match=r"x: its model was built with other settings \(dropout 0.0 -> 0.1\)"):
+        compare_models(saved, vit.replace(dropout=0.1), "x")

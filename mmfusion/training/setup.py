@@ -329,8 +329,12 @@ def model_record(config) -> dict:
     return json.loads(json.dumps({"kind": type(config).__name__, "config": config.to_dict()}))
 
 
-# Model settings a stage derives from its data, not from flags: a resume on changed data may change them.
-FROM_DATA = {"gpt.output_tokens": "the output vocabulary (--output-vocab, from the training targets)"}
+# Model settings a stage derives from its data, not from flags: a resume on changed data may
+# change them (named in a note). Settings of a fresh model's starting weights: a resume loads the
+# weights, so they change nothing (ignored). Keys as flattened, the last part.
+FROM_DATA = {"output_tokens": "the output vocabulary (--output-vocab, from the training targets)",
+             "class_names": "the class names (from the training data)"}
+INIT_ONLY = {"attention_init", "patch_init_std", "initializer_range"}
 
 
 def check_resume_model(run: RunConfig, config) -> list[str]:
@@ -342,22 +346,28 @@ def check_resume_model(run: RunConfig, config) -> list[str]:
     if start_from is None:
         return []
     saved = read_json(start_from / PROGRESS_NAME).get("model")
-    if not isinstance(saved, dict):
-        return []
+    return compare_models(saved, config, f"cannot resume from {start_from}") if isinstance(saved, dict) else []
+
+
+def compare_models(saved: dict, config, what: str) -> list[str]:
+    """Refuse (CheckpointError starting with `what`) a recorded model (model_record) of another kind
+    or with other settings than `config`; notes on the changed settings the data decides."""
     now = model_record(config)
     if saved.get("kind") != now["kind"]:
-        raise CheckpointError(f"cannot resume from {start_from}: it holds a {str(saved.get('kind')).removesuffix('Config')}"
-                              f" training run, this run trains a {now['kind'].removesuffix('Config')}; pass another "
-                              "--output-dir, or leave out --resume to start fresh")
+        raise CheckpointError(f"{what}: it holds a {str(saved.get('kind')).removesuffix('Config')} training run, this "
+                              f"run trains a {now['kind'].removesuffix('Config')}; pass another --output-dir, or leave "
+                              "out --resume to start fresh")
     old, new = _flat(saved.get("config")), _flat(now["config"])
     differ = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
-    changed = [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in differ if k not in FROM_DATA]
+    last = {k: k.rsplit(".", 1)[-1] for k in differ}
+    changed = [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in differ
+               if last[k] not in FROM_DATA and last[k] not in INIT_ONLY]
     if changed:
-        raise CheckpointError(f"cannot resume from {start_from}: its model was built with other settings "
-                              f"({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''}); resume with the "
-                              "model flags its run had, or leave out --resume to start fresh")
-    return [f"note: {FROM_DATA[k]} differs from the checkpoint's ({_short(old.get(k))} -> {_short(new.get(k))}): the "
-            "training data changed since it was saved" for k in differ if k in FROM_DATA]
+        raise CheckpointError(f"{what}: its model was built with other settings ({', '.join(changed[:6])}"
+                              f"{', ...' if len(changed) > 6 else ''}); resume with the model flags its run had, or "
+                              "leave out --resume to start fresh")
+    return [f"note: {FROM_DATA[last[k]]}: {_short(old.get(k))} in the checkpoint, {_short(new.get(k))} now (the "
+            "training data changed since it was saved)" for k in differ if last[k] in FROM_DATA]
 
 
 def _short(value) -> str:

@@ -48,7 +48,18 @@ from .data import (
 from .features import MEMORY_LIMIT_BYTES, FeatureRows, distinct_images
 from .loop import find_resume, steps_per_epoch, train
 from .lora import add_lora, merge_lora, save_lora
-from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_groups, start_run_folder, write_json
+from .setup import (
+    RunConfig,
+    adamw,
+    check_resume_model,
+    choose_precision,
+    compare_models,
+    make_accelerator,
+    model_record,
+    param_groups,
+    start_run_folder,
+    write_json,
+)
 from .vqa_config import VQAStageConfig
 
 # The main job's stage 2 (easy-VQA): 3.5 epochs, because at 2.5 a rare negated question family
@@ -149,13 +160,19 @@ def align(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, model: VLM, ca
         accelerator.print("alignment: skipped (resuming the main phase)")
         return model
     if run_cfg.resume is not None and not inside and is_mmfusion_folder(align_dir / "model"):
-        model.load_state_dict(VLM.from_pretrained(align_dir / "model").state_dict())
+        finished = VLM.from_pretrained(align_dir / "model")
+        for line in compare_models(model_record(finished.config), model.config,
+                                   f"cannot load the finished alignment {align_dir / 'model'}"):
+            accelerator.print(line)
+        model.load_state_dict(finished.state_dict())
         accelerator.print(f"alignment: loaded the finished phase from {align_dir / 'model'}")
         return model
     set_trainable(model, vit=False, adapter=True, gpt=False)
     optimizer = adamw(groups_of(model.connector(), stage.lr_adapter or run_cfg.lr, run_cfg.weight_decay), run_cfg)
     phase = replace(run_cfg, output_dir=str(align_dir), epochs=stage.align_epochs, max_steps=0, eval_every=0,
                     resume=run_cfg.resume if (inside or run_cfg.resume == "latest") else None)
+    for line in check_resume_model(phase, model.config):  # its own checkpoints, under align/
+        accelerator.print(line)
     accelerator.print(f"alignment: adapter only, {stage.align_epochs} epochs on {len(captions)} captions")
     model = train(accelerator, phase, model, optimizer, Rows(captions), collate, step, unit="tok", tag="align")
     if accelerator.is_main_process:
