@@ -67,7 +67,7 @@ def test_train_vqa_with_lora_saves_a_plain_vlm_with_the_gpt_updated(tmp_path, ca
     meta = json.loads((tmp_path / "out" / "lora" / "adapter_config.json").read_text())
     assert meta["peft_type"] == "LORA" and meta["r"] == 4 and meta["lora_alpha"] == 8 and meta["fan_in_fan_out"]
     assert sorted(meta["target_modules"]) == ["c_attn", "c_fc", "c_proj"]
-    assert meta["base_model_name_or_path"] == str(tmp_path / "gpt")
+    assert meta["base_model_name_or_path"] is None  # an mmfusion folder: transformers cannot load it; its export can
     ours = {source.keys[0]: key for key, source in gpt2_table(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64),
                                                                "transformer.", lm_head=True).items()}
     layers = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in adapter}
@@ -112,6 +112,16 @@ def test_the_saved_updates_are_a_peft_adapter_of_the_exported_gpt2(tmp_path):
         theirs = PeftModel.from_pretrained(base, tmp_path / "lora").eval()(ids).logits  # wraps base in place
         torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
         assert (theirs - plain).abs().max() > 1e-2  # the updates are applied, not dropped
+
+
+def test_the_adapter_names_a_base_transformers_can_load(tmp_path, monkeypatch):
+    from mmfusion.training.train_vqa import lora_base
+
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)).save_pretrained(tmp_path / "ours")
+    (tmp_path / "hf").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert lora_base("gpt-tiny") is None and lora_base("ours") is None
+    assert lora_base("hf") == str(tmp_path / "hf") and lora_base("gpt2") == "gpt2"  # absolute; a hub id as given
 
 
 def test_lora_flags_are_checked_and_peft_is_named_when_missing(monkeypatch):

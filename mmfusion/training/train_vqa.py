@@ -181,6 +181,15 @@ def align(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, model: VLM, ca
     return model
 
 
+def lora_base(gpt: str) -> str | None:
+    """What the LoRA adapter names as its base model, where transformers can load it: a hub id, or
+    a transformers folder (absolute); None for a preset or a saved mmfusion GPT (its export is the base)."""
+    path = Path(gpt).expanduser()
+    if gpt in GPT_PRESETS or is_mmfusion_folder(path):
+        return None
+    return str(path.resolve()) if path.exists() else gpt
+
+
 def vqa_step(m, batch, loss_per: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-step's loss and its token count; `m` may be wrapped (DDP, compile)."""
     inner = extract_model_from_parallel(m, keep_torch_compile=False)
@@ -304,7 +313,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
                   weights=weights, data=evaluated_on.record)
     if lora is not None:
         if accelerator.is_main_process:
-            save_lora(lora, model.gpt, out / "lora", base=None if stage.gpt in GPT_PRESETS else stage.gpt)
+            save_lora(lora, model.gpt, out / "lora", base=lora_base(stage.gpt))
         merge_lora(lora)  # the saved model is a plain VLM
     metrics: dict = {}
     if accelerator.is_main_process:
