@@ -185,9 +185,10 @@ class ViTConfig(_JSONMixin):
         check_number("ViTConfig.num_classes", self.num_classes, 0, integer=True)  # True is an int, not a count
         if self.class_names is not None and (
                 not isinstance(self.class_names, (tuple, list)) or len(self.class_names) != self.num_classes
-                or not all(isinstance(n, str) and n for n in self.class_names)):
-            raise ConfigError(f"ViTConfig.class_names must be None or {self.num_classes} non-empty strings (one per "
-                              f"class), got {str(self.class_names)[:80]}")
+                or not all(isinstance(n, str) and n for n in self.class_names)
+                or len(set(self.class_names)) != len(self.class_names)):  # label2id would merge duplicates
+            raise ConfigError(f"ViTConfig.class_names must be None or {self.num_classes} distinct non-empty strings "
+                              f"(one per class), got {str(self.class_names)[:80]}")
         _probability(self, "dropout")
         if self.n_embd % self.n_head:
             raise ConfigError(
