@@ -120,10 +120,12 @@ def vit_config_from_hf(hf_config: Any, family: str, num_classes: int = 0,
 
 def class_names(hf_config: Any, num_classes: int) -> tuple[str, ...] | None:
     """A classifier's id2label as class names in id order; None for transformers' placeholders
-    (LABEL_0, LABEL_1, ...) or a table that does not name every class."""
+    (LABEL_0, LABEL_1, ...) or a table that does not name every class once (ImageNet's names
+    "crane" and "maillot" twice each)."""
     labels = getattr(hf_config, "id2label", None) or {}
     names = tuple(str(labels.get(i, labels.get(str(i), ""))) for i in range(num_classes))
-    if not num_classes or not all(names) or names == tuple(f"LABEL_{i}" for i in range(num_classes)):
+    if not num_classes or not all(names) or len(set(names)) < num_classes or \
+            names == tuple(f"LABEL_{i}" for i in range(num_classes)):
         return None
     return names
 

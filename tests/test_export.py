@@ -363,6 +363,8 @@ def test_a_classifiers_class_names_survive_export_and_import(tmp_path):
                                                                             hidden_size=32, num_hidden_layers=1,
                                                                             num_attention_heads=2, num_labels=3))
     assert vit_from_hf(unnamed).config.class_names is None  # LABEL_0..: transformers' placeholders
+    unnamed.config.id2label = {0: "crane", 1: "maillot", 2: "crane"}  # ImageNet names two classes "crane"
+    assert vit_from_hf(unnamed).config.class_names is None
     for names in (("a", "b"), ("a", "b", "a"), ("a", "", "c")):
         with pytest.raises(ConfigError, match="class_names must be None or 3 distinct non-empty strings"):
             ViTConfig(**VIT, num_classes=3, class_names=names)
