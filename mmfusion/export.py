@@ -16,11 +16,7 @@ per-cell head, a GPT without biases) is refused or left out, and the caller is t
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,11 +24,12 @@ from safetensors.torch import save_file
 
 from .config import GPTConfig, ViTConfig
 from .convert import clip_vision_table, gpt2_table, vit_table
-from .errors import ConfigError, ConversionError
+from .errors import ConversionError
+from .export_folder import HF_FILES, VLM_PARTS, write_folder
 from .gpt import GPT
 from .vit import ViT
 from .vlm import VLM
-from .weights import check_writable, is_mmfusion_folder, unique_state_dict
+from .weights import unique_state_dict
 
 # our activation -> transformers' name for the same function
 GPT2_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "quick_gelu": "quick_gelu"}
@@ -276,104 +273,18 @@ def llava_processor(model, folder: Path):
         image_token="<|image|>")
 
 
-# What an export writes at the top of its folder (a VLM's parts, or a GPT's / ViT's transformers
-# files). MARKER lists what it wrote; a later export into the folder replaces or removes exactly
-# those entries and refuses to replace anything else.
-VLM_PARTS = ("llava", "gpt2", "vit", "adapter", "README.md")
-HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-            "preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
-            "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
-SHARDS = "model-*-of-*.safetensors"
-MARKER = ".mmfusion-export.json"
-
-
-def is_export_entry(name: str) -> bool:
-    return name in VLM_PARTS or name in HF_FILES or fnmatch.fnmatch(name, SHARDS)
-
-
 def export(model, folder: str | Path, source: str | None = None) -> list[str]:
     """Write `model` (a VLM, GPT or ViT) as transformers folders under `folder`; returns notes on
     what was left out. A VLM gives folder/gpt2, folder/vit, folder/adapter, folder/README.md and,
     where LLaVA can represent it, folder/llava (model and processor).
 
-    Everything is written into a hidden folder inside `folder` first and moved into place only once
-    all of it is written; a failure, even halfway through the move, leaves `folder` as it was.
-    Over an earlier export (its MARKER lists what it wrote), those parts are replaced whole and
-    the ones this export does not write are removed (a note says which). Anything else already
-    there under a name this export writes (a training run's vit/, a README.md) is refused
-    (ConfigError), never replaced; other files stay. A folder holding a saved mmfusion model is
-    refused too: the transformers files have the same names."""
-    folder = Path(folder)
-    check_writable(folder, "--output", folder=True)
-    if is_mmfusion_folder(folder):
-        raise ConfigError(f"{folder} holds a saved mmfusion model, which the export would overwrite: choose "
-                          "another folder (a new one, or an earlier export)")
+    Written aside and moved in whole (mmfusion.export_folder): a failure leaves `folder` as it
+    was; an earlier export's parts are replaced whole and the ones this export does not write are
+    removed (a note says which); anything else under a name this export writes (a training run's
+    vit/, a README.md) is refused (ConfigError), never replaced; other files stay. A folder
+    holding a saved mmfusion model is refused too."""
     planned = [n for n in VLM_PARTS if n != "llava" or not llava_blockers(model)] if isinstance(model, VLM) else HF_FILES
-    _refuse_clash(folder, planned, _earlier_export(folder))  # before any work; again once the names are known
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
-    try:
-        notes = _write(model, staging, source)
-        entries = sorted(p.name for p in staging.iterdir())
-        (staging / MARKER).write_text(json.dumps({"entries": entries}) + "\n")
-        notes += _move_in(staging, folder, [*entries, MARKER])
-    except BaseException:
-        shutil.rmtree(folder if created else staging, ignore_errors=True)
-        raise
-    staging.rmdir()
-    return notes
-
-
-def _earlier_export(folder: Path) -> set[str]:
-    """The entries an earlier export into `folder` listed in its MARKER (export-layout names only)."""
-    try:
-        data = json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
-        return set()
-    entries = data.get("entries") if isinstance(data, dict) else None
-    return {e for e in entries if isinstance(e, str) and is_export_entry(e)} if isinstance(entries, list) else set()
-
-
-def _refuse_clash(folder: Path, names, earlier: set[str]) -> None:
-    """A ConfigError if `folder` holds one of `names` that no earlier export wrote."""
-    clash = [n for n in names if n != MARKER and os.path.lexists(folder / n) and n not in earlier]
-    if clash:
-        shown = ", ".join(f"{n}/" if (folder / n).is_dir() else n for n in clash[:4])
-        raise ConfigError(f"--output {folder} already holds {shown}, which no mmfusion export wrote there (a training "
-                          "run's folder, your own files, or an export from before exports listed their files); the "
-                          "export would replace it: choose a new folder, or remove it first")
-
-
-def _move_in(staging: Path, folder: Path, new: list[str]) -> list[str]:
-    """Put `staging`'s entries (`new`) in `folder` in place of an earlier export's; a note names the
-    earlier entries removed. The earlier ones are moved aside first and moved back if anything fails."""
-    earlier = _earlier_export(folder)
-    _refuse_clash(folder, new, earlier)
-    old = sorted(n for n in earlier | {MARKER} if os.path.lexists(folder / n))
-    stale = [f"{n}/" if (folder / n).is_dir() else n for n in old if n not in new]
-    aside = Path(tempfile.mkdtemp(prefix=".export-old-", dir=folder))
-    moved: list[str] = []
-    placed: list[str] = []
-    try:
-        for name in old:
-            os.replace(folder / name, aside / name)
-            moved.append(name)
-        for name in new:
-            os.replace(staging / name, folder / name)
-            placed.append(name)
-    except BaseException:
-        for name in placed:
-            os.replace(folder / name, staging / name)
-        for name in moved:
-            os.replace(aside / name, folder / name)
-        shutil.rmtree(aside, ignore_errors=True)
-        raise
-    shutil.rmtree(aside)
-    if not stale:
-        return []
-    return [f"removed the earlier export's {', '.join(stale)} from {folder}: this export does not write it, "
-            "and left there it would hold the earlier model"]
+    return write_folder(Path(folder), planned, lambda staging: _write(model, staging, source))
 
 
 def _write(model, folder: Path, source: str | None) -> list[str]:

@@ -18,7 +18,7 @@ FLOORS = [
     {"errors"},
     {"config", "layers", "loss", "metrics", "tokenizer", "weights"},
     {"processing", "vit", "gpt", "adapter", "static_decode", "generation", "vlm"},
-    {"hf_checkpoint", "convert", "loading", "export"},
+    {"hf_checkpoint", "convert", "loading", "export_folder", "export"},
     {"data", "data.captions", "data.easy_vqa", "data.image_keys", "data.local", "data.scenes", "data.splits",
      "data.vqa"},
     {"evaluation"},

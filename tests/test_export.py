@@ -21,7 +21,8 @@ from mmfusion.cli import main  # noqa: E402
 from mmfusion.config import AdapterConfig, GPTConfig, ViTConfig  # noqa: E402
 from mmfusion.convert import gpt_from_hf, vit_from_hf  # noqa: E402
 from mmfusion.errors import ConfigError, ConversionError  # noqa: E402
-from mmfusion.export import MARKER, export, gpt_to_hf, vit_to_hf, vlm_to_llava  # noqa: E402
+from mmfusion.export import export, gpt_to_hf, vit_to_hf, vlm_to_llava  # noqa: E402
+from mmfusion.export_folder import MARKER  # noqa: E402
 from mmfusion.generation import GenerationConfig, vlm_prompts  # noqa: E402
 from mmfusion.processing import ImageProcessor  # noqa: E402
 from mmfusion.tokenizer import get_tokenizer  # noqa: E402
@@ -266,7 +267,7 @@ def test_a_failure_halfway_through_the_move_puts_the_earlier_export_back(tmp_pat
             raise OSError("disk gone")
         return real(src, dst)
 
-    monkeypatch.setattr("mmfusion.export.os.replace", second_move_fails)
+    monkeypatch.setattr("mmfusion.export_folder.os.replace", second_move_fails)
     with pytest.raises(OSError, match="disk gone"):
         export(randomized(GPT(gpt.config), 1), tmp_path / "out")
     assert files(tmp_path / "out") == before and len(calls) > len(before) + 2  # and the moves were undone

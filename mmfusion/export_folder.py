@@ -1,0 +1,108 @@
+"""An export folder: written aside, moved into place whole, an earlier export replaced exactly.
+
+An export lists what it wrote at the top of its folder in MARKER; a later export into the same
+folder replaces or removes exactly those entries, and refuses to replace anything else there (a
+training run's vit/, a user's README.md). A failure at any point, even halfway through the final
+moves, leaves the folder as it was.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from .errors import ConfigError
+from .weights import check_writable, is_mmfusion_folder
+
+# What an export writes at the top of its folder: a VLM's parts, or a GPT's / ViT's transformers files.
+VLM_PARTS = ("llava", "gpt2", "vit", "adapter", "README.md")
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+            "preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+            "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
+SHARDS = "model-*-of-*.safetensors"
+MARKER = ".mmfusion-export.json"
+
+
+def is_export_entry(name: str) -> bool:
+    return name in VLM_PARTS or name in HF_FILES or fnmatch.fnmatch(name, SHARDS)
+
+
+def write_folder(folder: Path, planned: Iterable[str], write: Callable[[Path], list[str]]) -> list[str]:
+    """Run write(staging) into a new hidden folder inside `folder`, then move what it wrote into
+    `folder` (move_in); returns write's notes and move_in's. `planned` (the names it will write)
+    is checked against `folder` before any work. A folder holding a saved mmfusion model is
+    refused (ConfigError): the transformers files have the same names."""
+    check_writable(folder, "--output", folder=True)
+    if is_mmfusion_folder(folder):
+        raise ConfigError(f"{folder} holds a saved mmfusion model, which the export would overwrite: choose "
+                          "another folder (a new one, or an earlier export)")
+    refuse_clash(folder, planned, earlier_export(folder))  # before any work; again once the names are known
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
+    try:
+        notes = write(staging)
+        entries = sorted(p.name for p in staging.iterdir())
+        (staging / MARKER).write_text(json.dumps({"entries": entries}) + "\n")
+        notes += move_in(staging, folder, [*entries, MARKER])
+    except BaseException:
+        shutil.rmtree(folder if created else staging, ignore_errors=True)
+        raise
+    staging.rmdir()
+    return notes
+
+
+def earlier_export(folder: Path) -> set[str]:
+    """The entries an earlier export into `folder` listed in its MARKER (export-layout names only)."""
+    try:
+        data = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return set()
+    entries = data.get("entries") if isinstance(data, dict) else None
+    return {e for e in entries if isinstance(e, str) and is_export_entry(e)} if isinstance(entries, list) else set()
+
+
+def refuse_clash(folder: Path, names: Iterable[str], earlier: set[str]) -> None:
+    """A ConfigError if `folder` holds one of `names` that no earlier export wrote."""
+    clash = [n for n in names if n != MARKER and os.path.lexists(folder / n) and n not in earlier]
+    if clash:
+        shown = ", ".join(f"{n}/" if (folder / n).is_dir() else n for n in clash[:4])
+        raise ConfigError(f"--output {folder} already holds {shown}, which no mmfusion export wrote there (a training "
+                          "run's folder, your own files, or an export from before exports listed their files); the "
+                          "export would replace it: choose a new folder, or remove it first")
+
+
+def move_in(staging: Path, folder: Path, new: list[str]) -> list[str]:
+    """Put `staging`'s entries (`new`) in `folder` in place of an earlier export's; a note names the
+    earlier entries removed. The earlier ones are moved aside first and moved back if anything fails."""
+    earlier = earlier_export(folder)
+    refuse_clash(folder, new, earlier)
+    old = sorted(n for n in earlier | {MARKER} if os.path.lexists(folder / n))
+    stale = [f"{n}/" if (folder / n).is_dir() else n for n in old if n not in new]
+    aside = Path(tempfile.mkdtemp(prefix=".export-old-", dir=folder))
+    moved: list[str] = []
+    placed: list[str] = []
+    try:
+        for name in old:
+            os.replace(folder / name, aside / name)
+            moved.append(name)
+        for name in new:
+            os.replace(staging / name, folder / name)
+            placed.append(name)
+    except BaseException:
+        for name in placed:
+            os.replace(folder / name, staging / name)
+        for name in moved:
+            os.replace(aside / name, folder / name)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside)
+    if not stale:
+        return []
+    return [f"removed the earlier export's {', '.join(stale)} from {folder}: this export does not write it, "
+            "and left there it would hold the earlier model"]
