@@ -42,7 +42,10 @@ LAUNCH_ENV = "ACCELERATE_MIXED_PRECISION"
 # on the same machine read 0.84 in one run and 0.94 in another: a threshold inside that noise makes
 # the same command train in fp32 one day and bf16 the next (docs/experiments.md, 2026-11-30).
 BF16_MARGIN = 0.75
-REPEATS = 3
+# Steps timed per precision, alternating, the best of each kept: with 3, the main job's stage-1 ratio
+# read 0.74-0.91 over 16 probes on one machine (0.74 picks bf16), with 10 0.79-0.92 (docs/experiments.md,
+# 2026-12-02); 10 pairs cost about a second.
+REPEATS = 10
 
 StepTimer = Callable[[str], float]  # precision ("no" or "bf16") -> seconds for one training step
 
