@@ -115,7 +115,7 @@ def one_part(source, split: str, why: str) -> str:
 
 def split_name(part: str) -> str:
     """The name of a one-part split request: test[:500] -> test."""
-    return re.match(r"\w+(\.\w+)*", part).group(0)
+    return re.match(SPLIT_NAME, part).group(0)
 
 
 def sliced(ds: datasets.Dataset, part: str) -> datasets.Dataset:
@@ -136,7 +136,8 @@ def as_only_split(split: str, only: str) -> str:
 
 # What `datasets` takes as a split: names of \w parts joined by dots, each maybe sliced
 # (test[:500], train[10%:]), several joined by + (train+test).
-_ONE_SPLIT = r"\w+(\.\w+)*(\[[^\[\]]*\])?"
+SPLIT_NAME = r"\w+(?:\.\w+)*"
+_ONE_SPLIT = rf"{SPLIT_NAME}(\[[^\[\]]*\])?"
 SPLIT = re.compile(rf"{_ONE_SPLIT}(\+{_ONE_SPLIT})*")
 
 
@@ -385,9 +386,9 @@ def check_fraction(max_bad_fraction: float) -> None:
 # ---------------------------------------------------------------------------------------------
 # Classification
 
-# Integer labels are class ids, so the largest sets the class count; ids far above it are refused:
-# A bound on the largest id, not a ratio to the ids present: an evaluation file or a slice holds
-# few of a large label set's ids, and its classes are matched to the training set's by name.
+# Integer labels are class ids, so the largest sets the class count. The bound is on the largest
+# id, not a ratio to the ids present: an evaluation file or a slice holds few of a large label
+# set's ids, and its classes are matched to the training set's by name.
 MAX_LABEL_ID = 2**20 - 1  # over a million classes: ids, hashes or timestamps, not classes
 
 

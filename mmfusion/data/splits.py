@@ -19,7 +19,7 @@ import datasets
 
 from . import BUILT_IN
 from .image_keys import image_keys
-from .local import DatasetError, is_saved_dataset, unsplit_folder
+from .local import SPLIT_NAME, DatasetError, is_saved_dataset, unsplit_folder
 
 
 def single_split(source: str) -> bool:
@@ -59,7 +59,7 @@ def same_rows(source: str, train_split: str, eval_source: str | None, eval_split
     return a is None or b is None or a[2] != b[2] or (a[0] < b[1] and b[0] < a[1])
 
 
-_SLICE = re.compile(r"^\w+(?:\.\w+)*\[(\d*)(%?):(\d*)(%?)\]$")
+_SLICE = re.compile(rf"^{SPLIT_NAME}\[(\d*)(%?):(\d*)(%?)\]$")
 
 
 def _row_range(split: str) -> tuple[float, float, str] | None:
