@@ -127,6 +127,7 @@ def test_entry_scripts_only_call_into_the_package(script):
     assert imported == {f"mmfusion.training.{script.stem}"}, imported
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [["-m", "training.train_vqa"], ["training/pretrain_vit.py"]], ids=["module", "path"])
 def test_entry_scripts_run_from_the_repo_root(how):
     import subprocess

@@ -183,6 +183,7 @@ def test_trivial_augment_draws_every_operation_and_keeps_the_normalization(monke
     assert strengths[0] < 0.02 and strengths[-1] > 0.98 and {sign for _, _, sign in drawn} == {1.0, -1.0}
 
 
+@pytest.mark.slow
 def test_trivial_augment_is_refused_with_cell_labels(tmp_path):
     stage, run = pretrain_vit.parse(["--dataset", "scenes", "--trivial-augment", "--output-dir", str(tmp_path / "v"),
                                      "--max-steps", "1", *QUIET])

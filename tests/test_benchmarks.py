@@ -284,6 +284,7 @@ def test_side_by_side_scripts_refuse_zero_repeats(script, capsys):
     assert "--repeats must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_vlm_benchmarks_feed_mmfusion_batches_as_training_does():
     """Without the collator's label positions and slot count, mmfusion's forward reads both off
     the device: graph breaks under torch.compile, and a wait every step on a GPU."""

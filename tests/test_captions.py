@@ -29,6 +29,7 @@ def _state(model, prefix):
     return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
 
 
+@pytest.mark.slow
 def test_alignment_trains_only_the_adapter_then_the_rest(small_scenes, parts, tmp_path):
     vit, gpt = parts
     out = tmp_path / "run"
@@ -59,6 +60,7 @@ def test_alignment_trains_only_the_adapter_then_the_rest(small_scenes, parts, tm
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 4 * scenes.QUESTIONS_PER_SCENE
 
 
+@pytest.mark.slow
 def test_resume_skips_a_finished_alignment(small_scenes, parts, tmp_path, capsys):
     vit, gpt = parts
     out = tmp_path / "run"

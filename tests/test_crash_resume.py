@@ -246,6 +246,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     assert all(torch.isfinite(v).all() for v in load_checkpoint(checkpoint_dirs(run.output_dir)[0]).values())
 
 
+@pytest.mark.slow
 def test_non_finite_loss_through_cli_is_one_line(image_folder, tmp_path):
     """An absurd learning rate blows the loss up at step 2: one line, the step, the checkpoint kept."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -251,6 +251,7 @@ def test_slices_of_a_single_file_are_the_rows_asked_for(tmp_path, capsys):
     assert "held out" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_resume_whose_held_out_images_changed_warns(tmp_path, capsys):
     """A checkpoint records the evaluation line, whose digest names the held-out images: data
     changed between the runs (or a change in how images are keyed) would otherwise resume a run

@@ -360,6 +360,7 @@ def test_tampered_state_dicts_are_named_and_leave_the_model_untouched():
     assert all(torch.equal(before[k], v) for k, v in ours.state_dict().items())
 
 
+@pytest.mark.slow
 def test_gpt2_names_the_pretrained_weights_not_a_fresh_preset(monkeypatch):
     """`--gpt gpt2` must import GPT-2 (here: fail clearly offline), never give random weights
     under the hub id's name; the fresh 124M preset is `gpt-base`."""
