@@ -213,27 +213,34 @@ class PretrainedMixin:
         CheckpointError if the folder holds another model type, an invalid config, or weights
         that do not match that config (see `load_state_strict`); a ConfigError if torch cannot
         place tensors on `map_location`."""
+        config = cls.load_config(folder)
+        check_config_fits_weights(config, Path(folder))  # before building: a lying size would allocate it
+        try:  # construction too: a config that validates but cannot be built is still the file's fault
+            model = cls(config)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise cls._invalid_config(folder, e) from e
+        model.load_weights(Path(folder) / WEIGHTS_NAME, map_location)
+        return model
+
+    @classmethod
+    def load_config(cls, folder: str | Path):
+        """The config of the model `save_pretrained` wrote to `folder`, without its weights; the
+        CheckpointErrors of from_pretrained for the folder and its config.json."""
         data = read_config(folder)
         if data["model_type"] != cls.model_type:
             raise CheckpointError(
                 f"{folder} holds a {data['model_type']!r} model, not a {cls.model_type!r}; "
                 f"load it with the matching class"
             )
-        def invalid(e: Exception) -> CheckpointError:
-            return CheckpointError(f"{Path(folder) / CONFIG_NAME} holds an invalid {cls.model_type} config ({e}); "
-                                   "was it edited by hand? save the model again")
-
         try:
-            config = cls.config_class.from_dict(data["config"])
+            return cls.config_class.from_dict(data["config"])
         except (ValueError, TypeError, AttributeError) as e:  # ConfigError is a ValueError
-            raise invalid(e) from e
-        check_config_fits_weights(config, Path(folder))  # before building: a lying size would allocate it
-        try:  # construction too: a config that validates but cannot be built is still the file's fault
-            model = cls(config)
-        except (ValueError, TypeError, AttributeError) as e:
-            raise invalid(e) from e
-        model.load_weights(Path(folder) / WEIGHTS_NAME, map_location)
-        return model
+            raise cls._invalid_config(folder, e) from e
+
+    @classmethod
+    def _invalid_config(cls, folder: str | Path, e: Exception) -> CheckpointError:
+        return CheckpointError(f"{Path(folder) / CONFIG_NAME} holds an invalid {cls.model_type} config ({e}); "
+                               "was it edited by hand? save the model again")
 
     def load_weights(self, path: str | Path, map_location: str | torch.device = "cpu") -> None:
         """Load a safetensors file strictly (`load_state_strict`). Refused before opening: a path

@@ -79,6 +79,37 @@ def test_resume_skips_a_finished_alignment(small_scenes, parts, tmp_path, capsys
         train_vqa.run(*train_vqa.parse(base + ["--resume", "latest", "--attention", "causal"]))
 
 
+def test_an_alignment_with_other_model_settings_is_refused_before_the_folder_is_touched(small_scenes, parts,
+                                                                                     tmp_path, monkeypatch):
+    """The alignment phase's model (its finished align/model, or its own checkpoints) was compared
+    only when the phase began, after run_config.json was rewritten and a log folder started."""
+    from mmfusion.training.setup import model_record
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the precision probe ran before the resume was checked")
+
+    monkeypatch.setattr(train_vqa, "choose_precision", no_probe)
+    vit, gpt = parts
+    out = tmp_path / "run"
+    base = _args(out, vit, gpt, "--task", "caption", "--align-epochs", "1", "--max-steps", "2")
+    config = train_vqa.build_vlm(train_vqa.parse(base)[0]).config
+    (out / "align" / "checkpoints" / "step_1").mkdir(parents=True)
+    (out / "align" / "checkpoints" / "step_1" / "progress.json").write_text(
+        json.dumps({"step": 1, "model": model_record(config)}))
+    (out / "run_config.json").write_text("{}")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # its own checkpoints, with --resume latest (the main phase has none)
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*align.*attention 'prefix' -> 'causal'"):
+        train_vqa.run(*train_vqa.parse(base + ["--resume", "latest", "--attention", "causal"]))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before and not (out / "logs").exists()
+    # its finished model
+    train_vqa.build_vlm(train_vqa.parse(base)[0]).save_pretrained(out / "align" / "model")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match="cannot load the finished alignment .*attention 'prefix' -> 'causal'"):
+        train_vqa.run(*train_vqa.parse(base + ["--resume", "latest", "--attention", "causal"]))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before and not (out / "logs").exists()
+
+
 @pytest.mark.slow
 def test_caption_only_training_learns_a_fixed_caption(small_scenes, parts, tmp_path):
     """Enough steps on captions to see the loss fall: the caption labels reach the model."""

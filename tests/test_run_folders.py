@@ -289,21 +289,25 @@ def test_a_resume_with_other_model_settings_is_refused_before_the_folder_is_touc
     assert main([*args, "--max-steps", "2", "--resume", "latest"]) == 0  # the same flags resume
 
 
-def test_a_resume_into_a_run_of_the_other_stage_is_refused_before_the_folder_is_touched(tmp_path):
-    from mmfusion.config import GPTConfig, ViTConfig, VLMConfig
-    from mmfusion.errors import CheckpointError
-    from mmfusion.training.setup import model_record
+def test_a_resume_into_a_run_of_the_other_stage_is_refused_before_the_folder_is_touched(small_scenes, parts, tmp_path,
+                                                                                      capsys, monkeypatch):
+    from mmfusion.config import ViTConfig
+    from mmfusion.training import train_vqa
+    from mmfusion.training.setup import check_resume_model, model_record
 
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the precision probe ran before the resume was checked")
+
+    monkeypatch.setattr(train_vqa, "choose_precision", no_probe)
     vit = ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=16, num_classes=2)
-    checkpoint(tmp_path, 3, json.dumps({"step": 3, "model": model_record(vit)}))
-    (tmp_path / "run_config.json").write_text("{}")
-    vlm = VLMConfig(vit=vit.replace(num_classes=0), gpt=GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64))
-    with pytest.raises(CheckpointError, match="it holds a ViT training run, this run trains a VLM"):
-        start_run_folder(Printer(), tmp_path, "train_vqa", run=RunConfig(output_dir=str(tmp_path), resume="latest"),
-                         model=vlm)
-    assert (tmp_path / "run_config.json").read_text() == "{}" and not (tmp_path / "logs").exists()
-    start_run_folder(Printer(), tmp_path, "pretrain_vit", run=RunConfig(output_dir=str(tmp_path), resume="latest"),
-                     model=vit)  # its own kind and settings
+    out = tmp_path / "run"
+    checkpoint(out, 3, json.dumps({"step": 3, "model": model_record(vit)}))
+    (out / "run_config.json").write_text("{}")
+    line = error_lines(capsys, ["train-vqa", "--dataset", "scenes", "--vit", parts[0], "--gpt", parts[1],
+                                "--output-dir", out, "--resume", "latest", "--max-steps", "5", "--no-progress"])[-1]
+    assert "it holds a ViT training run, this run trains a VLM" in line, line
+    assert (out / "run_config.json").read_text() == "{}" and not (out / "logs").exists()
+    assert check_resume_model(RunConfig(output_dir=str(out), resume="latest"), vit) == []  # its own kind and settings
 
 
 def test_a_run_that_would_save_over_the_model_it_starts_from_is_refused(tmp_path, capsys):

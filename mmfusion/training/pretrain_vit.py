@@ -48,7 +48,16 @@ from .data import (
 )
 from .features import MEMORY_LIMIT_BYTES
 from .loop import steps_per_epoch, train
-from .setup import RunConfig, adamw, choose_precision, make_accelerator, param_groups, start_run_folder, write_json
+from .setup import (
+    RunConfig,
+    adamw,
+    check_resume_model,
+    choose_precision,
+    make_accelerator,
+    param_groups,
+    start_run_folder,
+    write_json,
+)
 
 DEFAULT_SHIFT = 4  # pixels; see STAGE_DEFAULTS
 DEFAULT_PRESET = "vit-tiny"
@@ -280,6 +289,7 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
                           f"{label_grid}x{label_grid} label cells of this dataset; leave them off with per-cell labels")
     shift = (DEFAULT_SHIFT if label_grid == 1 else 0) if stage.shift is None else stage.shift
     vit = build_vit(stage, class_names, label_grid)
+    resume_notes = check_resume_model(run_cfg, vit.config)  # before the precision probe
     processor = ImageProcessor.from_config(vit.config)
     train_set = ClassificationImages(train_ds, processor, hflip=stage.hflip, seed=run_cfg.seed,
                                      cache=stage.cache_images, shift=shift, trivial=stage.trivial_augment,
@@ -303,9 +313,9 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
                       f"trivial augment {'on' if stage.trivial_augment else 'off'}, crop area {stage.crop_area:g}, "
                       f"mixup {stage.mixup:g}, cutmix {stage.cutmix:g}, label smoothing {stage.label_smoothing:g}, "
                       f"ema {stage.ema:g}")
-    note = upscale_note(train_ds, vit.config.image_size, vit.config.patch_size)
-    if note:
-        accelerator.print(note)
+    for note in [upscale_note(train_ds, vit.config.image_size, vit.config.patch_size), *resume_notes]:
+        if note:
+            accelerator.print(note)
     steps_per_epoch(len(train_set), run_cfg, accelerator.num_processes)
     start_run_folder(accelerator, out, "pretrain_vit", stage=stage, run=run_cfg, model=vit.config,
                      precision=precision.to_dict())

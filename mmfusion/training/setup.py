@@ -124,15 +124,13 @@ def start_run_folder(accelerator, out: Path, log_name: str, *, run: RunConfig, *
     start the trackers (which write under out/logs/log_name/<start time>, one folder per run, so
     TensorBoard shows a rerun into the same folder as a run of its own instead of one curve
     that jumps back to step 0): called once every check has passed, so a refused run leaves no
-    folder behind. A run that does not continue this folder's own run first
+    folder behind (the stages check a resume's model, check_resume_model, as soon as they have built
+    it, before their slower preparation). A run that does not continue this folder's own run first
     sets the earlier run's checkpoints aside and says so (set_aside_earlier_run)."""
     check_run_paths(run)  # again here: a stage's run() may be called without its parse()
     if hasattr(run_config.get("stage"), "model_inputs"):
         check_keeps_inputs(run.output_dir, run_config["stage"].model_inputs())
-    notes = check_resume_model(run, run_config["model"]) if "model" in run_config else []
     if accelerator.is_main_process:
-        for line in notes:
-            accelerator.print(line)
         for line in set_aside_earlier_run(out, run):
             accelerator.print(line)
         out.mkdir(parents=True, exist_ok=True)

@@ -146,37 +146,50 @@ def set_trainable(model: VLM, vit: bool, adapter: bool, gpt: bool) -> None:
             part.requires_grad_(on)
 
 
-def align(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, model: VLM, captions, collate, step) -> VLM:
-    """Phase 1: train only the adapter on captions (LLaVA's feature alignment).
-
-    Resume: a checkpoint of the main phase holds every weight, so alignment is skipped; a
-    finished alignment (align/model) is loaded instead of rerun; otherwise alignment resumes
-    from its own checkpoints under align/ (with --resume latest or a path inside align/).
-    """
+def align_plan(stage: VQAStageConfig, run_cfg: RunConfig) -> tuple[str, RunConfig]:
+    """What the alignment phase does under --resume: "skip" (a checkpoint of the main phase holds
+    every weight), "load" (its finished model, align/model) or "train" (fresh, or from its own
+    checkpoints under align/ with --resume latest or a path inside align/), with the phase's RunConfig."""
     out = Path(run_cfg.output_dir)
     align_dir = out / "align"
     inside = run_cfg.resume not in (None, "latest") and align_dir.resolve() in Path(run_cfg.resume).resolve().parents
-    if run_cfg.resume is not None and not inside and find_resume(run_cfg.resume, out) is not None:
+    phase = replace(run_cfg, output_dir=str(align_dir), epochs=stage.align_epochs, max_steps=0, eval_every=0,
+                    resume=run_cfg.resume if (inside or run_cfg.resume == "latest") else None)
+    if run_cfg.resume is not None and not inside and find_resume(run_cfg.resume, out, warn=False) is not None:
+        return "skip", phase
+    if run_cfg.resume is not None and not inside and is_mmfusion_folder(align_dir / "model"):
+        return "load", phase
+    return "train", phase
+
+
+def check_align_resume(stage: VQAStageConfig, run_cfg: RunConfig, config) -> list[str]:
+    """Refuse, before the run folder is touched, an alignment phase that would load a model built
+    with other settings (its finished model or its own checkpoints); notes as check_resume_model."""
+    plan, phase = align_plan(stage, run_cfg)
+    if plan == "load":
+        finished = Path(phase.output_dir) / "model"
+        saved = model_record(VLM.load_config(finished))
+        return compare_models(saved, config, f"cannot load the finished alignment {finished}")
+    return check_resume_model(phase, config) if plan == "train" else []
+
+
+def align(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, model: VLM, captions, collate, step) -> VLM:
+    """Phase 1: train only the adapter on captions (LLaVA's feature alignment); under --resume as
+    align_plan says, its model checked by check_align_resume before the run started."""
+    plan, phase = align_plan(stage, run_cfg)
+    if plan == "skip":
         accelerator.print("alignment: skipped (resuming the main phase)")
         return model
-    if run_cfg.resume is not None and not inside and is_mmfusion_folder(align_dir / "model"):
-        finished = VLM.from_pretrained(align_dir / "model")
-        for line in compare_models(model_record(finished.config), model.config,
-                                   f"cannot load the finished alignment {align_dir / 'model'}"):
-            accelerator.print(line)
-        model.load_state_dict(finished.state_dict())
-        accelerator.print(f"alignment: loaded the finished phase from {align_dir / 'model'}")
+    if plan == "load":
+        model.load_state_dict(VLM.from_pretrained(Path(phase.output_dir) / "model").state_dict())
+        accelerator.print(f"alignment: loaded the finished phase from {Path(phase.output_dir) / 'model'}")
         return model
     set_trainable(model, vit=False, adapter=True, gpt=False)
     optimizer = adamw(groups_of(model.connector(), stage.lr_adapter or run_cfg.lr, run_cfg.weight_decay), run_cfg)
-    phase = replace(run_cfg, output_dir=str(align_dir), epochs=stage.align_epochs, max_steps=0, eval_every=0,
-                    resume=run_cfg.resume if (inside or run_cfg.resume == "latest") else None)
-    for line in check_resume_model(phase, model.config):  # its own checkpoints, under align/
-        accelerator.print(line)
     accelerator.print(f"alignment: adapter only, {stage.align_epochs} epochs on {len(captions)} captions")
     model = train(accelerator, phase, model, optimizer, Rows(captions), collate, step, unit="tok", tag="align")
     if accelerator.is_main_process:
-        model.save_pretrained(align_dir / "model")
+        model.save_pretrained(Path(phase.output_dir) / "model")
     accelerator.free_memory()  # forget the phase's prepared model/optimizer, so save_state sees only the next
     return model
 
@@ -257,6 +270,9 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     model = build_vlm(stage)
     prompts = PromptBuilder(model.prompt_slots, model.config.gpt.block_size)
     vocab_lines = set_output_vocab(model, stage, prompts, train_vqa, train_cap)
+    # a resume's model settings, before the precision probe and feature caching
+    vocab_lines += check_resume_model(run_cfg, model.config)
+    vocab_lines += check_align_resume(stage, run_cfg, model.config) if stage.align_epochs > 0 else []
     processor = ImageProcessor.from_config(model.config.vit)
     cached = stage.freeze_vit and stage.cache_features
     rows = short_run_rows(stage, run_cfg)
