@@ -81,3 +81,56 @@ def test_main_passes_fusion_and_compile_to_its_stages():
     assert vqa_stage.fusion == "cross" and vqa_stage.model_attention == "causal"
     assert vit_run.compile and vqa_run.compile
     assert stage_configs(parse([]))[2].fusion == "early"
+
+
+FAKE_STAGES = '''
+import json, sys, time
+from pathlib import Path
+from accelerate import Accelerator
+from mmfusion.training import captions, main, pretrain_vit, train_vqa
+
+def stage_1(stage, run):
+    if not Accelerator().is_main_process:
+        return {}  # as the real stage: training is over, the main process evaluates and saves
+    time.sleep(3)
+    (Path(run.output_dir) / "model").mkdir(parents=True)
+    return {"test_accuracy": 1.0, "test_cell_accuracy": 1.0, "test_examples": 1, "precision": "no"}
+
+def stage_2(stage, run):
+    state = Accelerator()
+    assert Path(stage.vit).is_dir(), f"process {state.process_index} began stage 2 before stage 1 saved {stage.vit}"
+    if not state.is_main_process:
+        return {}
+    out = Path(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    row = {"question": "q?", "prediction": "a", "answers": ["a"], "answer_type": "t", "image_id": 0}
+    (out / "predictions.jsonl").write_text(json.dumps(row) + "\\n")
+    return {"accuracy": 1.0, "count": 1, "per_type": {"t": {"accuracy": 1.0, "count": 1}}, "precision": "no"}
+
+pretrain_vit.run, train_vqa.run = stage_1, stage_2
+{"main": main, "captions": captions}[sys.argv[1]].main(["--output-dir", sys.argv[2], "--no-progress"])
+'''
+
+
+@pytest.mark.parametrize("job", ["main", "captions"])
+def test_two_process_job_starts_stage_two_after_stage_one_is_saved(job, tmp_path):
+    """Under accelerate launch the main process evaluates and saves stage 1 while the others have
+    finished training: they began stage 2 at once, loading an earlier run's ViT or failing on a
+    missing one (`mmfusion main` on 2 CPU processes: rank 1 exited 'does not exist')."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "fake_stages.py"
+    script.write_text(FAKE_STAGES)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(root)}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(29500 + os.getpid() % 1000)]
+    result = subprocess.run([*launch, str(script), job, str(tmp_path / "out")], capture_output=True, text=True,
+                            env=env, cwd=root, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "| **all** | 1 |" in (tmp_path / "out" / "results.md").read_text()

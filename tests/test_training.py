@@ -216,6 +216,32 @@ def test_two_process_ddp_matches_one_process(image_folder, tmp_path):
     assert a["head.bias"].abs().sum() > 0  # the zero-initialized head bias trained: the runs did real steps
 
 
+TWO_STAGES = """
+import sys
+from mmfusion.training import pretrain_vit
+from mmfusion.training.main import after_stage_1
+for name in ("a", "b"):  # as the main job: two stages, one launch
+    pretrain_vit.run(*pretrain_vit.parse([*sys.argv[2:], "--output-dir", f"{sys.argv[1]}/{name}"]))
+    after_stage_1()
+"""
+
+
+def test_two_process_launch_trains_two_stages(image_folder, tmp_path):
+    """accelerate's end_training destroys the process group: a job's second stage in the same two
+    processes then failed ('Default process group has not been initialized')."""
+    script = tmp_path / "two_stages.py"
+    script.write_text(TWO_STAGES)
+    env = {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
+           str(script), str(tmp_path), "--dataset", str(image_folder), "--max-steps", "1", "--batch-size", "4",
+           *TINY_VIT, *QUIET]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.stdout.count("2 process(es) (MULTI_CPU)") == 2
+    assert (tmp_path / "a" / "model").is_dir() and (tmp_path / "b" / "model").is_dir()
+
+
 def test_optimizer_groups_and_schedule():
     from mmfusion.training.setup import param_groups, warmup_cosine
 

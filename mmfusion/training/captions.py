@@ -25,12 +25,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from accelerate import PartialState
+
 from ..config import AdapterConfig, ConfigError
 from ..errors import OneLineErrorParser, run_command
 from ..evaluation import format_caption_table, format_examples, format_template_table, format_vqa_table, read_jsonl
 from ..layers import INIT_STD
 from . import pretrain_vit, train_vqa
-from .main import check_stage_flags
+from .main import after_stage_1, check_stage_flags
 from .precision import PRECISIONS
 from .setup import RunConfig, check_output_dir
 
@@ -102,10 +104,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.vit is None:
         print(f"== stage 1: ViT pretraining on {VIT_STAGE.dataset} cells -> {vit_run.output_dir}", flush=True)
         vit_metrics = pretrain_vit.run(VIT_STAGE, vit_run)
+        after_stage_1()
     t1 = time.perf_counter()
     print(f"== stage 2: captions and questions on {stage.dataset} -> {out}", flush=True)
     metrics = train_vqa.run(stage, run_cfg)
     seconds = time.perf_counter() - t0
+    if not PartialState().is_main_process:
+        return {}  # the stages score and save on the main process, which writes the report
 
     evaluated = metrics.get("evaluation", "").removeprefix("evaluation: ") or stage.dataset
     lines = ["# mmfusion captions job", "", f"Evaluated on {evaluated}, after {seconds:.0f}s of training and evaluation "

@@ -25,6 +25,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from accelerate import PartialState
+
 from ..config import ATTENTION_INITS, check_number
 from ..errors import OneLineErrorParser, run_command
 from ..evaluation import format_examples, format_vqa_table, read_jsonl
@@ -91,6 +93,12 @@ def check_stage_flags(args, *stages: str) -> None:
     check_number("--examples", args.examples, 0, integer=True)
 
 
+def after_stage_1() -> None:
+    """Under several processes, hold each one until the main process has evaluated and saved stage 1:
+    stage 2 loads that ViT (the others, done training, would load an earlier run's or none)."""
+    PartialState().wait_for_everyone()
+
+
 def stage_run(run: RunConfig, args, output_dir: Path, epochs: float | None, max_steps: int,
               lr: float | None) -> RunConfig:
     """A stage's default RunConfig with the main job's output folder, seed, precision and overrides."""
@@ -124,10 +132,13 @@ def main(argv: list[str] | None = None) -> dict:
     vit_stage, vit_run, vqa_stage, vqa_run = stage_configs(args)
     print(f"== stage 1: ViT pretraining on {vit_stage.dataset} -> {vit_run.output_dir}", flush=True)
     vit_metrics = pretrain_vit.run(vit_stage, vit_run)
+    after_stage_1()
     t1 = time.perf_counter()
     print(f"== stage 2: VQA fine-tuning on {vqa_stage.dataset} -> {vqa_run.output_dir}", flush=True)
     vqa_metrics = train_vqa.run(vqa_stage, vqa_run)
     t2 = time.perf_counter()
+    if not PartialState().is_main_process:
+        return {}  # the stages score and save on the main process, which writes the report
 
     lines = [
         "# mmfusion main job",

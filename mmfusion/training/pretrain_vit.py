@@ -53,6 +53,7 @@ from .setup import (
     adamw,
     check_resume_model,
     choose_precision,
+    end_trackers,
     make_accelerator,
     param_groups,
     start_run_folder,
@@ -265,7 +266,9 @@ def accuracies(model: ViT, dataset: ClassificationImages, limit: int | None = No
 
 
 def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
-    """Train and evaluate; returns the final metrics. The model lands in OUTPUT_DIR/model."""
+    """Train and evaluate; returns the final metrics. The model lands in OUTPUT_DIR/model.
+    Under several processes the main process evaluates and saves; the others return {} without
+    waiting for it (a caller that reads the outputs next waits first: main.after_stage_1)."""
     out = Path(run_cfg.output_dir)
     set_seed(run_cfg.seed)
     columns = {"image_column": stage.image_column, "label_column": stage.label_column,
@@ -344,7 +347,7 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
         write_json(out / "metrics.json", metrics)
         accelerator.print(f"test accuracy {metrics['test_accuracy']:.4f} on {len(eval_set)} images; "
                           f"model saved to {out / 'model'}")
-    accelerator.end_training()
+    end_trackers(accelerator)
     return metrics
 
 

@@ -119,6 +119,14 @@ def make_accelerator(run: RunConfig, precision: PrecisionDecision):
     return accelerator
 
 
+def end_trackers(accelerator) -> None:
+    """accelerate's end_training without its destroy_process_group: a job trains its next stage in the
+    same processes, which then had no process group (`mmfusion main` on 2 processes: stage 2 failed with
+    'Default process group has not been initialized'). The group ends with the processes."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def start_run_folder(accelerator, out: Path, log_name: str, *, run: RunConfig, **run_config) -> None:
     """Create the output folder, write run_config.json (`run` and the other configs given) and
     start the trackers (which write under out/logs/log_name/<start time>, one folder per run, so

@@ -54,6 +54,7 @@ from .setup import (
     check_resume_model,
     choose_precision,
     compare_models,
+    end_trackers,
     make_accelerator,
     model_record,
     param_groups,
@@ -257,6 +258,8 @@ def periodic_evaluation(stage: VQAStageConfig, run_cfg: RunConfig, eval_vqa, eva
 
 
 def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
+    """Train and evaluate; returns the final metrics (on the main process, which evaluates and saves;
+    the others return {} without waiting for it)."""
     out = Path(run_cfg.output_dir)
     questions, captions = tasks(stage)
     set_seed(run_cfg.seed)
@@ -341,7 +344,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
         metrics["evaluation"] = evaluated_on.line
         write_json(out / "metrics.json", metrics)
         accelerator.print(f"model saved to {out / 'model'}")
-    accelerator.end_training()
+    end_trackers(accelerator)
     return metrics
 
 
