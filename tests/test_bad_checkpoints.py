@@ -416,6 +416,11 @@ RESUME_DEFECTS = {
                           ["cannot resume from", "random_states_0.pkl is missing"]),
     "rng_state_not_states": (lambda c: torch.save({"step": 2}, c / "step_2" / "random_states_0.pkl"), [],
                              ["cannot resume from", "does not hold the random states"]),
+    # one process resuming two's checkpoint went on silently with half the global batch
+    "saved_by_two_processes": (lambda c: shutil.copy(c / "step_2" / "random_states_0.pkl",
+                                                     c / "step_2" / "random_states_1.pkl"), [],
+                               ["cannot resume from", "saved by a run of 2 process(es) and this run has 1",
+                                "accelerate launch --num_processes 2"]),
     "other_model_flags": (lambda c: None, ["--n-embd", "64"], ["cannot resume from", "step_2",
                                                                "model was built with other settings (n_embd 32 -> 64)"]),
     "named_checkpoint_incomplete": (lambda c: (c / "step_1" / "progress.json").unlink(),

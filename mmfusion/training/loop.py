@@ -25,6 +25,7 @@ from .data import EpochSampler, WeightedEpochSampler
 from .setup import (
     PROGRESS_NAME,
     RunConfig,
+    check_resume_processes,
     checked_step,
     checkpoint_dirs,
     find_resume,
@@ -267,6 +268,7 @@ def _resume(accelerator, run: RunConfig, scheduler, total: int, ema: WeightEMA |
     start_from = find_resume(run.resume, run.output_dir)
     if start_from is None:
         return 0
+    check_resume_processes(start_from, accelerator.num_processes)
     try:
         progress = read_json(start_from / PROGRESS_NAME)
         step = checked_step(progress, total)

@@ -20,7 +20,7 @@ import torch
 from ..config import check_number
 from ..errors import CheckpointError, ConfigError
 from ..weights import atomic_write, check_writable, is_mmfusion_folder, read_json
-from .precision import PRECISIONS, PrecisionDecision, decide, model_step_timer, training_device
+from .precision import PRECISIONS, PrecisionDecision, decide, model_step_timer, training_device, world_size
 
 log = logging.getLogger("mmfusion.training")
 
@@ -314,6 +314,21 @@ def check_resume(run: RunConfig) -> None:
     except CheckpointError as e:
         raise CheckpointError(f"cannot resume from {start_from}: {e}; pick another checkpoint with --resume PATH, "
                               "or leave --resume out to start fresh") from e
+    check_resume_processes(start_from, world_size())
+
+
+def check_resume_processes(folder: Path, processes: int) -> None:
+    """Refuse a checkpoint saved by another number of processes (accelerate writes one
+    random_states_<rank>.pkl per process). Its steps were global batches of that many processes and
+    each rank's random state is its own: one process resuming two's checkpoint went on silently with
+    half the global batch and another place in the data; two resuming one's failed on a missing file."""
+    saved = len(list(folder.glob("random_states_*.pkl")))
+    if saved and saved != processes:
+        raise CheckpointError(
+            f"cannot resume from {folder}: it was saved by a run of {saved} process(es) and this run has "
+            f"{processes}, so its steps, global batch (batch size x processes x accumulation) and random states "
+            f"would not carry over; resume with {saved} process(es) (accelerate launch --num_processes {saved}), or "
+            "leave out --resume to start fresh")
 
 
 def check_keeps_inputs(output_dir: str | Path, inputs: dict[str, str | None]) -> None:
