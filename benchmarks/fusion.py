@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         def step(model=model, batch=batch, optimizer=optimizer) -> None:
             model.train()
-            loss, _ = train_vqa.vqa_step(model, batch)
+            loss = train_vqa.vqa_step(model, batch)[0]
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -179,6 +179,40 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model" / "model.safetensors")
 
 
+@pytest.fixture(scope="module")
+def uneven_vqa(tmp_path_factory) -> Path:
+    """Answers of 2 and of 12 supervised tokens (EOT included), so batches of 4 hold different counts."""
+    root = tmp_path_factory.mktemp("uneven")
+    (root / "images").mkdir()
+    with open(root / "data.jsonl", "w") as f:
+        for i in range(16):
+            color = list(COLORS)[i % 2]
+            make_image(color, i).save(root / "images" / f"{i}.png")
+            answer = color if i % 3 else f"a large {color} square on a white background near the middle"
+            f.write(json.dumps({"image": f"images/{i}.png", "question": "what is it?", "answers": [answer]}) + "\n")
+    return root / "data.jsonl"
+
+
+def uneven_args(uneven_vqa: Path, vit_dir: Path) -> list[str]:
+    # AdamW's eps as in the DDP test: updates linear in the gradient, so rounding cannot flip signs
+    return ["--dataset", str(uneven_vqa), "--train-split", "train", "--eval-split", "train", "--holdout", "0",
+            "--vit", str(vit_dir), "--gpt", "gpt-tiny", "--block-size", "64", "--max-steps", "3",
+            "--warmup-steps", "1", "--adam-eps", "1e-2", "--final-eval-limit", "1", "--max-new-tokens", "1", *QUIET]
+
+
+def test_gradient_accumulation_matches_the_whole_batch_when_token_counts_differ(uneven_vqa, tiny_vit_dir, tmp_path):
+    """The loss is the mean over a step's supervised tokens: batch 8 and 2 micro-batches of 4 train the
+    same weights. (Averaging each micro-batch's mean instead differed by 2.6e-4.)"""
+    from mmfusion.training import train_vqa
+
+    args = uneven_args(uneven_vqa, tiny_vit_dir)
+    train_vqa.main([*args, "--batch-size", "8", "--output-dir", str(tmp_path / "whole")])
+    train_vqa.main([*args, "--batch-size", "4", "--grad-accum", "2", "--output-dir", str(tmp_path / "accum")])
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "accum")
+    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
+    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+
+
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run(image_folder, tmp_path):
     args = ["--dataset", str(image_folder), "--max-steps", "8", "--batch-size", "4", "--dropout", "0.1",
@@ -240,6 +274,23 @@ def test_two_process_launch_trains_two_stages(image_folder, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert result.stdout.count("2 process(es) (MULTI_CPU)") == 2
     assert (tmp_path / "a" / "model").is_dir() and (tmp_path / "b" / "model").is_dir()
+
+
+@pytest.mark.slow
+def test_two_process_stage_two_matches_one_process_when_token_counts_differ(uneven_vqa, tiny_vit_dir, tmp_path):
+    """Each process's batch holds its own number of supervised tokens: the step follows the mean over all
+    of them, as one process with the whole batch (averaging the processes' means differed by 2.6e-4)."""
+    args = uneven_args(uneven_vqa, tiny_vit_dir)
+    cpu_only = {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    run_stage("train_vqa", [*args, "--batch-size", "8", "--output-dir", str(tmp_path / "one")], env=cpu_only)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                str(29500 + os.getpid() % 1000)]
+    run_stage("train_vqa", [*args, "--batch-size", "4", "--output-dir", str(tmp_path / "two")], env=cpu_only,
+              launcher=launcher)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
+    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
 
 
 def test_optimizer_groups_and_schedule():

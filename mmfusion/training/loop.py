@@ -1,7 +1,7 @@
 """The training loop both stages share: a plain function over accelerate (no Trainer, no
 callbacks), checkpoints written atomically, and exact resume.
 
-A stage supplies a `step(model, batch) -> (loss, items)` and an `evaluate(model, full) -> dict`
+A stage supplies a `step(model, batch) -> (loss, items[, terms])` and an `evaluate(model, full) -> dict`
 and gets back the trained, unwrapped model.
 """
 
@@ -144,7 +144,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int, e
 
 # ---- the loop -------------------------------------------------------------------------------
 
-StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int | torch.Tensor]]  # (loss, items counted)
+StepFn = Callable[[torch.nn.Module, dict], tuple]  # (mean loss, items counted[, terms the mean is over])
 EvalFn = Callable[[torch.nn.Module, bool], dict[str, float]]
 
 
@@ -169,8 +169,11 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
           weights: torch.Tensor | None = None, data: dict | None = None) -> torch.nn.Module:
     """Train `model` for the configured steps; returns the unwrapped model.
 
-    step_fn(model, batch) -> (mean loss, items in the batch), items counted for throughput
-    (`unit` names them). evaluate(model, full) -> metrics, called every `eval_every` steps
+    step_fn(model, batch) -> (mean loss, items in the batch[, terms]), items counted for throughput
+    (`unit` names them); `terms` (an int: stage 2's supervised tokens) is how many terms the mean is
+    over. Each optimizer step follows the mean over every term of its micro-steps on every process,
+    as one process with the whole global batch would; without `terms` each micro-step counts the
+    same (right for batches of equal size). evaluate(model, full) -> metrics, called every `eval_every` steps
     with full=False. `tag` prefixes the logged training scalars ("train/loss").
     With `ema_decay` > 0 the returned model holds the moving average of the weights (WeightEMA);
     periodic evaluations see the raw weights. `weights` (one per row) draws each epoch's rows
@@ -205,6 +208,7 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
                desc=Path(run.output_dir).name, dynamic_ncols=True)
     model.train()
     seen, t0 = 0, time.perf_counter()
+    sums = [0.0, 0]  # this process's sum of (micro-step loss x terms) and of terms since the last optimizer step
     while step < total:
         epoch, skip = divmod(step, per_epoch)
         loader.set_epoch(epoch)
@@ -212,7 +216,8 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
         micro = 0
         for batch in batches:
             torch.manual_seed(step_seed(run.seed, step, micro % run.grad_accum, accelerator.process_index))
-            loss, items = _micro_step(accelerator, run, model, optimizer, scheduler, step_fn, batch, step)
+            value, items, step_loss = _micro_step(accelerator, run, model, optimizer, scheduler, step_fn, batch, step,
+                                                  sums)
             seen = seen + items * accelerator.num_processes  # a device tensor may count: read after the step
             micro += 1
             if micro % run.grad_accum:
@@ -221,6 +226,7 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
             if ema is not None:
                 ema.update(plain(model))
             rate = float(seen) / (time.perf_counter() - t0)
+            loss = value if step_loss is None else step_loss.item()
             _after_step(accelerator, run, model, scheduler, bar, evaluate, step, total, loss, rate, unit, tag, ema,
                         data, record)
             if step >= total or step % per_epoch == 0:
@@ -313,22 +319,45 @@ def _resume(accelerator, run: RunConfig, scheduler, total: int, ema: WeightEMA |
 
 
 def _micro_step(accelerator, run: RunConfig, model, optimizer, scheduler, step_fn: StepFn, batch,
-                step: int) -> tuple[float, int | torch.Tensor]:
-    """Forward, backward and (on the last micro-step of an accumulation) clip and step; returns
-    the loss as a number. Reading it is the micro-step's one wait for the device, placed after
-    backward is queued and before the optimizer step, so a non-finite loss never reaches the weights."""
+                step: int, sums: list) -> tuple[float, int | torch.Tensor, torch.Tensor | None]:
+    """Forward, backward and (on the last micro-step of an accumulation) average, clip and step;
+    returns the loss as a number, the items, and on the last micro-step the step's mean loss over
+    every process (a device scalar). Reading the loss is the micro-step's one wait for the device,
+    placed after backward is queued and before the optimizer step, so a non-finite loss never
+    reaches the weights."""
     with accelerator.accumulate(model):
-        loss, items = step_fn(model, batch)
-        accelerator.backward(loss)
+        loss, items, *terms = step_fn(model, batch)
+        terms = terms[0] if terms else 1
+        accelerator.backward(loss * terms)  # a sum over the terms; _mean_over_terms divides by the step's
         if not math.isfinite(value := loss.item()):
             raise _non_finite(f"loss is {value}", step + 1, run.output_dir)
-        if accelerator.sync_gradients and run.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), run.grad_clip)
+        sums[0] += value * terms
+        sums[1] += terms
+        step_loss = None
+        if accelerator.sync_gradients:
+            step_loss = _mean_over_terms(accelerator, optimizer, sums, run.grad_accum)
+            if run.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), run.grad_clip)
         optimizer.step()
         if accelerator.sync_gradients:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return value, items
+    return value, items, step_loss
+
+
+def _mean_over_terms(accelerator, optimizer, sums: list, micro_steps: int) -> torch.Tensor:
+    """Rescale the step's gradients to those of the mean loss over every term of its micro-steps on
+    every process; returns that mean (a device scalar) and resets `sums` (this process's
+    [sum of loss x terms, terms]). accelerate divided each micro-step's loss x terms by
+    `micro_steps` and DDP averaged over the processes, so the factor is micro-steps x processes /
+    all terms: 1 when every micro-step counts one term. (Averaging the micro-steps' means instead gave
+    the tokens of a batch with few of them more weight than those of one with many.)"""
+    total = accelerator.reduce(torch.tensor(sums, dtype=torch.float32, device=accelerator.device), "sum")  # (2,)
+    sums[:] = [0.0, 0]
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, micro_steps * accelerator.num_processes / total[1])
+    return total[0] / total[1]
 
 
 def _after_step(accelerator, run: RunConfig, model, scheduler, bar, evaluate: EvalFn | None, step: int,

@@ -204,14 +204,16 @@ def lora_base(gpt: str) -> str | None:
     return str(path.resolve()) if path.exists() else gpt
 
 
-def vqa_step(m, batch, loss_per: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
-    """One micro-step's loss and its token count; `m` may be wrapped (DDP, compile)."""
+def vqa_step(m, batch, loss_per: str = "token") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One micro-step's loss, its token count and the terms the loss averages (supervised tokens, or
+    rows with loss_per="example"), by which the loop weighs it; `m` may be wrapped (DDP, compile)."""
     inner = extract_model_from_parallel(m, keep_torch_compile=False)
     for part in (inner.vit, *inner.connector(), inner.gpt):
         if not any(p.requires_grad for p in part.parameters()):
             part.eval()  # a frozen part runs without dropout
     output = m(**batch, loss_per=loss_per)
-    return output.loss, batch["attention_mask"].sum()  # a tensor: the loop reads it after the step
+    terms = output.num_tokens if loss_per == "token" else len(batch["input_ids"])
+    return output.loss, batch["attention_mask"].sum(), terms  # a tensor: the loop reads it after the step
 
 
 def tasks(stage: VQAStageConfig) -> tuple[bool, bool]:

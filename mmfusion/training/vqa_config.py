@@ -28,8 +28,9 @@ class VQAStageConfig:
     task: str = field(default="vqa", metadata={
         "help": "train on questions, captions, or both mixed", "choices": ["vqa", "caption", "both"]})
     loss_per: str = field(default="token", metadata={
-        "help": "average the loss over every supervised token of a batch, or per example first (a one-word "
-                "answer then weighs as much as a caption)", "choices": ["token", "example"]})
+        "help": "average the loss over every supervised token of a step's global batch (all micro-batches and "
+                "processes), or per example first (a one-word answer then weighs as much as a caption)",
+        "choices": ["token", "example"]})
     # 0.5 in the main job's recipe: at 0 a seed could leave "is there a <color> shape?" (yes 1 time in 8)
     # answered "no" to the end (94.6% VQA); 0.5 gave 99.8% on that seed (docs/experiments.md).
     balance_answers: float = field(default=0.5, metadata={
