@@ -226,7 +226,7 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
             if ema is not None:
                 ema.update(plain(model))
             rate = float(seen) / (time.perf_counter() - t0)
-            loss = value if step_loss is None else step_loss.item()
+            loss = value if step_loss is None else step_loss
             _after_step(accelerator, run, model, scheduler, bar, evaluate, step, total, loss, rate, unit, tag, ema,
                         data, record)
             if step >= total or step % per_epoch == 0:
@@ -319,23 +319,25 @@ def _resume(accelerator, run: RunConfig, scheduler, total: int, ema: WeightEMA |
 
 
 def _micro_step(accelerator, run: RunConfig, model, optimizer, scheduler, step_fn: StepFn, batch,
-                step: int, sums: list) -> tuple[float, int | torch.Tensor, torch.Tensor | None]:
+                step: int, sums: list) -> tuple[float, int | torch.Tensor, float | None]:
     """Forward, backward and (on the last micro-step of an accumulation) average, clip and step;
     returns the loss as a number, the items, and on the last micro-step the step's mean loss over
-    every process (a device scalar). Reading the loss is the micro-step's one wait for the device,
+    every process. Reading the loss is the micro-step's one wait for the device,
     placed after backward is queued and before the optimizer step, so a non-finite loss never
-    reaches the weights."""
+    reaches the weights (several processes add one: the sum of their terms)."""
+    combined = run.grad_accum * accelerator.num_processes > 1  # else the step's mean is this batch's
     with accelerator.accumulate(model):
         loss, items, *terms = step_fn(model, batch)
         terms = terms[0] if terms else 1
-        accelerator.backward(loss * terms)  # a sum over the terms; _mean_over_terms divides by the step's
+        accelerator.backward(loss * terms if combined else loss)  # a sum over the terms; rescaled at the step
         if not math.isfinite(value := loss.item()):
             raise _non_finite(f"loss is {value}", step + 1, run.output_dir)
         sums[0] += value * terms
         sums[1] += terms
         step_loss = None
         if accelerator.sync_gradients:
-            step_loss = _mean_over_terms(accelerator, optimizer, sums, run.grad_accum)
+            step_loss = _mean_over_terms(accelerator, optimizer, sums, run.grad_accum) if combined else value
+            sums[:] = [0.0, 0]
             if run.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), run.grad_clip)
         optimizer.step()
@@ -345,18 +347,20 @@ def _micro_step(accelerator, run: RunConfig, model, optimizer, scheduler, step_f
     return value, items, step_loss
 
 
-def _mean_over_terms(accelerator, optimizer, sums: list, micro_steps: int) -> torch.Tensor:
+def _mean_over_terms(accelerator, optimizer, sums: list, micro_steps: int) -> float:
     """Rescale the step's gradients to those of the mean loss over every term of its micro-steps on
-    every process; returns that mean (a device scalar) and resets `sums` (this process's
-    [sum of loss x terms, terms]). accelerate divided each micro-step's loss x terms by
-    `micro_steps` and DDP averaged over the processes, so the factor is micro-steps x processes /
-    all terms: 1 when every micro-step counts one term. (Averaging the micro-steps' means instead gave
-    the tokens of a batch with few of them more weight than those of one with many.)"""
-    total = accelerator.reduce(torch.tensor(sums, dtype=torch.float32, device=accelerator.device), "sum")  # (2,)
-    sums[:] = [0.0, 0]
+    every process; returns that mean. `sums` is this process's [sum of loss x terms, terms].
+    accelerate divided each micro-step's loss x terms by `micro_steps` and DDP averaged over the
+    processes, so the factor is micro-steps x processes / all terms: exactly 1 when every micro-step
+    counts one term (stage 1), and then skipped. (Averaging the micro-steps' means instead gave the
+    tokens of a batch with few of them more weight than those of one with many.)"""
+    total = sums
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(torch.tensor(sums, dtype=torch.float64, device=accelerator.device), "sum").tolist()
+    scale = micro_steps * accelerator.num_processes / total[1]
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if grads:
-        torch._foreach_mul_(grads, micro_steps * accelerator.num_processes / total[1])
+    if grads and scale != 1:
+        torch._foreach_mul_(grads, scale)
     return total[0] / total[1]
 
 
