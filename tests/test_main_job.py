@@ -112,6 +112,7 @@ pretrain_vit.run, train_vqa.run = stage_1, stage_2
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", ["main", "captions"])
 def test_two_process_job_starts_stage_two_after_stage_one_is_saved(job, tmp_path):
     """Under accelerate launch the main process evaluates and saves stage 1 while the others have
@@ -134,3 +135,4 @@ def test_two_process_job_starts_stage_two_after_stage_one_is_saved(job, tmp_path
                             env=env, cwd=root, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "| **all** | 1 |" in (tmp_path / "out" / "results.md").read_text()
+    assert result.stdout.count("== stage 2") == 1, result.stdout[-2000:]  # from the main process only

@@ -32,7 +32,7 @@ from ..errors import OneLineErrorParser, run_command
 from ..evaluation import format_caption_table, format_examples, format_template_table, format_vqa_table, read_jsonl
 from ..layers import INIT_STD
 from . import pretrain_vit, train_vqa
-from .main import after_stage_1, check_stage_flags
+from .main import after_stage_1, announce, check_stage_flags
 from .precision import PRECISIONS
 from .setup import RunConfig, check_output_dir
 
@@ -102,11 +102,11 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     vit_metrics = None
     if args.vit is None:
-        print(f"== stage 1: ViT pretraining on {VIT_STAGE.dataset} cells -> {vit_run.output_dir}", flush=True)
+        announce(f"== stage 1: ViT pretraining on {VIT_STAGE.dataset} cells -> {vit_run.output_dir}")
         vit_metrics = pretrain_vit.run(VIT_STAGE, vit_run)
         after_stage_1()
     t1 = time.perf_counter()
-    print(f"== stage 2: captions and questions on {stage.dataset} -> {out}", flush=True)
+    announce(f"== stage 2: captions and questions on {stage.dataset} -> {out}")
     metrics = train_vqa.run(stage, run_cfg)
     seconds = time.perf_counter() - t0
     if not PartialState().is_main_process:

@@ -20,6 +20,7 @@ questions much later).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
@@ -93,6 +94,13 @@ def check_stage_flags(args, *stages: str) -> None:
     check_number("--examples", args.examples, 0, integer=True)
 
 
+def announce(line: str) -> None:
+    """Print a job's line once under several processes. From the launcher's RANK: PartialState() here,
+    before a stage's Accelerator, would set the processes up without the stage's settings."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
+
+
 def after_stage_1() -> None:
     """Under several processes, hold each one until the main process has evaluated and saved stage 1:
     stage 2 loads that ViT (the others, done training, would load an earlier run's or none)."""
@@ -130,11 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
 
     vit_stage, vit_run, vqa_stage, vqa_run = stage_configs(args)
-    print(f"== stage 1: ViT pretraining on {vit_stage.dataset} -> {vit_run.output_dir}", flush=True)
+    announce(f"== stage 1: ViT pretraining on {vit_stage.dataset} -> {vit_run.output_dir}")
     vit_metrics = pretrain_vit.run(vit_stage, vit_run)
     after_stage_1()
     t1 = time.perf_counter()
-    print(f"== stage 2: VQA fine-tuning on {vqa_stage.dataset} -> {vqa_run.output_dir}", flush=True)
+    announce(f"== stage 2: VQA fine-tuning on {vqa_stage.dataset} -> {vqa_run.output_dir}")
     vqa_metrics = train_vqa.run(vqa_stage, vqa_run)
     t2 = time.perf_counter()
     if not PartialState().is_main_process:
