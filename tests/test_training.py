@@ -200,6 +200,7 @@ def uneven_args(uneven_vqa: Path, vit_dir: Path) -> list[str]:
             "--warmup-steps", "1", "--adam-eps", "1e-2", "--final-eval-limit", "1", "--max-new-tokens", "1", *QUIET]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_whole_batch_when_token_counts_differ(uneven_vqa, tiny_vit_dir, tmp_path):
     """The loss is the mean over a step's supervised tokens: batch 8 and 2 micro-batches of 4 train the
     same weights. (Averaging each micro-batch's mean instead differed by 2.6e-4.)"""
