@@ -170,7 +170,8 @@ def cmd_eval(argv: list[str]) -> None:
     parser.add_argument("--caption-column", default=None,
                         help="column holding a caption or a list of captions per image in your data "
                              "(default: 'captions', else 'caption')")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions (default: all)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate only the first N questions and caption only the first N images (default: all)")
     parser.add_argument("--batch-size", type=int, default=256, help="prompts generated at once (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default: %(default)s)")
     parser.add_argument("--caption-max-new-tokens", type=int, default=48, help="caption length limit (default: %(default)s)")
