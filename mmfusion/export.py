@@ -366,7 +366,7 @@ def model_card(model, source: str | None, notes: list[str], llava: bool = False)
         "a grey level, and no saved config can choose the backend.",
     ]
     if notes:
-        lines += ["", "Left out: " + "; ".join(notes) + "."]
+        lines += ["", "Notes on the export: " + "; ".join(notes) + "."]
     return "\n".join(lines) + "\n"
 
 
