@@ -12,9 +12,9 @@ The flags below override the stages' settings (`--vit-epochs`, `--vqa-epochs`, `
 `mmfusion train-vqa --vit DIR/vit/model`, which repeat this job with their defaults. Stage 1 starts
 the ViT as the stage command does: attention mimetic, patch projection N(0, 0.072)
 (`--vit-attention-init normal --vit-patch-init-std 0.02` gives transformers' start, with which the
-job ran 50 epochs and still had one row under its targets). `--no-keep-cls` feeds stage 2 the patch tokens without the ViT's CLS token;
-`--gpt-init-std` sets the fresh GPT's init (gpt-tiny: 0.1; GPT-2's 0.02 learns the yes/no
-questions much later).
+job ran 50 epochs and still had one row under its targets). `--no-keep-cls` feeds stage 2 the patch
+tokens without the ViT's CLS token; `--gpt-init-std` sets the fresh GPT's init (gpt-tiny: 0.1;
+GPT-2's 0.02 learns the yes/no questions much later).
 """
 
 from __future__ import annotations
