@@ -110,7 +110,7 @@ class ViTStageConfig:
     ema: float = field(default=0.0, metadata={
         "help": "keep a moving average of the weights with this decay (e.g. 0.999) and save it as the model (0: off)"})
     cache_images: bool = field(default=True, metadata={
-        "help": "keep decoded, normalized images in memory after their first use (skipped past 2 GB)"})
+        "help": "keep decoded, normalized images in memory after their first use (skipped past 2 GiB)"})
 
     def __post_init__(self) -> None:
         # Impossible values stop here, at parse time: before any data is read or any folder written.
