@@ -11,10 +11,10 @@ The order of authority, first match wins:
    On CPUs a small matmul is timed first: without native bf16 (AVX2-only CPUs) bf16 products
    run ~200x slower, and one bf16 model step could take minutes, so such a CPU gets fp32
    without timing the model. Otherwise one forward+backward of the real model on a real batch
-   is timed in fp32 and under bf16 autocast (best of 3 each, alternating), and bf16 wins only if
-   it is at least 25% faster (`BF16_MARGIN`): a smaller gain is within the probe's run-to-run
-   noise, and bf16 gives other numbers than fp32. Tiny models often train slower under autocast
-   even where bf16 matmuls are 4x faster.
+   is timed in fp32 and under bf16 autocast (best of `REPEATS` = 10 each, alternating), and bf16
+   wins only if it is at least 25% faster (`BF16_MARGIN`): a smaller gain is within the probe's
+   run-to-run noise, and bf16 gives other numbers than fp32. Tiny models often train slower under
+   autocast even where bf16 matmuls are 4x faster.
 5. `auto` on several processes (torchrun without accelerate launch): GPUs with bf16 support get
    bf16, CPUs fp32. Timings could differ between ranks, and every rank must agree.
 
