@@ -14,7 +14,7 @@ The ViT comes from a saved mmfusion folder, a preset name (fresh), or transforme
 weights; the GPT from a preset name (fresh), a saved folder, or transformers GPT-2 weights.
 The ViT is frozen by default. Writes OUTPUT_DIR/model (the whole VLM), metrics.json,
 predictions.jsonl (questions) and captions.jsonl (captions), run_config.json, logs/ (tensorboard, a
-folder per run) and checkpoints/.
+folder per run) and checkpoints/ (with --save-every).
 """
 
 from __future__ import annotations
