@@ -32,6 +32,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # transformers' `hidden_act` / `activation_function` -> ours. Anything else is refused:
 # "gelu_fast", "gelu_accurate" and friends are different approximations, not the same function.
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
+# The oldest transformers whose key names the tables follow: before 5.9 ViT's attention was
+# attention.attention.query/key/value (before 5.6 CLIPVisionModel's keys began vision_model.).
+TABLES_NEED_TRANSFORMERS = (5, 9)
 
 
 @dataclass(frozen=True)
@@ -329,14 +332,22 @@ def _folder_or_hub_id(source: Any, fn: str) -> tuple[str, Path]:
     return text, local
 
 
-def _check_transformers_version() -> None:
+def transformers_version() -> str:
+    """The installed transformers' version string (a function, so tests can stand in an older one)."""
     import transformers
 
-    major = int(transformers.__version__.split(".")[0])
-    if major < 5:
+    return transformers.__version__
+
+
+def _check_transformers_version() -> None:
+    from packaging.version import Version
+
+    installed = transformers_version()
+    if Version(installed).release[:2] < TABLES_NEED_TRANSFORMERS:
+        need = ".".join(map(str, TABLES_NEED_TRANSFORMERS))
         raise ConversionError(
-            f"the key tables follow transformers 5.x parameter names (e.g. ViT's layers.N.attention.q_proj); "
-            f"transformers {transformers.__version__} is installed: pip install 'transformers>=5'"
+            f"the key tables follow the parameter names of transformers >= {need} (e.g. ViT's "
+            f"layers.N.attention.q_proj); transformers {installed} is installed: pip install -U 'transformers>={need}'"
         )
 
 

@@ -321,6 +321,21 @@ def test_unsupported_options_are_refused(make, match):
         convert(hf)
 
 
+@pytest.mark.parametrize("version", ["4.57.6", "5.0.0", "5.8.1"])
+def test_a_transformers_older_than_the_tables_names_is_refused_naming_the_version(monkeypatch, version):
+    """transformers 5.0-5.8 load but name ViT's keys attention.attention.query: say which version
+    to install rather than list every key the table misses."""
+    from mmfusion import hf_checkpoint
+
+    hf = hf_vit("ViTModel")
+    # not transformers.__version__: building a transformers model can put a fresh module in sys.modules
+    monkeypatch.setattr(hf_checkpoint, "transformers_version", lambda: version)
+    with pytest.raises(ConversionError, match=rf"transformers {version} is installed: pip install -U 'transformers>=5\.9'"):
+        vit_from_hf(hf)
+    monkeypatch.setattr(hf_checkpoint, "transformers_version", lambda: "5.9.0.dev0")
+    vit_from_hf(hf)
+
+
 def test_untied_lm_head_is_refused():
     hf = hf_gpt2(tie_word_embeddings=False)
     assert hf.lm_head.weight is not hf.transformer.wte.weight
