@@ -349,3 +349,23 @@ def test_a_resume_ignores_fresh_init_settings_and_names_data_decided_ones():
     assert "the class names (from the training data): ['a', 'b'] in the checkpoint, ['a', 'c'] now" in notes[0]
     with pytest.raises(CheckpointError, match=r"x: its model was built with other settings \(dropout 0.0 -> 0.1\)"):
         compare_models(saved, vit.replace(dropout=0.1), "x")
+
+
+@pytest.mark.parametrize("progress", ["[3]", '"step 3"', "3"], ids=["list", "string", "number"])
+def test_a_stage_run_without_its_parse_names_a_progress_json_that_is_not_an_object(tmp_path, progress):
+    """run() may be called without parse() (start_run_folder checks the paths again): the resume's
+    model check, moved ahead of start_run_folder, read progress.json with .get and stopped on an
+    AttributeError ('list' object has no attribute 'get') instead of the CheckpointError naming it."""
+    from mmfusion.errors import CheckpointError
+
+    data = tmp_path / "data"
+    for color in ("red", "blue"):
+        (data / color).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), color).save(data / color / f"{i}.png")
+    out = tmp_path / "run"
+    stage, run = pretrain_vit.parse(["--dataset", str(data), "--output-dir", str(out), *TINY, "--max-steps", "1"])
+    checkpoint(out, 3, progress)
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*step_3.*progress\.json gives step None"):
+        pretrain_vit.run(stage, dataclasses.replace(run, resume="latest"))
+    assert not (out / "logs").exists()

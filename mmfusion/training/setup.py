@@ -366,7 +366,8 @@ def check_resume_model(run: RunConfig, config) -> list[str]:
     start_from = find_resume(run.resume, run.output_dir, warn=False)
     if start_from is None:
         return []
-    saved = read_json(start_from / PROGRESS_NAME).get("model")
+    progress = read_json(start_from / PROGRESS_NAME)  # not an object: check_resume names it
+    saved = progress.get("model") if isinstance(progress, dict) else None
     return compare_models(saved, config, f"cannot resume from {start_from}") if isinstance(saved, dict) else []
 
 
