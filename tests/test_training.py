@@ -200,6 +200,56 @@ def uneven_args(uneven_vqa: Path, vit_dir: Path) -> list[str]:
             "--warmup-steps", "1", "--adam-eps", "1e-2", "--final-eval-limit", "1", "--max-new-tokens", "1", *QUIET]
 
 
+class UnevenRows(torch.utils.data.Dataset):
+    """Rows of 1 to 4 supervised targets (a mask), as stage 2's answers and captions differ in tokens."""
+
+    def __init__(self, n: int = 16) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 4, generator=g), torch.randn(n, 4, generator=g)
+        self.mask = torch.arange(4) < (1 + 3 * (torch.arange(n) % 5 == 0)).unsqueeze(1)  # (n, 4): 1 or 4 targets
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, virtual: int):
+        i = virtual % len(self.x)
+        return self.x[i], self.y[i], self.mask[i]
+
+
+def train_uneven(tmp_path: Path, batch_size: int, grad_accum: int, logged: list) -> dict[str, torch.Tensor]:
+    from accelerate import Accelerator
+
+    from mmfusion.training.loop import train
+    from mmfusion.training.setup import RunConfig
+
+    def step(m, batch):
+        x, y, mask = batch
+        terms = int(mask.sum())
+        return ((m(x) - y) ** 2 * mask).sum() / terms, len(x), terms  # the mean over this batch's terms
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    run = RunConfig(output_dir=str(tmp_path / f"b{batch_size}x{grad_accum}"), max_steps=3, batch_size=batch_size,
+                    grad_accum=grad_accum, warmup_steps=0, progress=False, lr=0.1, grad_clip=0.5, log_every=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=run.lr)  # updates linear in the gradient
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=grad_accum)
+    accelerator.log = lambda values, step: logged.append(values["train/loss"])
+    return {k: v.detach().clone() for k, v in train(accelerator, run, model, optimizer, UnevenRows(), None,
+                                                    step).state_dict().items()}
+
+
+def test_a_step_follows_the_mean_over_its_micro_batches_terms(tmp_path):
+    """Fast tier, in process: batch 4 and 2 micro-batches of 2 whose target counts differ train the
+    same weights and log the same loss (averaging the micro-batches' means weighed a target of a
+    batch with few of them more); gradient clipping sees the rescaled gradients."""
+    whole_loss, accum_loss = [], []
+    whole = train_uneven(tmp_path, 4, 1, whole_loss)
+    accum = train_uneven(tmp_path, 2, 2, accum_loss)
+    for k in whole:
+        torch.testing.assert_close(whole[k], accum[k], rtol=0, atol=1e-6, msg=k)
+    assert accum_loss == pytest.approx(whole_loss, abs=1e-6) and len(whole_loss) == 3
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_matches_the_whole_batch_when_token_counts_differ(uneven_vqa, tiny_vit_dir, tmp_path):
     """The loss is the mean over a step's supervised tokens: batch 8 and 2 micro-batches of 4 train the
