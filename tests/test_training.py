@@ -216,7 +216,8 @@ class UnevenRows(torch.utils.data.Dataset):
         return self.x[i], self.y[i], self.mask[i]
 
 
-def train_uneven(tmp_path: Path, batch_size: int, grad_accum: int, logged: list) -> dict[str, torch.Tensor]:
+def train_uneven(tmp_path: Path, batch_size: int, grad_accum: int, logged: list,
+                 backward: list | None = None) -> dict[str, torch.Tensor]:
     from accelerate import Accelerator
 
     from mmfusion.training.loop import train
@@ -225,7 +226,10 @@ def train_uneven(tmp_path: Path, batch_size: int, grad_accum: int, logged: list)
     def step(m, batch):
         x, y, mask = batch
         terms = int(mask.sum())
-        return ((m(x) - y) ** 2 * mask).sum() / terms, len(x), terms  # the mean over this batch's terms
+        loss = ((m(x) - y) ** 2 * mask).sum() / terms  # the mean over this batch's terms
+        if backward is not None:
+            backward.append([loss.item(), terms])
+        return loss, len(x), terms
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)
@@ -234,6 +238,9 @@ def train_uneven(tmp_path: Path, batch_size: int, grad_accum: int, logged: list)
     optimizer = torch.optim.SGD(model.parameters(), lr=run.lr)  # updates linear in the gradient
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=grad_accum)
     accelerator.log = lambda values, step: logged.append(values["train/loss"])
+    if backward is not None:  # what each micro-step back-propagates, after its mean
+        plain_backward = accelerator.backward
+        accelerator.backward = lambda loss: (backward[-1].append(loss.item()), plain_backward(loss))
     return {k: v.detach().clone() for k, v in train(accelerator, run, model, optimizer, UnevenRows(), None,
                                                     step).state_dict().items()}
 
@@ -248,6 +255,16 @@ def test_a_step_follows_the_mean_over_its_micro_batches_terms(tmp_path):
     for k in whole:
         torch.testing.assert_close(whole[k], accum[k], rtol=0, atol=1e-6, msg=k)
     assert accum_loss == pytest.approx(whole_loss, abs=1e-6) and len(whole_loss) == 3
+
+
+def test_a_micro_step_back_propagates_its_mean_times_its_terms_per_row(tmp_path):
+    """Not times its terms (up to ~1,000 tokens in a stage-2 batch): under fp16 the loss scale would
+    overflow and skip steps until it had shrunk by as much."""
+    backward = []
+    train_uneven(tmp_path, 2, 2, [], backward)
+    assert len(backward) == 6 and {terms for _, terms, _ in backward} >= {2, 5}  # 1 or 4 targets a row
+    for mean, terms, propagated in backward:
+        assert propagated == pytest.approx(mean * terms / 2, rel=1e-6)
 
 
 @pytest.mark.slow
@@ -311,6 +328,7 @@ for name in ("a", "b"):  # as the main job: two stages, one launch
 """
 
 
+@pytest.mark.slow
 def test_two_process_launch_trains_two_stages(image_folder, tmp_path):
     """accelerate's end_training destroys the process group: a job's second stage in the same two
     processes then failed ('Default process group has not been initialized')."""

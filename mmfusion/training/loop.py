@@ -208,7 +208,7 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
                desc=Path(run.output_dir).name, dynamic_ncols=True)
     model.train()
     seen, t0 = 0, time.perf_counter()
-    sums = [0.0, 0]  # this process's sum of (micro-step loss x terms) and of terms since the last optimizer step
+    sums = [0.0, 0, 0.0]  # this process's sums of micro-step loss x terms, of terms and of weights since the last step
     while step < total:
         epoch, skip = divmod(step, per_epoch)
         loader.set_epoch(epoch)
@@ -328,16 +328,19 @@ def _micro_step(accelerator, run: RunConfig, model, optimizer, scheduler, step_f
     combined = run.grad_accum * accelerator.num_processes > 1  # else the step's mean is this batch's
     with accelerator.accumulate(model):
         loss, items, *terms = step_fn(model, batch)
+        # weighed by its terms per row, not its terms: fp16's loss scale then sees gradients of the usual size
+        weight = terms[0] / run.batch_size if terms else 1
         terms = terms[0] if terms else 1
-        accelerator.backward(loss * terms if combined else loss)  # a sum over the terms; rescaled at the step
+        accelerator.backward(loss * weight if combined else loss)  # rescaled at the step
         if not math.isfinite(value := loss.item()):
             raise _non_finite(f"loss is {value}", step + 1, run.output_dir)
         sums[0] += value * terms
         sums[1] += terms
+        sums[2] += weight
         step_loss = None
         if accelerator.sync_gradients:
             step_loss = _mean_over_terms(accelerator, optimizer, sums, run.grad_accum) if combined else value
-            sums[:] = [0.0, 0]
+            sums[:] = [0.0, 0, 0.0]
             if run.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), run.grad_clip)
         optimizer.step()
@@ -349,15 +352,16 @@ def _micro_step(accelerator, run: RunConfig, model, optimizer, scheduler, step_f
 
 def _mean_over_terms(accelerator, optimizer, sums: list, micro_steps: int) -> float:
     """Rescale the step's gradients to those of the mean loss over every term of its micro-steps on
-    every process; returns that mean. `sums` is this process's [sum of loss x terms, terms].
-    accelerate divided each micro-step's loss x terms by `micro_steps` and DDP averaged over the
-    processes, so the factor is micro-steps x processes / all terms: exactly 1 when every micro-step
-    counts one term (stage 1), and then skipped. (Averaging the micro-steps' means instead gave the
-    tokens of a batch with few of them more weight than those of one with many.)"""
+    every process; returns that mean. `sums` is this process's [sum of loss x terms, terms, weights].
+    Each micro-step back-propagated its mean loss x its weight (terms / rows per micro-batch),
+    accelerate divided that by the micro-steps and DDP averaged over the processes, so the factor is
+    micro-steps x processes / all weights: exactly 1 when every weight is 1 (stage 1, no terms), and
+    then skipped. (Averaging the micro-steps' means instead gave the tokens of a batch with few of
+    them more weight than those of one with many.)"""
     total = sums
     if accelerator.num_processes > 1:
         total = accelerator.reduce(torch.tensor(sums, dtype=torch.float64, device=accelerator.device), "sum").tolist()
-    scale = micro_steps * accelerator.num_processes / total[1]
+    scale = micro_steps * accelerator.num_processes / total[2]
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if grads and scale != 1:
         torch._foreach_mul_(grads, scale)
