@@ -111,6 +111,27 @@ def test_an_alignment_with_other_model_settings_is_refused_before_the_folder_is_
 
 
 @pytest.mark.slow
+def test_a_resume_from_an_alignment_checkpoint_finishes_the_alignment_then_trains_the_main_phase(
+        small_scenes, parts, tmp_path, capsys):
+    """The main phase was handed the alignment's checkpoint too: it failed after the alignment had
+    finished ("step 3, not a step of this 2-step run"), and in a longer run would have loaded the
+    adapter-only optimizer state into the main phase."""
+    vit, gpt = parts
+    out = tmp_path / "run"
+    base = _args(out, vit, gpt, "--task", "caption", "--align-epochs", "1", "--max-steps", "2", "--save-every", "1")
+    train_vqa.main(base)
+    first = VLM.from_pretrained(out / "model").state_dict()
+    align_step = sorted((out / "align" / "checkpoints").iterdir())[0]
+    capsys.readouterr()
+    train_vqa.main(base + ["--resume", str(align_step)])
+    printed = capsys.readouterr().out
+    assert f"resumed from {align_step} at step" in printed and printed.count("resumed from") == 1
+    assert sorted(p.name for p in (out / "earlier_run" / "checkpoints").iterdir()) == ["step_1", "step_2"]
+    again = VLM.from_pretrained(out / "model").state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)  # the same run, from a mid-alignment checkpoint
+
+
+@pytest.mark.slow
 def test_caption_only_training_learns_a_fixed_caption(small_scenes, parts, tmp_path):
     """Enough steps on captions to see the loss fall: the caption labels reach the model."""
     vit, gpt = parts

@@ -413,10 +413,14 @@ def set_aside_earlier_run(out: Path, run: RunConfig) -> list[str]:
     taken): mixed with this run's, rotation would keep their higher steps and delete this run's,
     and --resume latest would pick them. Moved, never deleted, so a forgotten --resume costs no
     training. An earlier model/ stays until this run saves its own; a line says it will be replaced."""
-    inside = run.resume is not None and (run.resume == "latest" or out.resolve() in Path(run.resume).resolve().parents)
+    resumed = None if run.resume in (None, "latest") else Path(run.resume).resolve()
+    inside = run.resume == "latest" or (resumed is not None and out.resolve() in resumed.parents)
     lines = []
     checkpoints, align = out / "checkpoints", out / "align"
-    stale = [p for p in (checkpoints, align) if not inside and p.is_dir() and any(p.iterdir())]
+    # resuming the alignment phase (a checkpoint under align/) starts the main phase afresh
+    aligning = resumed is not None and align.resolve() in resumed.parents
+    stale = [p for p in (checkpoints, align) if (not inside or (aligning and p == checkpoints))
+             and p.is_dir() and any(p.iterdir())]
     if stale:
         steps = [p.name for p in checkpoint_dirs(out)]
         held = ([f"checkpoints ({', '.join(steps) or 'unfinished ones'})"] if checkpoints in stale else []) + (
@@ -431,7 +435,7 @@ def set_aside_earlier_run(out: Path, run: RunConfig) -> list[str]:
         lines.append(f"note: {out} holds an earlier run's {' and '.join(held)}: moved to {aside} so that this "
                      "run's checkpoint rotation and --resume latest see only its own; delete it when no longer "
                      "needed" + again)
-    fresh = not inside or (run.resume == "latest" and not checkpoint_dirs(out))
+    fresh = not inside or aligning or (run.resume == "latest" and not checkpoint_dirs(out))
     if fresh and is_mmfusion_folder(out / "model"):
         lines.append(f"note: {out / 'model'} holds an earlier run's model; this run replaces it and metrics.json "
                      "when it ends (copy them elsewhere now to keep them)")

@@ -153,7 +153,7 @@ def align_plan(stage: VQAStageConfig, run_cfg: RunConfig) -> tuple[str, RunConfi
     checkpoints under align/ with --resume latest or a path inside align/), with the phase's RunConfig."""
     out = Path(run_cfg.output_dir)
     align_dir = out / "align"
-    inside = run_cfg.resume not in (None, "latest") and align_dir.resolve() in Path(run_cfg.resume).resolve().parents
+    inside = resumes_alignment(run_cfg)
     phase = replace(run_cfg, output_dir=str(align_dir), epochs=stage.align_epochs, max_steps=0, eval_every=0,
                     resume=run_cfg.resume if (inside or run_cfg.resume == "latest") else None)
     if run_cfg.resume is not None and not inside and find_resume(run_cfg.resume, out, warn=False) is not None:
@@ -161,6 +161,13 @@ def align_plan(stage: VQAStageConfig, run_cfg: RunConfig) -> tuple[str, RunConfi
     if run_cfg.resume is not None and not inside and is_mmfusion_folder(align_dir / "model"):
         return "load", phase
     return "train", phase
+
+
+def resumes_alignment(run_cfg: RunConfig) -> bool:
+    """Whether --resume names a checkpoint of the alignment phase (a path inside OUTPUT_DIR/align/):
+    that phase resumes from it, and the main phase after it starts fresh."""
+    align_dir = Path(run_cfg.output_dir) / "align"
+    return run_cfg.resume not in (None, "latest") and align_dir.resolve() in Path(run_cfg.resume).resolve().parents
 
 
 def check_align_resume(stage: VQAStageConfig, run_cfg: RunConfig, config) -> list[str]:
@@ -276,7 +283,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     prompts = PromptBuilder(model.prompt_slots, model.config.gpt.block_size)
     vocab_lines = set_output_vocab(model, stage, prompts, train_vqa, train_cap)
     # a resume's model settings, before the precision probe and feature caching
-    vocab_lines += check_resume_model(run_cfg, model.config)
+    vocab_lines += [] if resumes_alignment(run_cfg) else check_resume_model(run_cfg, model.config)
     vocab_lines += check_align_resume(stage, run_cfg, model.config) if stage.align_epochs > 0 else []
     processor = ImageProcessor.from_config(model.config.vit)
     cached = stage.freeze_vit and stage.cache_features
@@ -330,7 +337,8 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     optimizer = optimizer_for(model, stage, run_cfg)
 
     evaluate = functools.partial(periodic_evaluation, stage, run_cfg, eval_vqa, eval_cap)
-    model = train(accelerator, run_cfg, model, optimizer, Rows(task_rows), collate, step, evaluate, unit="tok",
+    main_run = replace(run_cfg, resume=None) if resumes_alignment(run_cfg) else run_cfg
+    model = train(accelerator, main_run, model, optimizer, Rows(task_rows), collate, step, evaluate, unit="tok",
                   weights=weights, data=evaluated_on.record)
     if lora is not None:
         if accelerator.is_main_process:
