@@ -91,4 +91,15 @@ def run_command(command, argv: list[str] | None = None) -> int:
         return fail(f"{where}{e.strerror or e}; check the path, the free space and the permissions")
     except KeyboardInterrupt:
         return fail("interrupted")
+    finally:
+        end_process_group()
     return 0
+
+
+def end_process_group() -> None:
+    """Destroy a launched run's process group once its command is over: the stages leave it up for
+    a job's next stage, and torch warns at exit about a group never destroyed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -234,3 +234,24 @@ def test_train_vqa_refuses_column_flags_the_built_in_data_would_ignore(flags, tm
     with pytest.raises(ConfigError, match=f"{flags[0]} would be ignored here \\(the built-in datasets"):
         train_vqa.parse([*flags, "--output-dir", str(tmp_path / "o")])
     train_vqa.parse([*flags, "--eval-dataset", str(tmp_path / "mine.jsonl"), "--output-dir", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("outcome", ["done", "refused"])
+def test_a_command_ends_the_process_group_its_stages_left_up(tmp_path, outcome):
+    """The stages keep a launched run's process group for a job's next stage; the command ends it
+    (torch warns at exit about a group never destroyed), also when it fails."""
+    import torch.distributed as dist
+
+    from mmfusion.errors import ConfigError, run_command
+
+    def command(argv):
+        if outcome == "refused":
+            raise ConfigError("bad flag")
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        assert run_command(command, []) == (0 if outcome == "done" else 2)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
