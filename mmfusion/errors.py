@@ -92,14 +92,25 @@ def run_command(command, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return fail("interrupted")
     finally:
-        end_process_group()
+        end_process_group_at_exit()
     return 0
 
 
-def end_process_group() -> None:
-    """Destroy a launched run's process group once its command is over: the stages leave it up for
-    a job's next stage, and torch warns at exit about a group never destroyed."""
-    import torch.distributed as dist
+def end_process_group_at_exit() -> None:
+    """Destroy a launched run's process group when the process exits (torch warns at exit about a
+    group never destroyed), not when a command ends: the stages leave it up for the next stage or
+    command in the same processes, and accelerate keeps using it (a second command after the group
+    was destroyed failed: 'Default process group has not been initialized'; initializing it again
+    hung). Registered once, after the command's imports, so it runs before their exit handlers."""
+    import atexit
 
-    if dist.is_available() and dist.is_initialized():
+    atexit.unregister(_end_process_group)
+    atexit.register(_end_process_group)
+
+
+def _end_process_group() -> None:
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

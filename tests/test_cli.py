@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -237,9 +242,11 @@ def test_train_vqa_refuses_column_flags_the_built_in_data_would_ignore(flags, tm
 
 
 @pytest.mark.parametrize("outcome", ["done", "refused"])
-def test_a_command_ends_the_process_group_its_stages_left_up(tmp_path, outcome):
-    """The stages keep a launched run's process group for a job's next stage; the command ends it
-    (torch warns at exit about a group never destroyed), also when it fails."""
+def test_a_second_command_in_the_same_processes_still_has_the_process_group(tmp_path, outcome):
+    """A launched script, notebook or test may run several commands in the same processes: the
+    first one destroyed the group accelerate keeps using, and the second failed ('Default process
+    group has not been initialized'), also after a refused first command."""
+    import torch
     import torch.distributed as dist
 
     from mmfusion.errors import ConfigError, run_command
@@ -248,10 +255,33 @@ def test_a_command_ends_the_process_group_its_stages_left_up(tmp_path, outcome):
         if outcome == "refused":
             raise ConfigError("bad flag")
 
+    def collective(argv):
+        dist.all_reduce(torch.ones(1))
+
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         assert run_command(command, []) == (0 if outcome == "done" else 2)
-        assert not dist.is_initialized()
+        assert run_command(collective, []) == 0 and dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+AT_EXIT = """
+import atexit, sys
+import torch.distributed as dist
+from mmfusion.errors import run_command
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized()))  # runs after run_command's hook
+dist.init_process_group("gloo", store=dist.FileStore(sys.argv[1], 1), rank=0, world_size=1)
+for _ in range(2):
+    assert run_command(lambda argv: None, []) == 0 and dist.is_initialized()
+"""
+
+
+def test_the_process_group_a_command_left_up_is_destroyed_at_exit(tmp_path):
+    """torch warns at exit about a group never destroyed: the process's exit ends it, once."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", AT_EXIT, str(tmp_path / "store")], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "initialized at exit: False"
