@@ -18,7 +18,15 @@ from mmfusion.cli import main
 from mmfusion.config import ConfigError
 from mmfusion.training import pretrain_vit
 from mmfusion.training.loop import save_checkpoint
-from mmfusion.training.setup import EARLIER_RUN, RunConfig, checkpoint_dirs, find_resume, run_log_name, start_run_folder
+from mmfusion.training.setup import (
+    EARLIER_RUN,
+    RunConfig,
+    check_resume,
+    checkpoint_dirs,
+    find_resume,
+    run_log_name,
+    start_run_folder,
+)
 
 # A dataset that does not exist: a flag refused at parse time is named before the data is read.
 NOWHERE = ["--dataset", "/nonexistent/mmfusion-test-data.jsonl"]
@@ -94,6 +102,39 @@ def test_a_resume_that_cannot_resume_is_refused_before_any_work_and_writes_nothi
     assert (out / "run_config.json").read_text() == '{"earlier": "run"}\n'
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert not (tmp_path / "new").exists()
+
+
+def test_a_resume_from_another_runs_alignment_checkpoint_is_refused_before_any_work(tmp_path, capsys):
+    """train-vqa resumes an alignment only in its own folder: elsewhere it skipped the alignment and
+    the main phase loaded the checkpoint (with --freeze-gpt silently, from the alignment's step and
+    optimizer state), or was refused as 'not a step of this N-step run'."""
+    other = tmp_path / "other"
+    (other / "run_config.json").parent.mkdir()
+    (other / "run_config.json").write_text("{}\n")
+    step = checkpoint(other / "align", 3)
+    aside = checkpoint(tmp_path / "run" / EARLIER_RUN / "align", 2)  # an earlier run set aside is another run too
+    for ckpt, run in ((step, other), (aside, tmp_path / "run" / EARLIER_RUN)):
+        line = one_line_error(capsys, ["train-vqa", "--dataset", "/nonexistent/mmfusion-test-data.jsonl",
+                                       "--output-dir", tmp_path / "new", "--max-steps", "10", "--resume", ckpt])
+        assert f"is a checkpoint of the alignment phase of the run in {run}" in line, line
+        assert f"pass --output-dir {run} to continue that run" in line and "nonexistent" not in line
+    assert not (tmp_path / "new").exists()
+    # a stage's own folder named align (it holds run_config.json) is no alignment phase
+    (tmp_path / "align").mkdir()
+    (tmp_path / "align" / "run_config.json").write_text("{}\n")
+    own = checkpoint(tmp_path / "align", 1)
+    check_resume(RunConfig(output_dir=str(tmp_path / "align"), resume=str(own), max_steps=2))
+
+
+def test_an_alignment_checkpoint_under_a_symlinked_align_folder_counts_its_own_steps(tmp_path):
+    """OUTPUT_DIR/align linked to another disk: train-vqa resumes the alignment from it
+    (resumes_alignment resolves the link), so the parse-time check does not hold its step to --max-steps."""
+    elsewhere = tmp_path / "disk" / "align"
+    checkpoint(elsewhere, 5)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "align").symlink_to(elsewhere)
+    check_resume(RunConfig(output_dir=str(out), resume=str(out / "align" / "checkpoints" / "step_5"), max_steps=2))
 
 
 def test_resume_latest_without_a_checkpoint_still_starts_fresh(tmp_path, caplog):

@@ -307,14 +307,31 @@ def check_resume(run: RunConfig) -> None:
     if start_from is None:
         return
     # train-vqa's alignment phase (OUTPUT_DIR/align) counts its own steps, not --max-steps
-    align = Path(run.output_dir).resolve() / "align"
-    total = None if (run.max_steps == 0 or align in start_from.resolve().parents) else run.max_steps
+    aligning = (Path(run.output_dir) / "align").resolve() in start_from.resolve().parents
+    if not aligning and (other := alignment_of(start_from)) is not None:
+        # else the alignment was skipped and the main phase loaded the checkpoint: with the same
+        # parameter groups (--freeze-gpt) it went on silently from the alignment's step and optimizer state
+        raise CheckpointError(f"--resume {start_from} is a checkpoint of the alignment phase of the run in {other}, "
+                              "which resumes only in that run's folder: pass --output-dir "
+                              f"{other} to continue that run, or leave --resume out to start fresh")
+    total = None if (run.max_steps == 0 or aligning) else run.max_steps
     try:
         checked_step(read_json(start_from / PROGRESS_NAME), total)
     except CheckpointError as e:
         raise CheckpointError(f"cannot resume from {start_from}: {e}; pick another checkpoint with --resume PATH, "
                               "or leave --resume out to start fresh") from e
     check_resume_processes(start_from, world_size())
+
+
+def alignment_of(checkpoint: Path) -> Path | None:
+    """The run folder whose train-vqa alignment phase saved `checkpoint` (RUN/align/checkpoints/step_N,
+    also where RUN is an earlier_run/ folder), else None. A stage's own output folder named align
+    holds its run_config.json; an alignment phase's folder never does."""
+    folder = checkpoint.resolve().parent
+    align = folder.parent
+    if folder.name == "checkpoints" and align.name == "align" and not (align / "run_config.json").exists():
+        return align.parent
+    return None
 
 
 def check_resume_processes(folder: Path, processes: int) -> None:
