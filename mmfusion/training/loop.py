@@ -328,7 +328,7 @@ def _micro_step(accelerator, run: RunConfig, model, optimizer, scheduler, step_f
     combined = run.grad_accum * accelerator.num_processes > 1  # else the step's mean is this batch's
     with accelerator.accumulate(model):
         loss, items, *terms = step_fn(model, batch)
-        # weighed by its terms per row, not its terms: fp16's loss scale then sees gradients of the usual size
+        # weighed by its terms per row, not its terms: fp16's loss scale sees gradients tens, not ~1,000, times the usual
         weight = terms[0] / run.batch_size if terms else 1
         terms = terms[0] if terms else 1
         accelerator.backward(loss * weight if combined else loss)  # rescaled at the step
