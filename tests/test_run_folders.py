@@ -60,6 +60,15 @@ def checkpoint(out: Path, step: int, progress: str | None = None) -> Path:
     return folder
 
 
+def two_colour_folder(data: Path) -> Path:
+    """An image folder of two classes, 4 plain 16x16 images each."""
+    for color in ("red", "blue"):
+        (data / color).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), color).save(data / color / f"{i}.png")
+    return data
+
+
 class Printer(SimpleNamespace):
     """The parts of an Accelerator start_run_folder uses, printing into a list."""
 
@@ -312,11 +321,7 @@ def test_a_resume_with_other_model_settings_is_refused_before_the_folder_is_touc
     """Weights of the same shapes loaded into a model built with other flags (the reviewer's
     `--attention prefix --adapter-layer 1`) resumed silently as another model; a refused resume
     still rewrote run_config.json and started a log folder."""
-    data = tmp_path / "data"
-    for color in ("red", "blue"):
-        (data / color).mkdir(parents=True)
-        for i in range(4):
-            Image.new("RGB", (16, 16), color).save(data / color / f"{i}.png")
+    data = two_colour_folder(tmp_path / "data")
     out = tmp_path / "run"
     args = ["pretrain-vit", "--dataset", str(data), "--output-dir", str(out), *TINY, "--save-every", "1"]
     assert main([*args, "--max-steps", "1"]) == 0
@@ -399,11 +404,7 @@ def test_a_stage_run_without_its_parse_names_a_progress_json_that_is_not_an_obje
     AttributeError ('list' object has no attribute 'get') instead of the CheckpointError naming it."""
     from mmfusion.errors import CheckpointError
 
-    data = tmp_path / "data"
-    for color in ("red", "blue"):
-        (data / color).mkdir(parents=True)
-        for i in range(4):
-            Image.new("RGB", (16, 16), color).save(data / color / f"{i}.png")
+    data = two_colour_folder(tmp_path / "data")
     out = tmp_path / "run"
     stage, run = pretrain_vit.parse(["--dataset", str(data), "--output-dir", str(out), *TINY, "--max-steps", "1"])
     checkpoint(out, 3, progress)
