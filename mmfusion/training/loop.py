@@ -327,10 +327,10 @@ def _micro_step(accelerator, run: RunConfig, model, optimizer, scheduler, step_f
     reaches the weights (several processes add one: the sum of their terms)."""
     combined = run.grad_accum * accelerator.num_processes > 1  # else the step's mean is this batch's
     with accelerator.accumulate(model):
-        loss, items, *terms = step_fn(model, batch)
+        loss, items, *counted = step_fn(model, batch)
+        terms = counted[0] if counted else 1
         # weighed by its terms per row, not its terms: fp16's loss scale sees gradients tens, not ~1,000, times the usual
-        weight = terms[0] / run.batch_size if terms else 1
-        terms = terms[0] if terms else 1
+        weight = terms / run.batch_size if counted else 1
         accelerator.backward(loss * weight if combined else loss)  # rescaled at the step
         if not math.isfinite(value := loss.item()):
             raise _non_finite(f"loss is {value}", step + 1, run.output_dir)

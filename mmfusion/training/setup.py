@@ -307,7 +307,7 @@ def check_resume(run: RunConfig) -> None:
     if start_from is None:
         return
     # train-vqa's alignment phase (OUTPUT_DIR/align) counts its own steps, not --max-steps
-    aligning = (Path(run.output_dir) / "align").resolve() in start_from.resolve().parents
+    aligning = resumes_alignment(run)
     if not aligning and (other := alignment_of(start_from)) is not None:
         # else the alignment was skipped and the main phase loaded the checkpoint: with the same
         # parameter groups (--freeze-gpt) it went on silently from the alignment's step and optimizer state
@@ -321,6 +321,13 @@ def check_resume(run: RunConfig) -> None:
         raise CheckpointError(f"cannot resume from {start_from}: {e}; pick another checkpoint with --resume PATH, "
                               "or leave --resume out to start fresh") from e
     check_resume_processes(start_from, world_size())
+
+
+def resumes_alignment(run: RunConfig) -> bool:
+    """Whether --resume names a checkpoint of train-vqa's alignment phase (a path inside
+    OUTPUT_DIR/align/): that phase resumes from it, and the main phase after it starts fresh."""
+    align = Path(run.output_dir) / "align"
+    return run.resume not in (None, "latest") and align.resolve() in Path(run.resume).resolve().parents
 
 
 def alignment_of(checkpoint: Path) -> Path | None:
@@ -434,8 +441,7 @@ def set_aside_earlier_run(out: Path, run: RunConfig) -> list[str]:
     inside = run.resume == "latest" or (resumed is not None and out.resolve() in resumed.parents)
     lines = []
     checkpoints, align = out / "checkpoints", out / "align"
-    # resuming the alignment phase (a checkpoint under align/) starts the main phase afresh
-    aligning = resumed is not None and align.resolve() in resumed.parents
+    aligning = resumes_alignment(run)  # the main phase then starts afresh
     stale = [p for p in (checkpoints, align) if (not inside or (aligning and p == checkpoints))
              and p.is_dir() and any(p.iterdir())]
     if stale:

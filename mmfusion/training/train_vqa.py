@@ -58,6 +58,7 @@ from .setup import (
     make_accelerator,
     model_record,
     param_groups,
+    resumes_alignment,
     start_run_folder,
     write_json,
 )
@@ -161,13 +162,6 @@ def align_plan(stage: VQAStageConfig, run_cfg: RunConfig) -> tuple[str, RunConfi
     if run_cfg.resume is not None and not inside and is_mmfusion_folder(align_dir / "model"):
         return "load", phase
     return "train", phase
-
-
-def resumes_alignment(run_cfg: RunConfig) -> bool:
-    """Whether --resume names a checkpoint of the alignment phase (a path inside OUTPUT_DIR/align/):
-    that phase resumes from it, and the main phase after it starts fresh."""
-    align_dir = Path(run_cfg.output_dir) / "align"
-    return run_cfg.resume not in (None, "latest") and align_dir.resolve() in Path(run_cfg.resume).resolve().parents
 
 
 def check_align_resume(stage: VQAStageConfig, run_cfg: RunConfig, config) -> list[str]:
