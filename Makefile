@@ -7,6 +7,9 @@
 PYTHON ?= python3
 TORCH ?= 2.13.0
 TORCH_INDEX ?=
+# The exact releases the README's numbers came from (.ci/lock.py writes it); CONSTRAINTS= drops it.
+CONSTRAINTS ?= constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 VENV := .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/main
@@ -15,18 +18,18 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test lint bench strip clean
+.PHONY: setup run test lint bench strip lock clean
 
 # The main job needs only the package; the tests and notebooks add their tools (~20 s more).
-$(VENV)/.core: pyproject.toml
+$(VENV)/.core: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e . $(PIN)
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.core
-	$(PY) -m pip install --quiet -e ".[dev,notebooks]"
+	$(PY) -m pip install --quiet -e ".[dev,notebooks]" $(PIN)
 	touch $@
 
 setup: $(VENV)/.installed
@@ -42,6 +45,12 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/run.py
+
+# After changing a dependency: rebuild without the old pins, then write the new ones.
+lock:
+	rm -rf $(VENV)
+	$(MAKE) setup CONSTRAINTS=
+	$(PY) .ci/lock.py
 
 # Notebooks go into git without outputs (tests/test_notebooks.py checks it).
 strip: setup
