@@ -85,10 +85,10 @@ def test_an_alignment_with_other_model_settings_is_refused_before_the_folder_is_
     only when the phase began, after run_config.json was rewritten and a log folder started."""
     from mmfusion.training.setup import model_record
 
-    def no_probe(*args, **kwargs):
-        raise AssertionError("the precision probe ran before the resume was checked")
+    def too_early(*args, **kwargs):
+        raise AssertionError("the run was set up (precision, accelerator) before the resume was checked")
 
-    monkeypatch.setattr(train_vqa, "choose_precision", no_probe)
+    monkeypatch.setattr(train_vqa, "choose_precision", too_early)
     vit, gpt = parts
     out = tmp_path / "run"
     base = _args(out, vit, gpt, "--task", "caption", "--align-epochs", "1", "--max-steps", "2")

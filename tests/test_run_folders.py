@@ -341,10 +341,10 @@ def test_a_resume_into_a_run_of_the_other_stage_is_refused_before_the_folder_is_
     from mmfusion.training import train_vqa
     from mmfusion.training.setup import check_resume_model, model_record
 
-    def no_probe(*args, **kwargs):
-        raise AssertionError("the precision probe ran before the resume was checked")
+    def too_early(*args, **kwargs):
+        raise AssertionError("the run was set up (precision, accelerator) before the resume was checked")
 
-    monkeypatch.setattr(train_vqa, "choose_precision", no_probe)
+    monkeypatch.setattr(train_vqa, "choose_precision", too_early)
     vit = ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=16, num_classes=2)
     out = tmp_path / "run"
     checkpoint(out, 3, json.dumps({"step": 3, "model": model_record(vit)}))

@@ -67,7 +67,7 @@ def parse(argv: list[str] | None):
     add("--output-dir", default=RUN_DEFAULTS.output_dir, help="where both stages and results.md go (default: %(default)s)")
     add("--seed", type=int, default=0, help="seed of both stages (default: %(default)s)")
     add("--mixed-precision", default="auto", choices=["auto", *PRECISIONS],
-        help="both stages' precision (default: auto, each stage's step timed; mmfusion/training/precision.py)")
+        help="both stages' precision (default: auto, bf16 on GPUs that have it, else fp32; mmfusion/training/precision.py)")
     add("--compile", action=argparse.BooleanOptionalAction, default=False,
         help="train both stages through torch.compile (default: %(default)s)")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars (default: %(default)s)")

@@ -6,7 +6,7 @@ Everything lands in one folder: vit/ (stage 1: model, metrics, logs), vqa/ (stag
 metrics, predictions.jsonl, logs) and results.md (the table printed at the end). The stages'
 defaults are the recipe, chosen for the accuracy targets on easy-VQA (offline, 2-core CPU); the
 README's Results section has the measured accuracy and time per machine, precision and seed.
-`--mixed-precision` sets both stages' precision (default auto: each stage times its own step).
+`--mixed-precision` sets both stages' precision (default auto: bf16 on GPUs that have it, else fp32).
 The flags below override the stages' settings (`--vit-epochs`, `--vqa-epochs`, `--vit-lr`,
 `--vqa-lr`, ...); for any other stage flag run the stages themselves, `mmfusion pretrain-vit` then
 `mmfusion train-vqa --vit DIR/vit/model`, which repeat this job with their defaults. Stage 1 starts
@@ -67,7 +67,7 @@ def parse(argv: list[str] | None):
     add("--gpt-init-std", type=float, default=None,
         help="std of the fresh GPT's Normal init in stage 2 (default: gpt-tiny's 0.1; GPT-2's is 0.02)")
     add("--mixed-precision", default="auto", choices=["auto", *PRECISIONS],
-        help="both stages' precision (default: auto, each stage's step timed; mmfusion/training/precision.py)")
+        help="both stages' precision (default: auto, bf16 on GPUs that have it, else fp32; mmfusion/training/precision.py)")
     add("--compile", action=argparse.BooleanOptionalAction, default=False,
         help="train both stages through torch.compile (default: %(default)s)")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars (default: %(default)s)")

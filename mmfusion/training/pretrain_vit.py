@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
-from torch.utils.data import default_collate
 
 from ..config import VIT_PRESETS, ConfigError, ViTConfig, check_number, vit_preset
 from ..data import load_classification
@@ -292,7 +291,7 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
                           f"{label_grid}x{label_grid} label cells of this dataset; leave them off with per-cell labels")
     shift = (DEFAULT_SHIFT if label_grid == 1 else 0) if stage.shift is None else stage.shift
     vit = build_vit(stage, class_names, label_grid)
-    resume_notes = check_resume_model(run_cfg, vit.config)  # before the precision probe
+    resume_notes = check_resume_model(run_cfg, vit.config)  # before any slow work
     processor = ImageProcessor.from_config(vit.config)
     train_set = ClassificationImages(train_ds, processor, hflip=stage.hflip, seed=run_cfg.seed,
                                      cache=stage.cache_images, shift=shift, trivial=stage.trivial_augment,
@@ -306,10 +305,7 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
         target = y if y.is_floating_point() else y.flatten()  # mixed (B, K) probabilities, or class ids
         return F.cross_entropy(logits.flatten(0, -2), target, label_smoothing=stage.label_smoothing), len(y)
 
-    def probe_batch():
-        return default_collate([train_set[i] for i in range(min(run_cfg.batch_size, len(train_set)))])
-
-    precision = choose_precision(run_cfg, vit, probe_batch, lambda m, b: step(m, b)[0])
+    precision = choose_precision(run_cfg)
     accelerator = make_accelerator(run_cfg, precision)
     accelerator.print(f"data: {train_report}\ndata: {eval_report}\n{eval_line}")
     accelerator.print(f"augmentation (recipe {stage.recipe}): flips {'on' if stage.hflip else 'off'}, shift {shift}, "

@@ -20,7 +20,7 @@ import torch
 from ..config import check_number
 from ..errors import CheckpointError, ConfigError
 from ..weights import atomic_write, check_writable, is_mmfusion_folder, read_json
-from .precision import PRECISIONS, PrecisionDecision, decide, model_step_timer, training_device, world_size
+from .precision import PRECISIONS, PrecisionDecision, decide, training_device, world_size
 
 log = logging.getLogger("mmfusion.training")
 
@@ -56,7 +56,7 @@ class RunConfig:
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm; 0 disables"})
     mixed_precision: str = field(default="auto", metadata={
-        "help": "auto (bf16 where it is faster than fp32 on this device), no, bf16 or fp16",
+        "help": "auto (bf16 on GPUs that have it, else fp32; bf16 on a CPU is opt-in), no, bf16 or fp16",
         "choices": ["auto", *PRECISIONS]})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps on eval_samples (0: only at the end)"})
     eval_samples: int = field(default=1000, metadata={"help": "examples in a periodic evaluation"})
@@ -158,19 +158,9 @@ def free_name(folder: Path, name: str) -> str:
     return next(free for n in range(1, 10**6) if not os.path.lexists(folder / (free := name if n == 1 else f"{name}.{n}")))
 
 
-def choose_precision(run: RunConfig, model: torch.nn.Module, make_batch: Callable[[], Any],
-                     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]) -> PrecisionDecision:
-    """The run's precision (mmfusion/training/precision.py says who decides). `auto` may time a step of
-    `model` on make_batch(), loss_fn(model, batch) -> loss; nothing is built unless it is timed."""
-    device = training_device()
-    timer = None
-
-    def step_seconds(precision: str) -> float:
-        nonlocal timer
-        timer = timer or model_step_timer(model, make_batch(), loss_fn, device)
-        return timer(precision)
-
-    return decide(run.mixed_precision, device, step_timer=step_seconds)
+def choose_precision(run: RunConfig) -> PrecisionDecision:
+    """The run's precision (mmfusion/training/precision.py says who decides)."""
+    return decide(run.mixed_precision, training_device())
 
 
 def _has_tensorboard() -> bool:

@@ -236,16 +236,6 @@ def short_run_rows(stage: VQAStageConfig, run_cfg: RunConfig) -> int | None:
     return run_cfg.max_steps * run_cfg.batch_size * run_cfg.grad_accum
 
 
-def probe_batch(model: VLM, processor: ImageProcessor, rows, batch_size: int, cached: bool) -> dict:
-    """A training batch as the step will see it (ViT features instead of images if cached)."""
-    probe = VQACollator(processor, PromptBuilder(model.prompt_slots, model.config.gpt.block_size))
-    batch = probe([rows[i] for i in range(min(batch_size, len(rows)))])
-    if cached:
-        with torch.no_grad():
-            batch["image_features"] = model.vit_features(batch.pop("pixel_values"))
-    return batch
-
-
 def periodic_evaluation(stage: VQAStageConfig, run_cfg: RunConfig, eval_vqa, eval_cap, m: VLM,
                         full: bool) -> dict[str, float]:
     """The loop's evaluation: `eval_samples` rows of each eval split (all of them with full=True)."""
@@ -276,7 +266,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     model = build_vlm(stage)
     prompts = PromptBuilder(model.prompt_slots, model.config.gpt.block_size)
     vocab_lines = set_output_vocab(model, stage, prompts, train_vqa, train_cap)
-    # a resume's model settings, before the precision probe and feature caching
+    # a resume's model settings, before feature caching
     vocab_lines += [] if resumes_alignment(run_cfg) else check_resume_model(run_cfg, model.config)
     vocab_lines += check_align_resume(stage, run_cfg, model.config) if stage.align_epochs > 0 else []
     processor = ImageProcessor.from_config(model.config.vit)
@@ -288,10 +278,8 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
         steps = "1 step trains" if run_cfg.max_steps == 1 else f"{run_cfg.max_steps} steps train"
         data_lines.append(f"data: {steps} on {rows} rows, fewer than the {images} images caching their ViT "
                           "features would encode first: the frozen ViT runs every step instead")
-    probe = functools.partial(probe_batch, model, processor, train_vqa if train_vqa is not None else train_cap,
-                              run_cfg.batch_size, cached)
     step = functools.partial(vqa_step, loss_per=stage.loss_per)
-    precision = choose_precision(run_cfg, model, probe, lambda m, b: step(m, b)[0])
+    precision = choose_precision(run_cfg)
     accelerator = make_accelerator(run_cfg, precision)
     accelerator.print("\n".join(data_lines + vocab_lines))
     if cached:
