@@ -81,6 +81,14 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_however_it_was_asked_for(how):
     assert (fast.resolved, fast.warning, fast.seconds) == ("bf16", "", {}) and "warning" not in str(fast)
 
 
+@pytest.mark.parametrize("how", [{"requested": "fp16", "env": {}}, {"requested": "auto", "env": {P.LAUNCH_ENV: "fp16"}}])
+def test_fp16_on_a_cpu_is_refused_not_run_as_fp32(how):
+    # accelerate gives CPU fp16 neither autocast nor a loss scale: the run trained in fp32, recorded as fp16
+    with pytest.raises(ConfigError, match="fp16, which needs a GPU; on a CPU use bf16"):
+        decide(how["requested"], CPU, never, env=how["env"])
+    assert decide(how["requested"], CUDA, never, env=how["env"], gpu_has_bf16=never).resolved == "fp16"
+
+
 def test_fp32_and_gpu_bf16_never_run_the_cpu_check():
     assert decide("no", CPU, bf16_matmul_is_fast=never, env={}).warning == ""
     assert decide("bf16", CUDA, bf16_matmul_is_fast=never, env={}, gpu_has_bf16=never).warning == ""

@@ -13,7 +13,7 @@ The order of authority, first match wins:
    22% to 48% (the timing `auto` used until 2026-12-02 read both sides of its margin on one
    machine, so two runs of one command gave two models: docs/experiments.md). bf16 on a CPU is
    `--mixed-precision bf16`, and is checked: on a CPU whose bf16 matmuls are slower than fp32's,
-   the decision carries a warning.
+   the decision carries a warning. fp16 on a CPU is refused (accelerate would train in fp32).
 
 The decision is logged and written to run_config.json.
 """
@@ -104,6 +104,10 @@ def decide(requested: str, device: torch.device, bf16_matmul_is_fast: MatmulChec
         why = ("fp32 on CPUs, so the same command trains the same model wherever it runs; "
                "--mixed-precision bf16 opts in" if device.type == "cpu" else f"fp32 on {device.type} devices")
         return PrecisionDecision(requested, "no", "auto", why)
+    if decision.resolved == "fp16" and device.type == "cpu":
+        # accelerate runs it as fp32 without a loss scale, while run_config.json would say fp16
+        raise ConfigError(f"{decision.source} asks for fp16, which needs a GPU; on a CPU use bf16 (where it has native "
+                          "bf16) or no (fp32)")
     if decision.resolved == "bf16" and device.type == "cpu":
         fast, seconds = (bf16_matmul_is_fast or cpu_bf16_matmul_is_fast)()
         if not fast:
