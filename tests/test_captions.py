@@ -4,6 +4,7 @@ alignment phase, resume across phases, caption evaluation in the stage and in `m
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,6 +130,52 @@ def test_a_resume_from_an_alignment_checkpoint_finishes_the_alignment_then_train
     assert sorted(p.name for p in (out / "earlier_run" / "checkpoints").iterdir()) == ["step_1", "step_2"]
     again = VLM.from_pretrained(out / "model").state_dict()
     assert all(torch.equal(first[k], again[k]) for k in first)  # the same run, from a mid-alignment checkpoint
+
+
+@pytest.mark.slow
+def test_resume_latest_after_an_interrupted_alignment_resume_continues_it_not_the_older_finished_model(
+        small_scenes, parts, tmp_path, capsys, monkeypatch):
+    """The reviewer's case: a resume from a path inside align/ kept the older finished align/model,
+    and when that resume was killed mid-alignment, --resume latest loaded the stale model instead
+    of continuing the alignment from its newest checkpoint."""
+    from mmfusion.training import loop
+
+    vit, gpt = parts
+    out = tmp_path / "run"
+    base = _args(out, vit, gpt, "--task", "caption", "--align-epochs", "1", "--max-steps", "2", "--save-every", "1")
+    train_vqa.main(base)
+    first = VLM.from_pretrained(out / "model").state_dict()
+    # the older finished alignment differs from the one being resumed (as after other settings)
+    stale = VLM.from_pretrained(out / "align" / "model")
+    with torch.no_grad():
+        for p in stale.adapter.parameters():
+            p.add_(1.0)
+    stale.save_pretrained(out / "align" / "model")
+    align_steps = sorted((out / "align" / "checkpoints").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+
+    class Killed(Exception):
+        pass
+
+    real_save = loop.save_checkpoint
+
+    def killed_after_an_alignment_checkpoint(accelerator, output_dir, step, *args, **kwargs):
+        real_save(accelerator, output_dir, step, *args, **kwargs)
+        if Path(output_dir).name == "align":
+            raise Killed(step)
+
+    with monkeypatch.context() as patch, pytest.raises(Killed):  # not monkeypatch.undo: small_scenes' patch stays
+        patch.setattr(loop, "save_checkpoint", killed_after_an_alignment_checkpoint)
+        train_vqa.main(base + ["--resume", str(align_steps[0])])
+    capsys.readouterr()
+
+    train_vqa.main(base + ["--resume", "latest"])
+    printed = capsys.readouterr().out
+    assert "loaded the finished phase" not in printed
+    assert f"resumed from {align_steps[-1]} at step" in printed  # the interrupted resume's newest checkpoint
+    again = VLM.from_pretrained(out / "model").state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    aside = VLM.from_pretrained(out / "earlier_run" / "align" / "model").state_dict()  # set aside, not deleted
+    assert all(torch.equal(aside[k], v) for k, v in stale.state_dict().items())
 
 
 @pytest.mark.slow

@@ -244,6 +244,35 @@ def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside_and_says_so(tmp_path
     assert "--resume" not in printer.lines[0].split("see only")[1] and (third / "checkpoints" / ".tmp_step_5").is_dir()
 
 
+def test_a_resume_inside_align_sets_the_older_finished_alignment_aside(tmp_path):
+    """Kept, the older align/model was what --resume latest loaded once this resume was cut short,
+    instead of continuing the alignment from its newest checkpoint (the slow run of it is in test_captions)."""
+    from mmfusion import ViT, ViTConfig
+
+    out = tmp_path / "run"
+    checkpoint(out, 2)
+    resumed = checkpoint(out / "align", 3)
+    ViT(ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=16)).save_pretrained(out / "align" / "model")
+    printer = Printer()
+    start_run_folder(printer, out, "train_vqa", run=RunConfig(output_dir=str(out), resume=str(resumed)))
+    aside = out / EARLIER_RUN
+    assert (aside / "align" / "model" / "config.json").exists() and not (out / "align" / "model").exists()
+    assert [p.name for p in checkpoint_dirs(aside)] == ["step_2"] and checkpoint_dirs(out) == []
+    assert checkpoint_dirs(out / "align") == [resumed]  # the alignment's own checkpoints stay
+    assert f"{out} holds an earlier run's checkpoints (step_2) and finished alignment (align/model)" in printer.lines[0]
+
+    checkpoint(out, 2)  # again, now without an align/model: only the main phase's checkpoints move
+    printer = Printer()
+    start_run_folder(printer, out, "train_vqa", run=RunConfig(output_dir=str(out), resume=str(resumed)))
+    assert not (out / f"{EARLIER_RUN}.2" / "align").exists() and "alignment" not in printer.lines[0]
+
+    # --resume latest continues this folder's run: a finished align/model stays (train-vqa loads it)
+    shutil.move(aside / "align" / "model", out / "align" / "model")
+    printer = Printer()
+    start_run_folder(printer, out, "train_vqa", run=RunConfig(output_dir=str(out), resume="latest"))
+    assert (out / "align" / "model" / "config.json").exists() and not printer.lines, printer.lines
+
+
 def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
     """A higher step in the folder (another run's) must not push this run's new checkpoint out."""
     from accelerate import Accelerator

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -425,23 +426,30 @@ def set_aside_earlier_run(out: Path, run: RunConfig) -> list[str]:
     one outside `out`); returns the lines to print. An earlier run's checkpoints/ (and train-vqa's
     align/, which resumes from its own) move to out/earlier_run/ (earlier_run.2/, ... when that is
     taken): mixed with this run's, rotation would keep their higher steps and delete this run's,
-    and --resume latest would pick them. Moved, never deleted, so a forgotten --resume costs no
-    training. An earlier model/ stays until this run saves its own; a line says it will be replaced."""
+    and --resume latest would pick them. A resume from inside align/ moves checkpoints/ and the
+    older finished align/model (to earlier_run/align/model). Moved, never deleted, so a forgotten
+    --resume costs no training. An earlier model/ stays until this run saves its own; a line says
+    it will be replaced."""
     resumed = None if run.resume in (None, "latest") else Path(run.resume).resolve()
     inside = run.resume == "latest" or (resumed is not None and out.resolve() in resumed.parents)
     lines = []
-    checkpoints, align = out / "checkpoints", out / "align"
-    aligning = resumes_alignment(run)  # the main phase then starts afresh
-    stale = [p for p in (checkpoints, align) if (not inside or (aligning and p == checkpoints))
-             and p.is_dir() and any(p.iterdir())]
+    checkpoints, align, aligned = out / "checkpoints", out / "align", out / "align" / "model"
+    aligning = resumes_alignment(run)
+    # resuming the alignment: the main phase starts afresh, and were this run cut short, --resume
+    # latest would load the older align/model instead of continuing from align/'s newest checkpoint
+    stale = [checkpoints, align] if not inside else [checkpoints, aligned] if aligning else []
+    stale = [p for p in stale if p.is_dir() and any(p.iterdir())]
     if stale:
         steps = [p.name for p in checkpoint_dirs(out)]
         held = ([f"checkpoints ({', '.join(steps) or 'unfinished ones'})"] if checkpoints in stale else []) + (
-            ["alignment phase (align/)"] if align in stale else [])
+            ["alignment phase (align/)"] if align in stale else []) + (
+            ["finished alignment (align/model), older than the alignment checkpoint this run resumes"]
+            if aligned in stale else [])
         aside = out / free_name(out, EARLIER_RUN)
         aside.mkdir()
         for p in stale:
-            os.replace(p, aside / p.name)
+            (aside / p.relative_to(out)).parent.mkdir(exist_ok=True)
+            shutil.move(p, aside / p.relative_to(out))  # not os.replace: align/ may link to another disk
         # a stage command's flag: the jobs (mmfusion main, captions) have no --resume
         again = (f"; to continue that run instead, stop this one and run its stage command (mmfusion "
                  f"pretrain-vit or train-vqa) with --resume {aside / 'checkpoints' / steps[-1]}") if steps else ""
