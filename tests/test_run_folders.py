@@ -230,11 +230,11 @@ def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside_and_says_so(tmp_path
     assert [p.name for p in checkpoint_dirs(second)] == ["step_1"] and f"moved to {second}" in printer.lines[0]
 
     for resume in ("latest", str(second / "checkpoints" / "step_1")):  # continuing this folder's run moves nothing
-        checkpoint(out, 2)
+        checkpoint(out, 1)
         printer = Printer()
         start_run_folder(printer, out, "pretrain_vit", run=RunConfig(output_dir=str(out), resume=resume))
-        assert [p.name for p in checkpoint_dirs(out)] == ["step_2"] and not printer.lines, printer.lines
-        shutil.rmtree(out / "checkpoints" / "step_2")
+        assert [p.name for p in checkpoint_dirs(out)] == ["step_1"] and not printer.lines, printer.lines
+        shutil.rmtree(out / "checkpoints" / "step_1")
 
     (out / "checkpoints" / ".tmp_step_5").mkdir(parents=True)  # only a save cut short: moved too, no --resume to offer
     printer = Printer()
@@ -271,6 +271,27 @@ def test_a_resume_inside_align_sets_the_older_finished_alignment_aside(tmp_path)
     printer = Printer()
     start_run_folder(printer, out, "train_vqa", run=RunConfig(output_dir=str(out), resume="latest"))
     assert (out / "align" / "model" / "config.json").exists() and not printer.lines, printer.lines
+
+
+@pytest.mark.parametrize("where", ["", "align"])
+def test_a_resume_from_an_earlier_step_sets_the_later_checkpoints_aside(tmp_path, where):
+    """Left in place, they outranked this run's in rotation, were overwritten as it reached their steps,
+    and --resume latest went back to them (an older branch) after this run was cut short."""
+    out = tmp_path / "run"
+    for step in (2, 3, 4):
+        checkpoint(out / where, step)
+    printer = Printer()
+    resumed = out / where / "checkpoints" / "step_2"
+    start_run_folder(printer, out, "train_vqa", run=RunConfig(output_dir=str(out), resume=str(resumed)))
+    aside = out / EARLIER_RUN / where
+    assert checkpoint_dirs(out / where) == [resumed] and [p.name for p in checkpoint_dirs(aside)] == ["step_3", "step_4"]
+    assert "checkpoints after the one this run resumes (step_3, step_4): moved to" in printer.lines[0]
+    assert f"--resume {aside / 'checkpoints' / 'step_4'}" in printer.lines[0]
+
+    printer = Printer()  # from the newest, or with --resume latest: nothing to move
+    for resume in (str(resumed), "latest"):
+        start_run_folder(printer, out, "train_vqa", run=RunConfig(output_dir=str(out), resume=resume))
+    assert not printer.lines and checkpoint_dirs(out / where) == [resumed]
 
 
 def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):

@@ -421,15 +421,23 @@ def _flat(tree, prefix: str = "") -> dict:
     return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
 
 
+def later_checkpoints(folder: Path, resumed: Path) -> list[Path]:
+    """The complete checkpoints in `folder`/checkpoints, where a run resuming from `resumed` saves its
+    own, with a higher step than `resumed`: left there, this run would overwrite them as it reaches
+    their steps, and --resume latest would return to them were it cut short before."""
+    step = resumed.name.removeprefix("step_")
+    return [p for p in checkpoint_dirs(folder) if int(p.name[5:]) > int(step)] if step.isdigit() else []
+
+
 def set_aside_earlier_run(out: Path, run: RunConfig) -> list[str]:
-    """Prepare `out` for a run that does not continue from its own checkpoints (no --resume, or
-    one outside `out`); returns the lines to print. An earlier run's checkpoints/ (and train-vqa's
-    align/, which resumes from its own) move to out/earlier_run/ (earlier_run.2/, ... when that is
-    taken): mixed with this run's, rotation would keep their higher steps and delete this run's,
-    and --resume latest would pick them. A resume from inside align/ moves checkpoints/ and the
-    older finished align/model (to earlier_run/align/model). Moved, never deleted, so a forgotten
-    --resume costs no training. An earlier model/ stays until this run saves its own; a line says
-    it will be replaced."""
+    """Prepare `out` for a run, unless it continues from its newest checkpoint; returns the lines to
+    print. An earlier run's checkpoints/ (and train-vqa's align/, which resumes from its own) move to
+    out/earlier_run/ (earlier_run.2/, ... when that is taken): mixed with this run's, rotation would
+    keep their higher steps and delete this run's, and --resume latest would pick them. A resume from
+    inside align/ moves checkpoints/ and the older finished align/model (to earlier_run/align/model).
+    A resume from a checkpoint in `out` moves the checkpoints with higher steps in the folder this
+    run saves to. Moved, never deleted, so a forgotten --resume costs no training. An earlier model/
+    stays until this run saves its own; a line says it will be replaced."""
     resumed = None if run.resume in (None, "latest") else Path(run.resume).resolve()
     inside = run.resume == "latest" or (resumed is not None and out.resolve() in resumed.parents)
     lines = []
@@ -439,20 +447,24 @@ def set_aside_earlier_run(out: Path, run: RunConfig) -> list[str]:
     # latest would load the older align/model instead of continuing from align/'s newest checkpoint
     stale = [checkpoints, align] if not inside else [checkpoints, aligned] if aligning else []
     stale = [p for p in stale if p.is_dir() and any(p.iterdir())]
-    if stale:
+    later = later_checkpoints(align if aligning else out, resumed) if inside and resumed is not None else []
+    if stale or later:
         steps = [p.name for p in checkpoint_dirs(out)]
         held = ([f"checkpoints ({', '.join(steps) or 'unfinished ones'})"] if checkpoints in stale else []) + (
             ["alignment phase (align/)"] if align in stale else []) + (
             ["finished alignment (align/model), older than the alignment checkpoint this run resumes"]
-            if aligned in stale else [])
+            if aligned in stale else []) + (
+            [f"checkpoints after the one this run resumes ({', '.join(p.name for p in later)})"] if later else [])
         aside = out / free_name(out, EARLIER_RUN)
         aside.mkdir()
-        for p in stale:
-            (aside / p.relative_to(out)).parent.mkdir(exist_ok=True)
+        for p in stale + later:
+            (aside / p.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
             shutil.move(p, aside / p.relative_to(out))  # not os.replace: align/ may link to another disk
+        last = aside / "checkpoints" / steps[-1] if checkpoints in stale and steps else (
+            aside / later[-1].relative_to(out) if later else None)
         # a stage command's flag: the jobs (mmfusion main, captions) have no --resume
         again = (f"; to continue that run instead, stop this one and run its stage command (mmfusion "
-                 f"pretrain-vit or train-vqa) with --resume {aside / 'checkpoints' / steps[-1]}") if steps else ""
+                 f"pretrain-vit or train-vqa) with --resume {last}") if last else ""
         lines.append(f"note: {out} holds an earlier run's {' and '.join(held)}: moved to {aside} so that this "
                      "run's checkpoint rotation and --resume latest see only its own; delete it when no longer "
                      "needed" + again)
