@@ -107,7 +107,7 @@ def skewed_vqa(tmp_path_factory):
 
 @pytest.mark.slow
 def test_stage_two_with_balanced_answers_logs_records_and_resumes_exactly(skewed_vqa, tmp_path):
-    from test_training import QUIET, run_stage, weights
+    from test_training import QUIET, train_here, weights
 
     from mmfusion import ViT, ViTConfig
 
@@ -117,14 +117,13 @@ def test_stage_two_with_balanced_answers_logs_records_and_resumes_exactly(skewed
     args = ["--dataset", str(skewed_vqa), "--train-split", "train", "--eval-split", "train", "--holdout", "0",
             "--vit", str(vit), "--gpt", "gpt-tiny", "--block-size", "64", "--batch-size", "4",
             "--warmup-steps", "2", "--max-new-tokens", "2", "--balance-answers", "1", "--max-steps", "8", *QUIET]
-    full = run_stage("train_vqa", [*args, "--output-dir", str(tmp_path / "full"), "--save-every", "4"])
-    log = full.stdout + full.stderr
+    log = train_here("train_vqa", [*args, "--output-dir", str(tmp_path / "full"), "--save-every", "4"])
     assert ("answers balanced within each question text (--balance-answers 1): a text's rarest answer gets "
             "50.0% of its draws, not 12.5%") in log, log
     config = json.loads((tmp_path / "full" / "run_config.json").read_text())
     assert config["stage"]["balance_answers"] == 1.0
-    run_stage("train_vqa", [*args, "--output-dir", str(tmp_path / "resumed"),
-                            "--resume", str(tmp_path / "full" / "checkpoints" / "step_4")])
+    train_here("train_vqa", [*args, "--output-dir", str(tmp_path / "resumed"),
+                             "--resume", str(tmp_path / "full" / "checkpoints" / "step_4")])
     a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a), "resume under weighted sampling differs"
 
