@@ -46,3 +46,12 @@ def test_the_makefile_installs_with_the_constraints_and_lets_them_be_dropped():
     pinned = commands()
     assert len(pinned) == 2 and all(line.endswith("-c constraints.txt") for line in pinned)
     assert all("-c " not in line for line in commands("CONSTRAINTS="))
+
+
+def test_the_lock_script_pins_what_the_package_pulls_in_and_leaves_torch_to_make():
+    import runpy
+
+    closure = runpy.run_path(str(ROOT / ".ci" / "lock.py"))["closure"]("mmfusion")
+    assert "torch" not in closure and {"transformers", "accelerate", "datasets", "numpy", "pyarrow"} <= set(closure)
+    missing = sorted(set(closure) - set(pins()))
+    assert not missing, f"installed with mmfusion but not in constraints.txt: {missing}; run make lock"
