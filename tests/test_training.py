@@ -316,26 +316,19 @@ def test_resume_matches_uninterrupted_run(image_folder, tmp_path):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
-@pytest.mark.slow
-def test_two_process_ddp_matches_one_process(image_folder, tmp_path):
-    # Both runs on CPU processes (gloo), whatever accelerators this machine has: with one GPU a
-    # 2-process launch would leave rank 1 without a device.
-    # AdamW's first updates are about lr * sign(g): with the default eps, fp rounding in near-zero
-    # gradients (a different reduction order) flips signs and becomes lr-sized noise. A large eps
-    # makes the update linear in the gradient, so this compares sharding and gradient averaging.
-    common = ["--dataset", str(image_folder), "--max-steps", "4", "--warmup-steps", "1", "--no-hflip",
-              "--adam-eps", "1e-2", *TINY_VIT, *QUIET]
-    cpu_only = {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    run_stage("pretrain_vit", [*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")], env=cpu_only)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                str(29500 + os.getpid() % 1000)]
-    run_stage("pretrain_vit", [*common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")],
-              env=cpu_only, launcher=launcher)
-    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
-    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
-    assert a["head.bias"].abs().sum() > 0  # the zero-initialized head bias trained: the runs did real steps
+CPU_ONLY = {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+# AdamW's first updates are about lr * sign(g): with the default eps, fp rounding in near-zero
+# gradients (a different reduction order) flips signs and becomes lr-sized noise. A large eps
+# makes the update linear in the gradient, so the DDP tests compare sharding and gradient averaging.
+DDP_STAGE_1 = ["--max-steps", "4", "--warmup-steps", "1", "--no-hflip", "--adam-eps", "1e-2", *TINY_VIT, *QUIET]
+
+
+def two_processes() -> list[str]:
+    """`accelerate launch` of 2 processes. With CPU_ONLY they are CPU processes (gloo), whatever
+    accelerators this machine has: with one GPU a 2-process launch would leave rank 1 without a device."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(29500 + os.getpid() % 1000)]
 
 
 TWO_STAGES = """
@@ -348,21 +341,39 @@ for name in ("a", "b"):  # as the main job: two stages, one launch
 """
 
 
+@pytest.fixture(scope="module")
+def two_process_stage_1(image_folder, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """One 2-process launch that trains stage 1 twice, into a/ then b/, as the main job's launch
+    trains its two stages; batch 4 a process. (The launch's result, its folder.) The DDP parity
+    test and the two-stage test both read it: a launch costs 7-9 s."""
+    out = tmp_path_factory.mktemp("two_processes")
+    (out / "two_stages.py").write_text(TWO_STAGES)
+    cmd = [*two_processes(), str(out / "two_stages.py"), str(out), "--dataset", str(image_folder), *DDP_STAGE_1,
+           "--batch-size", "4"]
+    env = {**os.environ, **CPU_ONLY, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300), out
+
+
 @pytest.mark.slow
-def test_two_process_launch_trains_two_stages(image_folder, tmp_path):
+def test_two_process_ddp_matches_one_process(image_folder, two_process_stage_1, tmp_path):
+    launched, two = two_process_stage_1
+    assert launched.returncode == 0, launched.stdout[-2000:] + launched.stderr[-3000:]
+    run_stage("pretrain_vit", ["--dataset", str(image_folder), *DDP_STAGE_1, "--batch-size", "8", "--output-dir",
+                               str(tmp_path / "one")], env=CPU_ONLY)
+    a, b = weights(tmp_path / "one"), weights(two / "a")
+    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
+    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    assert a["head.bias"].abs().sum() > 0  # the zero-initialized head bias trained: the runs did real steps
+
+
+@pytest.mark.slow
+def test_two_process_launch_trains_two_stages(two_process_stage_1):
     """accelerate's end_training destroys the process group: a job's second stage in the same two
     processes then failed ('Default process group has not been initialized')."""
-    script = tmp_path / "two_stages.py"
-    script.write_text(TWO_STAGES)
-    env = {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
-           str(script), str(tmp_path), "--dataset", str(image_folder), "--max-steps", "1", "--batch-size", "4",
-           *TINY_VIT, *QUIET]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, cwd=ROOT, timeout=300)
+    result, out = two_process_stage_1
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert result.stdout.count("2 process(es) (MULTI_CPU)") == 2
-    assert (tmp_path / "a" / "model").is_dir() and (tmp_path / "b" / "model").is_dir()
+    assert (out / "a" / "model").is_dir() and (out / "b" / "model").is_dir()
 
 
 @pytest.mark.slow
@@ -370,13 +381,9 @@ def test_two_process_stage_two_matches_one_process_when_token_counts_differ(unev
     """Each process's batch holds its own number of supervised tokens: the step follows the mean over all
     of them, as one process with the whole batch (averaging the processes' means differed by 2.6e-4)."""
     args = uneven_args(uneven_vqa, tiny_vit_dir)
-    cpu_only = {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    run_stage("train_vqa", [*args, "--batch-size", "8", "--output-dir", str(tmp_path / "one")], env=cpu_only)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                str(29500 + os.getpid() % 1000)]
-    run_stage("train_vqa", [*args, "--batch-size", "4", "--output-dir", str(tmp_path / "two")], env=cpu_only,
-              launcher=launcher)
+    run_stage("train_vqa", [*args, "--batch-size", "8", "--output-dir", str(tmp_path / "one")], env=CPU_ONLY)
+    run_stage("train_vqa", [*args, "--batch-size", "4", "--output-dir", str(tmp_path / "two")], env=CPU_ONLY,
+              launcher=two_processes())
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
