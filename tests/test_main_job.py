@@ -108,22 +108,23 @@ def stage_2(stage, run):
     return {"accuracy": 1.0, "count": 1, "per_type": {"t": {"accuracy": 1.0, "count": 1}}, "precision": "no"}
 
 pretrain_vit.run, train_vqa.run = stage_1, stage_2
-{"main": main, "captions": captions}[sys.argv[1]].main(["--output-dir", sys.argv[2], "--no-progress"])
+for job in sys.argv[2:]:  # one job after the other in the same two processes
+    {"main": main, "captions": captions}[job].main(["--output-dir", f"{sys.argv[1]}/{job}", "--no-progress"])
 '''
+JOBS = {"main": "== stage 2: VQA fine-tuning", "captions": "== stage 2: captions and questions"}  # job: its stage-2 line
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("job", ["main", "captions"])
-def test_two_process_job_starts_stage_two_after_stage_one_is_saved(job, tmp_path):
-    """Under accelerate launch the main process evaluates and saves stage 1 while the others have
-    finished training: they began stage 2 at once, loading an earlier run's ViT or failing on a
-    missing one (`mmfusion main` on 2 CPU processes: rank 1 exited 'does not exist')."""
+@pytest.fixture(scope="module")
+def two_process_jobs(tmp_path_factory):
+    """One 2-process launch (CPU processes) of FAKE_STAGES running each job in JOBS in turn: (the
+    launch's result, its folder, which holds a folder per job). One launch for both: a launch costs 8-10 s."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    script = tmp_path / "fake_stages.py"
+    out = tmp_path_factory.mktemp("two_process_jobs")
+    script = out / "fake_stages.py"
     script.write_text(FAKE_STAGES)
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
@@ -131,8 +132,18 @@ def test_two_process_job_starts_stage_two_after_stage_one_is_saved(job, tmp_path
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
               str(29500 + os.getpid() % 1000)]
-    result = subprocess.run([*launch, str(script), job, str(tmp_path / "out")], capture_output=True, text=True,
+    result = subprocess.run([*launch, str(script), str(out), *JOBS], capture_output=True, text=True,
                             env=env, cwd=root, timeout=300)
+    return result, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", list(JOBS))
+def test_two_process_job_starts_stage_two_after_stage_one_is_saved(job, two_process_jobs):
+    """Under accelerate launch the main process evaluates and saves stage 1 while the others have
+    finished training: they began stage 2 at once, loading an earlier run's ViT or failing on a
+    missing one (`mmfusion main` on 2 CPU processes: rank 1 exited 'does not exist')."""
+    result, out = two_process_jobs
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "| **all** | 1 |" in (tmp_path / "out" / "results.md").read_text()
-    assert result.stdout.count("== stage 2") == 1, result.stdout[-2000:]  # from the main process only
+    assert "| **all** | 1 |" in (out / job / "results.md").read_text()
+    assert result.stdout.count(JOBS[job]) == 1, result.stdout[-2000:]  # from the main process only
