@@ -28,6 +28,7 @@ from .setup import (
     check_resume_processes,
     checked_step,
     checkpoint_dirs,
+    checkpoint_step,
     find_resume,
     model_record,
     warmup_cosine,
@@ -136,7 +137,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, keep: int, e
         os.replace(tmp, final)
         fsync_dir(root)
         # a higher step is another run's: sorted in, it would push out the checkpoint just written
-        done = [p for p in checkpoint_dirs(output_dir) if int(p.name.split("_")[1]) <= step]
+        done = [p for p in checkpoint_dirs(output_dir) if checkpoint_step(p) <= step]
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -24,7 +24,7 @@ import functools
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -63,13 +63,6 @@ def training_device() -> torch.device:
     settings apply, and a multi-process CPU launch would train as independent processes.)"""
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     return torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
-
-
-def world_size() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
 
 
 def _choice(value: str, where: str) -> str:
@@ -112,9 +105,9 @@ def decide(requested: str, device: torch.device, bf16_matmul_is_fast: MatmulChec
         fast, seconds = (bf16_matmul_is_fast or cpu_bf16_matmul_is_fast)()
         if not fast:
             slower = seconds.get("matmul256_bf16", 0) / max(seconds.get("matmul256_fp32", 0), 1e-12)
-            return PrecisionDecision(**{**decision.to_dict(), "seconds": dict(seconds), "warning": (
+            return replace(decision, seconds=dict(seconds), warning=(
                 f"bf16 matmuls on this CPU are {slower:.0f}x slower than fp32 (no native bf16): training will be "
-                "far slower than with --mixed-precision no")})
+                "far slower than with --mixed-precision no"))
     return decision
 
 

@@ -21,7 +21,7 @@ import torch
 from ..config import check_number
 from ..errors import CheckpointError, ConfigError
 from ..weights import atomic_write, check_writable, is_mmfusion_folder, read_json
-from .precision import PRECISIONS, PrecisionDecision, decide, training_device, world_size
+from .precision import PRECISIONS, PrecisionDecision, decide, training_device
 
 log = logging.getLogger("mmfusion.training")
 
@@ -159,6 +159,14 @@ def free_name(folder: Path, name: str) -> str:
     return next(free for n in range(1, 10**6) if not os.path.lexists(folder / (free := name if n == 1 else f"{name}.{n}")))
 
 
+def world_size() -> int:
+    """The number of processes a launcher started (WORLD_SIZE), known before any Accelerator exists."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
 def choose_precision(run: RunConfig) -> PrecisionDecision:
     """The run's precision (mmfusion/training/precision.py says who decides)."""
     return decide(run.mixed_precision, training_device())
@@ -223,14 +231,19 @@ PROGRESS_NAME = "progress.json"
 EARLIER_RUN = "earlier_run"  # where a fresh run puts the checkpoints an earlier run left in its folder
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """N for a folder named step_N, else None."""
+    n = path.name.removeprefix("step_")
+    return int(n) if n != path.name and n.isdigit() else None
+
+
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     """The complete checkpoints (step_N with a progress.json) under output_dir/checkpoints, oldest step first."""
     root = Path(output_dir) / "checkpoints"
     if not root.exists():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()
-            and (p / PROGRESS_NAME).exists()]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+    done = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None and (p / PROGRESS_NAME).exists()]
+    return sorted(done, key=checkpoint_step)
 
 
 def find_resume(resume: str | None, output_dir: str | Path, warn: bool = True) -> Path | None:
@@ -425,8 +438,8 @@ def later_checkpoints(folder: Path, resumed: Path) -> list[Path]:
     """The complete checkpoints in `folder`/checkpoints, where a run resuming from `resumed` saves its
     own, with a higher step than `resumed`: left there, this run would overwrite them as it reaches
     their steps, and --resume latest would return to them were it cut short before."""
-    step = resumed.name.removeprefix("step_")
-    return [p for p in checkpoint_dirs(folder) if int(p.name[5:]) > int(step)] if step.isdigit() else []
+    step = checkpoint_step(resumed)
+    return [] if step is None else [p for p in checkpoint_dirs(folder) if checkpoint_step(p) > step]
 
 
 def set_aside_earlier_run(out: Path, run: RunConfig) -> list[str]:
