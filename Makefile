@@ -37,8 +37,12 @@ setup: $(VENV)/.installed
 run: $(VENV)/.core
 	$(VENV)/bin/mmfusion main --output-dir $(OUT)
 
+# pytest-xdist: one worker per core, each with its share of the threads (tests/conftest.py); a test
+# file stays on one worker so its module fixtures are built once. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= auto
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -11,6 +11,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MMFUSION_AUTO_PRECISION", "no")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # `pytest -n N`: each worker takes its share of the cores (torch reads this at import), or the
+    # workers' thread pools fight over them: on 2 cores, 2 workers of 2 threads each ran slower.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) //
+                                                       int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 def _bad_image_files() -> dict[str, bytes]:
