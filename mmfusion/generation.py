@@ -72,7 +72,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 
 def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids."""
+    """(B, N) logits -> (B,) picks: columns of N (the caller maps them to token ids)."""
     if config.temperature == 0:
         return logits.argmax(-1)
     # Shifted so the top logit is 0 first, and the temperature kept a normal fp32 number: a tiny
@@ -84,9 +84,9 @@ def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.
 
 
 def check_finite(logits: torch.Tensor) -> None:
-    """Refuse logits holding NaN or +inf, or no finite score (checked once, after the prefill; -inf
-    marks tokens outside a restricted output vocabulary): argmax would read NaN as token 0 and
-    sampling would fail deep in torch, so a broken model would answer "!!!" silently."""
+    """Refuse logits holding NaN or +inf, or no finite score (checked once, after the prefill): argmax
+    would read NaN as token 0 and sampling would fail deep in torch, so a broken model would answer
+    "!!!" silently."""
     bad = logits.isnan().any(-1) | logits.isposinf().any(-1) | ~logits.isfinite().any(-1)  # (B,)
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
@@ -134,13 +134,13 @@ def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_emb
         cache = buffers.cache if buffers is not None else gpt.new_cache(B, T + steps)
         hidden = gpt.hidden_states(input_ids, None if mask is None else mask[:, :T], inputs_embeds=inputs_embeds,
                                    cache=cache, bidirectional=bidirectional, before_block=before_block)  # (B, T, C)
-        logits = gpt.row_logits(hidden[:, -1])  # (B, V)
+        logits = gpt.row_scores(hidden[:, -1])  # (B, K): the output tokens' columns only
         check_finite(logits)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         fixed = _fixed_shape_step(gpt, config, cache, attention_mask if mask is not None else None, T, before_block,
                                   buffers)
         for step in range(steps):
-            token = next_token(logits, config, generator).masked_fill(done, eot_id)  # (B,)
+            token = gpt.output_token(next_token(logits, config, generator)).masked_fill(done, eot_id)  # (B,)
             yield token
             done |= token == eot_id
             if step == steps - 1 or bool(done.all()):
@@ -151,7 +151,7 @@ def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_emb
             # Positions come from the mask's running count of real tokens, as in the prefill.
             hidden = gpt.hidden_states(token[:, None], None if mask is None else mask[:, :T + step + 1],
                                        cache=cache, before_block=before_block)  # (B, 1, C)
-            logits = gpt.row_logits(hidden[:, -1])
+            logits = gpt.row_scores(hidden[:, -1])
     finally:  # also when the caller stops early: a generator closed, or dropped, runs this
         if buffers is not None:
             buffers.release()
@@ -159,7 +159,7 @@ def decode_stream(gpt: GPT, *, input_ids: torch.Tensor | None = None, inputs_emb
 
 def _fixed_shape_step(gpt: GPT, config: GenerationConfig, cache, prompt_mask: torch.Tensor | None, T: int,
                       before_block=None, buffers=None):
-    """For the static and compiled decoders: a function token (B,) -> logits (B, V) that feeds
+    """For the static and compiled decoders: a function token (B,) -> scores (B, K) that feeds
     each decoded token through `StaticStep` over the prefilled cache, its inputs kept in buffers
     of fixed address that advance in place (the compiled decoder's `buffers`, kept on the model
     from call to call). None for the eager decoder."""

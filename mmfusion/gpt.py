@@ -146,14 +146,25 @@ class GPT(PretrainedMixin, nn.Module):
             cache.advance(T)
         return self.ln_f(x)
 
-    def row_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM-head logits (B, V) for one position per row, hidden (B, C): the decoding step.
+    def row_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits of the tokens the head scores, (B, K) (K = V without output_tokens), for
+        one position per row, hidden (B, C): the decoding step. `output_token` maps a column to
+        its token id; decoding picks among the K columns and never builds the (B, V) row.
 
         Computed as (W h^T)^T, which equals lm_head(h) up to summation order: with a few rows
         against the (V, C) weight, MKL runs `W @ h.T` as one streaming pass while nn.Linear's
         `h @ W.T` is slower for a few rows (benchmarks/NOTES.md).
         """
-        return self._scatter_logits((self.output_weight() @ hidden.T).T)  # (V, B) -> (B, V)
+        return (self.output_weight() @ hidden.T).T  # (K, B) -> (B, K)
+
+    def output_token(self, column: torch.Tensor) -> torch.Tensor:
+        """Columns of `row_scores` -> token ids."""
+        return column if self.output_ids is None else self.output_ids[column]
+
+    def row_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits (B, V) for one position per row, hidden (B, C); -inf for tokens outside
+        output_tokens."""
+        return self._scatter_logits(self.row_scores(hidden))
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 **kwargs) -> torch.Tensor:

@@ -30,7 +30,7 @@ class StaticStep(nn.Module):
     """One decoding step of `gpt` over a fixed-size KV cache, all inputs tensors of fixed shape.
 
     forward(token (B,), position (B,), slot (1,), keys, values (L, B, H, S_max, D), key_ok (B, S_max))
-    -> logits (B, V). Writes the token's key and value at cache position `slot` (in place) and
+    -> scores (B, K) (`GPT.row_scores`). Writes the token's key and value at cache position `slot` (in place) and
     sets key_ok[:, slot]; key_ok marks the cache positions each row may attend to (its real
     prompt tokens and the tokens decoded so far).
     """
@@ -62,7 +62,7 @@ class StaticStep(nn.Module):
             y = F.scaled_dot_product_attention(q, keys[i].to(q.dtype), values[i].to(q.dtype), attn_mask=mask)
             x = x + attn.proj(y.transpose(1, 2).reshape(B, 1, -1))
             x = x + block.mlp(block.ln2(x))
-        return gpt.row_logits(gpt.ln_f(x)[:, -1])  # (B, V)
+        return gpt.row_scores(gpt.ln_f(x)[:, -1])  # (B, K)
 
 
 def static_step(gpt: GPT, compiled: bool) -> nn.Module:

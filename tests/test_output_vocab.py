@@ -15,7 +15,7 @@ from mmfusion import GPT, VLM, VLMConfig
 from mmfusion.config import AdapterConfig, GPTConfig, ViTConfig
 from mmfusion.data import scenes
 from mmfusion.errors import ConfigError
-from mmfusion.generation import GenerationConfig, generate
+from mmfusion.generation import GenerationConfig, decode_stream, generate
 from mmfusion.tokenizer import EOT_ID, get_tokenizer
 from mmfusion.training import train_vqa
 
@@ -76,6 +76,26 @@ def test_greedy_decoding_picks_the_best_output_token_every_step(decoder):
     assert got == expected and set(got) <= set(KEEP)
     unrestricted = generate(full, input_ids=prompt, config=GenerationConfig(max_new_tokens=10))[0]
     assert not set(unrestricted) <= set(KEEP)  # the restriction is what kept the tokens in the set
+
+
+@pytest.mark.parametrize("decoder", ["eager", "static"])
+def test_sampling_draws_from_the_softmax_over_the_output_tokens_without_building_whole_rows(decoder, monkeypatch):
+    full = varied_gpt(4)
+    part = restricted_copy(full)
+    prompt = torch.tensor([[5, 17, 300, 42]])
+    with torch.no_grad():
+        expected = full(prompt)[0, -1, list(KEEP)].softmax(-1)  # (K,)
+    # Decoding scores the K output tokens only: the (B, V) row with -inf elsewhere is never built.
+    monkeypatch.setattr(GPT, "_scatter_logits", lambda self, logits: pytest.fail("decoding built a (B, V) row"))
+    n = 4000
+    config = GenerationConfig(max_new_tokens=1, temperature=1.0, seed=0, decoder=decoder)
+    drawn = next(decode_stream(part, input_ids=prompt.expand(n, -1), config=config))  # (n,) first tokens
+    assert set(drawn.tolist()) <= set(KEEP)
+    freq = torch.tensor([(drawn == t).float().mean() for t in KEEP])
+    torch.testing.assert_close(freq, expected, atol=0.04, rtol=0)  # ~5 standard errors at n = 4000
+    top2 = {KEEP[i] for i in expected.topk(2).indices.tolist()}
+    config = GenerationConfig(max_new_tokens=1, temperature=1.0, top_k=2, seed=0, decoder=decoder)
+    assert set(next(decode_stream(part, input_ids=prompt.expand(200, -1), config=config)).tolist()) == top2
 
 
 def tiny_vlm(output_tokens=None) -> VLM:
