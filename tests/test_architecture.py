@@ -24,9 +24,8 @@ FLOORS = [
      "data.vqa"},
     {"evaluation"},
     {"training", "training.args", "training.augment", "training.precision", "training.data", "training.features",
-     "training.setup", "training.loop", "training.lora", "training.pretrain_vit", "training.vqa_config",
-     "training.train_vqa", "training.main",
-     "training.captions"},
+     "training.setup", "training.run_folder", "training.loop", "training.lora", "training.pretrain_vit",
+     "training.vqa_config", "training.train_vqa", "training.main", "training.captions"},
     {"cli"},
 ]
 

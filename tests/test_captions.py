@@ -84,7 +84,7 @@ def test_an_alignment_with_other_model_settings_is_refused_before_the_folder_is_
                                                                                      tmp_path, monkeypatch):
     """The alignment phase's model (its finished align/model, or its own checkpoints) was compared
     only when the phase began, after run_config.json was rewritten and a log folder started."""
-    from mmfusion.training.setup import model_record
+    from mmfusion.training.run_folder import model_record
 
     def too_early(*args, **kwargs):
         raise AssertionError("the run was set up (precision, accelerator) before the resume was checked")

@@ -18,15 +18,15 @@ from mmfusion.cli import main
 from mmfusion.config import ConfigError
 from mmfusion.training import pretrain_vit
 from mmfusion.training.loop import save_checkpoint
-from mmfusion.training.setup import (
+from mmfusion.training.run_folder import (
     EARLIER_RUN,
-    RunConfig,
     check_resume,
     checkpoint_dirs,
     find_resume,
     run_log_name,
     start_run_folder,
 )
+from mmfusion.training.setup import RunConfig
 
 # A dataset that does not exist: a flag refused at parse time is named before the data is read.
 NOWHERE = ["--dataset", "/nonexistent/mmfusion-test-data.jsonl"]
@@ -149,7 +149,7 @@ def test_an_alignment_checkpoint_under_a_symlinked_align_folder_counts_its_own_s
 def test_resume_latest_without_a_checkpoint_still_starts_fresh(tmp_path, caplog):
     """As documented (README: newest complete, else fresh): a restart script may always pass it.
     The run says so once: the early check (check_resume) stays quiet, the loop warns."""
-    from mmfusion.training.setup import check_resume
+    from mmfusion.training.run_folder import check_resume
 
     _, run = pretrain_vit.parse(["--output-dir", str(tmp_path / "run"), "--resume", "latest"])
     check_resume(run)
@@ -389,7 +389,7 @@ def test_a_resume_into_a_run_of_the_other_stage_is_refused_before_the_folder_is_
                                                                                       capsys, monkeypatch):
     from mmfusion.config import ViTConfig
     from mmfusion.training import train_vqa
-    from mmfusion.training.setup import check_resume_model, model_record
+    from mmfusion.training.run_folder import check_resume_model, model_record
 
     def too_early(*args, **kwargs):
         raise AssertionError("the run was set up (precision, accelerator) before the resume was checked")
@@ -435,7 +435,7 @@ def test_a_resume_ignores_fresh_init_settings_and_names_data_decided_ones():
     come from the data, no flag sets them."""
     from mmfusion.config import ViTConfig
     from mmfusion.errors import CheckpointError
-    from mmfusion.training.setup import compare_models, model_record
+    from mmfusion.training.run_folder import compare_models, model_record
 
     vit = ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=16, num_classes=2, class_names=("a", "b"))
     saved = model_record(vit)

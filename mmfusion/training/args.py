@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import OneLineErrorParser
-from .setup import RunConfig, check_keeps_inputs, check_run_paths
+from .run_folder import check_keeps_inputs, check_run_paths
+from .setup import RunConfig
 
 
 def _base_type(annotation: Any) -> tuple[type, bool]:
@@ -109,8 +110,8 @@ def parse_configs(argv: list[str] | None, prog: str, description: str, defaults:
     """Parse `argv` into one config per entry of `defaults` (group title -> default instance):
     each is its default with the flags given replaced. `extra` may add flags the stage handles
     itself (they are parsed and ignored here). A RunConfig's output folder and --resume are
-    checked here, before any work (setup.check_run_paths), and so is a stage's saved model
-    replacing one it reads (setup.check_keeps_inputs)."""
+    checked here, before any work (run_folder.check_run_paths), and so is a stage's saved model
+    replacing one it reads (run_folder.check_keeps_inputs)."""
     parser = OneLineErrorParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     flags = {}

@@ -34,7 +34,8 @@ from ..layers import INIT_STD
 from . import pretrain_vit, train_vqa
 from .main import after_stage_1, announce, check_stage_flags
 from .precision import PRECISIONS
-from .setup import RunConfig, check_output_dir
+from .run_folder import check_output_dir
+from .setup import RunConfig
 
 # Chosen by measurement on the 2-core CPU: the whole job trains in under 15 minutes there; the
 # records (stage-1 learning rate, the GPT's init scale, pixel shuffle and image positions) are in

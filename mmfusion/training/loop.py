@@ -22,20 +22,19 @@ from torch.utils.data import DataLoader
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..weights import fsync_dir, fsync_tree, read_json
 from .data import EpochSampler, WeightedEpochSampler
-from .setup import (
+from .run_folder import (
     PROGRESS_NAME,
-    RunConfig,
     check_resume_processes,
     checked_step,
     checkpoint_dirs,
     checkpoint_step,
     find_resume,
     model_record,
-    warmup_cosine,
     write_json,
 )
+from .setup import RunConfig, warmup_cosine
 
-# checkpoint_dirs, find_resume, checked_step: in setup.py, which checks --resume before any work
+# checkpoint_dirs, find_resume, checked_step: in run_folder.py, which checks --resume before any work
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:

@@ -33,7 +33,8 @@ from ..errors import OneLineErrorParser, run_command
 from ..evaluation import format_examples, format_vqa_table, read_jsonl
 from . import pretrain_vit, train_vqa
 from .precision import PRECISIONS
-from .setup import RunConfig, check_output_dir
+from .run_folder import check_output_dir
+from .setup import RunConfig
 
 
 def parse(argv: list[str] | None):

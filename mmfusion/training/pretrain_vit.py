@@ -47,17 +47,8 @@ from .data import (
 )
 from .features import MEMORY_LIMIT_BYTES
 from .loop import steps_per_epoch, train
-from .setup import (
-    RunConfig,
-    adamw,
-    check_resume_model,
-    choose_precision,
-    end_trackers,
-    make_accelerator,
-    param_groups,
-    start_run_folder,
-    write_json,
-)
+from .run_folder import check_resume_model, start_run_folder, write_json
+from .setup import RunConfig, adamw, choose_precision, end_trackers, make_accelerator, param_groups
 
 DEFAULT_SHIFT = 4  # pixels; see STAGE_DEFAULTS
 DEFAULT_PRESET = "vit-tiny"
@@ -129,7 +120,7 @@ class ViTStageConfig:
                               "be ignored; drop them, or train a fresh ViT without --init-from")
 
     def model_inputs(self) -> dict[str, str | None]:
-        """The model folders this stage reads (setup.check_keeps_inputs)."""
+        """The model folders this stage reads (run_folder.check_keeps_inputs)."""
         return {"--init-from": self.init_from}
 
 

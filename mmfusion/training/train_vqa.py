@@ -48,20 +48,15 @@ from .data import (
 from .features import MEMORY_LIMIT_BYTES, FeatureRows, distinct_images
 from .loop import find_resume, steps_per_epoch, train
 from .lora import add_lora, merge_lora, save_lora
-from .setup import (
-    RunConfig,
-    adamw,
+from .run_folder import (
     check_resume_model,
-    choose_precision,
     compare_models,
-    end_trackers,
-    make_accelerator,
     model_record,
-    param_groups,
     resumes_alignment,
     start_run_folder,
     write_json,
 )
+from .setup import RunConfig, adamw, choose_precision, end_trackers, make_accelerator, param_groups
 from .vqa_config import VQAStageConfig
 
 # The main job's stage 2 (easy-VQA): 3.5 epochs, because at 2.5 a rare negated question family

@@ -176,7 +176,7 @@ class VQAStageConfig:
         return self.attention if self.fusion == "early" else "causal"
 
     def model_inputs(self) -> dict[str, str | None]:
-        """The model folders this stage reads (setup.check_keeps_inputs)."""
+        """The model folders this stage reads (run_folder.check_keeps_inputs)."""
         return {"--vit": self.vit, "--gpt": self.gpt}
 
     def gpt_overrides(self) -> dict:
