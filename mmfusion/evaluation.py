@@ -22,13 +22,14 @@ from .weights import atomic_write
 
 @torch.no_grad()
 def predict(model: VLM, dataset, limit: int | None = None, batch_size: int = 256,
-            max_new_tokens: int = 8) -> list[dict]:
-    """Greedy answers for the first `limit` rows: dicts with question, prediction and answers."""
+            max_new_tokens: int = 8, first: int = 0) -> list[dict]:
+    """Greedy answers for rows `first` to `limit` - 1 (limit None: to the end): dicts with
+    question, prediction and answers."""
     model.eval()
     n = len(dataset) if limit is None else min(limit, len(dataset))
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     rows = []
-    for start in range(0, n, batch_size):
+    for start in range(first, n, batch_size):
         batch = dataset[start:min(n, start + batch_size)]
         answers = model.answer_batch(batch["image"], batch["question"], **config.__dict__)
         for i, pred in enumerate(answers):
@@ -39,12 +40,13 @@ def predict(model: VLM, dataset, limit: int | None = None, batch_size: int = 256
 
 @torch.no_grad()
 def predict_captions(model: VLM, dataset, limit: int | None = None, batch_size: int = 256,
-                     max_new_tokens: int = 48) -> list[dict]:
-    """Greedy captions for the first `limit` images: dicts with image_id, prediction and captions."""
+                     max_new_tokens: int = 48, first: int = 0) -> list[dict]:
+    """Greedy captions for images `first` to `limit` - 1 (limit None: to the end): dicts with
+    image_id, prediction and captions."""
     model.eval()
     n = len(dataset) if limit is None else min(limit, len(dataset))
     rows = []
-    for start in range(0, n, batch_size):
+    for start in range(first, n, batch_size):
         batch = dataset[start:min(n, start + batch_size)]
         preds = model.caption_batch(batch["image"], max_new_tokens=max_new_tokens)
         rows += [{"image_id": i, "prediction": p, "captions": c}

@@ -217,7 +217,7 @@ def uneven_args(uneven_vqa: Path, vit_dir: Path) -> list[str]:
     # AdamW's eps as in the DDP test: updates linear in the gradient, so rounding cannot flip signs
     return ["--dataset", str(uneven_vqa), "--train-split", "train", "--eval-split", "train", "--holdout", "0",
             "--vit", str(vit_dir), "--gpt", "gpt-tiny", "--block-size", "64", "--max-steps", "3",
-            "--warmup-steps", "1", "--adam-eps", "1e-2", "--final-eval-limit", "1", "--max-new-tokens", "1", *QUIET]
+            "--warmup-steps", "1", "--adam-eps", "1e-2", "--final-eval-limit", "7", "--max-new-tokens", "2", *QUIET]
 
 
 class UnevenRows(torch.utils.data.Dataset):
@@ -364,6 +364,9 @@ def test_two_process_ddp_matches_one_process(image_folder, two_process_stage_1, 
     diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
     assert a["head.bias"].abs().sum() > 0  # the zero-initialized head bias trained: the runs did real steps
+    # the test images split between the two processes, their predictions gathered: the same score
+    one, two = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "one", two / "a"))
+    assert (two["test_accuracy"], two["test_examples"]) == (one["test_accuracy"], one["test_examples"])
 
 
 @pytest.mark.slow
@@ -387,6 +390,33 @@ def test_two_process_stage_two_matches_one_process_when_token_counts_differ(unev
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    # The final evaluation's 7 rows, 3 predicted by one process and 4 by the other, come back whole
+    # and in order: the same file as one process writes.
+    one, two = ([json.loads(line) for line in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]
+                for d in ("one", "two"))
+    assert len(one) == 7 and two == one
+
+
+def test_shares_of_the_evaluation_cover_every_row_once_in_order(monkeypatch):
+    """loop.across_processes: each process computes one contiguous share; in process order the shares
+    are rows 0..n-1, each once, also with fewer rows than processes. (accelerate's gather, which puts
+    them together, runs in the 2-process test above.)"""
+    import accelerate.utils
+
+    from mmfusion.training.loop import across_processes
+
+    class Process:
+        def __init__(self, index: int, n: int) -> None:
+            self.process_index, self.num_processes = index, n
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda share: ("gathered", share))
+    for rows, n in [(7, 2), (1, 2), (10, 3), (2, 4)]:
+        shares = [across_processes(Process(i, n), rows, lambda first, stop: list(range(first, stop)))
+                  for i in range(n)]
+        assert all(tag == "gathered" for tag, _ in shares)
+        assert [row for _, share in shares for row in share] == list(range(rows))
+        assert max(len(s) for _, s in shares) - min(len(s) for _, s in shares) <= 1  # an even split
+    assert across_processes(Process(0, 1), 5, lambda first, stop: [(first, stop)]) == [(0, 5)]  # no gather
 
 
 def test_optimizer_groups_and_schedule():

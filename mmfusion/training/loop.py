@@ -241,6 +241,18 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
     return unwrapped
 
 
+def across_processes(accelerator, rows: int, part: Callable[[int, int], list]) -> list:
+    """`part(first, stop)` over rows [0, rows), one contiguous share per process, gathered in row
+    order on every process: an evaluation on N processes takes 1/N of the time, and each process
+    gets the whole result (the same as one process computes, up to batching)."""
+    n, i = accelerator.num_processes, accelerator.process_index
+    if n == 1:
+        return part(0, rows)
+    from accelerate.utils import gather_object
+
+    return gather_object(part(i * rows // n, (i + 1) * rows // n))
+
+
 def steps_per_epoch(examples: int, run: RunConfig, processes: int, what: str = "the training set") -> int:
     """Optimizer steps in one pass (last partial batch dropped); a ConfigError if not even one.
     The stages call it before they create their output folder, so the refusal leaves nothing."""

@@ -46,7 +46,7 @@ from .data import (
     split_index,
 )
 from .features import MEMORY_LIMIT_BYTES
-from .loop import steps_per_epoch, train
+from .loop import across_processes, steps_per_epoch, train
 from .run_folder import check_resume_model, start_run_folder, write_json
 from .setup import RunConfig, adamw, choose_precision, end_trackers, make_accelerator, param_groups
 
@@ -236,19 +236,25 @@ def build_vit(stage: ViTStageConfig, class_names: list[str], label_grid: int = 1
 
 
 @torch.no_grad()
-def accuracies(model: ViT, dataset: ClassificationImages, limit: int | None = None,
+def accuracies(accelerator, model: ViT, dataset: ClassificationImages, limit: int | None = None,
                batch_size: int = 256) -> tuple[float, float]:
-    """(image accuracy, cell accuracy): equal for one label per image; for grid labels an image
-    counts only if every cell is right, and cell accuracy is over all cells."""
+    """(image accuracy, cell accuracy) on the first `limit` images, each process predicting its share
+    (loop.across_processes): equal for one label per image; for grid labels an image counts only if
+    every cell is right, and cell accuracy is over all cells."""
     model.eval()
+    device = next(model.parameters()).device
+
+    def share(first: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for start in range(first, stop, batch_size):
+            items = [dataset[i] for i in range(start, min(stop, start + batch_size))]
+            x = torch.stack([x for x, _ in items]).to(device)
+            out.append((model(x).argmax(-1).cpu(), torch.stack([torch.as_tensor(y) for _, y in items])))
+        return out
+
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    preds, labels = [], []
-    for start in range(0, n, batch_size):
-        items = [dataset[i] for i in range(start, min(n, start + batch_size))]
-        x = torch.stack([x for x, _ in items]).to(next(model.parameters()).device)
-        preds.append(model(x).argmax(-1).cpu())
-        labels.append(torch.stack([torch.as_tensor(y) for _, y in items]))
-    pred, label = torch.cat(preds), torch.cat(labels)  # (n,) or (n, g*g)
+    parts = across_processes(accelerator, n, share)
+    pred, label = torch.cat([p for p, _ in parts]), torch.cat([y for _, y in parts])  # (n,) or (n, g*g)
     if pred.ndim == 1:
         acc = top1_accuracy(pred, label)
         return acc, acc
@@ -257,8 +263,9 @@ def accuracies(model: ViT, dataset: ClassificationImages, limit: int | None = No
 
 def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     """Train and evaluate; returns the final metrics. The model lands in OUTPUT_DIR/model.
-    Under several processes the main process evaluates and saves; the others return {} without
-    waiting for it (a caller that reads the outputs next waits first: main.after_stage_1)."""
+    Under several processes each evaluates its share of the test images and the main process
+    saves; the others return {} without waiting for it (a caller that reads the outputs next waits
+    first: main.after_stage_1)."""
     out = Path(run_cfg.output_dir)
     set_seed(run_cfg.seed)
     columns = {"image_column": stage.image_column, "label_column": stage.label_column,
@@ -315,21 +322,21 @@ def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     optimizer = adamw(param_groups(vit.named_parameters(), run_cfg.lr, run_cfg.weight_decay), run_cfg)
 
     def evaluate(model, full: bool) -> dict[str, float]:
-        image, cell = accuracies(model, eval_set, None if full else run_cfg.eval_samples)
+        image, cell = accuracies(accelerator, model, eval_set, None if full else run_cfg.eval_samples)
         return {"accuracy": image, **({"cell_accuracy": cell} if label_grid > 1 else {})}
 
     vit = train(accelerator, run_cfg, vit, optimizer, train_set, None, step, evaluate, unit="img", ema_decay=stage.ema,
                 data=chosen.record)
     metrics = {}
+    with accelerator.autocast():
+        image, cell = accuracies(accelerator, vit, eval_set)
     if accelerator.is_main_process:
-        with accelerator.autocast():
-            image, cell = accuracies(vit, eval_set)
-            metrics = {"test_accuracy": image, "test_examples": len(eval_set),
-                       "train_examples": len(train_set), "classes": class_names, "shift": shift,
-                       "evaluation": eval_line,
-                       "precision": precision.resolved}
-            if label_grid > 1:
-                metrics.update(test_cell_accuracy=cell, label_grid=label_grid)
+        metrics = {"test_accuracy": image, "test_examples": len(eval_set),
+                   "train_examples": len(train_set), "classes": class_names, "shift": shift,
+                   "evaluation": eval_line,
+                   "precision": precision.resolved}
+        if label_grid > 1:
+            metrics.update(test_cell_accuracy=cell, label_grid=label_grid)
         vit.save_pretrained(out / "model")
         write_json(out / "metrics.json", metrics)
         accelerator.print(f"test accuracy {metrics['test_accuracy']:.4f} on {len(eval_set)} images; "

@@ -46,7 +46,7 @@ from .data import (
     target_tokens,
 )
 from .features import MEMORY_LIMIT_BYTES, FeatureRows, distinct_images
-from .loop import find_resume, steps_per_epoch, train
+from .loop import across_processes, find_resume, steps_per_epoch, train
 from .lora import add_lora, merge_lora, save_lora
 from .run_folder import (
     check_resume_model,
@@ -231,23 +231,37 @@ def short_run_rows(stage: VQAStageConfig, run_cfg: RunConfig) -> int | None:
     return run_cfg.max_steps * run_cfg.batch_size * run_cfg.grad_accum
 
 
-def periodic_evaluation(stage: VQAStageConfig, run_cfg: RunConfig, eval_vqa, eval_cap, m: VLM,
+def shared_predictions(accelerator, stage: VQAStageConfig, m: VLM, eval_vqa, eval_cap,
+                       limit: int | None) -> tuple[list[dict] | None, list[dict] | None]:
+    """Predicted answers and captions for the first `limit` rows of each eval split (None: all; a
+    split that is None: None), each process predicting its share; every process gets all rows."""
+    def rows(dataset, predict_fn, max_new_tokens):
+        if dataset is None:
+            return None
+        n = len(dataset) if limit is None else min(limit, len(dataset))
+        return across_processes(accelerator, n, lambda first, stop: predict_fn(
+            m, dataset, stop, stage.eval_batch_size, max_new_tokens, first=first))
+
+    return (rows(eval_vqa, predict, stage.max_new_tokens),
+            rows(eval_cap, predict_captions, stage.caption_max_new_tokens))
+
+
+def periodic_evaluation(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, eval_vqa, eval_cap, m: VLM,
                         full: bool) -> dict[str, float]:
     """The loop's evaluation: `eval_samples` rows of each eval split (all of them with full=True)."""
-    limit = None if full else run_cfg.eval_samples
+    answers, captions = shared_predictions(accelerator, stage, m, eval_vqa, eval_cap,
+                                           None if full else run_cfg.eval_samples)
     metrics = {}
-    if eval_vqa is not None:
-        rows = predict(m, eval_vqa, limit, stage.eval_batch_size, stage.max_new_tokens)
-        metrics["vqa_accuracy"] = score(rows)["accuracy"]
-    if eval_cap is not None:
-        rows = predict_captions(m, eval_cap, limit, stage.eval_batch_size, stage.caption_max_new_tokens)
-        metrics.update({f"caption_{k}": v for k, v in score_captions(rows).items() if k != "count"})
+    if answers is not None:
+        metrics["vqa_accuracy"] = score(answers)["accuracy"]
+    if captions is not None:
+        metrics.update({f"caption_{k}": v for k, v in score_captions(captions).items() if k != "count"})
     return metrics
 
 
 def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
-    """Train and evaluate; returns the final metrics (on the main process, which evaluates and saves;
-    the others return {} without waiting for it)."""
+    """Train and evaluate; returns the final metrics (on the main process, which saves and writes
+    them; every process predicts its share of the eval rows, then the others return {})."""
     out = Path(run_cfg.output_dir)
     questions, captions = tasks(stage)
     set_seed(run_cfg.seed)
@@ -313,7 +327,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
                           f"{updates / 1e6:.3f}M parameters; {trainable / 1e6:.3f}M trainable in all")
     optimizer = optimizer_for(model, stage, run_cfg)
 
-    evaluate = functools.partial(periodic_evaluation, stage, run_cfg, eval_vqa, eval_cap)
+    evaluate = functools.partial(periodic_evaluation, accelerator, stage, run_cfg, eval_vqa, eval_cap)
     main_run = replace(run_cfg, resume=None) if resumes_alignment(run_cfg) else run_cfg
     model = train(accelerator, main_run, model, optimizer, Rows(task_rows), collate, step, evaluate, unit="tok",
                   weights=weights, data=evaluated_on.record)
@@ -321,10 +335,10 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
         if accelerator.is_main_process:
             save_lora(lora, model.gpt, out / "lora", base=lora_base(stage.gpt))
         merge_lora(lora)  # the saved model is a plain VLM
-    metrics: dict = {}
     if accelerator.is_main_process:
         model.save_pretrained(out / "model")
-        metrics = final_evaluation(accelerator, stage, model, eval_vqa, eval_cap, out)
+    metrics = final_evaluation(accelerator, stage, model, eval_vqa, eval_cap, out)
+    if accelerator.is_main_process:
         metrics["truncated_questions"] = prompts.truncated
         metrics["dropped_turns"] = prompts.dropped_turns
         metrics["precision"] = precision.resolved
@@ -396,25 +410,26 @@ def with_features(accelerator, run_cfg: RunConfig, model: VLM, processor: ImageP
 
 
 def final_evaluation(accelerator, stage: VQAStageConfig, model: VLM, eval_vqa, eval_cap, out: Path) -> dict:
-    """Score the whole eval split; write predictions.jsonl / captions.jsonl. VQA metrics sit at the
-    top level (accuracy, count, per_type), caption metrics under "captions"."""
-    metrics: dict = {}
+    """Score the whole eval split, each process predicting its share; the main process writes
+    predictions.jsonl / captions.jsonl and returns the metrics (the others: {}). VQA metrics sit at
+    the top level (accuracy, count, per_type), caption metrics under "captions"."""
     with accelerator.autocast():
-        if eval_vqa is not None:
-            rows = predict(model, eval_vqa, stage.final_eval_limit, stage.eval_batch_size, stage.max_new_tokens)
-            metrics.update(score(rows))
-            if stage.dataset == SCENES:
-                metrics["per_template"] = score_by_template(rows)
-            write_jsonl(out / "predictions.jsonl", rows)
-            accelerator.print(f"VQA accuracy {metrics['accuracy']:.4f} on {metrics['count']} questions")
-        if eval_cap is not None:
-            rows = predict_captions(model, eval_cap, stage.final_eval_limit, stage.eval_batch_size,
-                                    stage.caption_max_new_tokens)
-            metrics["captions"] = score_captions(rows)
-            write_jsonl(out / "captions.jsonl", rows)
-            m = metrics["captions"]
-            accelerator.print(f"captions: exact match {m['exact_match']:.4f}, token F1 {m['token_f1']:.4f}, "
-                              f"BLEU-4 {m['bleu4']:.4f}, CIDEr-D {m['cider']:.3f} on {m['count']} images")
+        answers, captions = shared_predictions(accelerator, stage, model, eval_vqa, eval_cap, stage.final_eval_limit)
+    if not accelerator.is_main_process:
+        return {}
+    metrics: dict = {}
+    if answers is not None:
+        metrics.update(score(answers))
+        if stage.dataset == SCENES:
+            metrics["per_template"] = score_by_template(answers)
+        write_jsonl(out / "predictions.jsonl", answers)
+        accelerator.print(f"VQA accuracy {metrics['accuracy']:.4f} on {metrics['count']} questions")
+    if captions is not None:
+        metrics["captions"] = score_captions(captions)
+        write_jsonl(out / "captions.jsonl", captions)
+        m = metrics["captions"]
+        accelerator.print(f"captions: exact match {m['exact_match']:.4f}, token F1 {m['token_f1']:.4f}, "
+                          f"BLEU-4 {m['bleu4']:.4f}, CIDEr-D {m['cider']:.3f} on {m['count']} images")
     return metrics
 
 
