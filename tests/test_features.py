@@ -51,13 +51,20 @@ def counted(model: VLM) -> list[int]:
     return seen
 
 
+def three_processes(n: int, part) -> list:
+    """As loop.across_processes over 3 processes, run one after another here: each process's
+    contiguous share, the results put together in process order."""
+    return [x for i in range(3) for x in part(i * n // 3, (i + 1) * n // 3)]
+
+
 # ids < 0 anywhere: images are told apart by their bytes (rows 0 and 2 of the last case show one image)
+@pytest.mark.parametrize("split", [None, three_processes])
 @pytest.mark.parametrize("ids, distinct", [([3, 1, 3, 3, 1, 2], 3), ([-1, -1, -1, -1], 4), ([5, -1, 5], 2)])
-def test_each_image_goes_through_the_vit_once_and_each_row_gets_its_own(ids, distinct):
+def test_each_image_goes_through_the_vit_once_and_each_row_gets_its_own(ids, distinct, split):
     model, ds = tiny_vlm(), qa_dataset(ids)
     processor = ImageProcessor.from_config(model.config.vit)
     seen = counted(model)
-    rows = FeatureRows.compute(model, ds, processor, batch_size=2, progress=False)
+    rows = FeatureRows.compute(model, ds, processor, batch_size=2, progress=False, split=split)
     assert sum(seen) == distinct and len(rows.features) == distinct
     model.eval()
     for r in range(len(ds)):
@@ -113,6 +120,7 @@ def test_a_short_run_counts_its_rows_against_the_distinct_images():
     assert distinct_images(with_ids, None, by_content) == 6
     stage = VQAStageConfig()
     assert short_run_rows(stage, RunConfig(max_steps=3, batch_size=4, grad_accum=2)) == 24
+    assert short_run_rows(stage, RunConfig(max_steps=3, batch_size=4, grad_accum=2), processes=2) == 48
     assert short_run_rows(stage, RunConfig(max_steps=0)) is None  # whole epochs: caching pays
     assert short_run_rows(VQAStageConfig(align_epochs=1, task="both"), RunConfig(max_steps=3)) is None
 

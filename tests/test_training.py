@@ -385,8 +385,9 @@ def test_two_process_stage_two_matches_one_process_when_token_counts_differ(unev
     of them, as one process with the whole batch (averaging the processes' means differed by 2.6e-4)."""
     args = uneven_args(uneven_vqa, tiny_vit_dir)
     run_stage("train_vqa", [*args, "--batch-size", "8", "--output-dir", str(tmp_path / "one")], env=CPU_ONLY)
-    run_stage("train_vqa", [*args, "--batch-size", "4", "--output-dir", str(tmp_path / "two")], env=CPU_ONLY,
-              launcher=two_processes())
+    two = run_stage("train_vqa", [*args, "--batch-size", "4", "--output-dir", str(tmp_path / "two")], env=CPU_ONLY,
+                    launcher=two_processes())
+    assert "data: ViT features of 15 images" in two.stdout  # computed half by each process, then gathered
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]

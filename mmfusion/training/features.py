@@ -5,13 +5,15 @@ the same in every epoch: easy-VQA asks ~10 questions about each image, so 3.5 ep
 decode and encode every image ~35 times. `FeatureRows` computes the features once, before
 training, for every distinct image of a dataset (by `image_id`, or where the source has none by
 a digest of its bytes, in the row or in its file) and serves its rows with `image_features` in
-place of `image`; `VQACollator` then batches them and the VLM skips its ViT. The computation is
-the same in every run (same batches, same order), so a resumed run still ends with the same
-weights as an uninterrupted one.
+place of `image`; `VQACollator` then batches them and the VLM skips its ViT. Several processes
+share the images, each encoding its contiguous part. The computation is the same in every run of
+a number of processes (same batches, same order; a resume keeps that number), so a resumed run
+still ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -64,10 +66,13 @@ class FeatureRows(torch.utils.data.Dataset):
 
     @classmethod
     def compute(cls, model, dataset, processor, batch_size: int = 256, device: torch.device | str = "cpu",
-                autocast=nullcontext, progress: bool = True, limit_bytes: int = MEMORY_LIMIT_BYTES) -> FeatureRows | None:
+                autocast=nullcontext, progress: bool = True, limit_bytes: int = MEMORY_LIMIT_BYTES,
+                split: Callable[[int, Callable[[int, int], list]], list] | None = None) -> FeatureRows | None:
         """Run `model.vit_features` (a VLM's frozen ViT, in eval mode) once per distinct image of
         `dataset` (columns `image` and optionally `image_id`). Returns None when the features
-        would take more than `limit_bytes`."""
+        would take more than `limit_bytes`. `split(n, part)` shares the n images among processes
+        and returns part(first, stop)'s results over all of them in order (loop.across_processes);
+        None computes them all here."""
         from tqdm.auto import tqdm
 
         keys = same_image_keys(dataset)
@@ -86,13 +91,17 @@ class FeatureRows(torch.utils.data.Dataset):
         was_training = model.vit.training
         model.vit.eval()
         model.vit.to(device)
-        chunks = []
+
+        def part(first: int, stop: int) -> list[torch.Tensor]:
+            chunks = []
+            for start in tqdm(range(first, stop, batch_size), desc="ViT features", unit="batch", disable=not progress):
+                pixels = processor(images[start:min(stop, start + batch_size)]["image"]).to(device)
+                chunks.append(model.vit_features(pixels).float().cpu())  # (b, 1+N, Dv)
+            return chunks
+
         try:
             with torch.no_grad(), autocast():
-                for start in tqdm(range(0, len(images), batch_size), desc="ViT features", unit="batch",
-                                  disable=not progress):
-                    pixels = processor(images[start:start + batch_size]["image"]).to(device)
-                    chunks.append(model.vit_features(pixels).float().cpu())  # (b, 1+N, Dv)
+                chunks = part(0, len(images)) if split is None else split(len(images), part)
         finally:
             model.vit.train(was_training)
         return cls(dataset, torch.cat(chunks), slots)

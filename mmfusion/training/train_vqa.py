@@ -54,6 +54,7 @@ from .run_folder import (
     model_record,
     resumes_alignment,
     start_run_folder,
+    world_size,
     write_json,
 )
 from .setup import RunConfig, adamw, choose_precision, end_trackers, make_accelerator, param_groups
@@ -222,13 +223,13 @@ def tasks(stage: VQAStageConfig) -> tuple[bool, bool]:
     return questions, captions
 
 
-def short_run_rows(stage: VQAStageConfig, run_cfg: RunConfig) -> int | None:
-    """Rows one process trains on in a --max-steps run without an alignment phase (ViT passes
-    without cached features), else None: whole epochs, where easy-VQA's ~10 questions per image
-    make caching pay many times over."""
+def short_run_rows(stage: VQAStageConfig, run_cfg: RunConfig, processes: int = 1) -> int | None:
+    """Rows a --max-steps run without an alignment phase trains on, over all `processes` (ViT passes
+    without cached features; with them, the processes share the images' passes), else None: whole
+    epochs, where easy-VQA's ~10 questions per image make caching pay many times over."""
     if run_cfg.max_steps == 0 or stage.align_epochs > 0:
         return None
-    return run_cfg.max_steps * run_cfg.batch_size * run_cfg.grad_accum
+    return run_cfg.max_steps * run_cfg.batch_size * run_cfg.grad_accum * processes
 
 
 def shared_predictions(accelerator, stage: VQAStageConfig, m: VLM, eval_vqa, eval_cap,
@@ -280,7 +281,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     vocab_lines += check_align_resume(stage, run_cfg, model.config) if stage.align_epochs > 0 else []
     processor = ImageProcessor.from_config(model.config.vit)
     cached = stage.freeze_vit and stage.cache_features
-    rows = short_run_rows(stage, run_cfg)
+    rows = short_run_rows(stage, run_cfg, world_size())
     total = sum(len(ds) for ds in (train_vqa, train_cap) if ds is not None)  # >= the images: no hashing needed
     if cached and rows is not None and rows < total and rows < (images := distinct_images(train_vqa, train_cap)):
         cached = False  # a smoke run of a few steps would otherwise wait for every image's features
@@ -402,7 +403,8 @@ def with_features(accelerator, run_cfg: RunConfig, model: VLM, processor: ImageP
     if dataset is None:
         return None
     rows = FeatureRows.compute(model, dataset, processor, device=accelerator.device, autocast=accelerator.autocast,
-                               progress=run_cfg.progress and accelerator.is_local_main_process)
+                               progress=run_cfg.progress and accelerator.is_local_main_process,
+                               split=functools.partial(across_processes, accelerator))
     accelerator.print(f"data: {rows}" if rows is not None else
                       f"data: the ViT features of {len(dataset)} rows would not fit in "
                       f"{MEMORY_LIMIT_BYTES / 2**30:.0f} GiB; the ViT runs every step")
