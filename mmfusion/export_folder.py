@@ -3,7 +3,8 @@
 An export lists what it wrote at the top of its folder in MARKER; a later export into the same
 folder replaces or removes exactly those entries, and refuses to replace anything else there (a
 training run's vit/, a user's README.md). A failure at any point, even halfway through the final
-moves, leaves the folder as it was.
+moves, leaves the folder as it was; what an export killed outright left behind, the next export
+into the folder clears first, putting the earlier export back where the kill came mid-move.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ def write_folder(folder: Path, planned: Iterable[str], write: Callable[[Path], l
     if is_mmfusion_folder(folder):
         raise ConfigError(f"{folder} holds a saved mmfusion model, which the export would overwrite: choose "
                           "another folder (a new one, or an earlier export)")
+    cleared = remove_stopped_exports(folder) if folder.is_dir() else []  # may restore the earlier export
     refuse_clash(folder, planned, earlier_export(folder))  # before any work; again once the names are known
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
+    staging = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=folder))
     try:
-        notes = write(staging)
+        notes = cleared + write(staging)
         entries = sorted(p.name for p in staging.iterdir())
         (staging / MARKER).write_text(json.dumps({"entries": entries}) + "\n")
         notes += move_in(staging, folder, [*entries, MARKER])
@@ -57,14 +59,78 @@ def write_folder(folder: Path, planned: Iterable[str], write: Callable[[Path], l
     return notes
 
 
-def earlier_export(folder: Path) -> set[str]:
-    """The entries an earlier export into `folder` listed in its MARKER (export-layout names only)."""
+def remove_stopped_exports(folder: Path) -> list[str]:
+    """Clear what an export killed before it could clean up (SIGKILL, power loss) left in `folder`:
+    its hidden staging folder (.export-PID-*: a whole model's weights, kept forever out of sight)
+    and, when it died moving its files in, the earlier export it had set aside (.export-old-PID-*),
+    which goes back in place of the files it had moved in: the folder is as it was before that
+    export. (Its MARKER moves in last: a staging folder still holding it had not finished.) Only
+    for a process that no longer runs; returns a note for each stopped export."""
+    stopped: dict[int, list[Path]] = {}
+    for entry in sorted(folder.iterdir()):
+        pid = stopped_export_pid(entry.name)
+        if pid is not None and entry.is_dir() and not entry.is_symlink() and not process_runs(pid):
+            stopped.setdefault(pid, []).append(entry)
+    notes = []
+    for pid, entries in stopped.items():
+        asides = [e for e in entries if e.name.startswith(".export-old-")]
+        stagings = [e for e in entries if e not in asides]
+        unfinished = bool(asides) and all((s / MARKER).exists() for s in stagings)
+        if unfinished:  # what it moved in goes (its staging's MARKER lists it), the earlier export returns
+            for staging in stagings:
+                for name in [*listed(staging), MARKER]:
+                    if not os.path.lexists(staging / name) and os.path.lexists(folder / name):
+                        remove(folder / name)
+            for aside in asides:
+                for entry in sorted(aside.iterdir()):
+                    if (entry.name == MARKER or is_export_entry(entry.name)) and not os.path.lexists(folder / entry.name):
+                        os.replace(entry, folder / entry.name)
+        for entry in entries:
+            shutil.rmtree(entry, ignore_errors=True)
+        done = ("put back the earlier export it was replacing" if unfinished else
+                "its files were all in place; removed what it had set aside" if asides else
+                "removed the files it had written")
+        notes.append(f"an export into {folder} was stopped before it finished (process {pid} is gone): {done}")
+    return notes
+
+
+def stopped_export_pid(name: str) -> int | None:
+    """The process id in an export's hidden folder name (.export-PID-x, .export-old-PID-x), else None."""
+    rest = name.removeprefix(".export-old-") if name.startswith(".export-old-") else name.removeprefix(".export-")
+    pid, dash, _ = rest.partition("-")
+    return int(pid) if rest != name and dash and pid.isdigit() else None
+
+
+def process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process
+        return True
+    return True
+
+
+def listed(folder: Path) -> list[str]:
+    """The entries `folder`'s MARKER lists (export-layout names only; [] without one)."""
     try:
         data = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
-        return set()
+        return []
     entries = data.get("entries") if isinstance(data, dict) else None
-    return {e for e in entries if isinstance(e, str) and is_export_entry(e)} if isinstance(entries, list) else set()
+    return [e for e in entries if isinstance(e, str) and is_export_entry(e)] if isinstance(entries, list) else []
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def earlier_export(folder: Path) -> set[str]:
+    """The entries an earlier export into `folder` listed in its MARKER (export-layout names only)."""
+    return set(listed(folder))
 
 
 def refuse_clash(folder: Path, names: Iterable[str], earlier: set[str]) -> None:
@@ -84,7 +150,7 @@ def move_in(staging: Path, folder: Path, new: list[str]) -> list[str]:
     refuse_clash(folder, new, earlier)
     old = sorted(n for n in earlier | {MARKER} if os.path.lexists(folder / n))
     stale = [f"{n}/" if (folder / n).is_dir() else n for n in old if n not in new]
-    aside = Path(tempfile.mkdtemp(prefix=".export-old-", dir=folder))
+    aside = Path(tempfile.mkdtemp(prefix=f".export-old-{os.getpid()}-", dir=folder))
     moved: list[str] = []
     placed: list[str] = []
     try:

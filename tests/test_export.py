@@ -274,6 +274,80 @@ def test_a_failure_halfway_through_the_move_puts_the_earlier_export_back(tmp_pat
     assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".export")] == []
 
 
+KILLED_EXPORT = """
+import os, sys
+from pathlib import Path
+from mmfusion import GPT
+from mmfusion.export import export
+folder, real, placed = Path(sys.argv[2]), os.replace, []
+
+def dies(src, dst):  # os._exit: as SIGKILL, no except or finally runs
+    if Path(dst).parent == folder:  # one of the new files moved into place
+        placed.append(dst)
+        if len(placed) == 2:
+            os._exit(9)
+    return real(src, dst)
+
+os.replace = dies
+export(GPT.from_pretrained(sys.argv[1]), folder)
+"""
+
+
+def hidden(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".export"))
+
+
+def test_an_export_killed_while_moving_in_is_rolled_back_by_the_next(tmp_path):
+    """A SIGKILL halfway through the moves left the earlier export's files in a hidden folder and the
+    folder a mix of two exports without a MARKER, which the next export then refused to touch."""
+    import subprocess
+    import sys
+
+    from mmfusion.export_folder import remove_stopped_exports
+
+    out = tmp_path / "out"
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    export(gpt, out)
+    before = files(out)
+    randomized(GPT(gpt.config), 1).save_pretrained(tmp_path / "b")
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, str(tmp_path / "b"), str(out)],
+                              stderr=subprocess.PIPE, text=True)
+    assert killed.wait(timeout=120) == 9, killed.stderr.read()[-2000:]
+    assert [n.rsplit("-", 1)[0] for n in hidden(out)] == [f".export-{killed.pid}", f".export-old-{killed.pid}"]
+    assert files(out) != before  # a mix: two new files in, the earlier ones aside
+    notes = remove_stopped_exports(out)
+    assert notes == [f"an export into {out} was stopped before it finished (process {killed.pid} is gone): put back "
+                     "the earlier export it was replacing"]
+    assert files(out) == before and not hidden(out)
+    export(randomized(GPT(gpt.config), 2), out)  # the next export goes ahead, and leaves nothing hidden
+    assert not hidden(out) and files(out) != before
+
+
+def test_the_next_export_clears_what_a_killed_export_left_and_spares_a_running_ones(tmp_path):
+    import subprocess
+
+    out = tmp_path / "out"
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    export(gpt, out)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    # killed while writing (its staging only), and killed after its last move (its MARKER in place)
+    (out / f".export-{gone.pid}-abc" / "gpt2").mkdir(parents=True)
+    (out / f".export-{gone.pid}-abc" / "gpt2" / "model.safetensors").write_bytes(b"x" * 1000)
+    (out / f".export-{os.getpid()}-running").mkdir()  # a live process: another export under way
+    (out / ".export-notes").mkdir()  # no process id in the name: not an export's
+    notes = export(randomized(GPT(gpt.config), 1), out)
+    assert notes[0] == (f"an export into {out} was stopped before it finished (process {gone.pid} is gone): removed "
+                        "the files it had written")
+    assert set(hidden(out)) == {".export-notes", f".export-{os.getpid()}-running"}
+    after = files(out)
+    (out / f".export-{gone.pid}-def").mkdir()
+    (out / f".export-old-{gone.pid}-ghi" / "config.json").parent.mkdir()
+    (out / f".export-old-{gone.pid}-ghi" / "config.json").write_text("{}")
+    notes = export(randomized(GPT(gpt.config), 1), out)
+    assert "its files were all in place; removed what it had set aside" in notes[0] and files(out) == after
+
+
 def test_export_never_replaces_what_no_export_wrote(tmp_path, capsys):
     """Exporting next to a run (OUT = runs/main) replaced the stage-1 run folder runs/main/vit/ with
     the exported ViT, without a word."""
