@@ -243,8 +243,8 @@ def train(accelerator, run: RunConfig, model: torch.nn.Module, optimizer: torch.
 
 def across_processes(accelerator, rows: int, part: Callable[[int, int], list]) -> list:
     """`part(first, stop)` over rows [0, rows), one contiguous share per process, gathered in row
-    order on every process: an evaluation on N processes takes 1/N of the time, and each process
-    gets the whole result (the same as one process computes, up to batching)."""
+    order on every process: N processes (one device each) do 1/N of the work each, and every process
+    gets the whole result (what one process computes, up to batching)."""
     n, i = accelerator.num_processes, accelerator.process_index
     if n == 1:
         return part(0, rows)
