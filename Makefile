@@ -37,9 +37,10 @@ setup: $(VENV)/.installed
 run: $(VENV)/.core
 	$(VENV)/bin/mmfusion main --output-dir $(OUT)
 
-# pytest-xdist: one worker per core, each with its share of the threads (tests/conftest.py); a test
-# file stays on one worker so its module fixtures are built once. TEST_WORKERS=0 runs in one process.
-TEST_WORKERS ?= auto
+# pytest-xdist: one worker per core, at most 8 (each holds its own torch and models in memory), each
+# with its share of the threads (tests/conftest.py); a test file stays on one worker so its module
+# fixtures are built once. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(8, len(os.sched_getaffinity(0))))")
 
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile

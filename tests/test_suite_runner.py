@@ -1,5 +1,5 @@
-"""How `make test` runs the suite: pytest-xdist with one worker per core, each worker with its
-share of the cores' threads, a test file kept on one worker."""
+"""How `make test` runs the suite: pytest-xdist with one worker per core (at most 8), each worker
+with its share of the cores' threads, a test file kept on one worker."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_make_test_runs_one_worker_per_core_and_can_run_in_one_process():
                              capture_output=True, text=True, check=True).stdout
         return next(line for line in out.splitlines() if "pytest" in line)
 
-    assert "-n auto --dist loadfile" in command()
+    assert f"-n {min(8, len(os.sched_getaffinity(0)))} --dist loadfile" in command()  # a worker per core, at most 8
     assert "-n 0 " in command("TEST_WORKERS=0")
 
 
