@@ -161,11 +161,6 @@ class GPT(PretrainedMixin, nn.Module):
         """Columns of `row_scores` -> token ids."""
         return column if self.output_ids is None else self.output_ids[column]
 
-    def row_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM-head logits (B, V) for one position per row, hidden (B, C); -inf for tokens outside
-        output_tokens."""
-        return self._scatter_logits(self.row_scores(hidden))
-
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 **kwargs) -> torch.Tensor:
         """Logits (B, T, V) (-inf for tokens outside config.output_tokens). Keyword arguments as in

@@ -7,7 +7,7 @@ weight that is added to the embedding's: seven passes over K x V or V x C floats
 mapped memory: most of a stage-2 step on a CPU (benchmarks/NOTES.md).
 
 `linear_cross_entropy` computes the logits transposed, (V, K) = W h^T (the layout MKL runs fastest
-with few rows, as in `GPT.row_logits`), turns them into softmax - onehot in place, and forms
+with few rows, as in `GPT.row_scores`), turns them into softmax - onehot in place, and forms
 dL/dh and dL/dW right away; backward only scales them. Same loss and gradients as the reference up
 to summation order (tests/test_loss.py); the timing is in benchmarks/ (benchmarks/loss.py).
 """

@@ -49,10 +49,11 @@ def test_logits_are_the_whole_heads_on_the_output_tokens_and_minus_inf_elsewhere
     others[keep] = False
     assert torch.isneginf(b[..., others]).all()
     h = torch.randn(3, 32)
-    with torch.no_grad():
-        rows_a, rows_b = full.row_logits(h), part.row_logits(h)
-    torch.testing.assert_close(rows_b[:, keep], rows_a[:, keep])
-    assert torch.isneginf(rows_b[:, others]).all()
+    with torch.no_grad():  # decoding's rows: the output tokens' scores alone, and the ids they map to
+        rows_a, rows_b = full.row_scores(h), part.row_scores(h)
+    torch.testing.assert_close(rows_b, rows_a[:, keep])
+    assert torch.equal(part.output_token(torch.arange(len(KEEP))), keep)
+    assert rows_a.shape == (3, 50257) and torch.equal(full.output_token(keep), keep)
 
 
 @pytest.mark.parametrize("decoder", ["eager", "static"])
