@@ -31,6 +31,29 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return OneLineErrorParser(prog=prog, description=description)
 
 
+def _add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="where the model runs: cpu, cuda, cuda:N (default: %(default)s: the first CUDA device "
+                             "torch sees, else the CPU)")
+
+
+def _device(name: str):
+    """--device as a torch.device, or a ConfigError naming the fix (checked before any work)."""
+    import torch
+
+    from .weights import checked_device
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return checked_device(name, "--device")
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
 def cmd_generate(argv: list[str]) -> None:
     parser = _parser("mmfusion generate", "Caption an image or answer a question.")
     parser.add_argument("--model", required=True, help="a saved VLM folder (e.g. runs/main/vqa/model)")
@@ -47,6 +70,7 @@ def cmd_generate(argv: list[str]) -> None:
     parser.add_argument("--decoder", default="eager", choices=["eager", "static", "compiled"],
                         help="decoding loop: eager, static (fixed shapes over the whole KV cache) or compiled "
                              "(static through torch.compile; a CUDA graph on a GPU) (default: %(default)s)")
+    _add_device_flag(parser)
     args = parser.parse_args(argv)
     from .errors import ConfigError
     from .generation import GenerationConfig
@@ -64,7 +88,7 @@ def cmd_generate(argv: list[str]) -> None:
         for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed)):
             if value is not None:
                 raise ConfigError(f"{flag} needs --temperature > 0 (sampling); greedy decoding ignores it")
-    model = VLM.from_pretrained(args.model).eval()
+    model = VLM.from_pretrained(args.model, map_location=_device(args.device)).eval()
     if args.question is None:
         print(model.caption(args.image, **config.__dict__))
     else:
@@ -179,6 +203,7 @@ def cmd_eval(argv: list[str]) -> None:
                         help="stop if more rows of your data than this are unusable (default: %(default)s)")
     parser.add_argument("--output", default=None,
                         help="predictions JSON lines (default: next to the model); captions go to *_captions.jsonl")
+    _add_device_flag(parser)
     args = parser.parse_args(argv)
     from .config import check_number
     from .data import BUILT_IN, SCENES, load_caption_dataset, load_vqa_dataset
@@ -198,6 +223,7 @@ def cmd_eval(argv: list[str]) -> None:
 
     _at_least_one(args, "limit", "batch_size", "max_new_tokens", "caption_max_new_tokens")
     check_number("--max-bad-fraction", args.max_bad_fraction, 0, 1)
+    device = _device(args.device)
     # resolved: with `--model .` the folder next to the model is the parent of the current one
     out = Path(args.output) if args.output else _real(args.model).parent / f"predictions_{args.split}.jsonl"
     for path in (out, out.with_name(out.stem + "_captions.jsonl")):  # before any work, not after it
@@ -208,7 +234,8 @@ def cmd_eval(argv: list[str]) -> None:
         print(trained_on)
     task = args.task if args.task != "auto" else _auto_task(args)
     _check_eval_flags(parser, args, task)
-    model = VLM.from_pretrained(args.model).eval()
+    model = VLM.from_pretrained(args.model, map_location=device).eval()
+    print(f"device: {_device_name(device)}")
     if task in ("caption", "both"):
         columns = {} if args.dataset in BUILT_IN else {"image_column": args.image_column,
                                                        "caption_column": args.caption_column,

@@ -283,22 +283,23 @@ def check_config_fits_weights(config, folder: Path) -> None:
                               "config.json was edited); save the model again, or restore config.json from a copy")
 
 
-def checked_device(map_location: str | torch.device) -> torch.device:
-    """`map_location` as a torch.device, or a ConfigError naming the fix when torch cannot use it."""
+def checked_device(map_location: str | torch.device, name: str = "map_location") -> torch.device:
+    """`map_location` as a torch.device, or a ConfigError naming the fix when torch cannot use it
+    (`name`: what the user typed it as, e.g. the CLI's --device)."""
     try:
         device = torch.device(map_location)
     except (RuntimeError, TypeError, ValueError) as e:
-        raise ConfigError(f"map_location {map_location!r} is not a device name ({e}); use 'cpu' or 'cuda'") from e
+        raise ConfigError(f"{name} {map_location!r} is not a device name ({e}); use 'cpu' or 'cuda'") from e
     if device.type == "meta":
-        raise ConfigError("map_location 'meta' holds shapes, not weights; load on 'cpu' or 'cuda'")
+        raise ConfigError(f"{name} 'meta' holds shapes, not weights; load on 'cpu' or 'cuda'")
     if device.type == "cpu":
         device = torch.device("cpu")  # one CPU device: safetensors refuses 'cpu:0'
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"map_location {str(device)!r} but torch sees no CUDA device; use 'cpu'")
+        raise ConfigError(f"{name} {str(device)!r} but torch sees no CUDA device; use 'cpu'")
     try:  # an index past the last device, or a backend this torch was built without
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:  # torch.cuda asserts when torch was built without CUDA
-        raise ConfigError(f"map_location {str(device)!r}: torch cannot place tensors there ({e}); "
+        raise ConfigError(f"{name} {str(device)!r}: torch cannot place tensors there ({e}); "
                           "use 'cpu' or a device torch lists") from e
     return device
 

@@ -121,6 +121,47 @@ def test_eval_writes_predictions_for_a_local_dataset(tiny_model, capsys):
     assert "| **all** | 5 |" in capsys.readouterr().out
 
 
+def test_eval_and_generate_run_on_the_device_flag(tiny_model, capsys):
+    """--device places the model (both commands ran on the CPU whatever the machine had)."""
+    import json
+
+    with open(tiny_model / "qa_device.jsonl", "w") as f:
+        f.write(json.dumps({"image": "img.png", "question": "what?", "answers": ["yes"] * 10}) + "\n")
+    out = tiny_model / "device_preds.jsonl"
+    assert main(["eval", "--model", str(tiny_model / "model"), "--dataset", str(tiny_model / "qa_device.jsonl"),
+                 "--output", str(out), "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert "device: cpu\n" in capsys.readouterr().out and len(out.read_text().splitlines()) == 1
+    assert main(["generate", "--model", str(tiny_model / "model"), "--image", str(tiny_model / "img.png"),
+                 "--max-new-tokens", "2", "--device", "cpu:0"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+@pytest.mark.parametrize("device, message", [
+    ("nonsense", "--device 'nonsense' is not a device name"),
+    ("meta", "--device 'meta' holds shapes, not weights"),
+    ("cuda:99", "--device 'cuda:99'"),  # no CUDA here, or not that many devices
+])
+def test_a_device_torch_cannot_use_is_one_line(tiny_model, capsys, command, device, message):
+    extra = ["--dataset", str(tiny_model / "missing.jsonl")] if command == "eval" else ["--image", str(tiny_model / "img.png")]
+    code = main([command, "--model", str(tiny_model / "model"), *extra, "--device", device])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"mmfusion: error: {message}") and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("cuda, expected", [(True, "cuda"), (False, "cpu")])
+def test_device_auto_is_cuda_where_torch_sees_it(monkeypatch, cuda, expected):
+    """The GPU branch of `auto`, injected: this machine may have no GPU."""
+    import mmfusion.weights
+    from mmfusion.cli import _device
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(mmfusion.weights, "checked_device", lambda name, flag: asked.append((name, flag)) or name)
+    assert _device("auto") == expected and asked == [(expected, "--device")]
+    assert _device("cpu") == "cpu" and asked[-1] == ("cpu", "--device")
+
+
 def _help(command: str, capsys) -> str:
     with pytest.raises(SystemExit) as stop:
         main([command, "--help"])
@@ -181,11 +222,12 @@ def test_version(capsys):
 
 def test_eval_and_generate_help_show_their_defaults(capsys):
     text = _help("generate", capsys)
-    for flag, value in [("--max-new-tokens", "32"), ("--temperature", "0.0")]:
+    for flag, value in [("--max-new-tokens", "32"), ("--temperature", "0.0"), ("--device", "auto: the first CUDA device torch sees, else the CPU")]:
         assert _default_shown(text, flag) == value, flag
     text = _help("eval", capsys)
     for flag, value in [("--dataset", "easy-vqa"), ("--split", "test"), ("--batch-size", "256"),
-                        ("--max-new-tokens", "8"), ("--caption-max-new-tokens", "48"), ("--max-bad-fraction", "0.01")]:
+                        ("--max-new-tokens", "8"), ("--caption-max-new-tokens", "48"), ("--max-bad-fraction", "0.01"),
+                        ("--device", "auto: the first CUDA device torch sees, else the CPU")]:
         assert _default_shown(text, flag) == value, flag
 
 
