@@ -5,14 +5,18 @@ folder replaces or removes exactly those entries, and refuses to replace anythin
 training run's vit/, a user's README.md). A failure at any point, even halfway through the final
 moves, leaves the folder as it was; what an export killed outright left behind, the next export
 into the folder clears first, putting the earlier export back where the kill came mid-move.
+Hidden folders are named for their process and machine (.export-PID.HOST-*): on a folder shared
+between machines, a process id says nothing about another machine's export.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -46,7 +50,7 @@ def write_folder(folder: Path, planned: Iterable[str], write: Callable[[Path], l
     refuse_clash(folder, planned, earlier_export(folder))  # before any work; again once the names are known
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=folder))
+    staging = Path(tempfile.mkdtemp(prefix=f".export-{owner_tag()}-", dir=folder))
     try:
         notes = cleared + write(staging)
         entries = sorted(p.name for p in staging.iterdir())
@@ -61,15 +65,23 @@ def write_folder(folder: Path, planned: Iterable[str], write: Callable[[Path], l
 
 def remove_stopped_exports(folder: Path) -> list[str]:
     """Clear what an export killed before it could clean up (SIGKILL, power loss) left in `folder`:
-    its hidden staging folder (.export-PID-*: a whole model's weights, kept forever out of sight)
-    and, when it died moving its files in, the earlier export it had set aside (.export-old-PID-*),
+    its hidden staging folder (.export-PID.HOST-*: a whole model's weights, kept forever out of sight)
+    and, when it died moving its files in, the earlier export it had set aside (.export-old-PID.HOST-*),
     which goes back in place of the files it had moved in: the folder is as it was before that
     export. (Its MARKER moves in last: a staging folder still holding it had not finished.) Only
-    for a process that no longer runs; returns a note for each stopped export."""
+    for a process of this machine that no longer runs (names without HOST, from before it was
+    added, count as this machine's); another machine's are left, with a note. Returns a note for
+    each stopped export and each other machine's."""
     stopped: dict[int, list[Path]] = {}
+    elsewhere = []
     for entry in sorted(folder.iterdir()):
-        pid = stopped_export_pid(entry.name)
-        if pid is not None and entry.is_dir() and not entry.is_symlink() and not process_runs(pid):
+        owner = export_owner(entry.name)
+        if owner is None or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid, host = owner
+        if host is not None and host != host_tag():
+            elsewhere.append(entry.name)
+        elif not process_runs(pid):
             stopped.setdefault(pid, []).append(entry)
     notes = []
     for pid, entries in stopped.items():
@@ -91,14 +103,32 @@ def remove_stopped_exports(folder: Path) -> list[str]:
                 "its files were all in place; removed what it had set aside" if asides else
                 "removed the files it had written")
         notes.append(f"an export into {folder} was stopped before it finished (process {pid} is gone): {done}")
+    if elsewhere:
+        notes.append(f"left {', '.join(elsewhere)} in {folder}: an export from another machine, running or stopped "
+                     "(its process cannot be checked from here); once no export into the folder runs, remove it by hand")
     return notes
 
 
-def stopped_export_pid(name: str) -> int | None:
-    """The process id in an export's hidden folder name (.export-PID-x, .export-old-PID-x), else None."""
+def owner_tag() -> str:
+    """This process's part of a hidden folder's name: PID.HOST."""
+    return f"{os.getpid()}.{host_tag()}"
+
+
+def host_tag() -> str:
+    """Eight hex digits naming this machine (its host name hashed: host names hold dashes and dots)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def export_owner(name: str) -> tuple[int, str | None] | None:
+    """(process id, host tag or None) from an export's hidden folder name (.export-PID.HOST-x,
+    .export-old-PID.HOST-x; .export-PID-x from before the host tag), else None."""
     rest = name.removeprefix(".export-old-") if name.startswith(".export-old-") else name.removeprefix(".export-")
-    pid, dash, _ = rest.partition("-")
-    return int(pid) if rest != name and dash and pid.isdigit() else None
+    owner, dash, _ = rest.partition("-")
+    pid, dot, host = owner.partition(".")
+    tagged = len(host) == 8 and all(c in "0123456789abcdef" for c in host)
+    if rest == name or not dash or not pid.isdigit() or (dot and not tagged):
+        return None
+    return int(pid), (host if dot else None)
 
 
 def process_runs(pid: int) -> bool:
@@ -150,7 +180,7 @@ def move_in(staging: Path, folder: Path, new: list[str]) -> list[str]:
     refuse_clash(folder, new, earlier)
     old = sorted(n for n in earlier | {MARKER} if os.path.lexists(folder / n))
     stale = [f"{n}/" if (folder / n).is_dir() else n for n in old if n not in new]
-    aside = Path(tempfile.mkdtemp(prefix=f".export-old-{os.getpid()}-", dir=folder))
+    aside = Path(tempfile.mkdtemp(prefix=f".export-old-{owner_tag()}-", dir=folder))
     moved: list[str] = []
     placed: list[str] = []
     try:

@@ -222,12 +222,13 @@ def test_version(capsys):
 
 def test_eval_and_generate_help_show_their_defaults(capsys):
     text = _help("generate", capsys)
-    for flag, value in [("--max-new-tokens", "32"), ("--temperature", "0.0"), ("--device", "auto: the first CUDA device torch sees, else the CPU")]:
+    auto = "auto: the first CUDA device torch sees, else the CPU"
+    for flag, value in [("--max-new-tokens", "32"), ("--temperature", "0.0"), ("--device", auto)]:
         assert _default_shown(text, flag) == value, flag
     text = _help("eval", capsys)
     for flag, value in [("--dataset", "easy-vqa"), ("--split", "test"), ("--batch-size", "256"),
                         ("--max-new-tokens", "8"), ("--caption-max-new-tokens", "48"), ("--max-bad-fraction", "0.01"),
-                        ("--device", "auto: the first CUDA device torch sees, else the CPU")]:
+                        ("--device", auto)]:
         assert _default_shown(text, flag) == value, flag
 
 

@@ -303,7 +303,7 @@ def test_an_export_killed_while_moving_in_is_rolled_back_by_the_next(tmp_path):
     import subprocess
     import sys
 
-    from mmfusion.export_folder import remove_stopped_exports
+    from mmfusion.export_folder import host_tag, remove_stopped_exports
 
     out = tmp_path / "out"
     gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
@@ -313,7 +313,8 @@ def test_an_export_killed_while_moving_in_is_rolled_back_by_the_next(tmp_path):
     killed = subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, str(tmp_path / "b"), str(out)],
                               stderr=subprocess.PIPE, text=True)
     assert killed.wait(timeout=120) == 9, killed.stderr.read()[-2000:]
-    assert [n.rsplit("-", 1)[0] for n in hidden(out)] == [f".export-{killed.pid}", f".export-old-{killed.pid}"]
+    tag = f"{killed.pid}.{host_tag()}"
+    assert [n.rsplit("-", 1)[0] for n in hidden(out)] == [f".export-{tag}", f".export-old-{tag}"]
     assert files(out) != before  # a mix: two new files in, the earlier ones aside
     notes = remove_stopped_exports(out)
     assert notes == [f"an export into {out} was stopped before it finished (process {killed.pid} is gone): put back "
@@ -324,6 +325,7 @@ def test_an_export_killed_while_moving_in_is_rolled_back_by_the_next(tmp_path):
 
 
 def test_the_next_export_clears_what_a_killed_export_left_and_spares_a_running_ones(tmp_path):
+    """Names without a host tag (from before it) count as this machine's."""
     import subprocess
 
     out = tmp_path / "out"
@@ -346,6 +348,49 @@ def test_the_next_export_clears_what_a_killed_export_left_and_spares_a_running_o
     (out / f".export-old-{gone.pid}-ghi" / "config.json").write_text("{}")
     notes = export(randomized(GPT(gpt.config), 1), out)
     assert "its files were all in place; removed what it had set aside" in notes[0] and files(out) == after
+
+
+def test_another_machines_hidden_export_is_left_with_a_note(tmp_path, monkeypatch):
+    """On a folder two machines share, a process id of the other machine says nothing here: its
+    running export's staging was taken for a stopped one's and removed (or rolled back mid-move)."""
+    import subprocess
+
+    from mmfusion import export_folder
+    from mmfusion.export_folder import host_tag, remove_stopped_exports
+
+    out = tmp_path / "out"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    here, there = host_tag(), "0badf00d" if host_tag() != "0badf00d" else "f00dfeed"
+    for name in (f".export-{gone.pid}.{here}-a", f".export-{gone.pid}.{there}-b", f".export-old-{gone.pid}.{there}-c",
+                 f".export-{os.getpid()}.{there}-d"):
+        (out / name).mkdir(parents=True)
+    notes = remove_stopped_exports(out)
+    assert notes[0] == (f"an export into {out} was stopped before it finished (process {gone.pid} is gone): removed "
+                        "the files it had written")
+    others = [f".export-{os.getpid()}.{there}-d", f".export-{gone.pid}.{there}-b", f".export-old-{gone.pid}.{there}-c"]
+    assert notes[1].startswith(f"left {', '.join(others)} in {out}: an export from another machine") and len(notes) == 2
+    assert hidden(out) == sorted(others)
+    monkeypatch.setattr(export_folder.socket, "gethostname", lambda: "another-host.example")  # now on that machine
+    assert export_folder.host_tag() != here
+    assert export_folder.export_owner(f".export-{gone.pid}.{here}-a") == (gone.pid, here)
+    for name in (f".export-{gone.pid}.{here}-x", f".export-12.{here}-", ".export-12.xyz-a", ".export-12.0BADF00D-a"):
+        (out / name).mkdir()
+    notes = remove_stopped_exports(out)  # the first machine's folder is the other machine's now
+    assert len(notes) == 1 and f".export-{gone.pid}.{here}-x, " in notes[0] and ".export-12.xyz-a" not in notes[0], notes
+    assert len(hidden(out)) == 7  # nothing removed: the three left before and the four new
+
+
+@pytest.mark.parametrize("name, owner", [
+    (".export-123.0badf00d-xyz", (123, "0badf00d")), (".export-old-123.0badf00d-xyz", (123, "0badf00d")),
+    (".export-123-xyz", (123, None)), (".export-old-7-", (7, None)),
+    (".export-123.0badf00-xyz", None), (".export-123.0BADF00D-xyz", None), (".export-12a-x", None),
+    (".export-notes", None), ("export-1-x", None), (".export-.0badf00d-x", None),
+])
+def test_export_owner_reads_only_an_exports_hidden_names(name, owner):
+    from mmfusion.export_folder import export_owner
+
+    assert export_owner(name) == owner
 
 
 def test_export_never_replaces_what_no_export_wrote(tmp_path, capsys):
