@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -23,8 +24,17 @@ def test_make_test_runs_one_worker_per_core_and_can_run_in_one_process():
 
 
 def test_a_worker_takes_its_share_of_the_cores():
+    """In this process (the branch its runner took), and in a fresh one told it is one of 2 and of
+    3 xdist workers (the branch `make test` takes, checked even when this file runs alone)."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers is None:  # one process: torch keeps its own default, unless the caller set one
         assert os.environ.get("OMP_NUM_THREADS") is None or torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
     else:
         assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) // int(workers))
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "PYTEST_XDIST_WORKER_COUNT")}
+    for workers in (2, 3):
+        conftest = str(ROOT / "tests" / "conftest.py")
+        probe = (f"import os, runpy; os.environ['PYTEST_XDIST_WORKER_COUNT'] = '{workers}'; "
+                 f"runpy.run_path({conftest!r}); import torch; print(torch.get_num_threads())")
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+        assert int(out) == max(1, len(os.sched_getaffinity(0)) // workers), (workers, out)
