@@ -126,7 +126,8 @@ def export_owner(name: str) -> tuple[int, str | None] | None:
     owner, dash, _ = rest.partition("-")
     pid, dot, host = owner.partition(".")
     tagged = len(host) == 8 and all(c in "0123456789abcdef" for c in host)
-    if rest == name or not dash or not pid.isdigit() or (dot and not tagged):
+    ascii_pid = pid.isascii() and pid.isdigit() and 0 < int(pid) < 2**31  # os.kill takes a C int; 0 is the group
+    if rest == name or not dash or not ascii_pid or (dot and not tagged):
         return None
     return int(pid), (host if dot else None)
 

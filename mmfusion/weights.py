@@ -298,8 +298,9 @@ def checked_device(map_location: str | torch.device, name: str = "map_location")
         raise ConfigError(f"{name} {str(device)!r} but torch sees no CUDA device; use 'cpu'")
     try:  # an index past the last device, or a backend this torch was built without
         torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:  # torch.cuda asserts when torch was built without CUDA
-        raise ConfigError(f"{name} {str(device)!r}: torch cannot place tensors there ({e}); "
+    except (RuntimeError, AssertionError, ImportError, NotImplementedError) as e:  # torch.cuda asserts without CUDA;
+        why = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__  # hpu: no torch.hpu; mps: a listing
+        raise ConfigError(f"{name} {str(device)!r}: torch cannot place tensors there ({why}); "
                           "use 'cpu' or a device torch lists") from e
     return device
 

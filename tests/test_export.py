@@ -386,6 +386,8 @@ def test_another_machines_hidden_export_is_left_with_a_note(tmp_path, monkeypatc
     (".export-123-xyz", (123, None)), (".export-old-7-", (7, None)),
     (".export-123.0badf00-xyz", None), (".export-123.0BADF00D-xyz", None), (".export-12a-x", None),
     (".export-notes", None), ("export-1-x", None), (".export-.0badf00d-x", None),
+    (".export-99999999999999999999.0badf00d-x", None), (".export-2147483648-x", None), (".export-0.0badf00d-x", None),
+    (".export-\u00b2.0badf00d-x", None), (".export-\u0661\u0662\u0663-x", None),  # digits, but not a pid we wrote
 ])
 def test_export_owner_reads_only_an_exports_hidden_names(name, owner):
     from mmfusion.export_folder import export_owner
