@@ -74,12 +74,13 @@ def remove_stopped_exports(folder: Path) -> list[str]:
     each stopped export and each other machine's."""
     stopped: dict[int, list[Path]] = {}
     elsewhere = []
+    here = host_tag()
     for entry in sorted(folder.iterdir()):
         owner = export_owner(entry.name)
         if owner is None or not entry.is_dir() or entry.is_symlink():
             continue
         pid, host = owner
-        if host is not None and host != host_tag():
+        if host is not None and host != here:
             elsewhere.append(entry.name)
         elif not process_runs(pid):
             stopped.setdefault(pid, []).append(entry)

@@ -299,7 +299,7 @@ def checked_device(map_location: str | torch.device, name: str = "map_location")
     try:  # an index past the last device, or a backend this torch was built without
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, ImportError, NotImplementedError) as e:  # torch.cuda asserts without CUDA;
-        why = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__  # hpu: no torch.hpu; mps: a listing
+        why = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]  # hpu: no torch.hpu; mps: a listing
         raise ConfigError(f"{name} {str(device)!r}: torch cannot place tensors there ({why}); "
                           "use 'cpu' or a device torch lists") from e
     return device
