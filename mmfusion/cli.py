@@ -202,7 +202,8 @@ def cmd_eval(argv: list[str]) -> None:
     parser.add_argument("--max-bad-fraction", type=float, default=0.01,  # the training stages' default
                         help="stop if more rows of your data than this are unusable (default: %(default)s)")
     parser.add_argument("--output", default=None,
-                        help="predictions JSON lines (default: next to the model); captions go to *_captions.jsonl")
+                        help="predictions file, JSON lines ending in .jsonl (default: next to the model); captions "
+                             "go to *_captions.jsonl. A symbolic link is written through, as a shell's > does")
     _add_device_flag(parser)
     args = parser.parse_args(argv)
     from .config import check_number
@@ -226,7 +227,8 @@ def cmd_eval(argv: list[str]) -> None:
     device = _device(args.device)
     # resolved: with `--model .` the folder next to the model is the parent of the current one
     out = Path(args.output) if args.output else _real(args.model).parent / f"predictions_{args.split}.jsonl"
-    for path in (out, out.with_name(out.stem + "_captions.jsonl")):  # before any work, not after it
+    cap_out = _captions_output(out, args.output)
+    for path in (out, cap_out):  # before any work, not after it
         check_writable(path, "--output", folder=False)
         _check_not_an_input(path, args.model, args.dataset)
     trained_on = _training_rows_warning(args.model, args.dataset, args.split)
@@ -259,10 +261,25 @@ def cmd_eval(argv: list[str]) -> None:
     if task in ("caption", "both"):
         start = time.perf_counter()
         rows = predict_captions(model, captions, args.limit, args.batch_size, args.caption_max_new_tokens)
-        cap_out = out.with_name(out.stem + "_captions.jsonl")
         write_jsonl(cap_out, rows)
         print(format_caption_table(score_captions(rows)))
         print(f"{len(rows)} images captioned in {time.perf_counter() - start:.1f}s; written to {cap_out}")
+
+
+def _captions_output(out: Path, given: str | None) -> Path:
+    """Where eval writes captions next to the predictions file `out`; a ConfigError unless `out`
+    names a .jsonl file: a folder (`.`, `runs/`) has no file name, and any other suffix may be a
+    file eval reads (`--output img.png` would replace a dataset's image)."""
+    from .errors import ConfigError
+
+    if out.name in ("", ".", "..") or (given or "").endswith(("/", os.sep)) or out.is_dir():
+        raise ConfigError(f"--output {given} names a folder; pass a file path in it, such as "
+                          f"{out / 'predictions.jsonl'}")
+    if out.suffix.lower() != ".jsonl":
+        raise ConfigError(f"--output {given}: predictions are written as JSON lines, to a path ending in .jsonl "
+                          f"(such as {out.with_name(out.stem + '.jsonl')}); a path with another suffix may name "
+                          "a file you keep, which the predictions would replace")
+    return out.with_name(out.stem + "_captions.jsonl")
 
 
 def _check_eval_flags(parser, args, task: str) -> None:
@@ -409,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else fail(f"unknown command {argv[0]!r}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("datasets").propagate = False  # it prints through a handler of its own: once is enough
     return run_command(COMMANDS[argv[0]], argv[1:])
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, json_kind
 from .tokenizer import EOT_ID, IMAGE_ID
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
@@ -79,6 +79,11 @@ def _probability(cfg: Any, *names: str) -> None:
         check_number(f"{type(cfg).__name__}.{name}", getattr(cfg, name), 0, 1, high_open=True)
 
 
+def _check_object(what: str, data: Any) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} settings must be a JSON object of name: value pairs, not {json_kind(data)}")
+
+
 class _JSONMixin:
     """JSON round trip shared by every config; nested configs become nested dicts."""
 
@@ -87,6 +92,7 @@ class _JSONMixin:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
+        _check_object(cls.__name__, data)
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
         if unknown:
@@ -431,10 +437,12 @@ class VLMConfig(_JSONMixin):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VLMConfig:
+        _check_object(cls.__name__, data)
         data = dict(data)
         parts = {"vit": ViTConfig, "gpt": GPTConfig, "adapter": AdapterConfig}
         for name, kind in parts.items():
-            if isinstance(data.get(name), dict):
+            if name in data and not isinstance(data[name], kind):  # JSON's object, or a config built in Python
+                _check_object(f"{cls.__name__}.{name}", data[name])
                 data[name] = kind.from_dict(data[name])
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:

@@ -69,6 +69,35 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """Refuse a flag given an empty value (`--model ""`, `--output $UNSET`): each one would
+        otherwise mean the current folder or a default, and fail later under another name."""
+        import sys
+
+        argv = list(sys.argv[1:] if args is None else args)
+        for i, token in enumerate(argv):
+            if token == "--":  # what follows belongs to another command, which checks it
+                break
+            flag, eq, value = token.partition("=")
+            action = self._option_string_actions.get(flag) if token.startswith("-") else None
+            if action is None or action.nargs == 0:
+                continue
+            given = value if eq else argv[i + 1] if i + 1 < len(argv) else None
+            if given == "":  # only '': a name of spaces is a legal file name, and a question checks its own
+                self.error(f"argument {flag}: empty value (''; an unset shell variable?); "
+                           "pass a value or leave the flag out")
+        return super().parse_known_args(args, namespace)
+
+
+def json_kind(value) -> str:
+    """A JSON value's type in JSON's words, for messages: 'a string', 'null', 'a list'..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    kinds = ((str, "a string"), ((int, float), "a number"), (list, "a list"), (dict, "an object"))
+    return next((word for kind, word in kinds if isinstance(value, kind)), type(value).__name__)
+
 
 def fail(message: str) -> int:
     """Print `mmfusion: error: message` on stderr; the exit code for bad input (2)."""

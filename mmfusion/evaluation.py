@@ -9,6 +9,7 @@ prediction, captions} (every reference caption of the image).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -73,8 +74,10 @@ def score_captions(rows: list[dict]) -> dict:
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    """Written whole or not at all (a temporary name, then a rename), into folders made as needed."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """Written whole or not at all (a temporary name, then a rename), into folders made as needed;
+    through a symbolic link to its target, as `>` in a shell writes, not over the link."""
+    path = Path(os.path.realpath(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import ConfigError
-from .weights import check_writable, is_mmfusion_folder
+from .weights import check_writable, is_mmfusion_folder, read_json
 
 # What an export writes at the top of its folder: a VLM's parts, or a GPT's / ViT's transformers files.
 VLM_PARTS = ("llava", "gpt2", "vit", "adapter", "README.md")
@@ -144,10 +144,11 @@ def process_runs(pid: int) -> bool:
 
 
 def listed(folder: Path) -> list[str]:
-    """The entries `folder`'s MARKER lists (export-layout names only; [] without one)."""
+    """The entries `folder`'s MARKER lists (export-layout names only; [] without a readable one:
+    a FIFO or a huge file under its name is not read, so the export neither blocks nor stalls)."""
     try:
-        data = json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
+        data = read_json(folder / MARKER, ConfigError)
+    except (ConfigError, OSError):
         return []
     entries = data.get("entries") if isinstance(data, dict) else None
     return [e for e in entries if isinstance(e, str) and is_export_entry(e)] if isinstance(entries, list) else []

@@ -7,6 +7,7 @@ kind, that every weight is finite, and that tied weights stored twice agree.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, json_kind
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -100,8 +101,16 @@ def tied_twins(model: torch.nn.Module) -> dict[str, str]:
 
 def check_writable(path: str | Path, flag: str, folder: bool) -> None:
     """Refuse, before any work, an output `path` (a folder, or a file when `folder` is False) that
-    exists as the other kind, or whose nearest existing parent cannot be written (read-only)."""
+    exists as the other kind, or whose nearest existing parent cannot be written (read-only). A
+    symbolic link is followed, as a write through it will be; a link loop is refused."""
     path = Path(path).expanduser()
+    try:
+        os.stat(path)
+    except OSError as e:  # a missing path is fine: it will be made
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"{flag} {path} is a symbolic link loop; remove the link or pass another path") from e
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     if path.exists() and (not path.is_dir() if folder else not path.is_file()):
         kind = "folder" if folder else "regular file"
         raise ConfigError(f"{flag} {path} exists and is not a {kind}; name a {'folder' if folder else 'file'}")
@@ -168,6 +177,10 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     if not isinstance(data["model_type"], str):  # a hand-edited list or number: `in` a dict would raise TypeError
         raise CheckpointError(f"{path}: \"model_type\" is {data['model_type']!r}, not a string; an mmfusion folder "
                               "names its model as \"vit\", \"gpt\" or \"vlm\"")
+    if not isinstance(data["config"], dict):
+        raise CheckpointError(f"{path}: \"config\" is {json_kind(data['config'])}, not an object of settings "
+                              "(such as {\"n_layer\": 12, ...}); save the model again, or restore config.json "
+                              "from a copy")
     version = data.get("format_version", 0)
     if not isinstance(version, int) or isinstance(version, bool):
         raise CheckpointError(f"{path}: format_version must be an integer, got {version!r}")

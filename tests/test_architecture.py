@@ -20,7 +20,7 @@ FLOORS = [
     {"config", "layers", "loss", "metrics", "tokenizer", "weights"},
     {"processing", "vit", "gpt", "adapter", "static_decode", "generation", "vlm"},
     {"hf_checkpoint", "convert", "loading", "export_folder", "export"},
-    {"data", "data.captions", "data.easy_vqa", "data.image_keys", "data.local", "data.scenes", "data.splits",
+    {"data", "data.captions", "data.easy_vqa", "data.image_keys", "data.json_files", "data.local", "data.scenes", "data.splits",
      "data.vqa"},
     {"evaluation"},
     {"training", "training.args", "training.augment", "training.precision", "training.data", "training.features",

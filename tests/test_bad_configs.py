@@ -267,8 +267,21 @@ def test_eval_output_is_checked_before_any_prediction(tmp_path: Path, capsys, mo
     Image.new("RGB", (16, 16)).save(tmp_path / "img.png")
     (tmp_path / "qa.jsonl").write_text(json.dumps({"image": "img.png", "question": "q?", "answers": ["a"]}) + "\n")
     (tmp_path / "folder").mkdir()
-    for output, message in ((tmp_path / "folder", "exists and is not a regular file"),
+    for output, message in ((tmp_path / "folder", "names a folder"),
                             (Path("/proc/predictions.jsonl"), "/proc cannot be written")):
         code, err = run_cli(capsys, ["eval", "--model", str(tmp_path / "model"), "--dataset",
                                      str(tmp_path / "qa.jsonl"), "--split", "train", "--output", str(output)])
         assert code == 2 and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("part, value, kind", [("vit", 3, "a number"), ("gpt", None, "null"), ("adapter", "mlp", "a string"),
+                                                ("vit", [], "a list")])
+def test_a_vlm_config_part_that_is_not_an_object_is_named_in_json_words(part, value, kind):
+    """`"vit": 3` read as "VLMConfig.vit must be a ViTConfig", and `"config": "x"` as "dictionary
+    update sequence element #0 has length 1": Python's words for a JSON file's mistake."""
+    data = VLMConfig(vit=TINY_VIT, gpt=GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).to_dict()
+    data[part] = value
+    with pytest.raises(ConfigError, match=rf"VLMConfig.{part} settings must be a JSON object .*, not {kind}$"):
+        VLMConfig.from_dict(data)
+    with pytest.raises(ConfigError, match="GPTConfig settings must be a JSON object of name: value pairs, not a string"):
+        GPTConfig.from_dict("x")

@@ -189,14 +189,14 @@ def test_impossible_bad_fraction_raises(fraction, tmp_path):
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 2**20])
 def test_a_line_that_is_not_utf8_is_named(tmp_path, chunk):
     """pyarrow read such a file and failed at the first access to the row, a traceback."""
-    from mmfusion.data.local import _check_utf8
+    from mmfusion.data.json_files import check_utf8
 
     path = tmp_path / "bad.jsonl"
     good = json.dumps({"image": "ok.png", "question": "é?", "answers": ["ü"]}, ensure_ascii=False) + "\n"
     path.write_bytes(good.encode() * 3 + b'{"image": "ok.png", "question": "what\xff?"}\n')
     offset = len(good.encode()) * 3 + len(b'{"image": "ok.png", "question": "what')
     with pytest.raises(DatasetError, match=rf"line 4 is not UTF-8 text \(byte {offset}: invalid start byte\)"):
-        _check_utf8(path, chunk)
+        check_utf8(path, chunk)
 
 
 def test_a_dataset_line_that_is_not_utf8_through_cli_is_one_line(tmp_path, capsys):
@@ -223,6 +223,51 @@ def test_a_file_that_starts_with_no_json_object_is_named_not_crashed_on(name, te
                  "--no-progress", "--mixed-precision", "no"])
     err = capsys.readouterr().err
     assert code == 2 and "not a JSON object" in err and "Traceback" not in err, err
+
+
+GOOD_LINE = json.dumps({"image": "ok.png", "question": "what color?", "answers": ["red"]})
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("rows.jsonl", f"{GOOD_LINE}\n" * 3 + '{"image": "ok.png", "question": \n',
+     r"line 4 is not valid JSON \(Expecting value at column 33\)"),
+    ("rows.jsonl", f"{GOOD_LINE}\n" * 2 + "[1, 2]\n" + f"{GOOD_LINE}\n", "line 3 is a list, not a JSON object"),
+    ("rows.jsonl", "[1, 2]\n" + f"{GOOD_LINE}\n" * 2, "line 1 is a list, not a JSON object"),
+    ("rows.json", f"[{GOOD_LINE},\n\"red\"]", "item 2 of the list is a string, not a JSON object"),
+    ("rows.json", f"[{GOOD_LINE},\n{GOOD_LINE}\n", r"line 3 is not valid JSON \(Expecting ',' delimiter"),
+    ("rows.json", "[1, 2]\n" + f"{GOOD_LINE}\n", "line 1 is a list, not a JSON object"),
+])
+def test_a_json_line_datasets_cannot_read_is_named(name, text, message, tmp_path):
+    """`datasets` said only "An error occurred while generating the dataset", and logged the
+    reader's error on stderr besides."""
+    (tmp_path / "ok.png").write_bytes(png())
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DatasetError, match=f"{name}: {message}"):
+        load_vqa(str(tmp_path / name), "train")
+    folder = tmp_path / "data"  # in a folder of files: the same line, named with its file
+    folder.mkdir()
+    (folder / "ok.png").write_bytes(png())
+    (folder / f"train{Path(name).suffix}").write_text(text)
+    with pytest.raises(DatasetError, match=f"train{Path(name).suffix}: .*{message}"):
+        load_vqa(str(folder), "train")
+
+
+def test_a_bad_json_line_through_the_command_is_one_line_on_stderr(tmp_path):
+    """The whole stderr of the command, in a process of its own: `datasets`' loggers printed the
+    reader's error twice (their handler, and the root's) before mmfusion's error."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "ok.png").write_bytes(png())
+    (tmp_path / "rows.jsonl").write_text(f"{GOOD_LINE}\n{{\"image\": \n")
+    result = subprocess.run([sys.executable, "-m", "mmfusion.cli", "train-vqa", "--vit", "vit-tiny", "--dataset",
+                             str(tmp_path / "rows.jsonl"), "--output-dir", str(tmp_path / "out"), "--no-progress"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "rows.jsonl: line 2 is not valid JSON" in lines[0] and "fix or remove it" in lines[0]
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "empty name"])

@@ -16,6 +16,7 @@ from PIL import Image
 from mmfusion import GPT, VLM, VLMConfig
 from mmfusion.cli import main
 from mmfusion.config import AdapterConfig, GPTConfig, ViTConfig
+from mmfusion.export_folder import MARKER
 
 TINY_GPT = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)
 FAST = ["--max-new-tokens", "1", "--caption-max-new-tokens", "1", "--batch-size", "8"]
@@ -77,9 +78,11 @@ def test_eval_refuses_to_write_over_the_dataset_it_reads(run, tmp_path, capsys):
 def test_eval_refuses_to_write_into_the_model_folder(run, tmp_path, capsys):
     model = Path(shutil.copytree(run / "run" / "model", tmp_path / "model"))  # a copy: the others need theirs
     before = (model / "config.json").read_bytes()
-    for output in (model / "config.json", model / "preds.jsonl"):
+    for output in (model / "preds.jsonl", model / "sub" / "preds.jsonl"):
         code, _, err = evaluate(capsys, "--model", model, "--dataset", run / "qa.jsonl", "--output", output)
         assert "is inside the --model folder" in one_error_line(code, err)
+    code, _, err = evaluate(capsys, "--model", model, "--dataset", run / "qa.jsonl", "--output", model / "config.json")
+    assert "ending in .jsonl" in one_error_line(code, err)
     assert (model / "config.json").read_bytes() == before and not (model / "preds.jsonl").exists()
     VLM.from_pretrained(model)  # still loads
 
@@ -91,6 +94,40 @@ def test_eval_default_output_goes_next_to_the_model_even_from_inside_it(run, cap
     written = run / "run" / "predictions_other.jsonl"
     assert written.exists() and not (run / "run" / "model" / "predictions_other.jsonl").exists()
     assert f"predictions written to {written}" in out
+
+
+def test_eval_output_must_name_a_jsonl_file(run, tmp_path, capsys, monkeypatch):
+    """A folder has no file name (`--output .` was a traceback); any other suffix may be a file eval
+    reads: `--output img.png` replaced the dataset's image with predictions."""
+    monkeypatch.chdir(run)
+    image = (run / "img.png").read_bytes()
+    for output, message in ((".", "names a folder"), ("..", "names a folder"), ("run", "names a folder"),
+                            (f"{tmp_path}/new/", "names a folder"), ("img.png", "ending in .jsonl"),
+                            ("preds.txt", "ending in .jsonl")):
+        code, _, err = evaluate(capsys, "--model", "run/model", "--dataset", "qa.jsonl", "--output", output)
+        assert message in one_error_line(code, err), err
+    assert (run / "img.png").read_bytes() == image and not (tmp_path / "new").exists()
+    assert not list(run.glob("*.jsonl.*")) and not (run / "preds.txt").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symbolic links on this OS")
+def test_eval_output_writes_through_a_symbolic_link(run, tmp_path, capsys):
+    """As `>` in a shell: the link stays and its target gets the predictions (the link itself was
+    replaced by a file). A dangling link's target is created; a link loop is refused."""
+    model, data = run / "run" / "model", run / "qa.jsonl"
+    (tmp_path / "kept.jsonl").write_text("old\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "kept.jsonl")
+    (tmp_path / "dangling.jsonl").symlink_to(tmp_path / "made" / "target.jsonl")
+    for link, target in (("link.jsonl", "kept.jsonl"), ("dangling.jsonl", "made/target.jsonl")):
+        code, _, err = evaluate(capsys, "--model", model, "--dataset", data, "--output", tmp_path / link)
+        assert code == 0, err
+        assert (tmp_path / link).is_symlink()
+        rows = [json.loads(line) for line in (tmp_path / target).read_text().splitlines()]
+        assert len(rows) == 3 and all("prediction" in r for r in rows)
+    (tmp_path / "loop.jsonl").symlink_to(tmp_path / "loop.jsonl")
+    code, _, err = evaluate(capsys, "--model", model, "--dataset", data, "--output", tmp_path / "loop.jsonl")
+    assert "is a symbolic link loop" in one_error_line(code, err)
+    assert (tmp_path / "loop.jsonl").is_symlink()
 
 
 # --- eval --max-bad-fraction -----------------------------------------------------------------------------------
@@ -108,6 +145,19 @@ def test_eval_takes_the_max_bad_fraction_its_data_error_names(run, capsys):
     code, _, err = evaluate(capsys, "--model", run / "run" / "model", "--dataset", data, "--output", out,
                             "--max-bad-fraction", "1.5")
     assert "--max-bad-fraction must be in [0, 1], got 1.5" in one_error_line(code, err)
+
+
+def test_a_data_error_is_said_once(run, capsys, caplog):
+    """The bad-row report was logged as a WARNING, then repeated in the error; where the rows
+    pass, the warning is all there is."""
+    data = run / "some_bad.jsonl"
+    write_rows(data, 3, bad=1)
+    for limit, code_wanted in (("0.01", 2), ("0.5", 0)):
+        caplog.clear()
+        code, _, err = evaluate(capsys, "--model", run / "run" / "model", "--dataset", data, "--output",
+                                run / "bad_preds.jsonl", "--max-bad-fraction", limit)
+        warned = [r for r in caplog.records if "skipped 1" in r.getMessage()]
+        assert code == code_wanted and len(warned) == (0 if code else 1), (err, caplog.text)
 
 
 # --- eval's "trained on these rows" warning ---------------------------------------------------------------------
@@ -211,3 +261,34 @@ def test_export_may_replace_an_earlier_export(gpt_folder, tmp_path, capsys):
         assert code == 0, err
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "gpt2"
     assert os.listdir(gpt_folder) and GPT.from_pretrained(gpt_folder)
+
+
+def test_an_empty_output_is_refused_not_taken_for_the_current_folder(gpt_folder, tmp_path, capsys, monkeypatch):
+    """`--output ""` (an unset shell variable) exported into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    for command in (["export", "--model", str(gpt_folder), "--output", ""],
+                    ["export", "--model", str(gpt_folder), "--output="],
+                    ["eval", "--model", "", "--dataset", "qa.jsonl"]):
+        with pytest.raises(SystemExit) as stop:
+            main(command)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "empty value" in err and "leave the flag out" in err, err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
+def test_export_does_not_block_on_a_fifo_marker(gpt_folder, tmp_path, capsys):
+    """The earlier export's list was read with read_text: a FIFO under its name blocked forever."""
+    import threading
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    os.mkfifo(folder / MARKER)
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(export(capsys, gpt_folder, folder)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert codes and codes[0][0] == 0, "blocked on the FIFO, or failed"
+    assert json.loads((folder / MARKER).read_text())["entries"] and (folder / MARKER).is_file()

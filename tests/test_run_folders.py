@@ -164,11 +164,13 @@ def test_an_empty_output_dir_or_resume_is_refused(tmp_path, capsys, monkeypatch)
     """An unset shell variable (`--output-dir "$OUT"`) must not mean the current folder, nor
     `--resume "$CKPT"` a fresh start."""
     monkeypatch.chdir(tmp_path)
-    line = one_line_error(capsys, ["pretrain-vit", *NOWHERE, "--output-dir", ""])
-    assert "--output-dir is empty" in line and "unset shell variable" in line
-    for flag in ("--resume", "--init-from", "--eval-dataset"):
-        lines = error_lines(capsys, ["pretrain-vit", *NOWHERE, "--output-dir", "out", flag, ""])
-        assert len(lines) == 1 and f"argument {flag}: empty" in lines[0] and "none" in lines[0], lines
+    for flag in ("--output-dir", "--resume", "--init-from", "--eval-dataset"):
+        for args in ([flag, ""], [f"{flag}="]):
+            lines = error_lines(capsys, ["pretrain-vit", *NOWHERE, "--output-dir", "out", *args])
+            assert len(lines) == 1 and f"argument {flag}: empty value" in lines[0], lines
+            assert "unset shell variable" in lines[0] and "leave the flag out" in lines[0], lines
+    lines = error_lines(capsys, ["pretrain-vit", *NOWHERE, "--resume", " "])  # spaces: the flag's own check
+    assert len(lines) == 1 and "argument --resume: empty" in lines[0] and "none" in lines[0], lines
     assert not any(tmp_path.iterdir())
     with pytest.raises(ConfigError, match="--output-dir is empty"):
         RunConfig(output_dir="")

@@ -54,6 +54,8 @@ def test_the_jobs_refuse_an_empty_output_dir_and_expand_a_tilde(job, tmp_path, m
 
     parse = importlib.import_module(f"mmfusion.training.{job}").parse
     with pytest.raises(ConfigError, match="--output-dir is empty"):
+        parse(["--output-dir", " "])
+    with pytest.raises(SystemExit):  # '' is refused by the parser, as for every flag
         parse(["--output-dir", ""])
     monkeypatch.setenv("HOME", str(tmp_path))
     assert parse(["--output-dir=~/runs"]).output_dir == os.path.join(str(tmp_path), "runs")

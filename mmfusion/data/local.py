@@ -24,7 +24,6 @@ whose message names the fix (a command-line flag such as `--image-column`).
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import io
 import logging
@@ -37,6 +36,7 @@ import datasets
 
 from .. import processing
 from ..errors import DatasetError, ImageError
+from .json_files import JSON_SUFFIXES, check_json_start, check_utf8, explain_json_failure, quiet_json_reader
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ _ONE_SPLIT = rf"{SPLIT_NAME}(\[[^\[\]]*\])?"
 SPLIT = re.compile(rf"{_ONE_SPLIT}(\+{_ONE_SPLIT})*")
 
 
+@quiet_json_reader()
 def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[datasets.Dataset, Path | None]:
     """Load one split of `source`; return it and the folder that relative image paths are relative to."""
     if not str(source).strip():
@@ -164,8 +165,8 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
             if suffix == ".parquet" and _parquet_rows(path) == 0:  # `datasets` fails on it with an arrow error
                 raise DatasetError(f"{source}: split {split!r} is empty (the parquet file has no rows)")
             if suffix != ".parquet":
-                _check_utf8(path)  # pyarrow reads invalid UTF-8 in and fails later, on first access to the row
-                _check_json_start(path)
+                check_utf8(path)  # pyarrow reads invalid UTF-8 in and fails later, on first access to the row
+                check_json_start(path)
             builder = "parquet" if suffix == ".parquet" else "json"
             # A single file is exactly one split: named as asked, sliced as asked.
             name = split_name(one_part(source, split, "a single file has one split"))
@@ -197,43 +198,27 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
             raise DatasetError(f"{source}: {str(e).rstrip('.')}. Pass one of those {_SPLIT_FLAGS}") from e
         raise DatasetError(f"{source}: could not load split {split!r}: {e}") from e
     except Exception as e:  # datasets raises many types here: offline, not found, malformed files
+        problem = _json_problem(path)
+        if problem:
+            raise DatasetError(f"{problem}; fix or remove it") from e
         where = "" if path.exists() else " (not a local file or folder, so it was looked up on the Hugging Face Hub)"
-        raise DatasetError(f"{source}: could not load split {split!r}{where}: {type(e).__name__}: {e}") from e
+        cause = e.__cause__  # DatasetGenerationError's own text says nothing of what went wrong
+        why = f" ({type(cause).__name__}: {cause})" if cause is not None and str(cause) else ""
+        raise DatasetError(f"{source}: could not load split {split!r}{where}: {type(e).__name__}: {e}{why}") from e
 
 
-def _check_json_start(path: Path) -> None:
-    """A DatasetError unless the first value in a JSON/JSONL file opens an object or a list of them:
-    `datasets`' JSON reader crashes the whole process (a segmentation fault) on a leading null."""
-    with open(path, "rb") as f:
-        head = f.read(2**16)
-    text = head.decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")
-    if text and text[0] not in "{[":
-        line = head[:len(head) - len(head.lstrip(b"\xef\xbb\xbf \t\r\n"))].count(b"\n") + 1
-        first = text.split("\n", 1)[0][:40]
-        raise DatasetError(f"{path}: line {line} is {first!r}, not a JSON object; each line of a .jsonl file (or "
-                           "the .json file's list) must hold objects such as {\"image\": ..., ...}")
-
-
-def _check_utf8(path: Path, chunk: int = 2**20) -> None:
-    """A DatasetError naming the line and byte when a JSON file is not UTF-8 text."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = lines = 0
-    with open(path, "rb") as f:
-        while True:
-            data = f.read(chunk)
-            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk
-            try:
-                decoder.decode(data, final=not data)
-            except UnicodeDecodeError as e:
-                at = e.start - pending  # in `data`; negative when the cut character is the bad one
-                bad = offset + at
-                line = lines + data[:max(at, 0)].count(b"\n") + 1
-                raise DatasetError(f"{path}: line {line} is not UTF-8 text (byte {bad}: {e.reason}); re-save the "
-                                   "file as UTF-8, or fix or remove that line") from e
-            if not data:
-                return
-            offset += len(data)
-            lines += data.count(b"\n")
+def _json_problem(path: Path) -> str | None:
+    """The first problem explain_json_failure finds in the JSON file `path`, or in a folder's JSON
+    files, named with its file; None where there is none to name."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in JSON_SUFFIXES and p.is_file())
+    else:
+        files = [path] if path.suffix.lower() in JSON_SUFFIXES and path.is_file() else []
+    for file in files:
+        problem = explain_json_failure(file)
+        if problem:
+            return f"{file}: {problem}"
+    return None
 
 
 def _parquet_rows(path: Path) -> int | None:
@@ -356,13 +341,13 @@ def finish(ds: datasets.Dataset, source: str, split: str, total: int, max_bad_fr
         if r:
             skipped[r] = skipped.get(r, 0) + 1
     report = LoadReport(source=str(source), split=split, total=total, kept=len(keep), skipped=skipped)
-    if skipped:
-        logger.warning("%s", report)
     if report.bad_fraction > max_bad_fraction:
         raise DatasetError(f"{report}: {report.bad_fraction:.1%} of the rows are bad, more than the "
                            f"limit of {max_bad_fraction:.1%}; fix the data or raise the limit with --max-bad-fraction")
     if not keep:
         raise DatasetError(f"{report}: no usable rows left")
+    if skipped:  # after the checks: an error already says it, once
+        logger.warning("%s", report)
     if len(keep) < total:
         ds = ds.select(keep)
     return ds.remove_columns("_skip").cast(features), report

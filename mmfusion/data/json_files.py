@@ -1,0 +1,108 @@
+"""Checks on a user's JSON and JSON lines files that `datasets` does not make, or makes without
+saying where: text that is not UTF-8, a first value that would crash its reader, and, when its
+reader fails, the line that made it fail."""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import DatasetError, json_kind
+
+JSON_SUFFIXES = (".json", ".jsonl")
+
+
+def check_json_start(path: Path) -> None:
+    """A DatasetError unless the first value in a JSON/JSONL file opens an object or a list of them:
+    `datasets`' JSON reader crashes the whole process (a segmentation fault) on a leading null."""
+    with open(path, "rb") as f:
+        head = f.read(2**16)
+    text = head.decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")
+    if text and text[0] not in "{[":
+        line = head[:len(head) - len(head.lstrip(b"\xef\xbb\xbf \t\r\n"))].count(b"\n") + 1
+        first = text.split("\n", 1)[0][:40]
+        raise DatasetError(f"{path}: line {line} is {first!r}, not a JSON object; each line of a .jsonl file (or "
+                           "the .json file's list) must hold objects such as {\"image\": ..., ...}")
+
+
+def check_utf8(path: Path, chunk: int = 2**20) -> None:
+    """A DatasetError naming the line and byte when a JSON file is not UTF-8 text."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = lines = 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                at = e.start - pending  # in `data`; negative when the cut character is the bad one
+                bad = offset + at
+                line = lines + data[:max(at, 0)].count(b"\n") + 1
+                raise DatasetError(f"{path}: line {line} is not UTF-8 text (byte {bad}: {e.reason}); re-save the "
+                                   "file as UTF-8, or fix or remove that line") from e
+            if not data:
+                return
+            offset += len(data)
+            lines += data.count(b"\n")
+
+
+@contextlib.contextmanager
+def quiet_json_reader() -> Iterator[None]:
+    """`datasets`' JSON reader logs an error before raising it; the loader explains the failure
+    itself (explain_json_failure), in one line."""
+    reader = logging.getLogger("datasets.packaged_modules.json.json")
+    level = reader.level
+    reader.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        reader.setLevel(level)
+
+
+def explain_json_failure(path: Path) -> str | None:
+    """Why `datasets` could not read the JSON or JSON lines file `path`, naming the line: the first
+    line that is not JSON, or a row that is not an object. None when neither is found (a column
+    whose type changes between rows is no failure: `datasets` reads it as a Json column)."""
+    try:
+        for where, row in _rows(path):
+            if not isinstance(row, dict):
+                return f"{where} is {json_kind(row)}, not a JSON object such as {{\"image\": ..., ...}}"
+    except _BadLine as e:
+        return str(e)
+    return None
+
+
+class _BadLine(Exception):
+    pass
+
+
+def _rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, value) for each row: the items of a .json file holding one JSON list, else each line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(4096).lstrip("\ufeff \t\r\n")
+    if path.suffix.lower() == ".json" and head.startswith("["):  # one JSON document, read whole
+        try:
+            items = json.loads(path.read_text(encoding="utf-8", errors="replace").lstrip("\ufeff"))
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # a list followed by more: JSON lines whose first row is a list
+                raise _BadLine(f"line {e.lineno} is not valid JSON ({e.msg} at column {e.colno})") from e
+        else:
+            if isinstance(items, list):
+                yield from ((f"item {i} of the list", item) for i, item in enumerate(items, 1))
+            return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip("\r\n").lstrip("\ufeff" if number == 1 else ""))
+            except json.JSONDecodeError as e:
+                raise _BadLine(f"line {number} is not valid JSON ({e.msg} at column {e.colno}); each line of "
+                               "a .jsonl file holds one whole object") from e
+            yield f"line {number}", value
