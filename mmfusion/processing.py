@@ -315,11 +315,21 @@ class PromptBuilder:
             raise PromptError(f"answer must be non-empty text, got {answer!r}")
         return self.tokenizer.encode(" " + answer.strip()) + [EOT_ID]
 
+    def room(self, question: bool) -> int:
+        """The most target tokens (answer or caption, with EOT) one example holds: the context less
+        the image slots, the template and one token (for a question, at least one of its own)."""
+        template = len(self._caption_prompt)
+        if question:
+            template = max(template, len(self._question_prefix) + len(self._answer_prefix))
+        return self.max_length - self.num_image_tokens - template - 1
+
     def example(self, question: str | None, answer: str) -> tuple[list[int], list[int]]:
         """input_ids and labels (same length): labels are -100 except on the answer tokens and EOT."""
         target = self.target_ids(answer)
-        if len(target) >= self.max_length - self.num_image_tokens - len(self._caption_prompt):
-            raise PromptError(f"answer of {len(target)} tokens does not fit the context of {self.max_length}")
+        if len(target) > (room := self.room(question is not None)):
+            what = "caption" if question is None else "answer"
+            raise PromptError(f"{what} of {len(target)} tokens (with EOT) does not fit the context of "
+                              f"{self.max_length}: {self.num_image_tokens} image slots and the template leave {room}")
         prompt = self.prompt_ids(question, reserve=len(target))
         return prompt + target, [IGNORE_INDEX] * len(prompt) + target
 

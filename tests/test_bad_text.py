@@ -196,3 +196,37 @@ def test_unicode_question_through_cli(case, tiny, capsys):
     code = main(["generate", "--model", str(root / "model"), "--image", str(root / "img.png"),
                  "--question", UNICODE[case], "--max-new-tokens", "2"])
     assert code == 0 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("task, column", [("vqa", "answers"), ("caption", "caption")])
+def test_a_training_target_too_long_for_the_context_is_refused_before_training(task, column, tmp_path, capsys):
+    """The collator refused it only when its batch came up: hundreds of steps in, the run lost.
+    Checked at the limit: one token less fits (PromptBuilder.room), one more is refused."""
+    import json
+
+    from PIL import Image
+
+    from mmfusion.processing import PromptBuilder
+
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(tmp_path / "img.png")
+    slots = 17  # vit-tiny: 64 patches pooled to 16 + CLS
+    room = PromptBuilder(slots, 32).room(question=task == "vqa")
+    for extra, refused in ((0, False), (1, True)):
+        words = "word" + " word" * (room - 1 + extra - 1)  # n words: n tokens, + EOT
+        rows = [{"image": "img.png", "question": f"q{i}?", column: ["yes"] if task == "vqa" else "a cat"}
+                for i in range(8)]
+        rows[-1][column] = [words] if task == "vqa" else words
+        if task == "caption":
+            rows = [{k: v for k, v in r.items() if k != "question"} for r in rows]
+        (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out = tmp_path / f"out{extra}"
+        code = main(["train-vqa", "--vit", "vit-tiny", "--dataset", str(tmp_path / "rows.jsonl"), "--task", task,
+                     "--holdout", "0", "--block-size", "32", "--max-steps", "1", "--batch-size", "4", "--no-progress",
+                     "--output-dir", str(out)])
+        err = capsys.readouterr().err
+        if refused:
+            kind = "answer" if task == "vqa" else "caption"
+            assert code == 2 and f"1 of the 8 training {kind}s" in err and f"is {room + 1} tokens with EOT" in err, err
+            assert f"leaves {room}" in err and not out.exists()
+        else:
+            assert code == 0, err

@@ -117,6 +117,27 @@ def target_tokens(prompts: PromptBuilder, questions, captions) -> tuple[int, ...
     return tuple(sorted(ids))
 
 
+def check_targets_fit(prompts: PromptBuilder, questions, captions, source: str) -> None:
+    """A ConfigError, before any training, unless every training target fits one example's
+    context (PromptBuilder.room): the collator found an over-long one only when its batch came
+    up, hundreds of steps in. Names the first such target, its length, the room, and the fixes."""
+    for kind, texts in (("answer", [majority_answer(a) for a in questions["answers"]] if questions is not None else []),
+                        ("caption", list(captions["caption"]) if captions is not None else [])):
+        room = prompts.room(question=kind == "answer")
+        lengths = {text: len(prompts.target_ids(text)) for text in dict.fromkeys(texts)}
+        long = [i for i, text in enumerate(texts) if lengths[text] > room]
+        if long:
+            text = texts[long[0]]
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            raise ConfigError(
+                f"{len(long)} of the {len(texts)} training {kind}s of {source} {'does' if len(long) == 1 else 'do'} "
+                f"not fit the context: the first, "
+                f"{shown!r}, is {lengths[text]} tokens with EOT, and a context "
+                f"of {prompts.max_length} tokens less {prompts.num_image_tokens} image slots and the template leaves "
+                f"{room}; use a longer context (--block-size, for a fresh GPT) or fewer image tokens, or shorten or "
+                "drop those rows")
+
+
 def captions_in_any_order(rows, share: float):
     """Scenes training captions (one per row) with the shapes of a `share` of the scenes named in a
     random order (mmfusion.data.scenes.caption_in_any_order), and a line saying how many changed."""

@@ -41,6 +41,7 @@ from .data import (
     Rows,
     answer_balance_weights,
     captions_in_any_order,
+    check_targets_fit,
     evaluation_rows,
     rarest_answer_share,
     target_tokens,
@@ -275,6 +276,7 @@ def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
             data_lines.append(line)
     model = build_vlm(stage)
     prompts = PromptBuilder(model.prompt_slots, model.config.gpt.block_size)
+    check_targets_fit(prompts, train_vqa, train_cap, f"--dataset {stage.dataset} [{stage.train_split}]")
     vocab_lines = set_output_vocab(model, stage, prompts, train_vqa, train_cap)
     # a resume's model settings, before feature caching
     vocab_lines += [] if resumes_alignment(run_cfg) else check_resume_model(run_cfg, model.config)
