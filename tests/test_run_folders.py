@@ -431,6 +431,33 @@ def test_a_run_that_would_save_over_the_model_it_starts_from_is_refused(tmp_path
     assert (vit / "model.safetensors").read_bytes() == saved and not (tmp_path / "vit" / "run_config.json").exists()
 
 
+def test_a_run_folder_that_holds_or_sits_in_its_data_is_refused(tmp_path, capsys):
+    """`--dataset runs/x/predictions.jsonl --output-dir runs/x` replaced the training data with the
+    run's predictions, exit code 0; an output folder inside a folder dataset left the run's JSON
+    files to be read as data by the next run. Refused at parse time, and in run() too."""
+    from mmfusion.training import train_vqa
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = folder / "predictions.jsonl"
+    rows.write_text('{"image": "img.png", "question": "q?", "answers": ["a"]}\n')
+    for args, message in (
+            (["train-vqa", "--dataset", rows, "--output-dir", folder], "--dataset {0}/predictions.jsonl is inside"),
+            (["train-vqa", "--dataset", "easy-vqa", "--eval-dataset", f"{folder}/../data", "--output-dir", folder],
+             "--eval-dataset {0}/../data is --output-dir"),
+            (["train-vqa", "--dataset", folder, "--output-dir", folder / "run"], "--output-dir {0}/run is inside the "
+                                                                                  "--dataset folder"),
+            (["pretrain-vit", "--dataset", folder, "--output-dir", folder], "--dataset {0} is --output-dir")):
+        line = one_line_error(capsys, args)
+        assert message.format(folder) in line, line
+    assert sorted(p.name for p in folder.iterdir()) == ["predictions.jsonl"]
+    stage, run = train_vqa.parse(["--dataset", str(rows), "--output-dir", str(tmp_path / "elsewhere")])
+    with pytest.raises(ConfigError, match="is inside --output-dir"):
+        start_run_folder(Printer(), folder, "train_vqa", run=dataclasses.replace(run, output_dir=str(folder)),
+                         stage=stage)
+    assert sorted(p.name for p in folder.iterdir()) == ["predictions.jsonl"]
+
+
 def test_a_resume_ignores_fresh_init_settings_and_names_data_decided_ones():
     """A fresh model's starting weights (--gpt-init-std, the ViT's init) change nothing once the
     checkpoint's weights load, so a changed default must not refuse old runs; the class names

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import OneLineErrorParser
-from .run_folder import check_keeps_inputs, check_run_paths
+from .run_folder import check_keeps_inputs_and_data, check_run_paths
 from .setup import RunConfig
 
 
@@ -111,7 +111,7 @@ def parse_configs(argv: list[str] | None, prog: str, description: str, defaults:
     each is its default with the flags given replaced. `extra` may add flags the stage handles
     itself (they are parsed and ignored here). A RunConfig's output folder and --resume are
     checked here, before any work (run_folder.check_run_paths), and so is a stage's saved model
-    replacing one it reads (run_folder.check_keeps_inputs)."""
+    replacing one it reads, or its run folder holding its data (run_folder.check_keeps_inputs_and_data)."""
     parser = OneLineErrorParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     flags = {}
@@ -136,6 +136,5 @@ def parse_configs(argv: list[str] | None, prog: str, description: str, defaults:
         if isinstance(config, RunConfig):
             check_run_paths(config)
             for stage in configs:
-                if hasattr(stage, "model_inputs"):
-                    check_keeps_inputs(config.output_dir, stage.model_inputs())
+                check_keeps_inputs_and_data(config.output_dir, stage)
     return configs

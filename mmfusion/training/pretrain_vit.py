@@ -123,6 +123,10 @@ class ViTStageConfig:
         """The model folders this stage reads (run_folder.check_keeps_inputs)."""
         return {"--init-from": self.init_from}
 
+    def data_inputs(self) -> dict[str, str | None]:
+        """The datasets this stage reads (run_folder.check_keeps_data)."""
+        return {"--dataset": self.dataset, "--eval-dataset": self.eval_dataset}
+
 
 def label_layout(dataset) -> tuple[list[str], int]:
     """(class names, label grid side) of a classification dataset: a `ClassLabel` column is one

@@ -46,8 +46,7 @@ def start_run_folder(accelerator, out: Path, log_name: str, *, run: RunConfig, *
     it, before their slower preparation). A run that does not continue this folder's own run first
     sets the earlier run's checkpoints aside and says so (set_aside_earlier_run)."""
     check_run_paths(run)  # again here: a stage's run() may be called without its parse()
-    if hasattr(run_config.get("stage"), "model_inputs"):
-        check_keeps_inputs(run.output_dir, run_config["stage"].model_inputs())
+    check_keeps_inputs_and_data(run.output_dir, run_config.get("stage"))
     if accelerator.is_main_process:
         for line in set_aside_earlier_run(out, run):
             accelerator.print(line)
@@ -215,6 +214,36 @@ def check_keeps_inputs(output_dir: str | Path, inputs: dict[str, str | None]) ->
             raise ConfigError(f"{flag} {value} is the model this run would save as {Path(output_dir) / 'model'}, "
                               "replacing the model it starts from when it ends; pass another --output-dir "
                               "(or copy the model elsewhere first)")
+
+
+def check_keeps_data(output_dir: str | Path, inputs: dict[str, str | None]) -> None:
+    """Refuse a run folder that holds a dataset the run reads (`inputs`: flag -> value), or lies
+    inside a dataset's folder: the run writes predictions.jsonl, metrics.json and model/ there
+    (`--dataset runs/x/predictions.jsonl --output-dir runs/x` replaced the training data), and a
+    folder dataset would read the run's own JSON files as rows next time."""
+    from ..data import BUILT_IN
+
+    out = Path(os.path.realpath(Path(output_dir).expanduser()))
+    for flag, value in inputs.items():
+        if not value or value in BUILT_IN or not Path(value).expanduser().exists():
+            continue  # a built-in or Hub dataset: nothing of it on disk to overwrite
+        data = Path(os.path.realpath(Path(value).expanduser()))
+        if data.is_relative_to(out):
+            where = "is" if data == out else "is inside"
+            raise ConfigError(f"{flag} {value} {where} --output-dir {output_dir}, where the run writes its model, "
+                              "predictions and metrics; keep the data outside the run folder, or pass another "
+                              "--output-dir")
+        if data.is_dir() and out.is_relative_to(data):
+            raise ConfigError(f"--output-dir {output_dir} is inside the {flag} folder {value}, whose files are read "
+                              "as data (the run's own JSON files would be, next time); pass an --output-dir outside it")
+
+
+def check_keeps_inputs_and_data(output_dir: str | Path, stage) -> None:
+    """check_keeps_inputs for a stage's model folders, check_keeps_data for its datasets."""
+    if hasattr(stage, "model_inputs"):
+        check_keeps_inputs(output_dir, stage.model_inputs())
+    if hasattr(stage, "data_inputs"):
+        check_keeps_data(output_dir, stage.data_inputs())
 
 
 def model_record(config) -> dict:

@@ -179,6 +179,10 @@ class VQAStageConfig:
         """The model folders this stage reads (run_folder.check_keeps_inputs)."""
         return {"--vit": self.vit, "--gpt": self.gpt}
 
+    def data_inputs(self) -> dict[str, str | None]:
+        """The datasets this stage reads (run_folder.check_keeps_data)."""
+        return {"--dataset": self.dataset, "--eval-dataset": self.eval_dataset}
+
     def gpt_overrides(self) -> dict:
         """The preset fields a fresh GPT's flags override."""
         return {k: v for k, v in (("block_size", self.block_size), ("initializer_range", self.gpt_init_std))
