@@ -252,6 +252,25 @@ def test_a_json_line_datasets_cannot_read_is_named(name, text, message, tmp_path
         load_vqa(str(folder), "train")
 
 
+@pytest.mark.parametrize("where", ["folder", "file"])
+def test_a_json_file_of_one_object_is_no_rows_and_is_not_called_invalid(where, tmp_path):
+    """A valid pretty-printed info.json beside the data was reported as "line 1 is not valid JSON";
+    in a folder, every .json file is read as rows, which the error now says."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "ok.png").write_bytes(png())
+    (folder / "rows.jsonl").write_text(f"{GOOD_LINE}\n" * 4)
+    (folder / "info.json").write_text('{\n  "name": "my set",\n  "rows": 4\n}\n')
+    if where == "file":
+        (folder / "rows.jsonl").unlink()
+        (folder / "info.json").write_text('[1, 2]\n{"name": "my set"}\n')  # a list, then more: JSON lines
+    message = ("info.json: it holds one JSON document, an object, not rows .*every .json and .jsonl file in a "
+               "--dataset folder is read as rows: move it out" if where == "folder" else
+               "info.json: line 1 is a list, not a JSON object")
+    with pytest.raises(DatasetError, match=message):
+        load_vqa(str(folder), "train")
+
+
 def test_a_bad_json_line_through_the_command_is_one_line_on_stderr(tmp_path):
     """The whole stderr of the command, in a process of its own: `datasets`' loggers printed the
     reader's error twice (their handler, and the root's) before mmfusion's error."""
@@ -267,7 +286,7 @@ def test_a_bad_json_line_through_the_command_is_one_line_on_stderr(tmp_path):
                             env={**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"})
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert "rows.jsonl: line 2 is not valid JSON" in lines[0] and "fix or remove it" in lines[0]
+    assert "rows.jsonl: line 2 is not valid JSON" in lines[0] and "fix or remove that line" in lines[0]
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "empty name"])

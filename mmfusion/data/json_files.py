@@ -72,7 +72,7 @@ def explain_json_failure(path: Path) -> str | None:
     try:
         for where, row in _rows(path):
             if not isinstance(row, dict):
-                return f"{where} is {json_kind(row)}, not a JSON object such as {{\"image\": ..., ...}}"
+                return f"{where} is {json_kind(row)}, not a JSON object such as {{\"image\": ..., ...}}; fix or remove it"
     except _BadLine as e:
         return str(e)
     return None
@@ -84,17 +84,18 @@ class _BadLine(Exception):
 
 def _rows(path: Path) -> Iterator[tuple[str, Any]]:
     """(where, value) for each row: the items of a .json file holding one JSON list, else each line."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        head = f.read(4096).lstrip("\ufeff \t\r\n")
-    if path.suffix.lower() == ".json" and head.startswith("["):  # one JSON document, read whole
+    if path.suffix.lower() == ".json":  # one JSON document, read whole, or JSON lines
+        text = path.read_text(encoding="utf-8", errors="replace").lstrip("\ufeff")
         try:
-            items = json.loads(path.read_text(encoding="utf-8", errors="replace").lstrip("\ufeff"))
+            document = json.loads(text)
         except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # a list followed by more: JSON lines whose first row is a list
-                raise _BadLine(f"line {e.lineno} is not valid JSON ({e.msg} at column {e.colno})") from e
+            if text.lstrip().startswith("[") and e.msg != "Extra data":  # not a list followed by more lines
+                raise _BadLine(f"line {e.lineno} is not valid JSON ({e.msg} at column {e.colno}); fix that line") from e
         else:
-            if isinstance(items, list):
-                yield from ((f"item {i} of the list", item) for i, item in enumerate(items, 1))
+            if not isinstance(document, list):
+                raise _BadLine(f"it holds one JSON document, {json_kind(document)}, not rows (one object per line, "
+                               "or a list of objects)")
+            yield from ((f"item {i} of the list", item) for i, item in enumerate(document, 1))
             return
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
@@ -104,5 +105,5 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
                 value = json.loads(line.rstrip("\r\n").lstrip("\ufeff" if number == 1 else ""))
             except json.JSONDecodeError as e:
                 raise _BadLine(f"line {number} is not valid JSON ({e.msg} at column {e.colno}); each line of "
-                               "a .jsonl file holds one whole object") from e
+                               "a .jsonl file holds one whole object: fix or remove that line") from e
             yield f"line {number}", value

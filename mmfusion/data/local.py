@@ -200,7 +200,7 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
     except Exception as e:  # datasets raises many types here: offline, not found, malformed files
         problem = _json_problem(path)
         if problem:
-            raise DatasetError(f"{problem}; fix or remove it") from e
+            raise DatasetError(problem) from e
         where = "" if path.exists() else " (not a local file or folder, so it was looked up on the Hugging Face Hub)"
         cause = e.__cause__  # DatasetGenerationError's own text says nothing of what went wrong
         why = f" ({type(cause).__name__}: {cause})" if cause is not None and str(cause) else ""
@@ -217,7 +217,9 @@ def _json_problem(path: Path) -> str | None:
     for file in files:
         problem = explain_json_failure(file)
         if problem:
-            return f"{file}: {problem}"
+            folder = ("; every .json and .jsonl file in a --dataset folder is read as rows: move it out, or pass "
+                      "the data file itself" if path.is_dir() else "")
+            return f"{file}: {problem}{folder}"
     return None
 
 
