@@ -147,6 +147,8 @@ VIT_FLAGS = {
     "zero_keep_checkpoints": (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
     "beta2_above_one": (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
     "negative_adam_eps": (["--adam-eps", "-1"], "--adam-eps must be >= 0"),
+    "zero_adam_eps": (["--adam-eps", "0"], "--adam-eps must be at least 1.18e-38, got 0.0: a smaller one is 0 in float32"),
+    "adam_eps_below_float32": (["--adam-eps", "1e-300"], "--adam-eps must be at least 1.18e-38, got 1e-300"),
     "negative_grad_clip": (["--grad-clip", "-1"], "--grad-clip must be >= 0"),
     # argparse's own errors: also one line
     "unknown_precision": (["--mixed-precision", "fp8"], "argument --mixed-precision: invalid choice: 'fp8'"),

@@ -25,6 +25,8 @@ def refuse_empty(flag: str, value: Any, fix: str) -> None:
         raise ConfigError(f"{flag} is empty ({str(value)!r}; an unset shell variable?); {fix}")
 
 
+ADAM_EPS_MIN = torch.finfo(torch.float32).tiny  # the smallest normal float32: below it, flushed to zero on GPUs
+
 # Seeds feed numpy (which takes < 2**32) and the per-step seeds derived from them (< 2**63).
 MAX_SEED = 2**32 - 1
 
@@ -81,6 +83,10 @@ class RunConfig:
             check_number(flag(name), getattr(self, name), 0, integer=True)
         for name in ("epochs", "weight_decay", "grad_clip", "adam_eps"):
             check_number(flag(name), getattr(self, name), 0)
+        if self.adam_eps < ADAM_EPS_MIN:  # AdamW divides by sqrt(v) + eps, and v is 0 where a gradient is
+            raise ConfigError(f"--adam-eps must be at least {ADAM_EPS_MIN:.3g}, got {self.adam_eps!r}: a smaller one "
+                              "is 0 in float32, and AdamW then divides 0 by 0 (NaN weights at step 1); the default "
+                              "is 1e-8")
         check_number("--seed", self.seed, 0, MAX_SEED, integer=True)
         check_number("--beta2", self.beta2, 0, 1, high_open=True)
         check_number("--lr", self.lr, 0, low_open=True)
