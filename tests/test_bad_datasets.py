@@ -410,3 +410,24 @@ def test_a_folder_read_as_an_image_folder_says_why_its_data_file_was_ignored(tmp
                                            rf"at a data file such as {data}$"):
         load_vqa(str(tmp_path / "js"), "train")
     assert len(load_vqa(str(data), "train")[0]) == 2
+
+
+@pytest.mark.parametrize("task, ids, message", [
+    ("vqa", pa.array([2**63 + 5] * 4, pa.uint64()), "holds 9223372036854775813, past the 64-bit signed integer range"),
+    ("captions", pa.array([2**63 - 1, None, None, None], pa.int64()), "too close to the 64-bit signed integer limit "
+                                                                      "to number 4 rows after it"),
+    ("captions", pa.array([2**63 - 5, None, None, None], pa.int64()), None)])  # 2**63-4 .. 2**63-1: they fit
+def test_an_image_id_past_int64_is_refused_not_a_traceback(task, ids, message, tmp_path):
+    """An OverflowError traceback from the loader's map (uint64 ids), or from numbering the rows
+    without an id past the largest (caption data)."""
+    from mmfusion.data import load_caption_dataset
+
+    text = {"question": ["q?"] * 4, "answers": [["red"]] * 4} if task == "vqa" else {"caption": ["a red square"] * 4}
+    path = write_source(tmp_path, "ids", pa.table({"image": ["ok.png"] * 4, **text, "image_id": ids}))
+    load = load_vqa if task == "vqa" else load_caption_dataset
+    if message is None:
+        ds, _ = load(str(path), "train")
+        assert len(ds) == 4 and max(ds["image_id"]) == 2**63 - 1
+    else:
+        with pytest.raises(DatasetError, match=message):
+            load(str(path), "train")

@@ -18,7 +18,7 @@ from typing import Any
 
 import datasets
 
-from .image_keys import check_image_ids
+from .image_keys import check_image_ids, given_image_ids
 from .local import (
     DatasetError,
     ImageChecker,
@@ -100,7 +100,7 @@ def load_captions(
     check = ImageChecker(base_dir)
     # a row without an id gets its row number, past the source's largest id: a row number equal
     # to another row's id would make two images one (their cached ViT features, for one)
-    given_ids = [i for i in raw["image_id"][:] if i is not None and i >= 0] if has_id else []
+    given_ids = given_image_ids(raw, src, numbered=len(raw)) if has_id else []
     offset = max(given_ids) + 1 if given_ids else 0
 
     def normalize(batch: dict[str, list], indices: list[int]) -> dict[str, list]:

@@ -31,6 +31,22 @@ def image_keys(ds: datasets.Dataset, column: str = "image") -> list[str]:
     return keys
 
 
+INT64_MAX = 2**63 - 1  # image_id is stored as int64
+
+
+def given_image_ids(raw: datasets.Dataset, source: str, numbered: int = 0) -> list[int]:
+    """The source's `image_id` values (>= 0); a DatasetError when one is past int64, or leaves no
+    room for `numbered` row numbers after the largest (the caption loader numbers rows without one)."""
+    ids = [i for i in raw["image_id"][:] if i is not None and i >= 0]
+    if ids and max(ids) + numbered > INT64_MAX:
+        why = ("past the 64-bit signed integer range" if max(ids) > INT64_MAX else
+               f"too close to the 64-bit signed integer limit to number {numbered} rows after it (rows without an id "
+               "get numbers past the largest)")
+        raise DatasetError(f"{source}: column 'image_id' holds {max(ids)}, {why} (at most {INT64_MAX}); renumber the "
+                           "ids, or drop the column (each image is then told by its bytes)")
+    return ids
+
+
 def check_image_ids(ds: datasets.Dataset, source: str) -> None:
     """A DatasetError when rows that share an `image_id` (>= 0) show different images (different
     bytes, as image_keys tells them). Training trusts the ids: it computes one image's features

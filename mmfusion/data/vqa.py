@@ -11,7 +11,7 @@ import datasets
 
 from ..errors import DatasetError
 from ..metrics import normalize_answer
-from .image_keys import check_image_ids
+from .image_keys import check_image_ids, given_image_ids
 from .local import (
     ImageChecker,
     LoadReport,
@@ -119,6 +119,8 @@ def load_vqa(
     src = str(source)
     answer_column, columns, has_type, has_id = _vqa_columns(raw, src, split, image_column, question_column,
                                                             answer_column)
+    if has_id:
+        given_image_ids(raw, src)  # refused before any work, past int64
     raw = prepare_image_column(raw.select_columns(columns), src, image_column)
     check = ImageChecker(base_dir)
 
