@@ -74,3 +74,30 @@ def test_help_states_each_default_once(stage, capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: --lr)" in text or stage == "pretrain_vit"
     assert not re.search(r"\(default: [^()]*(\([^()]*\))?[^()]*\) \(default:", text)
+
+
+@pytest.mark.parametrize("stage", ["pretrain-vit", "train-vqa"])
+def test_no_progress_hides_the_data_bars_too_and_restores_them(stage, tmp_path, capsys):
+    """--no-progress hid the loop's bar, not `datasets`' (generating, checking rows, casting)."""
+    import json
+
+    import datasets
+    from PIL import Image
+
+    from mmfusion.cli import main
+
+    for i, color in enumerate([(255, 0, 0), (0, 0, 255)] * 4):
+        Image.new("RGB", (16, 16), color).save(tmp_path / f"{i}.png")
+    rows = [{"image": f"{i}.png", "question": "color?", "answers": ["red" if i % 2 == 0 else "blue"],
+             "label": "red" if i % 2 == 0 else "blue"} for i in range(8)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = [stage, "--dataset", str(data), "--holdout", "0", "--max-steps", "1", "--batch-size", "4",
+             "--mixed-precision", "no", "--output-dir", str(tmp_path / "out")]
+    flags += ["--vit", "vit-tiny"] if stage == "train-vqa" else ["--label-column", "label", "--image-size", "16",
+                                                                 "--patch-size", "8"]
+    assert datasets.is_progress_bar_enabled()
+    assert main([*flags, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert not any(bar in err for bar in ("Generating", "checking rows", "Casting", "it/s")), err
+    assert datasets.is_progress_bar_enabled()  # as it was

@@ -48,7 +48,15 @@ from .data import (
 from .features import MEMORY_LIMIT_BYTES
 from .loop import across_processes, steps_per_epoch, train
 from .run_folder import check_resume_model, start_run_folder, write_json
-from .setup import RunConfig, adamw, choose_precision, end_trackers, make_accelerator, param_groups
+from .setup import (
+    RunConfig,
+    adamw,
+    choose_precision,
+    end_trackers,
+    make_accelerator,
+    param_groups,
+    progress_flag_for_datasets,
+)
 
 DEFAULT_SHIFT = 4  # pixels; see STAGE_DEFAULTS
 DEFAULT_PRESET = "vit-tiny"
@@ -265,6 +273,7 @@ def accuracies(accelerator, model: ViT, dataset: ClassificationImages, limit: in
     return (pred == label).all(dim=1).float().mean().item(), top1_accuracy(pred.flatten(), label.flatten())
 
 
+@progress_flag_for_datasets
 def run(stage: ViTStageConfig, run_cfg: RunConfig) -> dict:
     """Train and evaluate; returns the final metrics. The model lands in OUTPUT_DIR/model.
     Under several processes each evaluates its share of the test images and the main process

@@ -3,6 +3,7 @@ learning-rate schedule. Its folder, checkpoints and --resume: run_folder.py."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -93,6 +94,24 @@ class RunConfig:
         check_number("--min-lr-ratio", self.min_lr_ratio, 0, 1)
         if self.epochs <= 0 and self.max_steps == 0:
             raise ConfigError("set --epochs > 0 or --max-steps > 0")
+
+
+def progress_flag_for_datasets(stage_run: Callable) -> Callable:
+    """A stage's run(stage, run_cfg) with `datasets`' bars (loading, checking rows, casting) hidden
+    too under --no-progress, as the loop's are; restored after, as they were."""
+    @functools.wraps(stage_run)
+    def run(stage, run_cfg: RunConfig, *args, **kwargs):
+        import datasets
+
+        shown = datasets.is_progress_bar_enabled()
+        if not run_cfg.progress:
+            datasets.disable_progress_bars()
+        try:
+            return stage_run(stage, run_cfg, *args, **kwargs)
+        finally:
+            if shown:
+                datasets.enable_progress_bars()
+    return run
 
 
 def make_accelerator(run: RunConfig, precision: PrecisionDecision):

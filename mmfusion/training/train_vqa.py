@@ -58,7 +58,15 @@ from .run_folder import (
     world_size,
     write_json,
 )
-from .setup import RunConfig, adamw, choose_precision, end_trackers, make_accelerator, param_groups
+from .setup import (
+    RunConfig,
+    adamw,
+    choose_precision,
+    end_trackers,
+    make_accelerator,
+    param_groups,
+    progress_flag_for_datasets,
+)
 from .vqa_config import VQAStageConfig
 
 # The main job's stage 2 (easy-VQA): 3.5 epochs, because at 2.5 a rare negated question family
@@ -261,6 +269,7 @@ def periodic_evaluation(accelerator, stage: VQAStageConfig, run_cfg: RunConfig, 
     return metrics
 
 
+@progress_flag_for_datasets
 def run(stage: VQAStageConfig, run_cfg: RunConfig) -> dict:
     """Train and evaluate; returns the final metrics (on the main process, which saves and writes
     them; every process predicts its share of the eval rows, then the others return {})."""
