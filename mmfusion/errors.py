@@ -118,11 +118,32 @@ def run_command(command, argv: list[str] | None = None) -> int:
     except OSError as e:  # the machine, not the code: a read-only or full disk, a permission
         where = f"{e.filename}: " if e.filename else ""
         return fail(f"{where}{e.strerror or e}; check the path, the free space and the permissions")
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and not out_of_memory(e):
+            raise  # a bug: its traceback
+        return fail(f"out of memory ({out_of_memory(e) or 'MemoryError'}); the model or batch does not fit this "
+                    "machine: lower --batch-size (--grad-accum keeps the global batch), or use a smaller model "
+                    "(--block-size, a smaller preset)")
     except KeyboardInterrupt:
         return fail("interrupted")
     finally:
         end_process_group_at_exit()
     return 0
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """What an allocation failure asked for, in a few words, when `e` is one (torch's CPU
+    allocator raises a RuntimeError "can't allocate memory: you tried to allocate N bytes", CUDA
+    a torch.OutOfMemoryError, a RuntimeError too); None for any other error."""
+    import re
+
+    text = str(e)
+    asked = re.search(r"tried to allocate (\d+) bytes", text)
+    if asked:
+        return f"{int(asked.group(1)) / 2**30:.1f} GiB asked for at once"
+    if type(e).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
+        return text.split("\n", 1)[0].split(". ", 1)[0][:120]
+    return None
 
 
 def end_process_group_at_exit() -> None:

@@ -331,3 +331,32 @@ def test_the_process_group_a_command_left_up_is_destroyed_at_exit(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "initialized at exit: False"
+
+
+@pytest.mark.parametrize("error, shown", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 51200000000 bytes. Error code 12 (Cannot allocate memory)"), "47.7 GiB asked for at once"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB"),
+     "CUDA out of memory"),
+    (MemoryError(), "MemoryError")])
+def test_running_out_of_memory_is_one_line_naming_the_fix(error, shown, capsys):
+    """A --block-size of 1e8 passed the parameter limit and died in torch's allocator: a traceback."""
+    from mmfusion.errors import run_command
+
+    def command(argv):
+        raise error
+
+    assert run_command(command, []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmfusion: error: out of memory ({shown}") and "lower --batch-size" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_runtime_error_that_is_not_memory_keeps_its_traceback():
+    from mmfusion.errors import run_command
+
+    def command(argv):
+        raise RuntimeError("shape mismatch in a matmul: a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_command(command, [])
