@@ -292,7 +292,9 @@ def load_checkpoint(source: Any, sources: dict[str, Source], fn: str) -> tuple[n
         arch = arch if arch in sources else None
     if arch is None:
         found = listed or [f"model_type {hf_config.model_type!r}"]
-        raise ConversionError(f"{text} holds {', '.join(found)}; {fn} imports only {supported}")
+        kind = {"vit_from_hf": "ViT", "gpt_from_hf": "GPT"}.get(fn, "model")
+        raise ConversionError(f"{text} holds {', '.join(found)}, not a model mmfusion imports as a {kind}: it imports "
+                              f"{supported}")
     try:
         model, info = getattr(transformers, arch).from_pretrained(text, output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:

@@ -13,13 +13,15 @@ from .convert import gpt_from_hf, vit_from_hf
 from .errors import ConfigError, ConversionError
 from .gpt import GPT
 from .vit import ViT
-from .weights import CONFIG_NAME, is_mmfusion_folder
+from .weights import CONFIG_NAME, folder_kind, is_mmfusion_folder
 
 
 def _check_folder(spec: str, flag: str) -> None:
-    # A local folder without a config.json is a mistake (an unfinished run), not a hub id.
+    # A local folder without a config.json is a mistake (a run folder, an unfinished run), not a hub id.
     if Path(spec).exists() and not (Path(spec) / CONFIG_NAME).exists():
-        raise FileNotFoundError(f"{flag} {spec}: no {CONFIG_NAME} there; train that stage first or pass a preset")
+        kind = folder_kind(spec)
+        raise FileNotFoundError(f"{flag} {spec}: no {CONFIG_NAME} there; " +
+                                (f"{kind}" if kind else "train that stage first or pass a preset"))
 
 
 def _name_the_options(spec: str, flag: str, presets, error: ConversionError) -> ConversionError:
@@ -49,6 +51,7 @@ def load_gpt(spec: str, overrides: dict | None = None) -> GPT:
         raise ConfigError(f"{', '.join(overrides)} apply only to a fresh GPT from a preset, not {spec!r}")
     if is_mmfusion_folder(spec):
         return GPT.from_pretrained(spec)
+    _check_folder(spec, "--gpt")
     try:
         return gpt_from_hf(spec)
     except ConversionError as e:

@@ -170,8 +170,11 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder} is not a folder; a saved model is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
     path = folder / CONFIG_NAME
     if not path.exists():
-        raise CheckpointError(f"{path} is missing; was this folder written by save_pretrained?")
+        raise CheckpointError(f"{path} is missing: {folder_kind(folder) or 'was this folder written by save_pretrained?'}")
     data = read_json(path)
+    if isinstance(data, dict) and isinstance(data.get("model_type"), str) and "config" not in data:
+        raise CheckpointError(f"{path} is a transformers config (model_type {data['model_type']!r}), not an mmfusion "
+                              "one: import the model with --vit/--gpt (train-vqa), or mmfusion.convert")
     if not isinstance(data, dict) or "model_type" not in data or "config" not in data:
         raise CheckpointError(f"{path} is not an mmfusion config (no model_type/config keys)")
     if not isinstance(data["model_type"], str):  # a hand-edited list or number: `in` a dict would raise TypeError
@@ -189,6 +192,21 @@ def read_config(folder: str | Path) -> dict[str, Any]:
             f"{folder} was written by a newer mmfusion (format {version} > {FORMAT_VERSION}); upgrade mmfusion"
         )
     return data
+
+
+def folder_kind(folder: str | Path) -> str | None:
+    """What a folder without a saved model's config.json is, with where its model is, for a
+    message: a training run's folder, one of its checkpoints, an export. None: none of these."""
+    folder = Path(folder)
+    if (folder / "model" / CONFIG_NAME).is_file():
+        return f"{folder} is a training run's folder; its model is {folder / 'model'}"
+    if (folder / "progress.json").is_file():
+        return (f"{folder} is a training checkpoint (continue its run with --resume {folder}); the run saves its "
+                "model in its folder's model/ when it ends")
+    if (folder / ".mmfusion-export.json").is_file():
+        return (f"{folder} is an export for transformers (mmfusion export): load it with transformers, or import "
+                "it with --vit/--gpt")
+    return None
 
 
 def is_mmfusion_folder(folder: str | Path) -> bool:
@@ -241,9 +259,11 @@ class PretrainedMixin:
         CheckpointErrors of from_pretrained for the folder and its config.json."""
         data = read_config(folder)
         if data["model_type"] != cls.model_type:
+            names = {"vit": "ViT", "gpt": "GPT", "vlm": "VLM"}
+            held = names.get(data["model_type"], repr(data["model_type"]))
             raise CheckpointError(
-                f"{folder} holds a {data['model_type']!r} model, not a {cls.model_type!r}; "
-                f"load it with the matching class"
+                f"{folder} holds a {held} model, not a {names.get(cls.model_type, cls.model_type)}: pass a "
+                f"{names.get(cls.model_type, cls.model_type)} folder, or load this one with {held}.from_pretrained"
             )
         try:
             return cls.config_class.from_dict(data["config"])

@@ -292,3 +292,25 @@ def test_export_does_not_block_on_a_fifo_marker(gpt_folder, tmp_path, capsys):
     worker.join(timeout=60)
     assert codes and codes[0][0] == 0, "blocked on the FIFO, or failed"
     assert json.loads((folder / MARKER).read_text())["entries"] and (folder / MARKER).is_file()
+
+
+def test_a_folder_that_is_no_saved_model_says_what_it_is_and_where_the_model_is(run, gpt_folder, tmp_path, capsys):
+    """A run folder, a checkpoint and an export got "config.json is missing; was this folder
+    written by save_pretrained?" (or transformers' "Should have a `model_type` key")."""
+    checkpoint = run / "run" / "checkpoints" / "step_1"
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    (checkpoint / "progress.json").write_text('{"step": 1}')
+    code, err = export(capsys, gpt_folder, tmp_path / "hf")
+    assert code == 0, err
+    for folder, said in ((run / "run", f"is a training run's folder; its model is {run / 'run' / 'model'}"),
+                         (checkpoint, f"is a training checkpoint (continue its run with --resume {checkpoint})"),
+                         (tmp_path / "hf", "config.json is a transformers config (model_type 'gpt2')")):
+        code, _, err = evaluate(capsys, "--model", folder, "--dataset", run / "qa.jsonl", "--output",
+                                tmp_path / "p.jsonl")
+        assert said in one_error_line(code, err), err
+    for flags in (["--vit", str(run / "run")], ["--vit", "vit-tiny", "--gpt", str(run / "run")]):
+        code = main(["train-vqa", *flags, "--dataset", str(run / "qa.jsonl"), "--holdout", "0", "--batch-size", "2",
+                     "--output-dir", str(tmp_path / "o"),
+                     "--no-progress"])
+        err = capsys.readouterr().err
+        assert f"no config.json there; {run / 'run'} is a training run's folder" in one_error_line(code, err), err

@@ -152,9 +152,9 @@ def edit_config(folder, **changes):
 
 
 def test_loading_another_model_kind_raises(saved_gpt):
-    with pytest.raises(CheckpointError, match="holds a 'gpt' model, not a 'vit'"):
+    with pytest.raises(CheckpointError, match="holds a GPT model, not a ViT: pass a ViT folder, or load this one with GPT"):
         ViT.from_pretrained(saved_gpt)
-    with pytest.raises(CheckpointError, match="not a 'vlm'"):
+    with pytest.raises(CheckpointError, match="not a VLM: pass a VLM folder"):
         VLM.from_pretrained(saved_gpt)
 
 
