@@ -86,6 +86,9 @@ RESUME_CASES = {
                                                           "--resume latest"]),
     "incomplete": (["--resume", "{out}/checkpoints/step_1"], ["step_1 is not a complete checkpoint (no progress.json)"]),
     "a_file": (["--resume", "{out}/run_config.json"], ["run_config.json is not a complete checkpoint (not a folder)"]),
+    "a_run_folder": (["--resume", "{out}"], ["is not a complete checkpoint (no progress.json); it is a run folder: "
+                                             "resume its newest checkpoint with --resume {out}/checkpoints/step_4, or "
+                                             "continue that run with --output-dir {out} --resume latest"]),
     "latest_past_max_steps": (["--resume", "latest", "--max-steps", "3"],
                               ["cannot resume from", "step_4", "gives step 4, not a step of this 3-step run"]),
     "progress_unreadable": (["--resume", "{out}/checkpoints/step_2"],
@@ -107,7 +110,7 @@ def test_a_resume_that_cannot_resume_is_refused_before_any_work_and_writes_nothi
     flags = [f.format(out=out) for f in flags]
     for target in (out,) if "latest" in flags else (out, tmp_path / "new"):  # latest reads the target's own
         line = one_line_error(capsys, ["pretrain-vit", *NOWHERE, "--output-dir", target, *flags])
-        assert all(f in line for f in fragments) and "nonexistent" not in line, line
+        assert all(f.format(out=out) in line for f in fragments) and "nonexistent" not in line, line
     assert (out / "run_config.json").read_text() == '{"earlier": "run"}\n'
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert not (tmp_path / "new").exists()

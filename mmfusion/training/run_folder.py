@@ -106,8 +106,11 @@ def find_resume(resume: str | None, output_dir: str | Path, warn: bool = True) -
     if not (path / PROGRESS_NAME).exists():
         why = ("it does not exist" if not path.exists() else "not a folder" if not path.is_dir()
                else f"no {PROGRESS_NAME}")
-        raise CheckpointError(f"--resume {path} is not a complete checkpoint ({why}); pick one under "
-                              f"{Path(output_dir) / 'checkpoints'} or use --resume latest")
+        own = checkpoint_dirs(path) if path.is_dir() else []  # a run folder named instead of its checkpoint
+        fix = (f"it is a run folder: resume its newest checkpoint with --resume {own[-1]}, or continue that run with "
+               f"--output-dir {path} --resume latest" if own else
+               f"pick one under {Path(output_dir) / 'checkpoints'} or use --resume latest")
+        raise CheckpointError(f"--resume {path} is not a complete checkpoint ({why}); {fix}")
     return path
 
 
