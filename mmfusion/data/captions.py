@@ -39,7 +39,7 @@ FEATURES = datasets.Features({"image": datasets.Image(), "captions": datasets.Li
                               "image_id": datasets.Value("int64")})
 
 
-def _check_caption_feature(feature: Any, source: str, column: str) -> None:
+def _check_caption_feature(feature: Any, source: str, column: str, ds: datasets.Dataset) -> None:
     if is_text(feature) or isinstance(feature, datasets.Json):
         return
     if isinstance(feature, datasets.List | datasets.LargeList):
@@ -48,7 +48,7 @@ def _check_caption_feature(feature: Any, source: str, column: str) -> None:
                 (isinstance(inner, dict) and any(is_text(inner.get(k)) for k in _RECORD_KEYS)):
             return
     raise wrong_type(source, column, feature,
-                     'captions (a string, a list of strings, or a list of {"caption": ...} records)', "--caption-column")
+                     'captions (a string, a list of strings, or a list of {"caption": ...} records)', "--caption-column", ds)
 
 
 def caption_strings(value: Any, source: str, column: str) -> list[str]:
@@ -92,7 +92,7 @@ def load_captions(
     require_columns(raw, src, {"--image-column": image_column, "--caption-column": caption_column})
     if len(raw) == 0:
         raise DatasetError(f"{src}: split {split!r} is empty")
-    _check_caption_feature(raw.features[caption_column], src, caption_column)
+    _check_caption_feature(raw.features[caption_column], src, caption_column, raw)
     has_id = "image_id" in raw.column_names and "image_id" not in (image_column, caption_column) and \
         isinstance(raw.features["image_id"], datasets.Value) and raw.features["image_id"].dtype.startswith(("int", "uint"))
     columns = [image_column, caption_column] + (["image_id"] if has_id else [])

@@ -35,7 +35,7 @@ from typing import Any
 import datasets
 
 from .. import processing
-from ..errors import DatasetError, ImageError
+from ..errors import DatasetError, ImageError, json_kind
 from .json_files import JSON_SUFFIXES, check_json_start, check_utf8, explain_json_failure, quiet_json_reader
 
 logger = logging.getLogger(__name__)
@@ -260,12 +260,61 @@ def is_text(feature: Any) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
-def wrong_type(source: str, column: str, feature: Any, expected: str, flag: str) -> DatasetError:
+def wrong_type(source: str, column: str, feature: Any, expected: str, flag: str,
+               ds: datasets.Dataset | None = None) -> DatasetError:
+    """The DatasetError for a column of the wrong type, in JSON's words; for a column whose rows
+    hold different kinds of value, the first row that differs from most (where `ds` is given)."""
     if isinstance(feature, datasets.Value) and feature.dtype == "null":
         return DatasetError(f"{source}: column {column!r} is null in every row; expected {expected}. "
                             f"Fill it in, or name the column that holds them with {flag}")
-    return DatasetError(f"{source}: column {column!r} holds {feature}, expected {expected}; "
-                        f"if another column holds that, name it with {flag}")
+    listed = isinstance(feature, datasets.List | datasets.LargeList) and isinstance(feature.feature, datasets.Json)
+    odd = _odd_row(ds, column, listed) if ds is not None and (listed or isinstance(feature, datasets.Json)) else None
+    return DatasetError(f"{source}: column {column!r} holds {describe_feature(feature)}{odd or ''}, expected "
+                        f"{expected}; fix the rows, or if another column holds that, name it with {flag}")
+
+
+def describe_feature(feature: Any) -> str:
+    """A `datasets` feature in the words of the data it holds: 'text', 'lists of numbers'..."""
+    if isinstance(feature, datasets.Value):
+        dtype = feature.dtype
+        if dtype in ("string", "large_string"):
+            return "text"
+        if dtype.startswith(("int", "uint")):
+            return "whole numbers"
+        if dtype.startswith("float"):
+            return "numbers"
+        return {"bool": "true/false values", "binary": "bytes", "large_binary": "bytes",
+                "null": "nothing (null)"}.get(dtype, dtype)
+    if isinstance(feature, datasets.List | datasets.LargeList | datasets.Sequence):
+        inner = feature.feature
+        if isinstance(inner, datasets.Value) and inner.dtype == "null":
+            return "only empty lists"
+        return f"lists of {describe_feature(inner)}"
+    if isinstance(feature, datasets.Json):
+        return "values of different kinds from row to row"
+    if isinstance(feature, dict):
+        return f"objects with the keys {', '.join(map(repr, feature))}"
+    return {datasets.Image: "images", datasets.ClassLabel: "class labels"}.get(type(feature), type(feature).__name__)
+
+
+def _odd_row(ds: datasets.Dataset, column: str, listed: bool) -> str | None:
+    """' (row 4 holds a number; most rows hold a string)' for a column of mixed kinds (`listed`:
+    of lists whose items are of mixed kinds: 'a list holding a number')."""
+    def kind(value: Any) -> str:
+        if not listed or not isinstance(value, list) or not value:
+            return json_kind(value)
+        return "a list holding " + " and ".join(sorted({json_kind(v) for v in value}))
+
+    kinds = [kind(v) for v in ds[column]]
+    counts: dict[str, int] = {}
+    for kind in kinds:
+        if kind != "null":
+            counts[kind] = counts.get(kind, 0) + 1
+    if len(counts) < 2:
+        return None
+    most = max(counts, key=counts.__getitem__)
+    row = next(i for i, kind in enumerate(kinds) if kind not in (most, "null"))
+    return f" (row {row + 1} holds {kinds[row]}; most rows hold {most})"
 
 
 def prepare_image_column(ds: datasets.Dataset, source: str, column: str) -> datasets.Dataset:
@@ -279,12 +328,12 @@ def prepare_image_column(ds: datasets.Dataset, source: str, column: str) -> data
         data = feature.get("bytes")
         if data is not None and not (isinstance(data, datasets.Value) and
                                      data.dtype in ("binary", "large_binary", "null")):
-            raise DatasetError(f"{source}: column {column!r} holds {{\"bytes\": {data}, ...}}; \"bytes\" must be the "
-                               "image file's binary data, not text or numbers (JSON holds no binary: base64 stays "
+            raise DatasetError(f"{source}: column {column!r} holds {{\"bytes\": {describe_feature(data)}, ...}}; \"bytes\" "
+                               "must be the image file's binary data, not text or numbers (JSON holds no binary: base64 stays "
                                "text). Give each image as a file path, or decode the base64 and save as parquet")
         return ds
     raise wrong_type(source, column, feature, "images (an Image feature, file paths, bytes, or {bytes, path})",
-                      "--image-column")
+                      "--image-column", ds)
 
 
 class ImageChecker:
@@ -395,7 +444,7 @@ def _label_names(ds: datasets.Dataset, source: str, column: str) -> tuple[list[s
     if is_text(feature):
         names = sorted({v.strip() for v in ds.unique(column) if isinstance(v, str) and v.strip()})
         return names, "name"
-    raise wrong_type(source, column, feature, "class labels (ClassLabel, integers or strings)", "--label-column")
+    raise wrong_type(source, column, feature, "class labels (ClassLabel, integers or strings)", "--label-column", ds)
 
 
 def load_image_classification(

@@ -29,7 +29,7 @@ ANSWER_TYPES = ("yes/no", "number", "other")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
-def _check_answer_feature(feature: Any, source: str, column: str) -> None:
+def _check_answer_feature(feature: Any, source: str, column: str, ds: datasets.Dataset) -> None:
     """Accept text, a list of text, a list of {"answer": text} records, or JSON of mixed such rows."""
     if is_text(feature) or isinstance(feature, datasets.Json):
         return
@@ -42,7 +42,7 @@ def _check_answer_feature(feature: Any, source: str, column: str) -> None:
             and is_text(feature["answer"].feature):
         return
     raise wrong_type(source, column, feature,
-                      'answers (a string, a list of strings, or a list of {"answer": ...} records)', "--answer-column")
+                      'answers (a string, a list of strings, or a list of {"answer": ...} records)', "--answer-column", ds)
 
 
 def _answer_strings(value: Any, source: str, column: str) -> list[str | None]:
@@ -83,8 +83,9 @@ def _vqa_columns(raw: datasets.Dataset, src: str, split: str, image_column: str,
     if len(raw) == 0:
         raise DatasetError(f"{src}: split {split!r} is empty")
     if not is_text(raw.features[question_column]):
-        raise wrong_type(src, question_column, raw.features[question_column], "question text", "--question-column")
-    _check_answer_feature(raw.features[answer_column], src, answer_column)
+        raise wrong_type(src, question_column, raw.features[question_column], "question text", "--question-column",
+                         raw)
+    _check_answer_feature(raw.features[answer_column], src, answer_column, raw)
     extra = [c for c in ("answer_type", "image_id") if c in raw.column_names and c not in
              (image_column, question_column, answer_column)]
     has_type = "answer_type" in extra and is_text(raw.features["answer_type"])
