@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -34,6 +34,17 @@ class GenerationConfig:
     # "eager": attend to the filled cache, a shape per step; "static": fixed shapes over the whole
     # cache (static_decode.py); "compiled": static, through torch.compile (a CUDA graph on CUDA).
     decoder: str = "eager"
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> GenerationConfig:
+        """The config of a call's keyword arguments; a ConfigError naming an unknown one (a typo
+        such as max_tokens was a bare TypeError)."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown generation setting(s) {', '.join(unknown)}; the settings are "
+                              f"{', '.join(names)}")
+        return cls(**kwargs)
 
     def __post_init__(self) -> None:
         stops = () if self.stop_strings is None else self.stop_strings

@@ -13,6 +13,7 @@ Notation: B batch, T tokens, M image tokens per image, C GPT width, V vocabulary
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 from . import generation
 from .adapter import ViTAdapter
 from .config import AdapterConfig, VLMConfig
-from .errors import SlotCountError
+from .errors import PromptError, SlotCountError
 from .generation import GenerationConfig
 from .gpt import GPT
 from .layers import GatedCrossAttention, init_linear_and_norm
@@ -243,7 +244,7 @@ class VLM(PretrainedMixin, nn.Module):
 
     def answer_batch(self, images, questions: list[str], **kwargs) -> list[str]:
         """Answer one question per image, generated together (left-padded); keyword arguments as in `answer`."""
-        return generation.vlm_generate_text(self, images, questions, GenerationConfig(**kwargs))
+        return generation.vlm_generate_text(self, images, questions, GenerationConfig.from_kwargs(kwargs))
 
     def caption(self, image, **kwargs) -> str:
         """Caption one image (the prompt without a question); keyword arguments as in `answer`."""
@@ -251,11 +252,15 @@ class VLM(PretrainedMixin, nn.Module):
 
     def caption_batch(self, images, **kwargs) -> list[str]:
         """Caption each image, generated together; keyword arguments as in `answer`."""
-        return generation.vlm_generate_text(self, images, [None] * len(images), GenerationConfig(**kwargs))
+        if isinstance(images, (str, bytes)) or not isinstance(images, Iterable):
+            raise PromptError(f"caption_batch takes a list of images, got {type(images).__name__}; for one image "
+                              "use caption()")
+        images = list(images)  # any iterable, a generator too
+        return generation.vlm_generate_text(self, images, [None] * len(images), GenerationConfig.from_kwargs(kwargs))
 
     def stream(self, image, question: str | None = None, **kwargs):
         """Iterator of text pieces of the answer (or the caption when question is None)."""
         batch = generation.vlm_prompts(self, [image], [question])
         with torch.no_grad():
             fused = self.fuse(batch["input_ids"], batch["pixel_values"])
-        return generation.stream_text(self.gpt, config=GenerationConfig(**kwargs), **fused)
+        return generation.stream_text(self.gpt, config=GenerationConfig.from_kwargs(kwargs), **fused)

@@ -165,7 +165,13 @@ def read_json(path: str | Path, error: type[Exception] = CheckpointError) -> Any
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
+    if not isinstance(folder, (str, os.PathLike)):
+        raise CheckpointError(f"a saved model is named by its folder's path (a str or Path), got "
+                              f"{type(folder).__name__} {folder!r}")
     folder = Path(folder)
+    if not folder.exists():
+        raise CheckpointError(f"{folder} does not exist; a saved model is a folder with {CONFIG_NAME} and "
+                              f"{WEIGHTS_NAME} (save_pretrained writes one)")
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; a saved model is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
     path = folder / CONFIG_NAME

@@ -73,3 +73,30 @@ def test_every_error_class_is_exported_from_the_package():
                if issubclass(c, MMFusionError) and c.__module__ == errors.__name__}
     assert "TokenizerFilesError" in classes and classes <= set(mmfusion.__all__)
     assert all(getattr(mmfusion, name) is getattr(errors, name) for name in classes)
+
+
+def test_api_misuse_is_named_not_a_bare_type_error(tmp_path):
+    """from_pretrained(None), a typo'd generation setting, a string or a generator to
+    caption_batch: bare TypeErrors (or a message pointing at answer())."""
+    import numpy as np
+    from PIL import Image
+
+    from mmfusion import GPT, VLM, VLMConfig
+    from mmfusion.config import AdapterConfig, GPTConfig, ViTConfig
+    from mmfusion.errors import CheckpointError, ConfigError, PromptError
+
+    for folder, message in ((None, "named by its folder's path .*got NoneType None"), (5, "got int 5"),
+                            (tmp_path / "missing", "missing does not exist")):
+        with pytest.raises(CheckpointError, match=message):
+            GPT.from_pretrained(folder)
+    torch.manual_seed(0)
+    vlm = VLM(VLMConfig(vit=ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=32, num_classes=0),
+                        gpt=GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64), adapter=AdapterConfig())).eval()
+    image = Image.fromarray(np.full((16, 16, 3), 128, np.uint8))
+    with pytest.raises(ConfigError, match="unknown generation setting.s. max_tokens; the settings are max_new_tokens"):
+        vlm.answer(image, "what?", max_tokens=3)
+    with pytest.raises(ConfigError, match="unknown generation setting"):
+        vlm.caption(image, beams=2)
+    with pytest.raises(PromptError, match="caption_batch takes a list of images, got str; for one image use caption"):
+        vlm.caption_batch("img.png")
+    assert len(vlm.caption_batch(im for im in [image, image])) == 2  # any iterable

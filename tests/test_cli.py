@@ -37,7 +37,7 @@ def test_generate_prints_an_answer(tiny_model, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["generate", "--model", "{root}/nope", "--image", "{root}/img.png"], "is not a folder"),
+    (["generate", "--model", "{root}/nope", "--image", "{root}/img.png"], "nope does not exist; a saved model is a folder"),
     (["generate", "--model", "{root}/model", "--image", "{root}/missing.png"], "does not exist"),
     (["generate", "--model", "{root}/model", "--image", "{root}/img.png", "--question", "   "], "question must be"),
     (["generate", "--model", "{root}/model", "--image", "{root}/img.png", "--top-p", "2"], "--top-p must be"),
