@@ -212,7 +212,7 @@ def test_a_folder_of_class_subfolders_alone_is_one_split_held_out_by_image(tmp_p
     with pytest.raises(DatasetError, match="Unknown split"):
         load_image_classification(str(named), "test")
     assert as_only_split("test[:5]", "train") == "train[:5]" and as_only_split("validation", "train") == "train"
-    with pytest.raises(DatasetError, match=r"name no split, so it has one; 'train\+test' asks for several"):
+    with pytest.raises(DatasetError, match=r"name no split, so it has one; 'train\+test' joins several parts"):
         load_image_classification(str(folder), "train+test")  # would give every row twice
     assert same_rows(str(folder), "train", None, "test") and same_rows(str(folder), "train", None, "test[:5]")
     assert not same_rows(str(folder), "train[:80%]", None, "train[80%:]")  # slices the user chose
@@ -242,7 +242,7 @@ def test_slices_of_a_single_file_are_the_rows_asked_for(tmp_path, capsys):
     head, _ = load_vqa(str(path), "train[:80%]")
     tail, _ = load_vqa(str(path), "test[80%:]")  # the name does not matter in a file of one split
     assert (len(head), len(tail)) == (8, 2)
-    with pytest.raises(DatasetError, match="a single file has one split; 'train\\+test' asks for several"):
+    with pytest.raises(DatasetError, match="a single file has one split; 'train\\+test' joins several parts"):
         load_vqa(str(path), "train+test")
     metrics = train_vqa.run(*train_vqa.parse(["--vit", "vit-tiny", "--dataset", str(path), "--train-split",
                                               "train[:80%]", "--eval-split", "train[80%:]", "--output-dir",

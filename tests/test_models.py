@@ -173,7 +173,7 @@ def test_missing_files_raise(saved_gpt, tmp_path):
     (saved_gpt / CONFIG_NAME).unlink()
     with pytest.raises(CheckpointError, match="missing"):
         GPT.from_pretrained(saved_gpt)
-    with pytest.raises(CheckpointError, match="not a folder"):
+    with pytest.raises(CheckpointError, match="does-not-exist does not exist"):
         GPT.from_pretrained(tmp_path / "does-not-exist")
 
 

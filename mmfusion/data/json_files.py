@@ -23,7 +23,8 @@ def check_json_start(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(2**16)
     text = head.decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")
-    if text and text[0] not in "{[":
+    item = text[1:].lstrip(" \t\r\n")[:1] if text[:1] == "[" else "{"
+    if text and (text[0] not in "{[" or item not in "{]"):  # `datasets` reads [1, 2] as a column 'text'
         line = head[:len(head) - len(head.lstrip(b"\xef\xbb\xbf \t\r\n"))].count(b"\n") + 1
         first = text.split("\n", 1)[0][:40]
         raise DatasetError(f"{path}: line {line} is {first!r}, not a JSON object; each line of a .jsonl file (or "
@@ -69,17 +70,28 @@ def explain_json_failure(path: Path) -> str | None:
     """Why `datasets` could not read the JSON or JSON lines file `path`, naming the line: the first
     line that is not JSON, or a row that is not an object. None when neither is found (a column
     whose type changes between rows is no failure: `datasets` reads it as a Json column)."""
+    rows = 0
     try:
         for where, row in _rows(path):
+            rows += 1
             if not isinstance(row, dict):
                 return f"{where} is {json_kind(row)}, not a JSON object such as {{\"image\": ..., ...}}; fix or remove it"
     except _BadLine as e:
         return str(e)
-    return None
+    return None if rows else "it holds no rows (an empty list, or only blank lines)"
 
 
 class _BadLine(Exception):
     pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:  # json.loads keeps the last one silently; `datasets`' reader fails on it
+            raise _BadLine(f"key {key!r} appears twice in one object")
+        seen.add(key)
+    return dict(pairs)
 
 
 def _rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -87,7 +99,7 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
     if path.suffix.lower() == ".json":  # one JSON document, read whole, or JSON lines
         text = path.read_text(encoding="utf-8", errors="replace").lstrip("\ufeff")
         try:
-            document = json.loads(text)
+            document = json.loads(text, object_pairs_hook=_no_repeated_keys)
         except json.JSONDecodeError as e:
             if text.lstrip().startswith("[") and e.msg != "Extra data":  # not a list followed by more lines
                 raise _BadLine(f"line {e.lineno} is not valid JSON ({e.msg} at column {e.colno}); fix that line") from e
@@ -102,7 +114,10 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line.rstrip("\r\n").lstrip("\ufeff" if number == 1 else ""))
+                value = json.loads(line.rstrip("\r\n").lstrip("\ufeff" if number == 1 else ""),
+                                   object_pairs_hook=_no_repeated_keys)
+            except _BadLine as e:
+                raise _BadLine(f"line {number}: {e}; fix that line") from e
             except json.JSONDecodeError as e:
                 raise _BadLine(f"line {number} is not valid JSON ({e.msg} at column {e.colno}); each line of "
                                "a .jsonl file holds one whole object: fix or remove that line") from e

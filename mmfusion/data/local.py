@@ -106,10 +106,11 @@ def _card_configs(path: Path) -> bool:
 
 
 def one_part(source, split: str, why: str) -> str:
-    """`split` if it asks for one part of a source of one split; parts joined by + would repeat its rows."""
+    """`split` if it asks for one part of a source of one split: its one split is read under the
+    name asked for, so parts joined by + cannot each be read (and whole, they would repeat rows)."""
     if "+" in split:
-        raise DatasetError(f"{source}: {why}; {split!r} asks for several, which would repeat its rows. Ask for "
-                           "one (train, or a slice such as train[:80%])")
+        raise DatasetError(f"{source}: {why}; {split!r} joins several parts with +, which a source of one split "
+                           "cannot give. Ask for one (train, or a slice such as train[:80%])")
     return split
 
 
@@ -196,7 +197,8 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
     except ValueError as e:
         if "should be one of" in str(e).lower():  # datasets: 'Unknown split "x". Should be one of [...]'
             raise DatasetError(f"{source}: {str(e).rstrip('.')}. Pass one of those {_SPLIT_FLAGS}") from e
-        raise DatasetError(f"{source}: could not load split {split!r}: {e}") from e
+        problem = _json_problem(path)  # a .json file of [] has no data for the split
+        raise DatasetError(problem or f"{source}: could not load split {split!r}: {e}") from e
     except Exception as e:  # datasets raises many types here: offline, not found, malformed files
         problem = _json_problem(path)
         if problem:
