@@ -438,3 +438,15 @@ def test_an_image_id_past_int64_is_refused_not_a_traceback(task, ids, message, t
     else:
         with pytest.raises(DatasetError, match=message):
             load(str(path), "train")
+
+
+def test_explain_json_failure_names_a_key_repeated_in_one_object(tmp_path):
+    """`datasets`' reader fails on it ("Column(/question) was specified twice"); json.loads keeps
+    the last value silently, so the explanation checks for it."""
+    from mmfusion.data.json_files import explain_json_failure
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(f"{GOOD_LINE}\n" + '{"image": "ok.png", "question": "a?", "question": "b?", "answers": ["x"]}\n')
+    assert explain_json_failure(path) == "line 2: key 'question' appears twice in one object; fix that line"
+    path.write_text(f"{GOOD_LINE}\n" * 2)
+    assert explain_json_failure(path) is None
