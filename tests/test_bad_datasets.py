@@ -450,3 +450,22 @@ def test_explain_json_failure_names_a_key_repeated_in_one_object(tmp_path):
     assert explain_json_failure(path) == "line 2: key 'question' appears twice in one object; fix that line"
     path.write_text(f"{GOOD_LINE}\n" * 2)
     assert explain_json_failure(path) is None
+
+
+@pytest.mark.parametrize("odd, message", [(b"a\nb.png", "holds a line break, which datasets leaves out"),
+                                          (b"bad\xff\xfe.png", "is not UTF-8 text, which datasets cannot read")])
+def test_an_image_folder_file_name_datasets_cannot_read_is_named(odd, message, tmp_path):
+    """A name with a line break was left out silently ('kept 6 of 6' for 7 files); one not UTF-8
+    ended in a UnicodeEncodeError naming no file."""
+    import os
+
+    for label in ("cat", "dog"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "images" / label / f"{i}.png").write_bytes(png())
+    try:
+        (tmp_path / "images" / "cat" / os.fsdecode(odd)).write_bytes(png())
+    except OSError:
+        pytest.skip("this file system refuses such a name")
+    with pytest.raises(DatasetError, match=message):
+        load_image_classification(str(tmp_path / "images"), "train")

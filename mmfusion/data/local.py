@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,7 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
                     raise DatasetError(f"{source}: no split {split_name(part)!r}; it has {sorted(splits)}. Pass one "
                                        f"of those {_SPLIT_FLAGS}")
                 return sliced(splits[split_name(part)], part), path.resolve()
+            _check_file_names(path)
             if unsplit_folder(path):  # one split, like a single file
                 split = as_only_split(one_part(source, split, "its files name no split, so it has one"), "train")
             ds = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)
@@ -207,6 +209,23 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
         cause = e.__cause__  # DatasetGenerationError's own text says nothing of what went wrong
         why = f" ({type(cause).__name__}: {cause})" if cause is not None and str(cause) else ""
         raise DatasetError(f"{source}: could not load split {split!r}{where}: {type(e).__name__}: {e}{why}") from e
+
+
+def _check_file_names(folder: Path) -> None:
+    """A DatasetError for a file name in `folder` that `datasets` cannot read: one not UTF-8 (it
+    failed with a UnicodeEncodeError naming no file) or holding a line break (silently left out)."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in [*dirs, *files]:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(os.path.join(root, name))
+                raise DatasetError(f"{folder}: the file name {shown!r} is not UTF-8 text, which datasets cannot "
+                                   "read; rename it (e.g. convmv -f latin1 -t utf8)") from None
+            if "\n" in name or "\r" in name:
+                raise DatasetError(f"{folder}: the file name {os.path.join(root, name)!r} holds a line break, "
+                                   "which datasets leaves out; rename it")
 
 
 def _json_problem(path: Path) -> str | None:
