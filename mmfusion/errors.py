@@ -118,12 +118,15 @@ def run_command(command, argv: list[str] | None = None) -> int:
     except OSError as e:  # the machine, not the code: a read-only or full disk, a permission
         where = f"{e.filename}: " if e.filename else ""
         return fail(f"{where}{e.strerror or e}; check the path, the free space and the permissions")
-    except (MemoryError, RuntimeError) as e:
-        if not isinstance(e, MemoryError) and not out_of_memory(e):
-            raise  # a bug: its traceback
-        return fail(f"out of memory ({out_of_memory(e) or 'MemoryError'}); the model or batch does not fit this "
-                    "machine: lower --batch-size (--grad-accum keeps the global batch), or use a smaller model "
-                    "(--block-size, a smaller preset)")
+    except Exception as e:
+        if isinstance(e, MemoryError) or out_of_memory(e):
+            return fail(f"out of memory ({out_of_memory(e) or 'MemoryError'}); the model or batch does not fit this "
+                        "machine: lower --batch-size (--grad-accum keeps the global batch), or use a smaller model "
+                        "(--block-size, a smaller preset)")
+        if type(e).__name__ == "SafetensorError" and "I/O error" in str(e):  # a failed write, not an OSError
+            return fail(f"{str(e).split(': ', 1)[-1]}, writing a safetensors file; check the free space and the "
+                        "permissions, or pass another --output-dir")
+        raise  # a bug: its traceback
     except KeyboardInterrupt:
         return fail("interrupted")
     finally:
@@ -137,6 +140,8 @@ def out_of_memory(e: BaseException) -> str | None:
     a torch.OutOfMemoryError, a RuntimeError too); None for any other error."""
     import re
 
+    if not isinstance(e, RuntimeError):
+        return None
     text = str(e)
     asked = re.search(r"tried to allocate (\d+) bytes", text)
     if asked:

@@ -360,3 +360,23 @@ def test_a_runtime_error_that_is_not_memory_keeps_its_traceback():
 
     with pytest.raises(RuntimeError, match="a bug"):
         run_command(command, [])
+
+
+@pytest.mark.skipif(not hasattr(os, "setpgid"), reason="POSIX file-size limits")
+def test_a_failed_safetensors_write_is_one_line(tmp_path):
+    """safetensors' failed write (a full disk; here a file-size limit) is a SafetensorError, not
+    an OSError: it was a traceback. In a process of its own, which the limit then binds."""
+    import subprocess
+    import sys
+
+    code = ("import resource, signal, sys, torch\n"
+            "from safetensors.torch import save_file\n"
+            "from mmfusion.errors import run_command\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+            "sys.exit(run_command(lambda argv: save_file({'w': torch.zeros(100_000)}, sys.argv[1]), []))\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.safetensors")], capture_output=True,
+                            text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "I/O error" in lines[0] and "writing a safetensors file; check the free space" in lines[0]

@@ -493,3 +493,15 @@ def test_a_stage_run_without_its_parse_names_a_progress_json_that_is_not_an_obje
     with pytest.raises(CheckpointError, match=r"cannot resume from .*step_3.*progress\.json gives step None"):
         pretrain_vit.run(stage, dataclasses.replace(run, resume="latest"))
     assert not (out / "logs").exists()
+
+
+def test_a_checkpoint_folder_named_with_other_digits_is_no_checkpoint(tmp_path):
+    """str.isdigit takes '²' and '١٢', which int() refuses: --resume latest was a traceback."""
+    from mmfusion.training.run_folder import checkpoint_dirs, checkpoint_step
+
+    for name in ("step_²", "step_١٢", "step_", "step_-1", "step_1.0"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "progress.json").write_text('{"step": 1}')
+        assert checkpoint_step(tmp_path / "checkpoints" / name) is None
+    checkpoint(tmp_path, 3)
+    assert checkpoint_dirs(tmp_path) == [tmp_path / "checkpoints" / "step_3"]

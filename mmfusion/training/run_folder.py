@@ -78,7 +78,7 @@ def world_size() -> int:
 def checkpoint_step(path: Path) -> int | None:
     """N for a folder named step_N, else None."""
     n = path.name.removeprefix("step_")
-    return int(n) if n != path.name and n.isdigit() else None
+    return int(n) if n != path.name and n.isascii() and n.isdigit() else None  # isdigit alone takes '²'
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
