@@ -505,3 +505,19 @@ def test_a_checkpoint_folder_named_with_other_digits_is_no_checkpoint(tmp_path):
         assert checkpoint_step(tmp_path / "checkpoints" / name) is None
     checkpoint(tmp_path, 3)
     assert checkpoint_dirs(tmp_path) == [tmp_path / "checkpoints" / "step_3"]
+
+
+@pytest.mark.parametrize("command, part", [("pretrain-vit", "model"), ("pretrain-vit", "checkpoints"),
+                                           ("train-vqa", "logs/train_vqa"), ("main", "vqa"), ("main", "vit/model"),
+                                           ("captions", "checkpoints"), ("captions", "vit")])
+def test_a_file_where_the_run_writes_a_folder_is_refused_before_any_work(command, part, tmp_path, capsys):
+    """OUTPUT_DIR/model as a file failed only when the model was saved, after training; main's
+    OUTPUT_DIR/vqa only after all of stage 1."""
+    out = tmp_path / "run"
+    (out / part).parent.mkdir(parents=True, exist_ok=True)
+    (out / part).write_text("a file\n")
+    flags = [*NOWHERE, "--vit", "vit-tiny"] if command == "train-vqa" else NOWHERE if command == "pretrain-vit" else []
+    line = one_line_error(capsys, [command, *flags, "--output-dir", out])
+    assert f"{out / part} is a file, where the run writes its {part}/ folder" in line, line
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == sorted(
+        [Path(part), *Path(part).parents][:-1])  # nothing written

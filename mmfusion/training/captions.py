@@ -34,7 +34,7 @@ from ..layers import INIT_STD
 from . import pretrain_vit, train_vqa
 from .main import after_stage_1, announce, check_stage_flags
 from .precision import PRECISIONS
-from .run_folder import check_output_dir
+from .run_folder import check_output_dir, job_parts
 from .setup import RunConfig
 
 # Chosen by measurement on the 2-core CPU: the whole job trains in under 15 minutes there; the
@@ -85,7 +85,7 @@ def parse(argv: list[str] | None):
             raise ConfigError(f"{flag} after -- applies to stage 2 only; give it before -- "
                               f"(mmfusion captions {flag} ...), where it sets the whole job")
     check_stage_flags(args, "vit")
-    args.output_dir = check_output_dir(args.output_dir)  # empty, a broken link, a file: refused before stage 1
+    args.output_dir = check_output_dir(args.output_dir, parts=job_parts("vit", own_run=True))  # refused before stage 1
     return args
 
 

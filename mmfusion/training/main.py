@@ -33,7 +33,7 @@ from ..errors import OneLineErrorParser, run_command
 from ..evaluation import format_examples, format_vqa_table, read_jsonl
 from . import pretrain_vit, train_vqa
 from .precision import PRECISIONS
-from .run_folder import check_output_dir
+from .run_folder import check_output_dir, job_parts
 from .setup import RunConfig
 
 
@@ -78,7 +78,7 @@ def parse(argv: list[str] | None):
     if args.vqa_balance_answers is not None:
         check_number("--vqa-balance-answers", args.vqa_balance_answers, 0, 1)
     check_number("--vit-patch-init-std", args.vit_patch_init_std, 0, low_open=True)
-    args.output_dir = check_output_dir(args.output_dir)  # empty, a broken link, a file: refused before stage 1
+    args.output_dir = check_output_dir(args.output_dir, parts=job_parts("vit", "vqa"))  # refused before stage 1
     return args
 
 

@@ -131,10 +131,23 @@ def check_run_paths(run: RunConfig) -> None:
     check_resume(run)
 
 
-def check_output_dir(path: str | Path, flag: str = "--output-dir") -> str:
+# The folders a stage writes inside its output folder, and the jobs' stage folders: a file in
+# the place of one failed only when it was written, at the end of training.
+RUN_PARTS = ("model", "checkpoints", "logs", "logs/pretrain_vit", "logs/train_vqa", "align", "earlier_run")
+
+
+def job_parts(*stages: str, own_run: bool = False) -> tuple[str, ...]:
+    """A job's parts: each stage's folder and its RUN_PARTS, and RUN_PARTS where the job's
+    folder is also a stage's (captions trains stage 2 there)."""
+    parts = [name for stage in stages for name in (stage, *(f"{stage}/{part}" for part in RUN_PARTS))]
+    return (*parts, *(RUN_PARTS if own_run else ()))
+
+
+def check_output_dir(path: str | Path, flag: str = "--output-dir", parts: tuple[str, ...] = RUN_PARTS) -> str:
     """Refuse an output folder that is empty (""), under a broken symbolic link (dangling, or a
-    loop), a file, or not writable (weights.check_writable); else the path with ~ expanded (the
-    shell leaves it after =: --output-dir=~/x)."""
+    loop), a file, or not writable (weights.check_writable), or that holds a file where the run
+    writes one of its `parts` folders; else the path with ~ expanded (the shell leaves it after
+    =: --output-dir=~/x)."""
     refuse_empty(flag, path, OUTPUT_DIR_FIX)
     out = Path(path).expanduser()
     for part in (out, *out.parents):
@@ -147,6 +160,10 @@ def check_output_dir(path: str | Path, flag: str = "--output-dir") -> str:
                 raise ConfigError(f"{flag} {out}: {part} is {what}; remove or fix the link, or pass another "
                                   f"{flag}") from e
     check_writable(out, flag, folder=True)
+    for part in parts:
+        if (out / part).exists() and not (out / part).is_dir():
+            raise ConfigError(f"{flag} {out}: {out / part} is a file, where the run writes its {part}/ folder; "
+                              f"move the file away, or pass another {flag}")
     return str(out)
 
 
