@@ -66,6 +66,12 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """A flag argparse cannot parse (unknown flag, bad type or choice) ends like any other bad
     input: one line on stderr, exit code 2; argparse's default also prints the whole usage."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        # No abbreviations: `captions -- --output-d X` slipped past the job's guard on its own
+        # flags (an exact-name check), and a typo can silently pick another flag.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 

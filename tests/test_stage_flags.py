@@ -101,3 +101,19 @@ def test_no_progress_hides_the_data_bars_too_and_restores_them(stage, tmp_path, 
     err = capsys.readouterr().err
     assert not any(bar in err for bar in ("Generating", "checking rows", "Casting", "it/s")), err
     assert datasets.is_progress_bar_enabled()  # as it was
+
+
+@pytest.mark.parametrize("argv", [["captions", "--output-dir", "{out}", "--", "--output-d", "{out}/other"],
+                                  ["captions", "--output-dir", "{out}", "--", "--see", "5"],
+                                  ["train-vqa", "--output-d", "{out}"], ["pretrain-vit", "--max-st", "1"]])
+def test_an_abbreviated_flag_is_refused_not_taken_for_another(argv, tmp_path, capsys):
+    """argparse took `--output-d` for --output-dir: after the captions job's `--` it slipped past
+    the guard on the job's own flags (stage 2 wrote elsewhere, the job then failed reading its
+    captions.jsonl); `--see` gave the two stages different seeds."""
+    from mmfusion.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([a.format(out=tmp_path / "out") for a in argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "unrecognized arguments: --" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
