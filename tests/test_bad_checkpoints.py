@@ -417,7 +417,12 @@ RESUME_DEFECTS = {
     "rng_state_garbage": (lambda c: (c / "step_2" / "random_states_0.pkl").write_bytes(b"junk"), [],
                           ["cannot resume from", "random_states_0.pkl cannot be loaded"]),
     "rng_state_missing": (lambda c: (c / "step_2" / "random_states_0.pkl").unlink(), [],
-                          ["cannot resume from", "random_states_0.pkl is missing"]),
+                          ["cannot resume from", "lacks process 0's random state (random_states_0.pkl)"]),
+    # found by the loop only after the run folder was changed (checkpoints set aside, run_config.json rewritten)
+    "weights_missing_from_checkpoint": (lambda c: (c / "step_2" / "model.safetensors").unlink(), [],
+                                        ["cannot resume from", "lacks the weights (model.safetensors)"]),
+    "optimizer_missing": (lambda c: (c / "step_2" / "optimizer.bin").unlink(), [],
+                          ["cannot resume from", "lacks the optimizer state (optimizer.bin)", "incomplete"]),
     "rng_state_not_states": (lambda c: torch.save({"step": 2}, c / "step_2" / "random_states_0.pkl"), [],
                              ["cannot resume from", "does not hold the random states"]),
     # one process resuming two's checkpoint went on silently with half the global batch
@@ -433,14 +438,22 @@ RESUME_DEFECTS = {
 }
 
 
+# Damaged contents are found when accelerate loads them, in the loop, after the run folder was
+# started (its run_config.json rewritten): refused all the same, but not yet before that.
+FOUND_BY_THE_LOOP = {"model_weights_truncated", "rng_state_garbage", "rng_state_not_states", "optimizer_state_garbage"}
+
+
 @pytest.mark.parametrize("defect", sorted(RESUME_DEFECTS))
 def test_bad_training_checkpoint_through_cli_is_one_line(trained, tmp_path, capsys, defect):
     damage, extra, fragments = RESUME_DEFECTS[defect]
     out = copy_run(trained, tmp_path, damage)
     extra = [e.format(ckpt=out / "checkpoints") for e in extra]
     resume = [] if "--resume" in extra else ["--resume", "latest"]
+    config = (out / "run_config.json").read_bytes()
     line = one_line_error(capsys, [*trained[1], "--output-dir", out, "--max-steps", "3", *resume, *extra])
     assert all(f in line for f in fragments), line
+    if defect not in FOUND_BY_THE_LOOP:
+        assert (out / "run_config.json").read_bytes() == config and not (out / "earlier_run").exists()  # untouched
 
 
 def test_an_unfinished_checkpoint_is_ignored_and_cleaned_up(trained, tmp_path, monkeypatch):

@@ -52,9 +52,12 @@ def one_line_error(capsys, args: list) -> str:
 
 
 def checkpoint(out: Path, step: int, progress: str | None = None) -> Path:
-    """A stand-in checkpoint folder: what the run-folder checks look at (progress.json)."""
+    """A stand-in checkpoint folder: what the run-folder checks look at (progress.json, and that
+    the files accelerate loads are there)."""
     folder = out / "checkpoints" / f"step_{step}"
     folder.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):
+        (folder / name).write_bytes(b"")
     if progress != "":
         (folder / "progress.json").write_text(progress or json.dumps({"step": step}))
     return folder

@@ -189,6 +189,21 @@ def check_resume(run: RunConfig) -> None:
         raise CheckpointError(f"cannot resume from {start_from}: {e}; pick another checkpoint with --resume PATH, "
                               "or leave --resume out to start fresh") from e
     check_resume_processes(start_from, world_size())
+    check_checkpoint_files(start_from, world_size())
+
+
+def check_checkpoint_files(folder: Path, processes: int) -> None:
+    """Refuse, before the run folder is touched, a checkpoint missing a file accelerate's
+    load_state reads (the weights, the optimizer, each process's RNG state): the loop found it
+    only after the earlier run's checkpoints were set aside and run_config.json rewritten."""
+    wanted = {"the weights (model.safetensors)": ["model*.safetensors", "pytorch_model*.bin"],
+              "the optimizer state (optimizer.bin)": ["optimizer*.bin"],
+              **{f"process {r}'s random state (random_states_{r}.pkl)": [f"random_states_{r}.pkl"]
+                 for r in range(processes)}}
+    missing = [what for what, patterns in wanted.items() if not any(any(folder.glob(p)) for p in patterns)]
+    if missing:
+        raise CheckpointError(f"cannot resume from {folder}: it lacks {', '.join(missing)}; the checkpoint is "
+                              "incomplete: pick another with --resume PATH, or leave --resume out to start fresh")
 
 
 def resumes_alignment(run: RunConfig) -> bool:
