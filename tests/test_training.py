@@ -497,6 +497,11 @@ def test_conversations_group_every_row_once_by_image():
         assert all(a == [f"a{r}"] for r, (_, a) in zip(rows, item["turns"]))
     orders = {repr(conv[0]["turns"]) for conv in (Conversations(ds, 3, seed) for seed in range(8))}
     assert len(orders) > 1 and Conversations(ds, 3, 5).groups == Conversations(ds, 3, 5).groups
+    # --turns on rows without an image_id groups nothing: said, not silent
+    assert repr(conv).endswith("; 2 rows have no image_id and stay single questions: --turns groups rows by that "
+                               "column, so add it to group them"), repr(conv)
+    assert "image_id" not in repr(Conversations(ds.filter(lambda r: r["image_id"] >= 0), 3, 0))
+    assert "image_id" not in repr(Conversations(ds, 1, 0))
 
 
 @pytest.mark.slow

@@ -201,13 +201,16 @@ class Conversations(torch.utils.data.Dataset):
         groups.sort(key=lambda g: g[0])  # dataset order, independent of dict order
         g = torch.Generator().manual_seed(seed)
         self.groups = [[group[j] for j in torch.randperm(len(group), generator=g).tolist()] for group in groups]
+        self.without_id = sum(1 for i in dataset["image_id"] if i < 0)
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __repr__(self) -> str:
+        alone = (f"; {self.without_id} rows have no image_id and stay single questions: --turns groups rows by "
+                 "that column, so add it to group them" if self.without_id and self.turns > 1 else "")
         return (f"{len(self.dataset)} questions in {len(self.groups)} conversations "
-                f"(up to {self.turns} questions about one image each)")
+                f"(up to {self.turns} questions about one image each){alone}")
 
     def __getitem__(self, index: int) -> dict:
         group = self.groups[index]
