@@ -125,8 +125,9 @@ def run_command(command, argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         return fail(f"{where}{e.strerror or e}; check the path, the free space and the permissions")
     except Exception as e:
-        if isinstance(e, MemoryError) or out_of_memory(e):
-            return fail(f"out of memory ({out_of_memory(e) or 'MemoryError'}); the model or batch does not fit this "
+        oom = "MemoryError" if isinstance(e, MemoryError) else out_of_memory(e)
+        if oom:
+            return fail(f"out of memory ({oom}); the model or batch does not fit this "
                         "machine: lower --batch-size (--grad-accum keeps the global batch), or use a smaller model "
                         "(--block-size, a smaller preset)")
         if type(e).__name__ == "SafetensorError" and "I/O error" in str(e):  # a failed write, not an OSError

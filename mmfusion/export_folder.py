@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import ConfigError
-from .weights import check_writable, is_mmfusion_folder, read_json
+from .weights import EXPORT_MARKER, check_writable, is_mmfusion_folder, read_json
 
 # What an export writes at the top of its folder: a VLM's parts, or a GPT's / ViT's transformers files.
 VLM_PARTS = ("llava", "gpt2", "vit", "adapter", "README.md")
@@ -30,7 +30,7 @@ HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model
             "preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
             "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
 SHARDS = "model-*-of-*.safetensors"
-MARKER = ".mmfusion-export.json"
+MARKER = EXPORT_MARKER
 
 
 def is_export_entry(name: str) -> bool:

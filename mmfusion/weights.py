@@ -200,6 +200,9 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return data
 
 
+EXPORT_MARKER = ".mmfusion-export.json"  # what an export lists it wrote (mmfusion.export_folder)
+
+
 def folder_kind(folder: str | Path) -> str | None:
     """What a folder without a saved model's config.json is, with where its model is, for a
     message: a training run's folder, one of its checkpoints, an export. None: none of these."""
@@ -209,7 +212,7 @@ def folder_kind(folder: str | Path) -> str | None:
     if (folder / "progress.json").is_file():
         return (f"{folder} is a training checkpoint (continue its run with --resume {folder}); the run saves its "
                 "model in its folder's model/ when it ends")
-    if (folder / ".mmfusion-export.json").is_file():
+    if (folder / EXPORT_MARKER).is_file():
         return (f"{folder} is an export for transformers (mmfusion export): load it with transformers, or import "
                 "it with --vit/--gpt")
     return None

@@ -18,6 +18,7 @@ from typing import Any
 
 import datasets
 
+from .columns import is_text, wrong_type
 from .image_keys import check_image_ids, given_image_ids
 from .local import (
     DatasetError,
@@ -25,12 +26,10 @@ from .local import (
     LoadReport,
     check_fraction,
     finish,
-    is_text,
     load_raw,
     map_rows,
     prepare_image_column,
     require_columns,
-    wrong_type,
 )
 
 CAPTION_COLUMNS = ("captions", "caption")  # the default caption column: the first the source has

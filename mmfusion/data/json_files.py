@@ -122,3 +122,19 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
                 raise _BadLine(f"line {number} is not valid JSON ({e.msg} at column {e.colno}); each line of "
                                "a .jsonl file holds one whole object: fix or remove that line") from e
             yield f"line {number}", value
+
+
+def json_problem(path: Path) -> str | None:
+    """The first problem explain_json_failure finds in the JSON file `path`, or in a folder's JSON
+    files, named with its file; None where there is none to name."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in JSON_SUFFIXES and p.is_file())
+    else:
+        files = [path] if path.suffix.lower() in JSON_SUFFIXES and path.is_file() else []
+    for file in files:
+        problem = explain_json_failure(file)
+        if problem:
+            folder = ("; every .json and .jsonl file in a --dataset folder is read as rows: move it out, or pass "
+                      "the data file itself" if path.is_dir() else "")
+            return f"{file}: {problem}{folder}"
+    return None

@@ -36,8 +36,9 @@ from typing import Any
 import datasets
 
 from .. import processing
-from ..errors import DatasetError, ImageError, json_kind
-from .json_files import JSON_SUFFIXES, check_json_start, check_utf8, explain_json_failure, quiet_json_reader
+from ..errors import DatasetError, ImageError
+from .columns import describe_feature, is_text, wrong_type
+from .json_files import check_json_start, check_utf8, json_problem, quiet_json_reader
 
 logger = logging.getLogger(__name__)
 
@@ -199,10 +200,10 @@ def load_raw(source: str | Path, split: str, cache_dir: str | None) -> tuple[dat
     except ValueError as e:
         if "should be one of" in str(e).lower():  # datasets: 'Unknown split "x". Should be one of [...]'
             raise DatasetError(f"{source}: {str(e).rstrip('.')}. Pass one of those {_SPLIT_FLAGS}") from e
-        problem = _json_problem(path)  # a .json file of [] has no data for the split
+        problem = json_problem(path)  # a .json file of [] has no data for the split
         raise DatasetError(problem or f"{source}: could not load split {split!r}: {e}") from e
     except Exception as e:  # datasets raises many types here: offline, not found, malformed files
-        problem = _json_problem(path)
+        problem = json_problem(path)
         if problem:
             raise DatasetError(problem) from e
         where = "" if path.exists() else " (not a local file or folder, so it was looked up on the Hugging Face Hub)"
@@ -226,22 +227,6 @@ def _check_file_names(folder: Path) -> None:
             if "\n" in name or "\r" in name:
                 raise DatasetError(f"{folder}: the file name {os.path.join(root, name)!r} holds a line break, "
                                    "which datasets leaves out; rename it")
-
-
-def _json_problem(path: Path) -> str | None:
-    """The first problem explain_json_failure finds in the JSON file `path`, or in a folder's JSON
-    files, named with its file; None where there is none to name."""
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in JSON_SUFFIXES and p.is_file())
-    else:
-        files = [path] if path.suffix.lower() in JSON_SUFFIXES and path.is_file() else []
-    for file in files:
-        problem = explain_json_failure(file)
-        if problem:
-            folder = ("; every .json and .jsonl file in a --dataset folder is read as rows: move it out, or pass "
-                      "the data file itself" if path.is_dir() else "")
-            return f"{file}: {problem}{folder}"
-    return None
 
 
 def _parquet_rows(path: Path) -> int | None:
@@ -275,67 +260,6 @@ def _files_an_image_folder_ignored(ds: datasets.Dataset, source: str) -> list[Pa
     if ds.info.builder_name != "imagefolder" or not path.is_dir():
         return []
     return sorted(f for f in path.rglob("*") if f.suffix.lower() in _LOCAL_SUFFIXES and f.stem != "metadata")
-
-
-def is_text(feature: Any) -> bool:
-    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
-
-
-def wrong_type(source: str, column: str, feature: Any, expected: str, flag: str,
-               ds: datasets.Dataset | None = None) -> DatasetError:
-    """The DatasetError for a column of the wrong type, in JSON's words; for a column whose rows
-    hold different kinds of value, the first row that differs from most (where `ds` is given)."""
-    if isinstance(feature, datasets.Value) and feature.dtype == "null":
-        return DatasetError(f"{source}: column {column!r} is null in every row; expected {expected}. "
-                            f"Fill it in, or name the column that holds them with {flag}")
-    listed = isinstance(feature, datasets.List | datasets.LargeList) and isinstance(feature.feature, datasets.Json)
-    odd = _odd_row(ds, column, listed) if ds is not None and (listed or isinstance(feature, datasets.Json)) else None
-    return DatasetError(f"{source}: column {column!r} holds {describe_feature(feature)}{odd or ''}, expected "
-                        f"{expected}; fix the rows, or if another column holds that, name it with {flag}")
-
-
-def describe_feature(feature: Any) -> str:
-    """A `datasets` feature in the words of the data it holds: 'text', 'lists of numbers'..."""
-    if isinstance(feature, datasets.Value):
-        dtype = feature.dtype
-        if dtype in ("string", "large_string"):
-            return "text"
-        if dtype.startswith(("int", "uint")):
-            return "whole numbers"
-        if dtype.startswith("float"):
-            return "numbers"
-        return {"bool": "true/false values", "binary": "bytes", "large_binary": "bytes",
-                "null": "nothing (null)"}.get(dtype, dtype)
-    if isinstance(feature, datasets.List | datasets.LargeList | datasets.Sequence):
-        inner = feature.feature
-        if isinstance(inner, datasets.Value) and inner.dtype == "null":
-            return "only empty lists"
-        return f"lists of {describe_feature(inner)}"
-    if isinstance(feature, datasets.Json):
-        return "values of different kinds from row to row"
-    if isinstance(feature, dict):
-        return f"objects with the keys {', '.join(map(repr, feature))}"
-    return {datasets.Image: "images", datasets.ClassLabel: "class labels"}.get(type(feature), type(feature).__name__)
-
-
-def _odd_row(ds: datasets.Dataset, column: str, listed: bool) -> str | None:
-    """' (row 4 holds a number; most rows hold a string)' for a column of mixed kinds (`listed`:
-    of lists whose items are of mixed kinds: 'a list holding a number')."""
-    def kind(value: Any) -> str:
-        if not listed or not isinstance(value, list) or not value:
-            return json_kind(value)
-        return "a list holding " + " and ".join(sorted({json_kind(v) for v in value}))
-
-    kinds = [kind(v) for v in ds[column]]
-    counts: dict[str, int] = {}
-    for kind in kinds:
-        if kind != "null":
-            counts[kind] = counts.get(kind, 0) + 1
-    if len(counts) < 2:
-        return None
-    most = max(counts, key=counts.__getitem__)
-    row = next(i for i, kind in enumerate(kinds) if kind not in (most, "null"))
-    return f" (row {row + 1} holds {kinds[row]}; most rows hold {most})"
 
 
 def prepare_image_column(ds: datasets.Dataset, source: str, column: str) -> datasets.Dataset:

@@ -11,18 +11,17 @@ import datasets
 
 from ..errors import DatasetError
 from ..metrics import normalize_answer
+from .columns import is_text, wrong_type
 from .image_keys import check_image_ids, given_image_ids
 from .local import (
     ImageChecker,
     LoadReport,
     check_fraction,
     finish,
-    is_text,
     load_raw,
     map_rows,
     prepare_image_column,
     require_columns,
-    wrong_type,
 )
 
 ANSWER_TYPES = ("yes/no", "number", "other")
